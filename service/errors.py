@@ -1,0 +1,64 @@
+"""Every error a client can meet, as one exception type per kind.
+
+The engine and the model repository raise these without knowing about gRPC;
+the servicer maps ``code`` to a gRPC status in one table (servicer.STATUS_FOR)
+and uses ``code`` as the value of the ``code`` label on
+``charrnn_requests_total``.
+"""
+
+from __future__ import annotations
+
+
+class CharrnnError(Exception):
+    """Base class. ``code`` is the gRPC status name the client will see."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(CharrnnError, ValueError):
+    """A request field breaks a rule. Message form: '<field> must be <rule>, got <value>'."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, value: object, rule: str, hint: str = ""):
+        shown = value if isinstance(value, str) and value.startswith("'") else repr(value)
+        msg = f"{field} must be {rule}, got {shown}"
+        if hint:
+            msg += f" ({hint})"
+        super().__init__(msg)
+        self.field = field
+        self.value = value
+
+
+class ModelNotFound(CharrnnError):
+    code = "NOT_FOUND"
+
+
+class Overloaded(CharrnnError):
+    """A server limit (batch slots, queue length, queue wait) was reached."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, limit: str, message: str):
+        super().__init__(message)
+        self.limit = limit  # "queue_full" | "queue_wait"
+
+
+class DeadlineExceeded(CharrnnError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Unavailable(CharrnnError):
+    """The server is draining, or the model was removed while the request waited."""
+
+    code = "UNAVAILABLE"
+
+
+class Cancelled(CharrnnError):
+    """The client went away; nobody reads this message, it only labels the metric."""
+
+    code = "CANCELLED"

@@ -1,0 +1,132 @@
+"""The Prometheus metrics of the service: names, labels and buckets are a public contract.
+
+docs/metrics.md documents each one; deploy/prometheus and deploy/grafana query
+them. Change the three together. Each server (and each test) gets its own
+``CollectorRegistry``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Buckets tuned to the workload (the client library's default 5 ms..10 s misses
+# the sub-millisecond steps of a small model on CPU).
+TTFC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+INTER_CHAR_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+STEP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+QUEUE_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# Every value the `code` label of charrnn_requests_total can take.
+STATUS_CODES = (
+    "OK",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "RESOURCE_EXHAUSTED",
+    "DEADLINE_EXCEEDED",
+    "UNAVAILABLE",
+    "CANCELLED",
+    "INTERNAL",
+)
+
+
+class Metrics:
+    """All collectors of one server, registered in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "charrnn_requests", "Generate requests by final gRPC status code.", ["model", "code"], registry=r
+        )
+        self.prime_chars = Counter("charrnn_prime_chars", "Prime characters read.", ["model"], registry=r)
+        self.generated_chars = Counter(
+            "charrnn_generated_chars", "Characters generated and sent.", ["model"], registry=r
+        )
+        self.time_to_first_char = Histogram(
+            "charrnn_time_to_first_char_seconds",
+            "From a request's arrival to its first generated character (queue + prefill).",
+            ["model"],
+            buckets=TTFC_BUCKETS,
+            registry=r,
+        )
+        self.inter_char = Histogram(
+            "charrnn_inter_char_seconds",
+            "Time between consecutive generated characters of one stream.",
+            ["model"],
+            buckets=INTER_CHAR_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "charrnn_queue_wait_seconds",
+            "Time a request waited for a batch slot.",
+            ["model"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "charrnn_request_duration_seconds",
+            "Whole Generate request, arrival to last message.",
+            ["model"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.step = Histogram(
+            "charrnn_step_seconds",
+            "One engine step: one onnxruntime call for the whole batch plus sampling.",
+            ["model"],
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "charrnn_batch_size", "Streams advanced by one engine step.", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.active_streams = Gauge(
+            "charrnn_active_streams", "Streams holding a batch slot.", ["model"], registry=r
+        )
+        self.queued_streams = Gauge(
+            "charrnn_queued_streams", "Streams waiting for a batch slot.", ["model"], registry=r
+        )
+        self.max_active_streams = Gauge(
+            "charrnn_max_active_streams", "Batch slots of the model's engine (--max-active-streams).", ["model"], registry=r
+        )
+        self.model_info = Gauge(
+            "charrnn_model_info",
+            "1 for each loaded model version.",
+            ["model", "version", "cell", "layers", "hidden", "device"],
+            registry=r,
+        )
+        self.model_load = Histogram(
+            "charrnn_model_load_seconds",
+            "Time to load and validate one model version.",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.models_loaded = Gauge("charrnn_models_loaded", "Model versions loaded and serving.", registry=r)
+        self.model_load_failures = Counter(
+            "charrnn_model_load_failures", "Model files refused at load or reload.", ["model"], registry=r
+        )
+        self.draining = Gauge("charrnn_draining", "1 while the server drains after SIGTERM.", registry=r)
+
+    def init_model(self, model: str) -> None:
+        """Creates every labelled child of ``model`` so series exist (at 0) before traffic."""
+        for code in STATUS_CODES:
+            self.requests.labels(model, code)
+        for family in (
+            self.prime_chars,
+            self.generated_chars,
+            self.time_to_first_char,
+            self.inter_char,
+            self.queue_wait,
+            self.request_duration,
+            self.step,
+            self.batch_size,
+            self.active_streams,
+            self.queued_streams,
+            self.max_active_streams,
+            self.model_load,
+        ):
+            family.labels(model)
