@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -23,6 +24,11 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
 CELLS = ("lstm", "gru", "rnn")
+
+# The model repository on disk: MODELS/<name>/<version>/model.onnx, versions positive integers.
+MODEL_FILE = "model.onnx"
+MODEL_NAME_RULE = "1 to 128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 # Graph inputs and outputs. Shapes: B = batch, T = steps, L = layers, H = hidden, V = vocab.
 INPUT_TOKENS = "tokens"  # int64   [B, T]
@@ -159,6 +165,13 @@ class ModelMetadata:
             train_config=train_config,
             format_version=version,
         )
+
+
+def check_model_name(name: str) -> str:
+    """Returns ``name`` if it may name a model in a repository, else raises ModelFormatError."""
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+        raise ModelFormatError(f"model name must be {MODEL_NAME_RULE}, got {name!r}")
+    return name
 
 
 def _int(props: dict[str, str], key: str, minimum: int) -> int:
