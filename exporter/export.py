@@ -10,6 +10,7 @@ and steps are left symbolic.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import tempfile
@@ -33,6 +34,11 @@ OPSET = 17  # the oldest opset whose LSTM/GRU/RNN semantics onnxruntime runs on 
 
 class ExportError(RuntimeError):
     """The exported file failed a check; nothing was left at the destination."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path  # where the file would have gone
+        self.reason = reason  # which check failed, with its figures
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ def metadata_for(
         embed_dim=c.embed_dim,
         corpus_chars=int(corpus_chars),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        train_config=dict(train_config or {}),
+        # Through JSON once so that paths and other non-JSON values become strings here, not errors later.
+        train_config=json.loads(json.dumps(dict(train_config or {}), default=str)),
     )
     # Round-trip through the reader's validator, so a file this writes is a file the service loads.
     try:
@@ -188,13 +195,14 @@ def export_model(
                 try:
                     onnx.checker.check_model(str(tmp), full_check=True)
                 except onnx.checker.ValidationError as e:
-                    raise ExportError(f"{out_path}: onnx.checker rejected the graph: {e}") from None
+                    raise ExportError(out_path, f"onnx.checker rejected the graph: {e}") from None
                 parity = check_parity(model, tmp, meta, shapes=shapes)
                 worst = [p for p in parity if not p.within(tolerance)]
                 if worst:
                     raise ExportError(
-                        f"{out_path}: ONNX and PyTorch disagree beyond tolerance {tolerance:g}: "
-                        + "; ".join(p.describe() for p in worst)
+                        out_path,
+                        f"ONNX and PyTorch disagree beyond tolerance {tolerance:g}: "
+                        + "; ".join(p.describe() for p in worst),
                     )
             os.replace(tmp, out_path)
         except BaseException:
