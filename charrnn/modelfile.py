@@ -17,6 +17,7 @@ import json
 import math
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 
 # Bumped when a reader of the old format could misread a new file.
@@ -29,6 +30,8 @@ CELLS = ("lstm", "gru", "rnn")
 MODEL_FILE = "model.onnx"
 MODEL_NAME_RULE = "1 to 128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_DECIMAL = re.compile(r"-?[0-9]+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # Graph inputs and outputs. Shapes: B = batch, T = steps, L = layers, H = hidden, V = vocab.
 INPUT_TOKENS = "tokens"  # int64   [B, T]
@@ -101,6 +104,40 @@ class ModelMetadata:
             pairs.append((INPUT_C, OUTPUT_C))
         return tuple(pairs)
 
+    def check_io(self, inputs, outputs) -> None:
+        """Checks a graph's inputs and outputs against this metadata; raises ModelFormatError.
+
+        ``inputs`` and ``outputs`` are what ``onnxruntime.InferenceSession.get_inputs()`` /
+        ``get_outputs()`` return: objects with ``.name``, ``.type`` ("tensor(int64)") and
+        ``.shape`` (ints for fixed dimensions, a str or None for symbolic ones). Batch and
+        steps must be symbolic, so one graph serves any batch and any number of steps.
+        """
+        L, H, V = self.layers, self.hidden, self.vocab_size
+        want_in = {INPUT_TOKENS: ("tensor(int64)", ("batch", "steps"))}
+        want_out = {OUTPUT_LOGITS: ("tensor(float)", ("batch", "steps", V))}
+        for i, o in self.state_names():
+            want_in[i] = ("tensor(float)", (L, "batch", H))
+            want_out[o] = ("tensor(float)", (L, "batch", H))
+        for kind, args, want in (("input", inputs, want_in), ("output", outputs, want_out)):
+            got = {a.name: a for a in args}
+            if set(got) != set(want):
+                raise ModelFormatError(
+                    f"graph {kind}s must be {', '.join(want)} for a {self.cell} model, got {', '.join(got) or 'none'}"
+                )
+            for name, (dtype, dims) in want.items():
+                arg = got[name]
+                shape = list(arg.shape or [])
+                fits = arg.type == dtype and len(shape) == len(dims) and all(
+                    # A named dimension must be symbolic; a number must match exactly.
+                    not isinstance(d, int) if isinstance(w, str) else d == w
+                    for d, w in zip(shape, dims)
+                )
+                if not fits:
+                    seen = f"{arg.type} {shape}"
+                    raise ModelFormatError(
+                        f"graph {kind} {name!r} must be {dtype} [{', '.join(map(str, dims))}], got {seen}"
+                    )
+
     def to_props(self) -> dict[str, str]:
         props = {
             KEY_FORMAT_VERSION: str(self.format_version),
@@ -141,8 +178,13 @@ class ModelMetadata:
             val_loss = float(props[KEY_VAL_LOSS])
         except ValueError:
             raise ModelFormatError(f"{KEY_VAL_LOSS} must be a number, got {props[KEY_VAL_LOSS]!r}") from None
-        if not (math.isnan(val_loss) or val_loss >= 0):
-            raise ModelFormatError(f"{KEY_VAL_LOSS} must be >= 0 or nan, got {val_loss}")
+        if not (math.isnan(val_loss) or 0 <= val_loss < math.inf):
+            raise ModelFormatError(f"{KEY_VAL_LOSS} must be a finite number >= 0, or nan, got {val_loss}")
+        corpus_sha256 = props[KEY_CORPUS_SHA256]
+        if corpus_sha256 and not _SHA256.fullmatch(corpus_sha256):
+            raise ModelFormatError(
+                f"{KEY_CORPUS_SHA256} must be 64 lowercase hex digits, or empty if unknown, got {corpus_sha256!r}"
+            )
         train_config: dict = {}
         if props.get(KEY_TRAIN_CONFIG):
             try:
@@ -150,7 +192,9 @@ class ModelMetadata:
             except json.JSONDecodeError as e:
                 raise ModelFormatError(f"{KEY_TRAIN_CONFIG} is not valid JSON: {e}") from None
             if not isinstance(train_config, dict):
-                raise ModelFormatError(f"{KEY_TRAIN_CONFIG} must be a JSON object")
+                raise ModelFormatError(
+                    f"{KEY_TRAIN_CONFIG} must be a JSON object, got {type(train_config).__name__}"
+                )
         return cls(
             vocab=vocab,
             cell=cell,
@@ -158,7 +202,7 @@ class ModelMetadata:
             hidden=_int(props, KEY_HIDDEN, minimum=1),
             val_loss=val_loss,
             train_steps=_int(props, KEY_TRAIN_STEPS, minimum=0),
-            corpus_sha256=props[KEY_CORPUS_SHA256],
+            corpus_sha256=corpus_sha256,
             embed_dim=_int(props, KEY_EMBED_DIM, minimum=0) if KEY_EMBED_DIM in props else 0,
             corpus_chars=_int(props, KEY_CORPUS_CHARS, minimum=0) if KEY_CORPUS_CHARS in props else 0,
             created=props.get(KEY_CREATED, ""),
@@ -176,10 +220,10 @@ def check_model_name(name: str) -> str:
 
 def _int(props: dict[str, str], key: str, minimum: int) -> int:
     raw = props[key]
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ModelFormatError(f"{key} must be an integer, got {raw!r}") from None
+    # ASCII decimal only: int() would also take " 3", "3_000" and other scripts' digits.
+    if not isinstance(raw, str) or not _DECIMAL.fullmatch(raw):
+        raise ModelFormatError(f"{key} must be a decimal integer, got {raw!r}")
+    value = int(raw)
     if value < minimum:
         raise ModelFormatError(f"{key} must be >= {minimum}, got {value}")
     return value
@@ -191,7 +235,7 @@ def _vocab(raw: str) -> tuple[str, ...]:
     except json.JSONDecodeError as e:
         raise ModelFormatError(f"{KEY_VOCAB} is not valid JSON: {e}") from None
     if not isinstance(points, list) or not points:
-        raise ModelFormatError(f"{KEY_VOCAB} must be a non-empty JSON list of code points")
+        raise ModelFormatError(f"{KEY_VOCAB} must be a non-empty JSON list of code points, got {raw[:40]!r}")
     chars = []
     for i, p in enumerate(points):
         if not isinstance(p, int) or isinstance(p, bool) or not (0 <= p <= 0x10FFFF):
@@ -200,7 +244,7 @@ def _vocab(raw: str) -> tuple[str, ...]:
             raise ModelFormatError(f"{KEY_VOCAB}[{i}] is a surrogate (U+{p:04X}), which is not a character")
         chars.append(chr(p))
     if len(set(chars)) != len(chars):
-        dupes = sorted({c for c in chars if chars.count(c) > 1})
+        dupes = sorted(c for c, n in Counter(chars).items() if n > 1)
         raise ModelFormatError(f"{KEY_VOCAB} repeats characters: {', '.join(describe_char(c) for c in dupes)}")
     return tuple(chars)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 import charrnn
 from charrnn import modelfile as mf
-from charrnn.exporter.parity import DEFAULT_SHAPES, DEFAULT_TOLERANCE, ParityResult, check_parity
+from charrnn.exporter.parity import DEFAULT_SHAPES, DEFAULT_TOLERANCE, ParityResult, check_parity, cpu_session
 from charrnn.training.model import CharRNN
 
 PRODUCER_NAME = "charrnn-export"
@@ -196,7 +196,9 @@ def export_model(
                     onnx.checker.check_model(str(tmp), full_check=True)
                 except onnx.checker.ValidationError as e:
                     raise ExportError(out_path, f"onnx.checker rejected the graph: {e}") from None
-                parity = check_parity(model, tmp, meta, shapes=shapes)
+                session = cpu_session(tmp)
+                _check_as_reader(session, out_path)
+                parity = check_parity(model, session, meta, shapes=shapes)
                 worst = [p for p in parity if not p.within(tolerance)]
                 if worst:
                     raise ExportError(
@@ -217,3 +219,12 @@ def export_model(
         parity=parity,
         tolerance=tolerance,
     )
+
+
+def _check_as_reader(session, out_path: Path) -> None:
+    """Reads the file back the way the service will: metadata through onnxruntime, then the graph's I/O."""
+    try:
+        meta = mf.ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+        meta.check_io(session.get_inputs(), session.get_outputs())
+    except mf.ModelFormatError as e:
+        raise ExportError(out_path, f"the file breaks the model file contract: {e}") from None

@@ -52,14 +52,13 @@ def cpu_session(path: str | os.PathLike) -> ort.InferenceSession:
 
 def check_parity(
     model: CharRNN,
-    path: str | os.PathLike,
+    session: ort.InferenceSession,
     meta: mf.ModelMetadata,
     *,
     shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES,
     seed: int = 0,
 ) -> tuple[ParityResult, ...]:
-    """Runs the file at ``path`` and ``model`` side by side at each (batch, steps) in ``shapes``."""
-    session = cpu_session(path)
+    """Runs ``session`` (see cpu_session) and ``model`` side by side at each (batch, steps) in ``shapes``."""
     names = meta.state_names()
     gen = torch.Generator().manual_seed(seed)
     results = []
