@@ -1,0 +1,95 @@
+"""`charrnn-generate`: stream text from a charrnn server to stdout, or list its models.
+
+    charrnn-generate --prime "ROMEO:" --max-chars 300 --temperature 0.8
+    charrnn-generate --server host:50051 --tls-ca ca.pem --list
+
+Text is written as it arrives (flushed per chunk). A server error prints the
+status and the server's message on stderr and exits 1; bad flags exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from charrnn.service.client import GeneratorClient, ServiceError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="charrnn-generate", description="Sample text from a charrnn server.")
+    p.add_argument("--server", default=os.environ.get("CHARRNN_SERVER", "localhost:50051"),
+                   help="host:port of the server (env CHARRNN_SERVER). Default: localhost:50051.")
+    p.add_argument("--model", default="", help='"name" or "name@version"; empty means the server\'s default model.')
+    p.add_argument("--prime", default="", help="Text the model reads before sampling; echoed first unless --no-echo.")
+    p.add_argument("--max-chars", type=int, default=300, help="Characters to generate. Default: 300.")
+    p.add_argument("--temperature", type=float, default=None, help="Softmax temperature; 0 is greedy. Default: 1.0.")
+    p.add_argument("--top-k", type=int, default=0, help="Sample among the k most likely characters; 0 is off.")
+    p.add_argument("--top-p", type=float, default=0.0, help="Nucleus sampling mass in (0, 1]; 0 is off.")
+    p.add_argument("--seed", type=int, default=None, help="Seed: the same request gives the same text.")
+    p.add_argument("--stop", action="append", default=[], help="Stop sequence (repeat for several).")
+    p.add_argument("--request-id", default="", help="Id that appears in the server's logs for this request.")
+    p.add_argument("--timeout", type=float, default=None, help="Deadline of the whole call, in seconds.")
+    p.add_argument("--no-echo", action="store_true", help="Do not print the prime before the generated text.")
+    p.add_argument("--stats", action="store_true", help="Print the stream's stats on stderr at the end.")
+    p.add_argument("--list", action="store_true", help="List the server's models and exit.")
+    p.add_argument("--tls", action="store_true", help="Use TLS with the system's trusted roots.")
+    p.add_argument("--tls-ca", default="", help="PEM CA that signed the server's certificate (turns on TLS).")
+    p.add_argument("--tls-cert", default="", help="PEM client certificate, for servers that require mutual TLS.")
+    p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert.")
+    return p
+
+
+def _print_models(client: GeneratorClient) -> None:
+    rows = [("MODEL", "CELL", "LAYERS", "HIDDEN", "VOCAB", "VAL_LOSS", "DEVICE", "")]
+    for m in client.list_models():
+        marks = ", ".join(w for w, on in (("latest", m.latest), ("default", m.is_default)) if on)
+        rows.append((f"{m.name}@{m.version}", m.cell, str(m.layers), str(m.hidden), str(m.vocab_size),
+                     f"{m.validation_loss:.4f}", m.device, marks))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        client = GeneratorClient(args.server, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                                 tls_key=args.tls_key)
+    except ValueError as e:  # unreadable TLS files
+        print(f"charrnn-generate: {e}", file=sys.stderr)
+        return 2
+    out = sys.stdout
+    try:
+        with client:
+            if args.list:
+                _print_models(client)
+                return 0
+            stream = client.generate(
+                args.prime, args.max_chars, model=args.model, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop=args.stop, request_id=args.request_id, timeout=args.timeout,
+            )
+            # The prime is echoed with the first chunk, so a refused request prints nothing on stdout.
+            echo = "" if args.no_echo else args.prime
+            for text in stream:
+                out.write(echo + text)
+                out.flush()
+                echo = ""
+            out.write(echo + "\n")
+            out.flush()
+            if args.stats and stream.stats is not None:
+                s = stream.stats
+                print(f"{s.model}: {s.generated_chars} chars, finish {stream.finish_reason}, seed {s.seed}, "
+                      f"queue {s.queue_seconds:.3f}s prefill {s.prefill_seconds:.3f}s decode {s.decode_seconds:.3f}s "
+                      f"total {s.total_seconds:.3f}s", file=sys.stderr)
+    except ServiceError as e:
+        out.flush()
+        print(f"charrnn-generate: {e} (server {args.server})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
