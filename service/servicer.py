@@ -1,0 +1,178 @@
+"""The gRPC servicer: protobuf in, a validated request to the engine, text chunks out.
+
+It only converts and maps: the model repository resolves names, validation.py
+checks fields, the engine generates. Every error kind maps to one gRPC status in
+STATUS_FOR, and the same code string labels charrnn_requests_total. This module
+imports neither torch nor onnxruntime (tests/test_server.py checks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+
+from charrnn.service import errors
+from charrnn.service.logs import REQUEST_ID
+from charrnn.service.metrics import Metrics
+from charrnn.service.requests import FinishReason, GenerationStats
+from charrnn.service.validation import Limits, request_id_of, validate_request
+from charrnn.v1 import generator_pb2 as pb
+from charrnn.v1 import generator_pb2_grpc
+
+# errors.CharrnnError.code -> the status the client sees; also the `code` label of charrnn_requests_total.
+STATUS_FOR: dict[str, grpc.StatusCode] = {
+    "OK": grpc.StatusCode.OK,
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
+    "CANCELLED": grpc.StatusCode.CANCELLED,
+    "INTERNAL": grpc.StatusCode.INTERNAL,
+}
+
+FINISH_REASON_PB = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+}
+
+SHUTTING_DOWN = "server shutting down; retry on another replica"
+NO_MODEL_LABEL = ""  # `model` label of requests that never resolved to a model (bounded: names are not echoed)
+
+
+@dataclass
+class _Outcome:
+    """What one Generate call did, for its metrics and its log line."""
+
+    model: str = NO_MODEL_LABEL
+    code: str = "CANCELLED"  # until proven otherwise: a call that just stops was cancelled
+    prime_chars: int = 0
+    sent_chars: int = 0
+    first_char_at: float | None = None
+
+
+def stats_to_pb(stats: GenerationStats) -> pb.GenerationStats:
+    return pb.GenerationStats(
+        model=stats.model,
+        prime_chars=stats.prime_chars,
+        generated_chars=stats.generated_chars,
+        queue_seconds=stats.queue_seconds,
+        prefill_seconds=stats.prefill_seconds,
+        decode_seconds=stats.decode_seconds,
+        total_seconds=stats.total_seconds,
+        stop_sequence=stats.stop_sequence,
+        seed=stats.seed,
+    )
+
+
+class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
+    """charrnn.v1.Generator over a ModelRepository (service/repository.py)."""
+
+    def __init__(self, repository, metrics: Metrics, limits: Limits, log: logging.Logger):
+        self.repository = repository
+        self.metrics = metrics
+        self.limits = limits
+        self.log = log
+        self.draining = False  # set at SIGTERM: new streams are refused with UNAVAILABLE
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        arrived = time.monotonic()
+        outcome = _Outcome()
+        try:
+            rid = request_id_of(request)
+            rid_error = None
+        except errors.InvalidArgument as e:
+            rid, rid_error = uuid.uuid4().hex[:16], e
+        token = REQUEST_ID.set(rid)
+        try:
+            if rid_error is not None:
+                raise rid_error
+            async for response in self._generate(request, context, arrived, rid, outcome):
+                yield response
+            outcome.code = "OK"
+        except errors.CharrnnError as e:
+            outcome.code = e.code
+            message = SHUTTING_DOWN if (self.draining and e.code == "UNAVAILABLE") else e.message
+            level = logging.WARNING if e.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else logging.INFO
+            self.log.log(level, "generate refused: %s", message, extra={"code": e.code})
+            await context.abort(STATUS_FOR[e.code], message)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            outcome.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            raise
+        except Exception:
+            outcome.code = "INTERNAL"
+            self.log.exception("generate failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id {rid}); see the server log")
+        finally:
+            self._record(outcome, arrived)
+            REQUEST_ID.reset(token)
+
+    async def _generate(self, request, context, arrived: float, rid: str, outcome: _Outcome):
+        if self.draining:
+            raise errors.Unavailable(SHUTTING_DOWN)
+        entry = self.repository.resolve(request.model)
+        outcome.model = entry.name
+        remaining = context.time_remaining()
+        deadline = arrived + remaining if remaining is not None else None
+        gen = validate_request(request, entry.model.metadata, self.limits, now=arrived, deadline=deadline, request_id=rid)
+        self.log.debug("generate", extra={"model": f"{entry.name}@{entry.version}", "max_chars": gen.max_chars})
+        stream = entry.engine.submit(gen)
+        outcome.prime_chars = len(gen.prime)  # read by the engine from here on
+        # A client that goes away (or whose deadline passes) frees its batch slot within one engine step.
+        context.add_done_callback(lambda _ctx: stream.cancel())
+        try:
+            async for chunk in stream:
+                outcome.sent_chars += len(chunk)
+                yield pb.GenerateResponse(text=chunk)
+        finally:
+            outcome.first_char_at = stream.first_char_at
+            if stream.result is None:
+                stream.cancel()
+        result = stream.result
+        yield pb.GenerateResponse(finish_reason=FINISH_REASON_PB[result.finish_reason], stats=stats_to_pb(result.stats))
+
+    def _record(self, outcome: _Outcome, arrived: float) -> None:
+        m, model = self.metrics, outcome.model
+        m.requests.labels(model, outcome.code).inc()
+        seconds = time.monotonic() - arrived
+        if model != NO_MODEL_LABEL:
+            m.request_duration.labels(model).observe(seconds)
+            m.prime_chars.labels(model).inc(outcome.prime_chars)
+            m.generated_chars.labels(model).inc(outcome.sent_chars)
+            if outcome.first_char_at is not None:
+                m.time_to_first_char.labels(model).observe(max(0.0, outcome.first_char_at - arrived))
+        if outcome.code in ("OK", "CANCELLED"):
+            self.log.info(
+                "generate %s", outcome.code.lower(),
+                extra={"model": model, "chars": outcome.sent_chars, "seconds": round(seconds, 4)},
+            )
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        infos = []
+        for e in sorted(self.repository.entries(), key=lambda e: (e.name, e.version)):
+            meta = e.model.metadata
+            infos.append(
+                pb.ModelInfo(
+                    name=e.name,
+                    version=e.version,
+                    latest=e.latest,
+                    is_default=e.is_default,
+                    cell=meta.cell,
+                    layers=meta.layers,
+                    hidden=meta.hidden,
+                    vocab_size=meta.vocab_size,
+                    validation_loss=meta.val_loss,
+                    train_steps=meta.train_steps,
+                    corpus_sha256=meta.corpus_sha256,
+                    format_version=meta.format_version,
+                    device=e.model.device,
+                )
+            )
+        return pb.ListModelsResponse(models=infos)
