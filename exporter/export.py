@@ -86,7 +86,8 @@ def metadata_for(
         raise ValueError(f"vocab has {len(vocab)} characters, the model's vocab_size is {c.vocab_size}")
     for i, ch in enumerate(vocab):
         if not isinstance(ch, str) or len(ch) != 1:
-            raise ValueError(f"vocab[{i}] must be one character (one code point), got {ch!r}")
+            points = " ".join(f"U+{ord(p):04X}" for p in ch) if isinstance(ch, str) else type(ch).__name__
+            raise ValueError(f"vocab[{i}] must be one character (one code point), got {ch!r} ({points})")
     meta = mf.ModelMetadata(
         vocab=tuple(vocab),
         cell=c.cell,
