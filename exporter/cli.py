@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="charrnn-export",
         description="Export a charrnn checkpoint to MODELS/<name>/<version>/model.onnx (docs/model-format.md).",
     )
-    p.add_argument("checkpoint", metavar="RUN_OR_CKPT", help="a checkpoint file, or a run folder (its best.pt, else last.pt)")
+    p.add_argument(
+        "checkpoint", metavar="RUN_OR_CKPT", help="a checkpoint file, or a run folder (its best.pt, else last.pt)"
+    )
     p.add_argument("--name", required=True, help=f"model name: {MODEL_NAME_RULE}")
     p.add_argument("--repo", default="models", help="model repository folder (default: models)")
     p.add_argument("--version", type=int, default=None, help="version to publish (default: highest existing + 1)")

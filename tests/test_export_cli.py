@@ -105,7 +105,8 @@ def test_an_existing_version_is_refused_unless_forced(tmp_path, capsys):
 def test_a_bad_model_name_is_refused(tmp_path, capsys, name):
     ck = write_checkpoint(tmp_path / "ck.pt")
     assert main([str(ck), "--name", name, "--repo", str(tmp_path / "models")]) == 2
-    assert f"model name must be 1 to 128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit, got {name!r}" in capsys.readouterr().err
+    rule = "model name must be 1 to 128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+    assert f"{rule}, got {name!r}" in capsys.readouterr().err
     assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
 
 
