@@ -1,0 +1,87 @@
+"""The rows of the running batch and of the streams still reading their primes (engine thread only).
+
+``Batch`` holds every decoding stream as one row of parallel numpy arrays plus
+one recurrent state for all rows ([layers, n, hidden] per tensor), so a decode
+step is one onnxruntime call and one vectorised sampling call. Rows join at the
+end (concatenate) and leave by a gather of the rows that stay; between changes
+the state that onnxruntime returns is fed straight back, with no copy.
+
+``Cohort`` is a group of new streams whose primes have the same number of
+characters left to read; they are prefilled together, one call for the group.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from charrnn.service import sampling
+from charrnn.service.runtime import LoadedModel, State
+from charrnn.service.streams import Stream
+
+
+class Batch:
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        self.streams: list[Stream] = []
+        self.tokens = np.empty(0, np.int64)  # [n] next input token of each row
+        self.temperature = np.empty(0, np.float64)  # [n]
+        self.top_k = np.empty(0, np.int64)  # [n]
+        self.top_p = np.empty(0, np.float64)  # [n]
+        self.seeds = np.empty(0, np.uint64)  # [n] each row's own generator
+        self.generated = np.empty(0, np.int64)  # [n] characters generated so far (= next draw number)
+        self.limit = np.empty(0, np.int64)  # [n] max_chars
+        self.deadline = np.empty(0, np.float64)  # [n] time.monotonic() deadline, inf when none
+        self.state: State | None = None
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def join(self, streams: list[Stream], tokens: np.ndarray, state: State) -> None:
+        """Appends rows: their next input tokens int64 [k] and their state (batch k)."""
+        reqs = [s.request for s in streams]
+        self.streams.extend(streams)
+        self.tokens = np.concatenate([self.tokens, tokens])
+        self.temperature = np.concatenate([self.temperature, [r.sampling.temperature for r in reqs]])
+        self.top_k = np.concatenate([self.top_k, np.array([r.sampling.top_k for r in reqs], np.int64)])
+        self.top_p = np.concatenate([self.top_p, [r.sampling.top_p for r in reqs]])
+        self.seeds = np.concatenate([self.seeds, sampling.seed_array([r.sampling.seed for r in reqs])])
+        self.generated = np.concatenate([self.generated, np.zeros(len(reqs), np.int64)])
+        self.limit = np.concatenate([self.limit, np.array([r.max_chars for r in reqs], np.int64)])
+        deadlines = [np.inf if r.deadline is None else r.deadline for r in reqs]
+        self.deadline = np.concatenate([self.deadline, deadlines])
+        self.state = state if self.state is None else self.model.concat([self.state, state])
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Keeps only ``rows`` (int64 [m], ascending): the others have left."""
+        self.streams = [self.streams[i] for i in rows.tolist()]
+        for name in ("tokens", "temperature", "top_k", "top_p", "seeds", "generated", "limit", "deadline"):
+            setattr(self, name, getattr(self, name)[rows])
+        self.state = self.model.take(self.state, rows) if len(rows) else None
+
+    def step(self) -> tuple[np.ndarray, np.ndarray]:
+        """Advances every row by one character: returns (logits float32 [n, V], next ids int64 [n])."""
+        logits, self.state = self.model.run(self.tokens[:, None], self.state)  # [n, 1, V]
+        logits = logits[:, 0, :]
+        u = sampling.uniforms(self.seeds, self.generated)
+        ids = sampling.sample(logits, self.temperature, self.top_k, self.top_p, u)
+        self.tokens = ids
+        self.generated += 1
+        return logits, ids
+
+
+class Cohort:
+    """New streams with ``remaining`` prime characters left to read each; prefilled by one call per round."""
+
+    def __init__(self, streams: list[Stream], state: State, remaining: int):
+        self.streams = streams
+        self.state = state  # after reading all but the last ``remaining`` characters of each prime
+        self.remaining = remaining
+
+    def tokens(self, steps: int) -> np.ndarray:
+        """int64 [k, steps]: the next ``steps`` prime characters of each member."""
+        rows = []
+        for s in self.streams:
+            ids = s.request.prime_ids
+            start = len(ids) - self.remaining
+            rows.append(ids[start : start + steps])
+        return np.stack(rows).astype(np.int64, copy=False)

@@ -1,0 +1,456 @@
+"""The generation engine of one model version: admission, continuous batching, its own thread.
+
+Requests wait in a FIFO queue for one of ``max_active`` batch slots. A stream
+that gets a slot first reads its prime (prefill), grouped with other new
+streams that have as many prime characters left (``batch.Cohort``), and then
+joins the running batch, which one onnxruntime call per step advances by one
+character for every stream (``batch.Batch``). Streams that finish, are
+cancelled or pass their deadline leave at the end of the step that saw it.
+
+With ``batching=False`` the same admission and streams run the naive way: each
+stream in its own pool thread, one onnxruntime call per stream per character.
+That is the baseline the benchmark compares against.
+
+Threading: ``submit`` runs on the asyncio loop; everything else here runs on
+the engine thread (or, naive, the pool threads). The two sides share only the
+inbox deque, the slot counters (under ``_lock``) and each stream's output
+deque; text crosses to the loop through ``streams.Mailbox``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from charrnn.service import errors, sampling
+from charrnn.service.batch import Batch, Cohort
+from charrnn.service.metrics import Metrics
+from charrnn.service.requests import FinishReason, GenerationRequest
+from charrnn.service.runtime import LoadedModel
+from charrnn.service.streams import Mailbox, Stream
+
+log = logging.getLogger("charrnn.service.engine")
+
+MAX_PREFILL_STEPS = 128  # prime characters per prefill call: a long prime takes several rounds
+MIN_PREFILL_SECONDS = 0.002  # prefill time per round while streams decode (at least the last step's time)
+QUEUE_SCAN_SECONDS = 0.01  # how often queued streams are checked for cancels and deadlines
+SHUTDOWN_MESSAGE = "server shutting down"
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        metrics: Metrics,
+        max_active: int = 256,
+        max_queue: int = 1024,
+        max_queue_wait: float = 30.0,
+        batching: bool = True,
+        label: str | None = None,
+    ):
+        if max_active < 1:
+            raise ValueError(f"max_active must be >= 1, got {max_active}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if not max_queue_wait > 0:
+            raise ValueError(f"max_queue_wait must be > 0 seconds, got {max_queue_wait}")
+        self.model = model
+        self.max_active = max_active  # batch slots (--max-active-streams)
+        self.max_queue = max_queue  # requests that may wait for a slot (--max-queue)
+        self.max_queue_wait = max_queue_wait  # seconds a request may wait (--max-queue-wait)
+        self.batching = batching
+        self.label = label or model.name  # value of the `model` metric label
+        self._vocab = list(model.metadata.vocab)
+        self._lock = threading.Lock()  # guards the two counters below
+        self._n_active = 0  # slots taken: prefilling + decoding streams
+        self._n_waiting = 0  # submitted, not yet in a slot (inbox + queue)
+        self._inbox: collections.deque[Stream] = collections.deque()  # loop -> engine thread
+        self._queue: collections.deque[Stream] = collections.deque()  # engine thread only, FIFO
+        self._wake = threading.Event()
+        self._draining = False  # no new submits; the thread ends once idle
+        self._stopping = False  # end everything now
+        self._thread: threading.Thread | None = None
+        self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> Mailbox
+        self._batch = Batch(model)
+        self._cohorts: list[Cohort] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._last_step_seconds = 0.0
+        self._last_step_at = 0.0
+        self._last_scan = 0.0
+        self._shown = [0, 0]  # what this engine has added to the active / queued gauges
+        self._m_step = metrics.step.labels(self.label)
+        self._m_batch = metrics.batch_size.labels(self.label)
+        self._m_queue_wait = metrics.queue_wait.labels(self.label)
+        self._m_inter = metrics.inter_char.labels(self.label)
+        self._m_active = metrics.active_streams.labels(self.label)
+        self._m_queued = metrics.queued_streams.labels(self.label)
+
+    # ---- API (asyncio loop thread) ----
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        if not self.batching:
+            self._pool = ThreadPoolExecutor(self.max_active, thread_name_prefix=f"naive-{self.model.label}")
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self.model.label}", daemon=True)
+        self._thread.start()
+        log.info("engine %s started: %s, %d slots, queue %d", self.model.label,
+                 "continuous batching" if self.batching else "one stream per thread (batching off)",
+                 self.max_active, self.max_queue)
+
+    def submit(self, request: GenerationRequest) -> Stream:
+        """Queues a validated request; call from the asyncio loop thread that will read the stream."""
+        if self._thread is None:
+            raise RuntimeError("Engine.submit before Engine.start")
+        if self._draining:
+            raise errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} takes no new streams")
+        loop = asyncio.get_running_loop()
+        box = self._mailboxes.get(loop)
+        if box is None:
+            box = self._mailboxes[loop] = Mailbox(loop)
+        with self._lock:
+            if self._n_active + self._n_waiting >= self.max_active + self.max_queue:
+                raise errors.Overloaded(
+                    "queue_full",
+                    f"model {self.model.label} is at capacity: all {self.max_active} batch slots are busy and "
+                    f"{self._n_waiting} requests are queued (--max-queue {self.max_queue}); retry later, "
+                    f"or raise --max-queue / --max-active-streams",
+                )
+            self._n_waiting += 1
+        stream = Stream(request, self, box, self.model.label)
+        stream.queued_at = time.monotonic()
+        self._inbox.append(stream)
+        self._wake.set()
+        return stream
+
+    def drain(self) -> None:
+        """Refuses new submits; queued and active streams run to the end, then the thread exits."""
+        self._draining = True
+        self._wake.set()
+
+    def stop(self, timeout: float) -> None:
+        """Ends every remaining stream with Unavailable and joins the thread (up to ``timeout`` s)."""
+        self._draining = True
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def active(self) -> int:
+        return self._n_active
+
+    @property
+    def queued(self) -> int:
+        return self._n_waiting
+
+    @property
+    def idle(self) -> bool:
+        return self._n_active == 0 and self._n_waiting == 0
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- engine thread ----
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._wake.clear()  # before looking: a submit after this line wakes the wait below
+                if self._stopping:
+                    break
+                now = time.monotonic()
+                self._take_inbox()
+                self._check_queue(now)
+                self._admit(now)
+                busy = len(self._batch) or self._cohorts
+                self._show_gauges()
+                if not busy:
+                    if self._draining and self.idle:
+                        break
+                    self._wake.wait(QUEUE_SCAN_SECONDS if self._queue else 1.0)
+                    continue
+                self._prefill()
+                if len(self._batch):
+                    self._decode()
+        except Exception:
+            log.exception("engine %s failed; ending its streams", self.model.label)
+            self._end_all(errors.CharrnnError(f"internal error in the engine of {self.model.label}"))
+        finally:
+            self._end_all(errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} stopped"))
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+            self._show_gauges()
+            log.info("engine %s stopped", self.model.label)
+
+    def _take_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            self._queue.append(inbox.popleft())
+
+    def _check_queue(self, now: float) -> None:
+        """Ends queued streams that waited too long, passed their deadline or were cancelled."""
+        q = self._queue
+        while q and now - q[0].queued_at > self.max_queue_wait:
+            s = q.popleft()
+            self._end_waiting(s, now, errors.Overloaded(
+                "queue_wait",
+                f"waited {now - s.queued_at:.1f}s for a batch slot of model {self.model.label} "
+                f"(limit --max-queue-wait {self.max_queue_wait:g}s; all {self.max_active} slots busy); "
+                f"retry later or raise --max-active-streams",
+            ))
+        if not q or now - self._last_scan < QUEUE_SCAN_SECONDS:
+            return
+        self._last_scan = now
+        for s in [s for s in q if s._cancelled or (s.request.deadline is not None and s.request.deadline <= now)]:
+            q.remove(s)
+            err = errors.Cancelled("cancelled") if s._cancelled else errors.DeadlineExceeded(
+                f"deadline passed after {now - s.queued_at:.3f}s waiting for a batch slot")
+            self._end_waiting(s, now, err)
+
+    def _end_waiting(self, s: Stream, now: float, err: errors.CharrnnError) -> None:
+        with self._lock:
+            self._n_waiting -= 1
+        s.fail(err, now)
+        s._mailbox.poke()
+
+    def _admit(self, now: float) -> None:
+        new: list[Stream] = []
+        while self._queue and self._n_active + len(new) < self.max_active:
+            s = self._queue.popleft()
+            s.admitted_at = now
+            self._m_queue_wait.observe(now - s.queued_at)
+            new.append(s)
+        if not new:
+            return
+        with self._lock:
+            self._n_waiting -= len(new)
+            self._n_active += len(new)
+        if not self.batching:
+            for s in new:
+                self._pool.submit(self._run_alone, s)
+            return
+        by_length: dict[int, list[Stream]] = collections.defaultdict(list)
+        for s in new:
+            by_length[len(s.request.prime_ids)].append(s)
+        for length, group in by_length.items():
+            state = self.model.zero_state(len(group))
+            if length == 1:  # nothing to prefill: the only prime character is the first decode input
+                self._batch.join(group, np.array([s.request.prime_ids[-1] for s in group], np.int64), state)
+                continue
+            same = next((c for c in self._cohorts if c.remaining == length), None)
+            if same is None:
+                self._cohorts.append(Cohort(group, state, length))
+            else:
+                same.streams.extend(group)
+                same.state = self.model.concat([same.state, state])
+
+    def _prefill(self) -> None:
+        """Reads primes: the cohort with the most left runs until it catches the next one, then they merge.
+
+        Bounded per round (MIN_PREFILL_SECONDS or the last decode step's time, whichever
+        is more) while other streams decode, so a long prime cannot stall the batch.
+        """
+        self._drop_gone_from_cohorts()
+        budget = max(MIN_PREFILL_SECONDS, self._last_step_seconds) if len(self._batch) else float("inf")
+        t0 = time.monotonic()
+        cohorts = self._cohorts
+        while cohorts and time.monotonic() - t0 < budget:
+            cohorts.sort(key=lambda c: c.remaining, reverse=True)
+            top = cohorts[0]
+            if top.remaining <= 1:
+                break
+            target = cohorts[1].remaining if len(cohorts) > 1 else 1
+            steps = min(top.remaining - target, MAX_PREFILL_STEPS)
+            _, top.state = self.model.run(top.tokens(steps), top.state)  # logits of the prime are not needed
+            top.remaining -= steps
+            if len(cohorts) > 1 and top.remaining == cohorts[1].remaining:
+                nxt = cohorts[1]
+                nxt.streams = top.streams + nxt.streams
+                nxt.state = self.model.concat([top.state, nxt.state])
+                cohorts.pop(0)
+        for c in [c for c in cohorts if c.remaining == 1]:
+            cohorts.remove(c)
+            self._batch.join(c.streams, np.array([s.request.prime_ids[-1] for s in c.streams], np.int64), c.state)
+
+    def _drop_gone_from_cohorts(self) -> None:
+        now = time.monotonic()
+        for c in self._cohorts:
+            gone = [i for i, s in enumerate(c.streams) if s._cancelled or (s.request.deadline or np.inf) <= now]
+            if not gone:
+                continue
+            for i in gone:
+                self._end_active(c.streams[i], now, self._gone_error(c.streams[i], now))
+            keep = np.array([i for i in range(len(c.streams)) if i not in set(gone)], np.int64)
+            c.streams = [c.streams[i] for i in keep.tolist()]
+            c.state = self.model.take(c.state, keep) if len(keep) else None
+        self._cohorts = [c for c in self._cohorts if c.streams]
+
+    def _gone_error(self, s: Stream, now: float) -> errors.CharrnnError:
+        if s._cancelled:
+            return errors.Cancelled("cancelled")
+        return errors.DeadlineExceeded(
+            f"deadline passed after {s.generated} of {s.request.max_chars} characters"
+        )
+
+    def _end_active(self, s: Stream, now: float, err: errors.CharrnnError) -> None:
+        with self._lock:
+            self._n_active -= 1
+        s.fail(err, now)
+        s._mailbox.poke()
+
+    def _decode(self) -> None:
+        """One step of the whole batch: one onnxruntime call, one sampling call, text to every stream."""
+        b = self._batch
+        t0 = time.monotonic()
+        _, ids = b.step()
+        now = time.monotonic()
+        self._last_step_seconds = now - t0
+        self._m_step.observe(now - t0)
+        self._m_batch.observe(len(b))
+        streams = b.streams
+        vocab = self._vocab
+        ended: dict[int, object] = {}
+        for i, tok in enumerate(ids.tolist()):
+            s = streams[i]
+            stop = s.push(vocab[tok])
+            if stop is not None:
+                ended[i] = stop
+            elif s._cancelled:
+                ended[i] = None
+        firsts = np.flatnonzero(b.generated == 1)
+        for i in firsts.tolist():
+            streams[i].first_char_at = now
+        _observe_many(self._m_inter, now - self._last_step_at, len(b) - len(firsts))
+        self._last_step_at = now
+        for i in np.flatnonzero(b.generated >= b.limit).tolist():
+            ended.setdefault(i, FinishReason.LENGTH)
+        for i in np.flatnonzero(b.deadline <= now).tolist():
+            ended.setdefault(i, errors.DeadlineExceeded)
+        boxes = {s._mailbox for s in streams}
+        if ended:
+            for i, why in ended.items():
+                s = streams[i]
+                s.last_char_at = now
+                if why is FinishReason.LENGTH:
+                    s.finish(FinishReason.LENGTH, now)
+                elif isinstance(why, str):
+                    s.finish(FinishReason.STOP_SEQUENCE, now, stop=why)
+                else:
+                    s.fail(self._gone_error(s, now), now)
+            with self._lock:
+                self._n_active -= len(ended)
+            b.keep(np.array([i for i in range(len(streams)) if i not in ended], np.int64))
+        for box in boxes:
+            box.poke()
+
+    def _run_alone(self, s: Stream) -> None:
+        """Naive mode: one stream in its own pool thread, batch of one, one call per character."""
+        try:
+            self._generate_alone(s)
+        except Exception:
+            log.exception("stream %s failed", s.request.request_id)
+            s.fail(errors.CharrnnError("internal error while generating"), time.monotonic())
+        finally:
+            with self._lock:
+                self._n_active -= 1
+            s._mailbox.poke()
+            self._wake.set()  # a slot is free
+
+    def _generate_alone(self, s: Stream) -> None:
+        req, model, vocab = s.request, self.model, self._vocab
+        state = model.zero_state(1)
+        if len(req.prime_ids) > 1:
+            _, state = model.run(req.prime_ids[None, :-1].astype(np.int64), state)
+        token = int(req.prime_ids[-1])
+        p = req.sampling
+        temperature, top_k, top_p = np.array([p.temperature]), np.array([p.top_k]), np.array([p.top_p])
+        seeds = sampling.seed_array([p.seed])
+        last = 0.0
+        while True:
+            if self._stopping:
+                s.fail(errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {model.label} stopped"), time.monotonic())
+                return
+            t0 = time.monotonic()
+            logits, state = model.run(np.array([[token]], np.int64), state)
+            u = sampling.uniforms(seeds, np.array([s.generated]))
+            token = int(sampling.sample(logits[:, 0, :], temperature, top_k, top_p, u)[0])
+            now = time.monotonic()
+            self._m_step.observe(now - t0)
+            self._m_batch.observe(1)
+            if s.generated == 0:
+                s.first_char_at = now
+            else:
+                self._m_inter.observe(now - last)
+            last = s.last_char_at = now
+            stop = s.push(vocab[token])
+            if stop is not None:
+                s.finish(FinishReason.STOP_SEQUENCE, now, stop=stop)
+                return
+            if s.generated >= req.max_chars:
+                s.finish(FinishReason.LENGTH, now)
+                return
+            if s._cancelled or (req.deadline is not None and req.deadline <= now):
+                s.fail(self._gone_error(s, now), now)
+                return
+            s._mailbox.poke()
+
+    def _end_all(self, err: errors.CharrnnError) -> None:
+        """Ends every stream the engine thread still holds (queued, prefilling, decoding)."""
+        now = time.monotonic()
+        self._take_inbox()
+        held = list(self._queue) + [s for c in self._cohorts for s in c.streams] + self._batch.streams
+        n_queued = len(self._queue)
+        self._queue.clear()
+        self._cohorts.clear()
+        self._batch = Batch(self.model)
+        with self._lock:
+            self._n_waiting -= n_queued
+            self._n_active -= len(held) - n_queued
+        for s in held:
+            if not s.done:
+                s.fail(err, now)
+            s._mailbox.poke()
+
+    def _show_gauges(self) -> None:
+        """Adds this engine's change to the shared gauges (several versions of a model share the label)."""
+        active, queued = self._n_active, self._n_waiting
+        if active != self._shown[0]:
+            self._m_active.inc(active - self._shown[0])
+            self._shown[0] = active
+        if queued != self._shown[1]:
+            self._m_queued.inc(queued - self._shown[1])
+            self._shown[1] = queued
+
+
+def _observe_many(child, value: float, count: int) -> None:
+    """``count`` observations of one value in a Histogram child, at the cost of one.
+
+    Every stream of a step has the same gap since its previous character, and
+    observing them one by one costs microseconds each (a lock per call). This
+    adds to the child's sum and bucket directly; it falls back to observe() if
+    the client library changes its internals.
+    """
+    if count <= 0:
+        return
+    buckets = getattr(child, "_buckets", None)
+    bounds = getattr(child, "_upper_bounds", None)
+    total = getattr(child, "_sum", None)
+    if buckets is None or bounds is None or total is None:
+        for _ in range(count):
+            child.observe(value)
+        return
+    total.inc(value * count)
+    for i, bound in enumerate(bounds):
+        if value <= bound:
+            buckets[i].inc(count)
+            break

@@ -1,0 +1,269 @@
+"""onnxruntime underneath the engine: which device, and one model file as a checked, runnable session.
+
+``select_device`` turns "auto" | "cpu" | "cuda" into the device the server will
+use, once, at start-up. ``load_model`` opens one model file, checks it against
+the contract in charrnn/modelfile.py and returns a ``LoadedModel`` whose
+``run`` advances a batch of streams by any number of steps.
+
+The recurrent state is opaque to the engine: a tuple ``(h,)`` or ``(h, c)``,
+each [layers, batch, hidden] float32, held as numpy arrays on the CPU and as
+onnxruntime ``OrtValue``s on CUDA, where it stays on the device between steps
+(I/O binding) and only the logits come back to the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from charrnn import modelfile as mf
+from charrnn.service import onnxproto
+
+log = logging.getLogger("charrnn.service.runtime")
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+State = tuple  # (h,) or (h, c): each [L, B, H] float32, np.ndarray on CPU, ort.OrtValue on CUDA
+
+
+def cuda_unusable_reason() -> str | None:
+    """None when onnxruntime can run a graph on CUDA here, else a one-line reason."""
+    return _cuda_probe()
+
+
+@functools.cache
+def _cuda_probe() -> str | None:
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        return "this onnxruntime has no CUDA provider (install the onnxruntime-gpu package)"
+    # onnxruntime-gpu lists the provider even when the CUDA libraries are missing
+    # and then prints a page of errors at the first session; load the provider's
+    # library ourselves first, so a missing library becomes one readable reason.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
+        ort.preload_dlls(directory="")  # CUDA/cuDNN from the nvidia-* wheels, when installed
+    capi = Path(ort.__file__).parent / "capi"
+    try:
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_cuda.so"))
+    except OSError as e:
+        missing = str(e).split(":")[0]
+        return f"{missing} missing" if "cannot open shared object" in str(e) else str(e)
+    # The libraries load; a session on a real GPU is the final proof (no GPU, driver too old).
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4  # fatal only: the reason is reported below, in one line
+        sess = ort.InferenceSession(onnxproto.identity_model(), opts, providers=[CUDA_PROVIDER, CPU_PROVIDER])
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable"; the message says why
+        return str(e).strip().splitlines()[0][:200]
+    if sess.get_providers()[0] != CUDA_PROVIDER:
+        return "onnxruntime did not place a test graph on the GPU (no CUDA device?)"
+    return None
+
+
+def select_device(requested: str) -> str:
+    """"auto" | "cpu" | "cuda" -> "cpu" | "cuda"; "cuda" where CUDA is not usable raises RuntimeError."""
+    if requested not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {requested!r}")
+    ort.set_default_logger_severity(3)  # onnxruntime's own warnings are not the service's log
+    if requested == "cpu":
+        log.info("device: cpu (as requested)")
+        return "cpu"
+    reason = cuda_unusable_reason()
+    if requested == "cuda":
+        if reason:
+            raise RuntimeError(f"--device cuda: CUDA is not usable: {reason}; use --device cpu or auto")
+        log.info("device: cuda (as requested)")
+        return "cuda"
+    if reason:
+        log.info("device: cpu (CUDA not usable: %s)", reason)
+        return "cpu"
+    log.info("device: cuda (CUDA usable, chosen by --device auto)")
+    return "cuda"
+
+
+@dataclass
+class LoadedModel:
+    """One checked model version and its onnxruntime session."""
+
+    name: str
+    version: int
+    path: Path
+    metadata: mf.ModelMetadata
+    device: str  # "cpu" | "cuda"
+    session: ort.InferenceSession
+    _in_names: tuple[str, ...] = field(init=False, repr=False)  # state inputs: ("h",) or ("h", "c")
+    _out_names: tuple[str, ...] = field(init=False, repr=False)  # logits, then state outputs
+    _ops: "_DeviceStateOps | None" = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        pairs = self.metadata.state_names()
+        self._in_names = tuple(i for i, _ in pairs)
+        self._out_names = (mf.OUTPUT_LOGITS, *(o for _, o in pairs))
+        if self.device == "cuda":
+            self._ops = _DeviceStateOps()
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def zero_state(self, batch: int) -> State:
+        """The state of ``batch`` streams that have read nothing yet."""
+        m = self.metadata
+        zeros = [np.zeros((m.layers, batch, m.hidden), np.float32) for _ in self._in_names]
+        if self._ops is None:
+            return tuple(zeros)
+        return tuple(ort.OrtValue.ortvalue_from_numpy(z, "cuda", 0) for z in zeros)
+
+    def run(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """tokens int64 [B, T], state -> logits float32 [B, T, V] (host memory), new state."""
+        if self._ops is None:
+            feeds = {mf.INPUT_TOKENS: tokens, **dict(zip(self._in_names, state))}
+            logits, *new = self.session.run(self._out_names, feeds)
+            return logits, tuple(new)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(mf.INPUT_TOKENS, np.ascontiguousarray(tokens, np.int64))
+        for name, value in zip(self._in_names, state):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(mf.OUTPUT_LOGITS, "cpu")  # the only tensor that crosses to the host
+        for name in self._out_names[1:]:
+            binding.bind_output(name, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        logits, *new = binding.get_outputs()
+        return logits.numpy(), tuple(new)
+
+    def take(self, state: State, rows: np.ndarray) -> State:
+        """The state of batch rows ``rows`` (int64 [n]), in that order."""
+        if self._ops is None:
+            return tuple(np.take(s, rows, axis=1) for s in state)
+        return tuple(self._ops.gather(s, rows) for s in state)
+
+    def concat(self, states: Sequence[State]) -> State:
+        """Joins the batches of several states, in order."""
+        if len(states) == 1:
+            return states[0]
+        if self._ops is None:
+            return tuple(np.concatenate(parts, axis=1) for parts in zip(*states))
+        return tuple(functools.reduce(self._ops.concat, parts) for parts in zip(*states))
+
+    def state_numpy(self, state: State) -> tuple[np.ndarray, ...]:
+        """The state as host arrays (for tests and parity checks)."""
+        return tuple(s if isinstance(s, np.ndarray) else s.numpy() for s in state)
+
+
+class _DeviceStateOps:
+    """Gathers and joins state rows on the GPU with two one-node graphs, so the state stays there."""
+
+    def __init__(self) -> None:
+        providers = [CUDA_PROVIDER]
+        self._gather = ort.InferenceSession(onnxproto.gather_rows_model(), providers=providers)
+        self._concat = ort.InferenceSession(onnxproto.concat_rows_model(), providers=providers)
+
+    def gather(self, value: ort.OrtValue, rows: np.ndarray) -> ort.OrtValue:
+        b = self._gather.io_binding()
+        b.bind_ortvalue_input("state", value)
+        b.bind_cpu_input("rows", np.ascontiguousarray(rows, np.int64))
+        b.bind_output("out", "cuda", 0)
+        self._gather.run_with_iobinding(b)
+        return b.get_outputs()[0]
+
+    def concat(self, a: ort.OrtValue, c: ort.OrtValue) -> ort.OrtValue:
+        b = self._concat.io_binding()
+        b.bind_ortvalue_input("a", a)
+        b.bind_ortvalue_input("b", c)
+        b.bind_output("out", "cuda", 0)
+        self._concat.run_with_iobinding(b)
+        return b.get_outputs()[0]
+
+
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """Options of every model session: ``threads`` intra-op threads (0 = one per core)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1  # one graph node at a time; the parallelism is inside the matmuls
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle intra-op threads would otherwise spin between steps and take the core
+    # the asyncio loop needs to send the characters.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+def load_model(path: str | os.PathLike, name: str, version: int, device: str, threads: int = 0) -> LoadedModel:
+    """Opens and checks one model file; raises ModelFormatError('<path>: <why>') when it breaks the contract."""
+    path = Path(path)
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda (see select_device), got {device!r}")
+    if not path.is_file():
+        raise mf.ModelFormatError(f"{path}: no such file")
+    providers = [CPU_PROVIDER] if device == "cpu" else [(CUDA_PROVIDER, {"device_id": 0}), CPU_PROVIDER]
+    try:
+        session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several types for unreadable files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise mf.ModelFormatError(f"{path}: onnxruntime cannot load it as an ONNX model ({first})") from None
+    if device == "cuda" and session.get_providers()[0] != CUDA_PROVIDER:
+        raise mf.ModelFormatError(f"{path}: onnxruntime would not place this model on CUDA")
+    try:
+        meta = mf.ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+    except mf.ModelFormatError as e:
+        raise mf.ModelFormatError(f"{path}: {e}") from None
+    _check_signature(session, meta, path)
+    model = LoadedModel(name=name, version=version, path=path, metadata=meta, device=device, session=session)
+    _check_trial_step(model)
+    return model
+
+
+def _check_signature(session: ort.InferenceSession, meta: mf.ModelMetadata, path: Path) -> None:
+    """Graph inputs/outputs: names, element types and ranks as the contract says."""
+    state_in = [i for i, _ in meta.state_names()]
+    state_out = [o for _, o in meta.state_names()]
+    want_in = {mf.INPUT_TOKENS: ("tensor(int64)", 2), **{n: ("tensor(float)", 3) for n in state_in}}
+    want_out = {mf.OUTPUT_LOGITS: ("tensor(float)", 3), **{n: ("tensor(float)", 3) for n in state_out}}
+    for kind, args, want in (("input", session.get_inputs(), want_in), ("output", session.get_outputs(), want_out)):
+        got = {a.name: a for a in args}
+        if set(got) != set(want):
+            raise mf.ModelFormatError(
+                f"{path}: graph {kind}s are {sorted(got)}, a {meta.cell} model must have {sorted(want)}"
+            )
+        for name, (dtype, rank) in want.items():
+            arg = got[name]
+            if arg.type != dtype or len(arg.shape) != rank:
+                raise mf.ModelFormatError(
+                    f"{path}: graph {kind} {name!r} must be {dtype} of rank {rank}, got {arg.type} {arg.shape}"
+                )
+    vocab_dim = session.get_outputs()[[o.name for o in session.get_outputs()].index(mf.OUTPUT_LOGITS)].shape[-1]
+    if isinstance(vocab_dim, int) and vocab_dim != meta.vocab_size:
+        raise mf.ModelFormatError(
+            f"{path}: logits have {vocab_dim} classes, the metadata vocabulary has {meta.vocab_size} characters"
+        )
+
+
+def _check_trial_step(model: LoadedModel) -> None:
+    """One real step at batch 2: output shapes must match the metadata (catches symbolic dims too)."""
+    m = model.metadata
+    try:
+        logits, state = model.run(np.zeros((2, 1), np.int64), model.zero_state(2))
+    except Exception as e:  # noqa: BLE001
+        raise mf.ModelFormatError(f"{model.path}: a trial step failed: {str(e).strip()[:300]}") from None
+    if logits.shape != (2, 1, m.vocab_size):
+        raise mf.ModelFormatError(
+            f"{model.path}: a trial step gave logits {list(logits.shape)}, expected [2, 1, {m.vocab_size}] "
+            f"(vocab_size from the metadata)"
+        )
+    for name, s in zip(model._out_names[1:], model.state_numpy(state)):
+        if s.shape != (m.layers, 2, m.hidden):
+            raise mf.ModelFormatError(
+                f"{model.path}: a trial step gave {name} {list(s.shape)}, expected "
+                f"[{m.layers}, 2, {m.hidden}] (layers, batch, hidden from the metadata)"
+            )

@@ -1,0 +1,174 @@
+"""One generation stream as its asyncio handler sees it, and how text crosses from the engine thread.
+
+The engine thread appends characters to a stream's deque and, once per step,
+pokes the ``Mailbox`` of each asyncio loop that has streams in the batch: one
+``call_soon_threadsafe`` per loop per step, never one per stream per character.
+The poke wakes every stream of that loop whose reader is waiting. A reader
+takes everything produced since its previous read as one chunk, so a slow
+reader gets several characters per chunk and the engine never waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from charrnn.service import errors
+from charrnn.service.requests import FinishReason, GenerationRequest, GenerationResult, GenerationStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from charrnn.service.engine import Engine
+
+
+class Mailbox:
+    """Hands the engine's output to one asyncio loop: at most one pending callback at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.waiting: set[Stream] = set()  # streams whose reader awaits (touched on the loop thread only)
+        self._scheduled = False
+
+    def poke(self) -> None:
+        """Engine thread: something new for this loop's streams. Cheap when a wake-up is already pending."""
+        if self._scheduled:
+            return
+        self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody is left to read
+            self._scheduled = False
+
+    def _deliver(self) -> None:
+        # Cleared before the scan: text appended after this line gets a new poke.
+        self._scheduled = False
+        if not self.waiting:
+            return
+        ready = [s for s in self.waiting if s._chunks or s._done]
+        for s in ready:
+            self.waiting.discard(s)
+            w = s._waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+
+
+class Stream:
+    """Async iterator of text chunks for one request; see Engine.submit."""
+
+    def __init__(self, request: GenerationRequest, engine: "Engine", mailbox: Mailbox, label: str):
+        self.request = request
+        self.result: GenerationResult | None = None  # set when iteration ends normally
+        self.first_char_at: float | None = None  # time.monotonic() of the first generated character
+        self._engine = engine
+        self._mailbox = mailbox
+        self._chunks: collections.deque[str] = collections.deque()  # engine appends, reader pops
+        self._done = False  # engine: no more text will come
+        self._error: errors.CharrnnError | None = None
+        self._waiter: asyncio.Future | None = None
+        self._cancelled = False
+        # Engine-thread bookkeeping.
+        self.arrived = request.arrived or time.monotonic()
+        self.admitted_at: float | None = None
+        self.last_char_at: float | None = None
+        self.generated = 0
+        self._stats = GenerationStats(model=label, prime_chars=len(request.prime), seed=request.sampling.seed)
+        self.queued_at = self.arrived  # engine.submit sets the time it entered the queue
+        self._stops = tuple(sorted(request.stop, key=len, reverse=True))  # longest first: it is the one cut
+        self._longest_stop = max((len(s) for s in request.stop), default=0)
+        self._held = ""  # text that might still begin a stop sequence (held back from the reader)
+
+    # ---- reader side (asyncio loop thread) ----
+
+    def __aiter__(self) -> "Stream":
+        return self
+
+    async def __anext__(self) -> str:
+        while True:
+            if self._chunks:
+                return self._take()
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._waiter = self._mailbox.loop.create_future()
+            self._mailbox.waiting.add(self)
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                self._mailbox.waiting.discard(self)
+
+    def _take(self) -> str:
+        parts = []
+        chunks = self._chunks
+        while chunks:
+            parts.append(chunks.popleft())
+        return "".join(parts)
+
+    def cancel(self) -> None:
+        """Thread-safe: the engine frees this stream's slot at its next step."""
+        if not self._done:
+            self._cancelled = True
+            self._engine._wake.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    # ---- engine side (engine thread) ----
+
+    def push(self, ch: str) -> str | None:
+        """Adds one generated character; returns the stop sequence it completes, if any."""
+        self.generated += 1
+        if not self._stops:
+            self._chunks.append(ch)
+            return None
+        held = self._held + ch
+        for stop in self._stops:
+            if held.endswith(stop):
+                if len(held) > len(stop):
+                    self._chunks.append(held[: len(held) - len(stop)])
+                self._held = ""
+                return stop
+        # Keep the longest tail that could still grow into a stop sequence; release the rest.
+        keep = 0
+        for k in range(min(len(held), self._longest_stop - 1), 0, -1):
+            tail = held[-k:]
+            if any(s.startswith(tail) for s in self._stops):
+                keep = k
+                break
+        if len(held) > keep:
+            self._chunks.append(held[: len(held) - keep])
+        self._held = held[len(held) - keep :] if keep else ""
+        return None
+
+    def finish(self, reason: FinishReason, now: float, stop: str = "") -> None:
+        """Ends the stream normally: held text is real output unless a stop sequence matched."""
+        if self._held:
+            self._chunks.append(self._held)
+            self._held = ""
+        st = self._stats
+        st.generated_chars = self.generated
+        st.stop_sequence = stop
+        self._fill_times(now)
+        self.result = GenerationResult(finish_reason=reason, stats=st)
+        self._done = True
+
+    def fail(self, error: errors.CharrnnError, now: float) -> None:
+        """Ends the stream with an error; text already produced is still delivered first."""
+        self._held = ""
+        self._stats.generated_chars = self.generated
+        self._fill_times(now)
+        self._error = error
+        self._done = True
+
+    def _fill_times(self, now: float) -> None:
+        st = self._stats
+        admitted = self.admitted_at if self.admitted_at is not None else now
+        st.queue_seconds = admitted - self.arrived
+        first = self.first_char_at if self.first_char_at is not None else now
+        st.prefill_seconds = first - admitted
+        st.decode_seconds = (self.last_char_at or first) - first
+        st.total_seconds = (self.last_char_at or now) - self.arrived
