@@ -1,0 +1,239 @@
+"""`charrnn-serve`: the gRPC server, its health and reflection services, /metrics, reload and drain.
+
+Life of a server: load every model of the repository (refuse to start when none
+is usable), bind the gRPC and metrics ports, report SERVING, then serve until
+SIGTERM or SIGINT. SIGHUP (and --reload-interval) rescans the repository.
+SIGTERM drains: health turns NOT_SERVING at once, new streams are refused with
+UNAVAILABLE, streams in flight get --drain-grace seconds to finish and are then
+ended with UNAVAILABLE; only then does the gRPC server stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from charrnn.service import logs, tls
+from charrnn.service.config import ServeConfig, parse_args
+from charrnn.service.engine import Engine
+from charrnn.service.metrics import Metrics
+from charrnn.service.repository import ModelRepository
+from charrnn.service.runtime import select_device
+from charrnn.service.servicer import GeneratorServicer
+from charrnn.service.validation import Limits
+from charrnn.v1 import generator_pb2, generator_pb2_grpc
+
+GENERATOR_SERVICE = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name  # "charrnn.v1.Generator"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+STOP_FLUSH_SECONDS = 1.0  # after the drain, time for handlers to send their last message before sockets close
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why and what to change."""
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Server:
+    """One running charrnn-serve process."""
+
+    def __init__(self, config: ServeConfig, log: logging.Logger):
+        self.config = config
+        self.log = log
+        self.metrics = Metrics()
+        self.repository: ModelRepository | None = None
+        self.servicer: GeneratorServicer | None = None
+        self.health = health.aio.HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.port = 0  # bound gRPC port
+        self.metrics_port = 0  # bound metrics port
+        self._metrics_httpd = None
+        self._reload_lock = asyncio.Lock()
+        self._poller: asyncio.Task | None = None
+        self._model_names: set[str] = set()
+
+    def _engine_factory(self) -> Callable:
+        c = self.config
+
+        def factory(model, label: str | None = None) -> Engine:
+            return Engine(
+                model,
+                metrics=self.metrics,
+                max_active=c.max_active_streams,
+                max_queue=c.max_queue,
+                max_queue_wait=c.max_queue_wait,
+                batching=c.batching,
+                label=label,
+            )
+
+        return factory
+
+    async def start(self) -> None:
+        c = self.config
+        try:
+            device = select_device(c.device)
+        except RuntimeError as e:
+            raise StartupError(f"--device {c.device}: {e}") from None
+        self.repository = ModelRepository(
+            c.models,
+            device=device,
+            engine_factory=self._engine_factory(),
+            metrics=self.metrics,
+            log=logging.getLogger("charrnn.service.repository"),
+            default_model=c.default_model or None,
+            threads=c.threads,
+        )
+        try:
+            await asyncio.to_thread(self.repository.load)
+        except Exception as e:  # the repository's message lists each bad path and why
+            raise StartupError(f"no usable model in {c.models}: {e}") from None
+
+        self.servicer = GeneratorServicer(
+            self.repository, self.metrics, Limits(c.max_chars, c.max_prime_chars), logging.getLogger("charrnn.service.servicer")
+        )
+        options = [
+            ("grpc.max_send_message_length", c.max_message_bytes),
+            ("grpc.max_receive_message_length", c.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a port already in use is an error, not a second silent listener
+        ]
+        server = grpc.aio.server(options=options)
+        generator_pb2_grpc.add_GeneratorServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (GENERATOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            creds = tls.server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca) if c.tls else None
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+        address = _hostport(c.host, c.port)
+        try:
+            self.port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise StartupError(f"cannot listen on {address} (--host/--port): {e}") from None
+        try:
+            self._metrics_httpd, _ = start_http_server(c.metrics_port, addr=c.host, registry=self.metrics.registry)
+        except OSError as e:
+            raise StartupError(f"cannot serve metrics on {_hostport(c.host, c.metrics_port)} (--metrics-port): {e}") from None
+        self.metrics_port = self._metrics_httpd.server_port
+        await server.start()
+        self.grpc_server = server
+        await self._set_health()
+        if c.reload_interval > 0:
+            self._poller = asyncio.create_task(self._poll(c.reload_interval))
+        self.log.info(
+            "serving",
+            extra={"grpc_port": self.port, "metrics_port": self.metrics_port, "device": device, "tls": c.tls,
+                   "mutual_tls": bool(c.tls_client_ca), "models": ",".join(sorted(self._model_names))},
+        )
+
+    async def _set_health(self) -> None:
+        names = {e.name for e in self.repository.entries()}
+        for name in sorted(names):
+            await self.health.set(name, SERVING)
+        for gone in sorted(self._model_names - names):
+            await self.health.set(gone, NOT_SERVING)
+        status = SERVING if names else NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(GENERATOR_SERVICE, status)
+        self._model_names = names
+
+    async def reload(self, why: str) -> None:
+        """Rescans the repository (new versions serve new streams; streams in flight finish where they are)."""
+        async with self._reload_lock:
+            started = time.monotonic()
+            try:
+                summary = await asyncio.to_thread(self.repository.reload)
+            except Exception:
+                self.log.exception("reload failed; the models loaded before keep serving", extra={"trigger": why})
+                return
+            await self._set_health()
+            self.log.info(
+                "reloaded", extra={"trigger": why, "changes": str(summary), "seconds": round(time.monotonic() - started, 3)}
+            )
+
+    async def _poll(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.reload("poll")
+
+    async def drain_and_stop(self) -> None:
+        """SIGTERM: refuse new work at once, give streams in flight --drain-grace seconds, then stop."""
+        started = time.monotonic()
+        grace = self.config.drain_grace
+        if self.servicer is not None:
+            self.servicer.draining = True
+        self.metrics.draining.set(1)
+        await self.health.enter_graceful_shutdown()
+        if self._poller is not None:
+            self._poller.cancel()
+        self.log.info("draining", extra={"drain_grace": grace})
+        if self.repository is not None:
+            # Engines refuse new streams, finish those in flight, and end what is left after `grace`
+            # with UNAVAILABLE; blocking, so it runs off the event loop while the handlers keep streaming.
+            await asyncio.to_thread(self.repository.close, grace)
+        drained = time.monotonic() - started
+        if self.grpc_server is not None:
+            # The shape of grpc's graceful-shutdown example: stop(grace) lets the last messages go out.
+            await self.grpc_server.stop(STOP_FLUSH_SECONDS)
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+        self.log.info("stopped", extra={"drain_seconds": round(drained, 3), "total_seconds": round(time.monotonic() - started, 3)})
+
+    def banner(self) -> str:
+        c = self.config
+        shown = "localhost" if c.host in ("0.0.0.0", "::", "") else c.host
+        target = _hostport(shown, self.port)
+        tls_args = " --tls-ca CA.pem" if c.tls else ""
+        if c.tls_client_ca:
+            tls_args += " --tls-cert CLIENT.pem --tls-key CLIENT.key"
+        models = ", ".join(sorted(f"{e.name}@{e.version}" for e in self.repository.entries() if e.latest))
+        return (
+            f"charrnn-serve: serving {models}\n"
+            f"  gRPC     {target}{' (TLS)' if c.tls else ''}\n"
+            f"  metrics  http://{_hostport(shown, self.metrics_port)}/metrics\n"
+            f"  try      charrnn-generate --server {target}{tls_args} --prime \"ROMEO:\" --max-chars 300 --temperature 0.8\n"
+        )
+
+
+async def serve(config: ServeConfig, log: logging.Logger) -> None:
+    server = Server(config, log)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.reload("SIGHUP")))
+    try:
+        await server.start()
+        sys.stdout.write(server.banner())
+        sys.stdout.flush()
+        await stop.wait()
+    finally:
+        await server.drain_and_stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    log = logs.configure(config.log_format, config.log_level)
+    try:
+        asyncio.run(serve(config, log))
+    except StartupError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
