@@ -1,0 +1,89 @@
+"""Samples from one prime at several temperatures, to see what temperature does to the text.
+
+All temperatures run together as one batch (one lane each, steps = 1 per
+character), and every lane draws from its own generator seeded with the same
+seed, so the only difference between two lanes is their temperature and the
+whole sweep repeats exactly for a given seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from charrnn import modelfile as mf
+from charrnn.inspector.trace import InspectedModel, InspectError, encode, softmax, zero_state
+
+MAX_CHARS = 100_000  # characters per sample
+
+
+@dataclass(frozen=True)
+class Sample:
+    temperature: float  # 0 means greedy
+    text: str  # the generated characters, without the prime
+
+
+def parse_temperatures(raw: str) -> tuple[float, ...]:
+    """"0.2,0.5,1" -> (0.2, 0.5, 1.0); each must be a finite number in [0, 100]."""
+    values = []
+    for part in raw.split(","):
+        try:
+            t = float(part)
+        except ValueError:
+            raise InspectError(f"--temperatures must be numbers separated by commas, got {raw!r}") from None
+        if not (math.isfinite(t) and 0 <= t <= 100):
+            raise InspectError(f"--temperatures must each be in [0, 100] (0 = greedy), got {part.strip()!r}")
+        values.append(t)
+    return tuple(values)
+
+
+def sweep(
+    model: InspectedModel, prime: str, temperatures: tuple[float, ...], *, seed: int = 0, chars: int = 300
+) -> tuple[Sample, ...]:
+    """One sample of ``chars`` characters after ``prime`` ("" starts from a newline) per temperature."""
+    if not temperatures:
+        raise InspectError("--temperatures must name at least one temperature, got none")
+    if not 1 <= chars <= MAX_CHARS:
+        raise InspectError(f"--chars must be in [1, {MAX_CHARS}], got {chars}")
+    if not 0 <= seed < 2**63:
+        raise InspectError(f"--seed must be in [0, 2**63), got {seed}")
+    meta = model.meta
+    _, prime_ids = encode(prime or "\n", meta, what="--prime")
+    B = len(temperatures)
+    feeds = zero_state(meta, B)
+    out_names = [mf.OUTPUT_LOGITS, *(o for _, o in meta.state_names())]
+    rngs = [np.random.Generator(np.random.PCG64(seed)) for _ in range(B)]
+    tokens = np.tile(prime_ids, (B, 1))  # [B, len(prime)]: the prime in one call (prefill)
+    drawn = np.empty((B, chars), np.int64)
+    for step in range(chars):
+        feeds[mf.INPUT_TOKENS] = tokens
+        results = model.session.run(out_names, feeds)
+        for (name_in, _), value in zip(meta.state_names(), results[1:]):
+            feeds[name_in] = value  # [L, B, H]
+        last = results[0][:, -1]  # [B, V]
+        for b, t in enumerate(temperatures):
+            drawn[b, step] = _draw(last[b], t, rngs[b])
+        tokens = drawn[:, step : step + 1]  # [B, 1]
+    return tuple(Sample(t, "".join(meta.vocab[i] for i in drawn[b])) for b, t in enumerate(temperatures))
+
+
+def _draw(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    """One character id from logits [V]: argmax at temperature 0, else from softmax(logits / t)."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    cdf = np.cumsum(softmax(logits, temperature))
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+
+
+def format_sweep(samples: tuple[Sample, ...], prime: str, width: int = 72) -> str:
+    """The samples one after another, each under a header naming its temperature."""
+    parts = []
+    for s in samples:
+        name = "greedy" if s.temperature == 0 else f"{s.temperature:g}"
+        header = f"── temperature {name} "
+        parts.append(header + "─" * max(0, width - len(header)))
+        parts.append(prime + s.text)
+        parts.append("")
+    return "\n".join(parts)
