@@ -3,7 +3,10 @@
 All temperatures run together as one batch (one lane each, steps = 1 per
 character), and every lane draws from its own generator seeded with the same
 seed, so the only difference between two lanes is their temperature and the
-whole sweep repeats exactly for a given seed.
+whole sweep repeats exactly for a given seed. The draws are the service's own
+(``charrnn.service.sampling``: the k-th character of a stream uses draw k of
+its seed's generator), so a lane is the text a seeded ``Generate`` request
+with the same prime and temperature asks for.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from charrnn import modelfile as mf
-from charrnn.inspector.trace import InspectedModel, InspectError, encode, softmax, zero_state
+from charrnn.inspector.trace import InspectedModel, InspectError, encode, zero_state
+from charrnn.service import sampling
 
 MAX_CHARS = 100_000  # characters per sample
 
@@ -47,14 +51,16 @@ def sweep(
         raise InspectError("--temperatures must name at least one temperature, got none")
     if not 1 <= chars <= MAX_CHARS:
         raise InspectError(f"--chars must be in [1, {MAX_CHARS}], got {chars}")
-    if not 0 <= seed < 2**63:
-        raise InspectError(f"--seed must be in [0, 2**63), got {seed}")
+    if not 0 <= seed < 2**64:
+        raise InspectError(f"--seed must be in [0, 2**64), got {seed}")
     meta = model.meta
     _, prime_ids = encode(prime or "\n", meta, what="--prime")
     B = len(temperatures)
     feeds = zero_state(meta, B)
     out_names = [mf.OUTPUT_LOGITS, *(o for _, o in meta.state_names())]
-    rngs = [np.random.Generator(np.random.PCG64(seed)) for _ in range(B)]
+    seeds = sampling.seed_array([seed] * B)  # uint64 [B]
+    temps = np.array(temperatures, np.float64)  # [B]
+    top_k, top_p = np.zeros(B, np.int64), np.ones(B)  # both off: temperature alone shapes the draw
     tokens = np.tile(prime_ids, (B, 1))  # [B, len(prime)]: the prime in one call (prefill)
     drawn = np.empty((B, chars), np.int64)
     for step in range(chars):
@@ -62,19 +68,10 @@ def sweep(
         results = model.session.run(out_names, feeds)
         for (name_in, _), value in zip(meta.state_names(), results[1:]):
             feeds[name_in] = value  # [L, B, H]
-        last = results[0][:, -1]  # [B, V]
-        for b, t in enumerate(temperatures):
-            drawn[b, step] = _draw(last[b], t, rngs[b])
+        u = sampling.uniforms(seeds, np.full(B, step))  # draw number ``step`` of each lane's generator
+        drawn[:, step] = sampling.sample(results[0][:, -1], temps, top_k, top_p, u)  # from logits [B, V]
         tokens = drawn[:, step : step + 1]  # [B, 1]
     return tuple(Sample(t, "".join(meta.vocab[i] for i in drawn[b])) for b, t in enumerate(temperatures))
-
-
-def _draw(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
-    """One character id from logits [V]: argmax at temperature 0, else from softmax(logits / t)."""
-    if temperature == 0:
-        return int(np.argmax(logits))
-    cdf = np.cumsum(softmax(logits, temperature))
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
 
 
 def format_sweep(samples: tuple[Sample, ...], prime: str, width: int = 72) -> str:

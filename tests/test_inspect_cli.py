@@ -95,6 +95,36 @@ def test_sweep_is_reproducible_with_a_seed_and_differs_across_temperatures(repo)
     assert sweep(model, "ROMEO:", (0.0,), seed=99, chars=60)[0] == a[0]
 
 
+def test_a_sweep_lane_is_the_text_the_service_generates_for_that_seed(repo):
+    import asyncio
+    import time
+
+    import numpy as np
+
+    from charrnn.service.engine import Engine
+    from charrnn.service.metrics import Metrics
+    from charrnn.service.requests import GenerationRequest, SamplingParams
+    from charrnn.service.runtime import load_model
+
+    served = load_model(repo / "tiny" / "2" / "model.onnx", "tiny", 2, "cpu")
+    ids = np.array([served.metadata.vocab.index(c) for c in "ROMEO:"], np.int64)
+    engine = Engine(served, metrics=Metrics())
+    engine.start()
+
+    async def generate(temperature: float) -> str:
+        req = GenerationRequest(
+            request_id="sweep", prime="ROMEO:", prime_ids=ids, max_chars=80,
+            sampling=SamplingParams(temperature=temperature, seed=5), arrived=time.monotonic(),
+        )
+        return "".join([chunk async for chunk in engine.submit(req)])
+
+    try:
+        expected = [asyncio.run(asyncio.wait_for(generate(t), 60)) for t in (0.5, 1.0)]
+    finally:
+        engine.stop(5.0)
+    assert [s.text for s in sweep(open_model(repo), "ROMEO:", (0.5, 1.0), seed=5, chars=80)] == expected
+
+
 def test_sweep_command_prints_each_temperature_under_a_header(repo, capsys):
     assert main(["sweep", str(repo), "--prime", "ROMEO:", "--temperatures", "0.2,1.3", "--seed", "0", "--chars", "50"]) == 0
     out = capsys.readouterr().out
