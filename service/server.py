@@ -11,12 +11,11 @@ ended with UNAVAILABLE; only then does the gRPC server stop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import sys
 import time
-from typing import Callable
-
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -26,7 +25,7 @@ from charrnn.service import logs, tls
 from charrnn.service.config import ServeConfig, parse_args
 from charrnn.service.engine import Engine
 from charrnn.service.metrics import Metrics
-from charrnn.service.repository import ModelRepository
+from charrnn.service.repository import ModelRepository, RepositoryError
 from charrnn.service.runtime import select_device
 from charrnn.service.servicer import GeneratorServicer
 from charrnn.service.validation import Limits
@@ -64,32 +63,23 @@ class Server:
         self._poller: asyncio.Task | None = None
         self._model_names: set[str] = set()
 
-    def _engine_factory(self) -> Callable:
-        c = self.config
-
-        def factory(model, label: str | None = None) -> Engine:
-            return Engine(
-                model,
-                metrics=self.metrics,
-                max_active=c.max_active_streams,
-                max_queue=c.max_queue,
-                max_queue_wait=c.max_queue_wait,
-                batching=c.batching,
-                label=label,
-            )
-
-        return factory
-
     async def start(self) -> None:
         c = self.config
+        try:  # unreadable certificate files fail before minutes of model loading, not after
+            creds = tls.server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca) if c.tls else None
+        except ValueError as e:
+            raise StartupError(str(e)) from None
         try:
             device = select_device(c.device)
-        except RuntimeError as e:
-            raise StartupError(f"--device {c.device}: {e}") from None
+        except RuntimeError as e:  # --device cuda where CUDA is not usable; the message says why
+            raise StartupError(str(e)) from None
         self.repository = ModelRepository(
             c.models,
             device=device,
-            engine_factory=self._engine_factory(),
+            engine_factory=functools.partial(
+                Engine, metrics=self.metrics, max_active=c.max_active_streams, max_queue=c.max_queue,
+                max_queue_wait=c.max_queue_wait, batching=c.batching,
+            ),
             metrics=self.metrics,
             log=logging.getLogger("charrnn.service.repository"),
             default_model=c.default_model or None,
@@ -97,8 +87,8 @@ class Server:
         )
         try:
             await asyncio.to_thread(self.repository.load)
-        except Exception as e:  # the repository's message lists each bad path and why
-            raise StartupError(f"no usable model in {c.models}: {e}") from None
+        except RepositoryError as e:  # its message lists each bad path and why
+            raise StartupError(str(e)) from None
 
         self.servicer = GeneratorServicer(
             self.repository, self.metrics, Limits(c.max_chars, c.max_prime_chars), logging.getLogger("charrnn.service.servicer")
@@ -114,10 +104,6 @@ class Server:
         reflection.enable_server_reflection(
             (GENERATOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        try:
-            creds = tls.server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca) if c.tls else None
-        except ValueError as e:
-            raise StartupError(str(e)) from None
         address = _hostport(c.host, c.port)
         try:
             self.port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
@@ -192,6 +178,15 @@ class Server:
             self._metrics_httpd.shutdown()
         self.log.info("stopped", extra={"drain_seconds": round(drained, 3), "total_seconds": round(time.monotonic() - started, 3)})
 
+    async def close_unstarted(self) -> None:
+        """Releases what a failed start had already opened (engines, ports); nothing was served yet."""
+        if self.repository is not None:
+            await asyncio.to_thread(self.repository.close, 0)
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(None)
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+
     def banner(self) -> str:
         c = self.config
         shown = "localhost" if c.host in ("0.0.0.0", "::", "") else c.host
@@ -217,8 +212,12 @@ async def serve(config: ServeConfig, log: logging.Logger) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(server.reload("SIGHUP")))
     try:
         await server.start()
-        sys.stdout.write(server.banner())
-        sys.stdout.flush()
+    except BaseException:
+        await server.close_unstarted()
+        raise
+    sys.stdout.write(server.banner())
+    sys.stdout.flush()
+    try:
         await stop.wait()
     finally:
         await server.drain_and_stop()
@@ -226,7 +225,8 @@ async def serve(config: ServeConfig, log: logging.Logger) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    log = logs.configure(config.log_format, config.log_level)
+    logs.configure(config.log_format, config.log_level)
+    log = logging.getLogger("charrnn.service.server")
     try:
         asyncio.run(serve(config, log))
     except StartupError as e:
