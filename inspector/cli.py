@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="charrnn-inspect",
         description="Look inside a charrnn model: cells against a text (default command), or a temperature sweep.",
+        epilog="charrnn-inspect MODEL TEXTFILE [options] is short for charrnn-inspect cells MODEL TEXTFILE [options]. "
+        "See docs/inspect.md.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("cells", help="run the model over a text and write one self-contained HTML page")
