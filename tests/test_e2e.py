@@ -201,3 +201,40 @@ def test_charrnn_generate_streams_text_and_reports_errors(server, client):
     assert "INVALID_ARGUMENT: top_p must be in [0, 1]" in bad.stderr
     listed = subprocess.run(base + ["--list"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and re.search(rf"^other@1\s+gru\s+1\s+16\s+{len(DEFAULT_VOCAB)} .*latest, default$", listed.stdout, re.M)
+
+
+def test_charrnn_generate_flushes_each_chunk_as_it_arrives(server, monkeypatch):
+    from charrnn.service import generate_cli
+
+    class Recorder:
+        def __init__(self):
+            self.events: list[str] = []
+
+        def write(self, text: str) -> None:
+            self.events.append("w")
+
+        def flush(self) -> None:
+            self.events.append("f")
+
+    out = Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert generate_cli.main(["--server", server.target, "--model", "tiny", "--prime", "A", "--max-chars", "2000"]) == 0
+    assert len(out.events) >= 4  # at least one chunk and the closing newline
+    assert "".join(out.events).count("wf") == len(out.events) // 2  # every write is followed by a flush
+
+
+def test_async_client_streams_the_same_text_as_the_blocking_one(server, client):
+    import asyncio
+
+    from charrnn.service.client import AsyncGeneratorClient
+
+    async def run() -> tuple[str, list[str]]:
+        async with AsyncGeneratorClient(server.target) as aclient:
+            stream = aclient.generate("ROMEO:", 120, model="tiny", seed=21, temperature=0.5, timeout=30)
+            text = await stream.text()
+            assert stream.finish_reason == "length" and stream.stats.seed == 21
+            return text, [m.name for m in await aclient.list_models()]
+
+    text, names = asyncio.run(run())
+    assert text == client.generate("ROMEO:", 120, model="tiny", seed=21, temperature=0.5, timeout=30).text()
+    assert sorted(names) == ["other", "tiny"]
