@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance",
         type=float,
         default=DEFAULT_TOLERANCE,
-        help=f"largest |ONNX - PyTorch| accepted on logits and state (default: {DEFAULT_TOLERANCE:g})",
+        help="largest error accepted on logits and state, |ONNX - PyTorch| / max(1, |PyTorch|) "
+        f"(default: {DEFAULT_TOLERANCE:g})",
     )
     return p
 
@@ -117,7 +118,7 @@ def describe(report: ExportReport) -> str:
         f"provenance  val_loss={m.val_loss:.4f} train_steps={m.train_steps} "
         f"corpus_sha256={m.corpus_sha256[:12] or '-'} corpus_chars={m.corpus_chars}",
         f"parity      max|d logits|={report.max_delta_logits:.3g} max|d state|={report.max_delta_state:.3g} "
-        f"(tolerance {report.tolerance:g})",
+        f"error={report.max_error:.3g} (tolerance {report.tolerance:g} on |d| / max(1, |torch|))",
     ]
     lines += [f"            {p.describe()}" for p in report.parity]
     return "\n".join(lines)

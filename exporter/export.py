@@ -47,7 +47,7 @@ class ExportReport:
     size_bytes: int
     metadata: mf.ModelMetadata
     parity: tuple[ParityResult, ...]  # one per (batch, steps) checked; empty when check=False
-    tolerance: float  # largest |delta| accepted, on logits and on state
+    tolerance: float  # largest error accepted: |onnx - torch| / max(1, |torch|), logits and state
 
     @property
     def max_delta_logits(self) -> float:
@@ -56,6 +56,10 @@ class ExportReport:
     @property
     def max_delta_state(self) -> float:
         return max((p.max_delta_state for p in self.parity), default=math.nan)
+
+    @property
+    def max_error(self) -> float:
+        return max((p.max_error for p in self.parity), default=math.nan)
 
 
 class _StateInOut(nn.Module):

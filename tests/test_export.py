@@ -16,6 +16,7 @@ import torch
 
 from charrnn import modelfile as mf
 from charrnn.exporter.export import PRODUCER_NAME, ExportError, export_model
+from charrnn.exporter.parity import check_parity, cpu_session
 from tests.modelfactory import DEFAULT_VOCAB, make_model, make_model_file, make_model_repo
 
 
@@ -38,7 +39,7 @@ def run_both(model, sess, meta, tokens: np.ndarray, state: tuple[np.ndarray, ...
 def test_exported_graph_matches_pytorch_at_any_batch_and_steps(tmp_path, cell, layers, hidden):
     model = make_model(cell=cell, layers=layers, hidden=hidden, seed=3)
     report = export_model(model, list(DEFAULT_VOCAB), tmp_path / "m.onnx")
-    assert report.max_delta_logits <= 1e-4 and report.max_delta_state <= 1e-4
+    assert report.max_delta_logits <= 1e-4 and report.max_delta_state <= 1e-4 and report.max_error <= 1e-4
     sess = session(report.path)
     meta = mf.ModelMetadata.from_props(sess.get_modelmeta().custom_metadata_map)
     rng = np.random.default_rng(0)
@@ -145,10 +146,10 @@ def test_a_parity_failure_leaves_no_file(tmp_path):
     model = make_model(cell="lstm", layers=2, hidden=32, seed=5)
     report = export_model(model, list(DEFAULT_VOCAB), tmp_path / "ok.onnx")
     # float32 recurrences in two runtimes differ by rounding: small, but not zero.
-    assert 0 < report.max_delta_logits <= 1e-4
+    assert 0 < report.max_error <= 1e-4
     out = tmp_path / "tight" / "m.onnx"
-    with pytest.raises(ExportError, match=r"ONNX and PyTorch disagree beyond tolerance .*batch=8 steps=64"):
-        export_model(model, list(DEFAULT_VOCAB), out, tolerance=report.max_delta_logits / 2)
+    with pytest.raises(ExportError, match=r"ONNX and PyTorch disagree beyond tolerance .*error="):
+        export_model(model, list(DEFAULT_VOCAB), out, tolerance=report.max_error / 2)
     assert list(out.parent.iterdir()) == []  # neither the file nor its temporary
 
 
@@ -191,3 +192,11 @@ def test_the_reader_needs_neither_torch_nor_onnx(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(report.path)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["lstm", "2", "8", r"\nab\U0001f600", "(2,", "3,", "4)"]
+
+
+def test_parity_check_tells_a_different_model_apart(tmp_path):
+    report = make_model_file(tmp_path / "m.onnx", cell="gru", hidden=8, seed=1)
+    other = make_model(cell="gru", hidden=8, seed=2)  # same shapes, other weights
+    results = check_parity(other, cpu_session(report.path), report.metadata)
+    assert [(r.batch, r.steps) for r in results] == [(1, 1), (3, 17), (8, 64)]
+    assert all(not r.within(1e-4) and r.max_error > 1e-2 for r in results)
