@@ -18,6 +18,7 @@ from tests.deployqueries import (
     TARGET_LABELS,
     Query,
     Selector,
+    contract_families,
     contract_series,
     dashboard_queries,
     grouping_labels,
@@ -26,6 +27,7 @@ from tests.deployqueries import (
     selectors,
     template_metric_names,
 )
+from tests.deploytools import REPO
 
 CONTRACT = contract_series()
 RECORDED = recorded_names()
@@ -103,3 +105,51 @@ def test_failed_ratio_excludes_exactly_the_client_caused_codes():
     excluded = {v for s in selectors(rule) for label, op, v in s.matchers if label == "code" and op == "!~"}
     assert len(excluded) == 1
     assert set(re.split(r"\|", excluded.pop())) == {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "CANCELLED"}
+
+
+METRICS_DOC = REPO / "docs" / "metrics.md"
+
+
+def _doc_table() -> dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]]:
+    rows = {}
+    for line in METRICS_DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or not re.fullmatch(r"`charrnn_\w+`", cells[0]):
+            continue
+        name = cells[0].strip("`")
+        assert name not in rows, f"docs/metrics.md lists {name} twice"
+        labels = tuple(label.strip().strip("`") for label in cells[2].split(",") if label.strip())
+        buckets = tuple(float(b) for b in cells[3].split(",") if b.strip())
+        rows[name] = (cells[1], labels, buckets)
+    return rows
+
+
+def test_metrics_doc_lists_exactly_the_contract():
+    documented = _doc_table()
+    contract = contract_families()
+    assert sorted(documented) == sorted(contract), "docs/metrics.md and service/metrics.py list different metrics"
+    for name, (kind, labels, buckets) in contract.items():
+        assert documented[name] == (kind, labels, buckets), f"docs/metrics.md row for {name}"
+
+
+def test_metrics_doc_lists_every_status_code():
+    text = METRICS_DOC.read_text()
+    for code in STATUS_CODES:
+        assert f"`{code}`" in text, code
+
+
+def test_metrics_doc_examples_parse_and_read_contract_metrics():
+    text = METRICS_DOC.read_text()
+    examples = []
+    for block in re.findall(r"(?:^    .+\n?)+", text, flags=re.M):
+        lines = [line[4:] for line in block.splitlines()]
+        # One expression per line, except a continuation line that starts with an operator.
+        expr = ""
+        for line in lines:
+            if expr and not re.match(r"\s*[-+*/]", line):
+                examples.append(expr)
+                expr = ""
+            expr = f"{expr} {line.strip()}" if expr else line.strip()
+        examples.append(expr)
+    assert len(examples) >= 8
+    assert _unknown_names([Query(f"docs/metrics.md example {i}", e) for i, e in enumerate(examples)]) == []
