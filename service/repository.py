@@ -119,10 +119,9 @@ class ModelRepository:
                     f"\n  no model files found; expected {self.root}/<name>/<version>/{mf.MODEL_FILE}")
                 raise RepositoryError(f"no usable model in {self.root}:{detail}")
             if self._explicit_default and self._explicit_default not in self._names():
+                names = ", ".join(sorted(self._names()))
                 self.close(0)
-                raise RepositoryError(
-                    f"--default-model {self._explicit_default!r} is not in {self.root}; "
-                    f"models: {', '.join(sorted(self._names()))}")
+                raise RepositoryError(f"--default-model {self._explicit_default!r} is not in {self.root}; models: {names}")
             self.log.info("repository %s: serving %s; default model %s", self.root,
                           ", ".join(f"{n}@{v}" for n, v in sorted(table)), self.default_model)
 

@@ -242,11 +242,21 @@ def _check_signature(session: ort.InferenceSession, meta: mf.ModelMetadata, path
                 raise mf.ModelFormatError(
                     f"{path}: graph {kind} {name!r} must be {dtype} of rank {rank}, got {arg.type} {arg.shape}"
                 )
-    vocab_dim = session.get_outputs()[[o.name for o in session.get_outputs()].index(mf.OUTPUT_LOGITS)].shape[-1]
+    outputs = {o.name: o for o in session.get_outputs()}
+    vocab_dim = outputs[mf.OUTPUT_LOGITS].shape[-1]
     if isinstance(vocab_dim, int) and vocab_dim != meta.vocab_size:
         raise mf.ModelFormatError(
             f"{path}: logits have {vocab_dim} classes, the metadata vocabulary has {meta.vocab_size} characters"
         )
+    inputs = {i.name: i for i in session.get_inputs()}
+    for arg in [inputs[n] for n in state_in] + [outputs[n] for n in state_out]:
+        layers, _, hidden = arg.shape  # [L, B, H]; a dimension may be symbolic (a str)
+        for what, got, want in (("layers", layers, meta.layers), ("hidden", hidden, meta.hidden)):
+            if isinstance(got, int) and got != want:
+                raise mf.ModelFormatError(
+                    f"{path}: graph state {arg.name!r} has {what} {got} (shape {arg.shape}), "
+                    f"the metadata says {what} {want}"
+                )
 
 
 def _check_trial_step(model: LoadedModel) -> None:

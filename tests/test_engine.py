@@ -1,0 +1,330 @@
+"""The generation engine on real onnxruntime sessions of tiny exported models.
+
+Each test drives an Engine from asyncio the way the servicer does: submit a
+validated request, iterate the stream's chunks, read the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from charrnn import modelfile as mf
+from charrnn.service import errors
+from charrnn.service.engine import MAX_PREFILL_STEPS, Engine
+from charrnn.service.metrics import Metrics
+from charrnn.service.requests import FinishReason, GenerationRequest, SamplingParams
+from charrnn.service.runtime import load_model
+
+PRIME = "ROMEO:\nWhat light"
+
+
+@pytest.fixture(scope="module")
+def model(model_repo):
+    return load_model(model_repo / "tiny" / "1" / mf.MODEL_FILE, "tiny", 1, "cpu")
+
+
+def request(model, prime=PRIME, max_chars=60, *, seed=1, temperature=1.0, top_k=0, top_p=1.0, stop=(),
+            deadline=None) -> GenerationRequest:
+    vocab = model.metadata.vocab
+    ids = np.array([vocab.index(c) for c in (prime or "\n")], np.int64)
+    return GenerationRequest(
+        request_id=f"test-{seed}", prime=prime, prime_ids=ids, max_chars=max_chars,
+        sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+        stop=tuple(stop), deadline=deadline, arrived=time.monotonic(),
+    )
+
+
+@contextlib.contextmanager
+def running(model, **kw):
+    metrics = kw.pop("metrics", None) or Metrics()
+    engine = Engine(model, metrics=metrics, **kw)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop(5.0)
+
+
+async def collect(engine, req) -> tuple[str, object]:
+    stream = engine.submit(req)
+    text = "".join([chunk async for chunk in stream])
+    return text, stream.result
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def gauge(metrics: Metrics, name: str, model="tiny") -> float:
+    return metrics.registry.get_sample_value(name, {"model": model})
+
+
+def greedy_by_hand(path, vocab, prime: str, n: int) -> str:
+    """Argmax decoding straight on an onnxruntime session: the reference for temperature 0."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    state = {k: np.zeros((1, 1, 16), np.float32) for k in names if k != "tokens"}
+    tokens = np.array([[vocab.index(c) for c in prime]], np.int64)
+    out = []
+    for _ in range(n):
+        logits, *new = sess.run(None, {"tokens": tokens, **state})
+        state = dict(zip([k for k in names if k != "tokens"], new))
+        nxt = int(np.argmax(logits[0, -1]))
+        out.append(vocab[nxt])
+        tokens = np.array([[nxt]], np.int64)
+    return "".join(out)
+
+
+def crowd(model, n=100):
+    """n requests with all kinds of primes (lengths 1..40) and sampling settings."""
+    reqs = []
+    for i in range(n):
+        prime = ("The quick brown fox jumps over the lazy dog. " * 2)[: 1 + (i * 7) % 40]
+        reqs.append(request(model, prime, 20 + i % 50, seed=1000 + i, temperature=0.5 + (i % 4) * 0.25,
+                            top_k=(0, 5, 1, 20)[i % 4], top_p=(1.0, 0.9, 1.0, 0.5)[i % 4]))
+    return reqs
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_seeded_stream_gives_the_same_text_alone_and_among_100_others(model, batching):
+    target = request(model, max_chars=200, seed=42, temperature=0.9, top_p=0.95)
+
+    async def main():
+        with running(model, batching=batching) as engine:
+            alone, _ = await collect(engine, target)
+            results = await asyncio.gather(*(collect(engine, r) for r in crowd(model)[:50]),
+                                           collect(engine, target),
+                                           *(collect(engine, r) for r in crowd(model)[50:]))
+            return alone, results[50][0]
+
+    alone, among = run(main())
+    assert len(alone) == 200
+    assert among == alone
+
+
+def test_batching_on_and_off_give_the_same_seeded_text(model):
+    reqs = crowd(model, 30)
+
+    async def texts(batching):
+        with running(model, batching=batching) as engine:
+            return [t for t, _ in await asyncio.gather(*(collect(engine, r) for r in reqs))]
+
+    assert run(texts(True)) == run(texts(False))
+
+
+@pytest.mark.parametrize("prime", ["R", PRIME, "abcdefghij" * 30])  # 1 char, short, longer than a prefill call
+def test_greedy_equals_argmax_decoding_by_hand(model, model_repo, prime):
+    assert len("abcdefghij" * 30) > MAX_PREFILL_STEPS
+    want = greedy_by_hand(model_repo / "tiny" / "1" / mf.MODEL_FILE, model.metadata.vocab, prime, 80)
+
+    async def main():
+        with running(model) as engine:
+            others = [collect(engine, r) for r in crowd(model, 20)]
+            results = await asyncio.gather(*others, collect(engine, request(model, prime, 80, temperature=0.0)))
+            return results[-1]
+
+    text, result = run(main())
+    assert text == want
+    assert result.finish_reason is FinishReason.LENGTH
+    assert result.stats.generated_chars == 80
+    assert result.stats.prime_chars == len(prime)
+
+
+def test_top_k_1_equals_greedy(model):
+    async def main():
+        with running(model) as engine:
+            greedy, _ = await collect(engine, request(model, temperature=0.0, max_chars=100))
+            top1, _ = await collect(engine, request(model, temperature=1.5, top_k=1, seed=7, max_chars=100))
+            return greedy, top1
+
+    greedy, top1 = run(main())
+    assert top1 == greedy
+
+
+def test_stop_sequence_ends_the_stream_and_is_not_returned(model):
+    async def main():
+        with running(model) as engine:
+            full, _ = await collect(engine, request(model, temperature=0.0, max_chars=120))
+            stop = full[40:43]
+            cut = full.index(stop)
+            text, result = await collect(engine, request(model, temperature=0.0, max_chars=120,
+                                                         stop=("never-there", stop)))
+            return full, stop, cut, text, result
+
+    full, stop, cut, text, result = run(main())
+    assert text == full[:cut]
+    assert result.finish_reason is FinishReason.STOP_SEQUENCE
+    assert result.stats.stop_sequence == stop
+    assert result.stats.generated_chars == cut + len(stop)
+
+
+def test_stop_sequence_that_never_matches_returns_all_text(model):
+    async def main():
+        with running(model) as engine:
+            full, _ = await collect(engine, request(model, temperature=0.0, max_chars=90))
+            held, result = await collect(engine, request(model, temperature=0.0, max_chars=90, stop=(full[-1] + "@",)))
+            return full, held, result
+
+    full, held, result = run(main())
+    assert held == full  # the held-back last character is released at the end
+    assert result.finish_reason is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_cancelled_stream_frees_its_slot_within_one_step(model, batching):
+    metrics = Metrics()
+
+    async def main():
+        with running(model, metrics=metrics, batching=batching) as engine:
+            stream = engine.submit(request(model, max_chars=1_000_000))
+            first = await stream.__anext__()
+            assert first and gauge(metrics, "charrnn_active_streams") == 1
+            steps_before = gauge(metrics, "charrnn_step_seconds_count")
+            stream.cancel()
+            while not engine.idle:
+                await asyncio.sleep(0.001)
+            steps_after = gauge(metrics, "charrnn_step_seconds_count")
+            await asyncio.sleep(0.05)  # the engine thread publishes its gauges once per loop
+            return steps_after - steps_before, gauge(metrics, "charrnn_active_streams")
+
+    steps, active = run(main())
+    assert steps <= 2  # the step in flight when cancel() came, and at most one more
+    assert active == 0
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_deadline_ends_the_stream_with_deadline_exceeded_and_frees_the_slot(model, batching):
+    metrics = Metrics()
+
+    async def main():
+        with running(model, metrics=metrics, batching=batching) as engine:
+            req = request(model, max_chars=1_000_000, deadline=time.monotonic() + 0.2)
+            got = []
+            with pytest.raises(errors.DeadlineExceeded, match="deadline passed after"):
+                async for chunk in engine.submit(req):
+                    got.append(chunk)
+            assert got, "text produced before the deadline is delivered"
+            while not engine.idle:
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.05)
+            return gauge(metrics, "charrnn_active_streams")
+
+    assert run(main()) == 0
+
+
+def test_full_queue_is_refused_at_once_naming_the_limit_and_its_flag(model):
+    async def main():
+        with running(model, max_active=1, max_queue=2) as engine:
+            streams = [engine.submit(request(model, max_chars=1_000_000)) for _ in range(3)]
+            started = time.monotonic()
+            with pytest.raises(errors.Overloaded) as info:
+                engine.submit(request(model))
+            refused_in = time.monotonic() - started
+            for s in streams:
+                s.cancel()
+            return info.value, refused_in
+
+    err, refused_in = run(main())
+    assert err.limit == "queue_full" and err.code == "RESOURCE_EXHAUSTED"
+    assert "--max-queue 2" in err.message and "1 batch slots" in err.message
+    assert refused_in < 0.05
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_waiting_past_max_queue_wait_is_refused_with_queue_wait(model, batching):
+    async def main():
+        with running(model, max_active=1, max_queue=4, max_queue_wait=0.2, batching=batching) as engine:
+            hog = engine.submit(request(model, max_chars=1_000_000))
+            started = time.monotonic()
+            with pytest.raises(errors.Overloaded) as info:
+                await collect(engine, request(model))
+            waited = time.monotonic() - started
+            hog.cancel()
+            return info.value, waited
+
+    err, waited = run(main())
+    assert err.limit == "queue_wait"
+    assert "--max-queue-wait 0.2s" in err.message
+    assert 0.2 <= waited < 2.0
+
+
+def test_slow_reader_gets_multi_char_chunks_and_production_does_not_wait(model):
+    async def main():
+        with running(model) as engine:
+            stream = engine.submit(request(model, max_chars=3000))
+            chunks = [await stream.__anext__()]
+            for _ in range(400):  # without reading: the engine must finish on its own
+                if stream.done:
+                    break
+                await asyncio.sleep(0.01)
+            finished_unread = stream.done
+            chunks += [c async for c in stream]
+            return chunks, finished_unread, stream.result
+
+    chunks, finished_unread, result = run(main())
+    assert finished_unread
+    assert len("".join(chunks)) == 3000 == result.stats.generated_chars
+    assert len(chunks) <= 3 and max(map(len, chunks)) > 1000
+
+
+def test_drain_refuses_new_streams_and_lets_running_ones_finish(model):
+    async def main():
+        with running(model) as engine:
+            stream = engine.submit(request(model, max_chars=500))
+            engine.drain()
+            with pytest.raises(errors.Unavailable, match="server shutting down"):
+                engine.submit(request(model))
+            text = "".join([c async for c in stream])
+            for _ in range(200):
+                if not engine.running:
+                    break
+                await asyncio.sleep(0.01)
+            return text, stream.result, engine.running
+
+    text, result, still_running = run(main())
+    assert len(text) == 500 and result.finish_reason is FinishReason.LENGTH
+    assert not still_running  # a drained engine's thread ends once idle
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_stop_ends_remaining_streams_with_unavailable(model, batching):
+    async def main():
+        engine = Engine(model, metrics=Metrics(), max_active=1, batching=batching)
+        engine.start()
+        active = engine.submit(request(model, max_chars=1_000_000))
+        queued = engine.submit(request(model))
+        await active.__anext__()
+        await asyncio.to_thread(engine.stop, 5.0)
+        outcomes = []
+        for s in (active, queued):
+            with pytest.raises(errors.Unavailable, match="server shutting down") as info:
+                async for _ in s:
+                    pass
+            outcomes.append(info.value)
+        return outcomes, engine
+
+    outcomes, engine = run(main())
+    assert len(outcomes) == 2 and not engine.running and engine.idle
+
+
+def test_engine_records_step_batch_queue_and_inter_char_metrics(model):
+    metrics = Metrics()
+    reqs = [request(model, "abc"[: 1 + i % 3], 25, seed=i) for i in range(12)]
+
+    async def main():
+        with running(model, metrics=metrics) as engine:
+            await asyncio.gather(*(collect(engine, r) for r in reqs))
+
+    run(main())
+    assert gauge(metrics, "charrnn_queue_wait_seconds_count") == 12
+    assert gauge(metrics, "charrnn_inter_char_seconds_count") == 12 * 24  # one gap between each two characters
+    steps = gauge(metrics, "charrnn_step_seconds_count")
+    assert 25 <= steps < 12 * 25  # batched: far fewer steps than characters
+    assert gauge(metrics, "charrnn_batch_size_sum") == 12 * 25
+    assert gauge(metrics, "charrnn_active_streams") == 0 and gauge(metrics, "charrnn_queued_streams") == 0
