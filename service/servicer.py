@@ -43,6 +43,7 @@ FINISH_REASON_PB = {
 }
 
 SHUTTING_DOWN = "server shutting down; retry on another replica"
+DEADLINE_SLACK_SECONDS = 0.1  # a cancel this close to the deadline counts as DEADLINE_EXCEEDED
 NO_MODEL_LABEL = ""  # `model` label of requests that never resolved to a model (bounded: names are not echoed)
 
 
@@ -103,8 +104,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             self.log.log(level, "generate refused: %s", message, extra={"code": e.code})
             await context.abort(STATUS_FOR[e.code], message)
         except asyncio.CancelledError:
+            # The client's own deadline timer usually fires first and its cancel reaches us a
+            # moment before our copy of the deadline: a cancel that close to it is the deadline.
             remaining = context.time_remaining()
-            outcome.code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            near = remaining is not None and remaining < DEADLINE_SLACK_SECONDS
+            outcome.code = "DEADLINE_EXCEEDED" if near else "CANCELLED"
             raise
         except Exception:
             outcome.code = "INTERNAL"
