@@ -1,0 +1,95 @@
+"""charrnn-train: trains a character-level model on a text corpus into a run folder.
+
+    charrnn-train --data input.txt --out runs/shakespeare [--preset NAME] [flags...]
+
+A preset fills every setting the command line leaves out. Exit status: 0 when
+the run ends by its limits or patience, 1 when the loss diverged, 2 for a bad
+argument or corpus, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, TrainConfig
+from .loop import DivergedError, run_training
+from .presets import PRESETS, preset
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="charrnn-train",
+        description="Train a character-level recurrent language model (LSTM/GRU/RNN) on UTF-8 text.",
+        epilog="Presets: " + ", ".join(PRESETS) + ". Flags given on the command line override the preset.",
+    )
+    p.add_argument("--data", required=True, help="a text file, a directory of text files (recursive) or a glob pattern")
+    p.add_argument("--out", required=True, help="run folder for checkpoints, logs, curves and samples")
+    p.add_argument("--preset", default="default", choices=list(PRESETS), help="settings to start from (default: default)")
+    m = p.add_argument_group("model")
+    m.add_argument("--cell", choices=["lstm", "gru", "rnn"])
+    m.add_argument("--layers", type=int, help="stacked recurrent layers")
+    m.add_argument("--hidden", type=int, help="units per recurrent layer")
+    m.add_argument("--embed-dim", type=int, help="embedding width (0: same as --hidden)")
+    m.add_argument("--dropout", type=float, help="dropout between layers and before the output layer")
+    m.add_argument("--embed-dropout", type=float, help="dropout on the embeddings")
+    m.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="share the embedding and output matrices (needs embed dim == hidden)")
+    d = p.add_argument_group("data")
+    d.add_argument("--batch-size", type=int, help="parallel lanes of the text per step (per rank under torchrun)")
+    d.add_argument("--seq-len", type=int, help="characters per lane per step (backpropagation length)")
+    d.add_argument("--errors", choices=["strict", "replace"], help="undecodable UTF-8: stop with the file and offset, or read U+FFFD")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--lr", type=float, help="peak learning rate")
+    o.add_argument("--min-lr-ratio", type=float, help="cosine schedule ends at lr times this")
+    o.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices")
+    o.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up")
+    o.add_argument("--lr-schedule", choices=["cosine", "constant"])
+    o.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
+    s = p.add_argument_group("evaluation and stopping")
+    s.add_argument("--eval-interval", type=int, help="steps between evaluations and checkpoints")
+    s.add_argument("--eval-iters", type=int, help="validation batches per evaluation (0: the whole split)")
+    s.add_argument("--max-steps", type=int, help="steps of the whole run, across resumes (0: no limit)")
+    s.add_argument("--max-time", type=float, help="seconds of the whole run, across resumes (0: no limit)")
+    s.add_argument("--patience", type=int, help="stop after N evaluations without improvement (0: never)")
+    s.add_argument("--divergence-factor", type=float, help="stop when the loss exceeds this times the first loss")
+    r = p.add_argument_group("reporting and runtime")
+    r.add_argument("--sample-chars", type=int, help="characters sampled per temperature at each evaluation (0: none)")
+    r.add_argument("--log-interval", type=int, help="steps between progress-bar updates")
+    r.add_argument("--seed", type=int, help="random seed; a CPU run with the same seed repeats exactly")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto picks CUDA when available")
+    r.add_argument("--threads", type=int, help="torch CPU threads (0: one per core)")
+    r.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.pt if it exists")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Preset values, then every flag that was given on the command line."""
+    values = preset(args.preset)
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("data", "out", "preset")}
+    values.update(given)
+    return TrainConfig(data=args.data, out=args.out, preset=args.preset, **values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        result = run_training(cfg)
+    except DivergedError as e:
+        print(f"charrnn-train: {e}", file=sys.stderr)
+        return 1
+    except (ConfigError, CheckpointError, ValueError) as e:
+        print(f"charrnn-train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("charrnn-train: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    print(f"best val loss {result.best_val_loss:.4f} (final {result.val_loss:.4f}) after {result.step} steps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The settings of a training run: one dataclass, checked when it is built, saved in every checkpoint."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+
+class ConfigError(ValueError):
+    """A training setting is out of range; the message names the flag, the value and the rule."""
+
+    def __init__(self, field: str, rule: str, value):
+        self.field, self.value = field, value
+        super().__init__(f"--{field.replace('_', '-')} must be {rule}, got {value!r}")
+
+
+@dataclass
+class TrainConfig:
+    data: str  # a text file, a directory of text files or a glob pattern
+    out: str  # the run folder: checkpoints, metrics.jsonl, curves.png, samples.txt, tokens.bin
+    preset: str = "default"  # the preset the unset fields came from (see presets.py)
+    # model
+    cell: str = "lstm"  # "lstm" | "gru" | "rnn"
+    layers: int = 2  # stacked recurrent layers
+    hidden: int = 256  # units per recurrent layer
+    embed_dim: int = 0  # embedding width; 0 means "same as hidden"
+    dropout: float = 0.0  # between recurrent layers and before the output layer
+    embed_dropout: float = 0.0  # on the embedding output
+    tie_weights: bool = False  # share embedding and output matrices (needs embed_dim == hidden)
+    # data
+    batch_size: int = 64  # parallel lanes of the training stream per process (per rank under torchrun)
+    seq_len: int = 128  # characters per lane per step (truncated BPTT length)
+    errors: str = "strict"  # undecodable bytes: "strict" stops with the file and offset, "replace" reads U+FFFD
+    # optimization
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    weight_decay: float = 0.0  # AdamW decoupled weight decay, on matrices only (not biases, norms)
+    warmup: int = 100  # steps of linear warm-up from 0 to lr
+    lr_schedule: str = "cosine"  # "cosine" (to min_lr at the end of the run) | "constant"
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # evaluation and stopping
+    eval_interval: int = 250  # optimizer steps between evaluations (each one also checkpoints)
+    eval_iters: int = 0  # validation batches per evaluation; 0 means the whole validation split
+    max_steps: int = 0  # optimizer steps of the whole run, counted across resumes; 0 means no step limit
+    max_time: float = 0.0  # seconds of training of the whole run, counted across resumes; 0 means no limit
+    patience: int = 0  # stop after this many evaluations without a new best; 0 means never
+    divergence_factor: float = 3.0  # stop when a training loss exceeds this times the first one
+    # reporting
+    sample_chars: int = 200  # characters sampled per temperature at each evaluation; 0 disables
+    log_interval: int = 10  # steps between progress updates (the only host syncs on CUDA)
+    # runtime
+    seed: int = 1337  # seeds python, numpy and torch; a CPU run with the same seed repeats exactly
+    device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda"
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
+    resume: bool = False  # continue from OUT/last.pt (a fresh start when there is none)
+
+    def __post_init__(self) -> None:
+        _one_of("cell", self.cell, ("lstm", "gru", "rnn"))
+        _one_of("lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _one_of("device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("errors", self.errors, ("strict", "replace"))
+        for name in ("layers", "hidden", "batch_size", "seq_len", "eval_interval", "log_interval"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(name, "an integer >= 1", getattr(self, name))
+        for name in ("embed_dim", "warmup", "eval_iters", "max_steps", "patience", "sample_chars", "threads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(name, "an integer >= 0", getattr(self, name))
+        for name in ("dropout", "embed_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(name, "in [0, 1)", getattr(self, name))
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError("lr", "a finite number > 0", self.lr)
+        for name in ("weight_decay", "grad_clip", "max_time"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(name, "a finite number >= 0", getattr(self, name))
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        if not self.divergence_factor > 1.0:
+            raise ConfigError("divergence_factor", "> 1", self.divergence_factor)
+        if self.tie_weights and self.embed_dim not in (0, self.hidden):
+            raise ConfigError("embed_dim", f"0 or equal to --hidden ({self.hidden}) with --tie-weights", self.embed_dim)
+        if self.lr_schedule == "cosine" and not (self.max_steps or self.max_time):
+            raise ConfigError("max_steps", "set (or --max-time) for --lr-schedule cosine, which decays over the run", 0)
+
+    def model_fields(self) -> dict:
+        """The ModelConfig fields this run sets (vocab_size comes from the corpus)."""
+        return {k: getattr(self, k) for k in ("cell", "layers", "hidden", "embed_dim", "dropout", "embed_dropout", "tie_weights")}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def _one_of(field: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(field, "one of " + ", ".join(allowed), value)

@@ -1,0 +1,201 @@
+"""The training loop: one flat loop that reads top to bottom.
+
+Each step: set the learning rate, take the next window of every lane, run the
+model from the state the last window left, step AdamW, carry the state
+(detached) into the next window. Every ``eval_interval`` steps, and when the run
+stops, rank 0 evaluates, samples, logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import resume as resume_state
+from .batches import Lanes, train_lanes, val_lanes
+from .checkpoint import BEST, LAST, is_better, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .corpus import prepare_corpus
+from .model import CharRNN, ModelConfig
+from .optim import lr_at, make_optimizer
+from .runlog import RunLog
+from .runtime import Runtime, any_rank, broadcast_from_main, seed_everything, start_runtime, stop_runtime
+from .sampling import sample_text
+
+SAMPLE_TEMPERATURES = (0.5, 1.0)
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN/inf or grew past ``divergence_factor`` times its first value."""
+
+
+@dataclass
+class RunResult:
+    step: int  # optimizer steps of the whole run
+    val_loss: float  # at the final evaluation
+    best_val_loss: float
+    stopped_by: str  # "max_steps" | "max_time" | "patience"
+
+
+def run_training(cfg: TrainConfig) -> RunResult:
+    rt = start_runtime(cfg.device, cfg.threads)
+    try:
+        return _train(cfg, rt)
+    finally:
+        stop_runtime(rt)
+
+
+def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
+    out = Path(cfg.out)
+    say = tqdm.write if rt.is_main else (lambda *_: None)
+    ckpt = load_checkpoint(out / LAST) if cfg.resume and (out / LAST).is_file() else None
+    if ckpt is not None:
+        resume_state.check_compatible(cfg, ckpt, rt.world)
+    corpus = prepare_corpus(cfg.data, out, cfg.errors, vocab=ckpt["vocab"] if ckpt else None)
+    if ckpt is not None:
+        resume_state.check_corpus(corpus, ckpt)
+    lanes = train_lanes(corpus.train, cfg.batch_size, cfg.seq_len, rt.rank, rt.world)
+    val = val_lanes(corpus.val, cfg.seq_len)  # checked on every rank, used on rank 0
+    say(f"corpus: {corpus.info.chars:,} characters in {len(corpus.info.sources)} file(s), vocabulary {len(corpus.vocab)},"
+        f" train {len(corpus.train):,} / val {len(corpus.val):,}; {lanes.windows} batches per epoch")
+
+    seed_everything(cfg.seed + rt.rank)  # ranks draw different dropout masks
+    model_cfg = ModelConfig(vocab_size=len(corpus.vocab), **cfg.model_fields())
+    model = CharRNN(model_cfg).to(rt.device)
+    optimizer = make_optimizer(model, cfg, rt.cuda)
+    run = resume_state.fresh()
+    if ckpt is not None:
+        run = resume_state.restore(ckpt, model, optimizer, rt)
+        say(f"resumed from {out / LAST} at step {run.step}")
+    log = RunLog(out) if rt.is_main else None
+    if log:
+        log.restart_at(run.step)
+    say(f"model: {model_cfg.cell} {model_cfg.layers}x{model_cfg.hidden}, {sum(p.numel() for p in model.parameters()):,} parameters,"
+        f" device {rt.device}{f', {rt.world} ranks' if rt.distributed else ''}")
+    net = torch.nn.parallel.DistributedDataParallel(model) if rt.distributed else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if rt.cuda else contextlib.nullcontext()
+
+    chars_per_step = cfg.batch_size * cfg.seq_len * rt.world
+    bar = tqdm(total=cfg.max_steps or None, initial=run.step, disable=not rt.is_main, unit="step", dynamic_ncols=True)
+    started = time.perf_counter() - run.elapsed  # so elapsed counts the whole run across resumes
+    window_start, window_steps, window_losses = time.perf_counter(), 0, []
+    pending: list[torch.Tensor] = []  # losses not yet read back (reading one is a host-device sync on CUDA)
+    stopped_by = ""
+    val_loss = math.nan
+    model.train()
+    while not stopped_by:
+        lr = lr_at(cfg, run.step, time.perf_counter() - started)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if run.position >= lanes.windows:  # every lane used up: a new epoch starts from the lane heads
+            run.position, run.epoch, run.carried = 0, run.epoch + 1, None
+        x, y = (torch.from_numpy(a).to(rt.device, non_blocking=True) for a in lanes.window(run.position))
+        state = run.carried if run.carried is not None else model.init_state(cfg.batch_size, rt.device)
+        with autocast:
+            logits, new_state = net(x, state)  # (B, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        run.carried = tuple(s.detach().float() for s in new_state)  # truncated BPTT: no gradient into the past
+        run.position += 1
+        run.step += 1
+        pending.append(loss.detach())
+
+        eval_due = run.step % cfg.eval_interval == 0
+        limit = bool(cfg.max_steps and run.step >= cfg.max_steps)
+        # On one CPU process reading the loss costs nothing, so every step is checked at once;
+        # on CUDA or across ranks, only every log_interval steps.
+        if run.step % cfg.log_interval == 0 or eval_due or limit or not (rt.cuda or rt.distributed):
+            losses = torch.stack(pending).tolist()
+            records = [{"step": run.step - len(losses) + i + 1, "loss": v, "lr": lr} for i, v in enumerate(losses)]
+            pending.clear()
+            if run.first_loss is None:
+                run.first_loss = losses[0]
+            bad = next((r for r in records if not math.isfinite(r["loss"]) or r["loss"] > cfg.divergence_factor * run.first_loss), None)
+            if any_rank(rt, bad is not None):
+                bar.close()
+                where = f"at step {bad['step']} the training loss was {bad['loss']}" if bad else "on another rank"
+                raise DivergedError(
+                    f"training diverged: {where} (first loss {run.first_loss:.4f}, limit {cfg.divergence_factor}x);"
+                    f" {out / LAST} keeps the last good state (step {run.checkpoint_step}); try a smaller --lr"
+                )
+            window_losses += losses
+            window_steps += len(losses)
+            if log:
+                log.add_steps(records)
+            if run.step % cfg.log_interval == 0 or eval_due or limit:
+                rate = window_steps * chars_per_step / max(1e-9, time.perf_counter() - window_start)
+                bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", chars_per_sec=f"{rate:,.0f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(len(losses))
+            out_of_time = bool(cfg.max_time and time.perf_counter() - started >= cfg.max_time)
+            stopped_by = "max_steps" if limit else "max_time" if any_rank(rt, out_of_time) else ""
+
+        if not (eval_due or stopped_by):
+            continue
+        # Evaluate, sample, log and checkpoint. Every rank hands rank 0 its resume state first.
+        train_seconds = time.perf_counter() - window_start
+        ranks = resume_state.gather(run, rt)
+        if rt.is_main:
+            val_loss = evaluate(model, val, cfg.eval_iters, rt.device, autocast)
+            improved = is_better(val_loss, run.best_val_loss)
+            run.best_val_loss = val_loss if improved else run.best_val_loss
+            run.evals_since_best = 0 if improved else run.evals_since_best + 1
+            record = {
+                "step": run.step, "epoch": run.epoch,
+                "train_loss": sum(window_losses) / max(1, len(window_losses)), "val_loss": val_loss,
+                "best_val_loss": run.best_val_loss, "lr": lr,
+                "chars_per_sec": round(window_steps * chars_per_step / max(1e-9, train_seconds), 1),
+                "elapsed": round(time.perf_counter() - started, 3),
+            }
+            log.add_metrics(record)
+            say(f"step {run.step}: train {record['train_loss']:.4f}  val {val_loss:.4f}  best {run.best_val_loss:.4f}"
+                f"  lr {lr:.2e}  {record['chars_per_sec']:,.0f} chars/s")
+            if cfg.sample_chars:
+                prime = corpus.decode(corpus.val[:1])
+                samples = [(t, prime + sample_text(model, corpus.vocab, prime, cfg.sample_chars, t, cfg.seed + run.step))
+                           for t in SAMPLE_TEMPERATURES]
+                say(log.add_samples(run.step, val_loss, samples))
+            log.draw_curves()
+            run.elapsed = time.perf_counter() - started
+            payload = resume_state.payload(cfg, model_cfg, model, corpus, run, val_loss)
+            if improved:
+                save_checkpoint(out / BEST, payload)
+            save_checkpoint(out / LAST, {**payload, **resume_state.extra(optimizer, run, ranks)})
+            run.checkpoint_step = run.step
+            if not stopped_by and cfg.patience and run.evals_since_best >= cfg.patience:
+                stopped_by = "patience"
+                say(f"stopping: {cfg.patience} evaluations without a better validation loss")
+        stopped_by = broadcast_from_main(rt, stopped_by)
+        window_start, window_steps, window_losses = time.perf_counter(), 0, []
+    bar.close()
+    say(f"done at step {run.step} ({stopped_by}): val loss {val_loss:.4f}, best {run.best_val_loss:.4f}; checkpoints in {out}")
+    return RunResult(run.step, val_loss, run.best_val_loss, stopped_by)
+
+
+@torch.inference_mode()
+def evaluate(model: CharRNN, val: Lanes, iters: int, device: torch.device, autocast) -> float:
+    """Mean loss (nats/char) over the first ``iters`` windows of every validation lane (all when 0).
+
+    Deterministic: dropout off, each lane starts from a zero state and carries it window to window.
+    """
+    model.eval()
+    state = model.init_state(val.count, device)
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    windows = min(iters, val.windows) if iters else val.windows
+    for i in range(windows):
+        x, y = (torch.from_numpy(a).to(device, non_blocking=True) for a in val.window(i))
+        with autocast:
+            logits, state = model(x, state)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+    model.train()
+    return float(total) / (windows * val.count * val.seq_len)

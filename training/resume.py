@@ -1,0 +1,104 @@
+"""Everything a run needs to continue exactly where its last checkpoint left it.
+
+``last.pt`` holds, beside the documented checkpoint keys, the optimizer state and
+``resume``: the run's counters and, for every rank, its random states, its place
+in the data (epoch, window) and the recurrent state it carries into the next
+window. Restoring all of them makes the resumed steps repeat the uninterrupted
+run's steps (bit for bit on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, TrainConfig
+from .corpus import Corpus
+from .model import CharRNN, ModelConfig
+from .runtime import Runtime, gather_to_main, rng_state, set_rng_state
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps taken in the whole run
+    epoch: int = 0  # passes over the training lanes completed
+    position: int = 0  # next window of the lanes, in [0, windows)
+    carried: tuple | None = None  # recurrent state after the last window, each [layers, B, hidden]; None at an epoch start
+    first_loss: float | None = None  # training loss of step 1: the yardstick for divergence
+    best_val_loss: float = math.nan  # best validation loss so far
+    evals_since_best: int = 0  # evaluations since the best one (for --patience)
+    elapsed: float = 0.0  # seconds since the run first started, not counting time stopped
+    checkpoint_step: int = 0  # step of the newest last.pt
+
+
+def fresh() -> RunState:
+    return RunState()
+
+
+def check_compatible(cfg: TrainConfig, ckpt: dict, world: int) -> None:
+    """A run resumes only with the model and batch shape it started with."""
+    saved = ModelConfig(**ckpt["model_config"])
+    wanted = ModelConfig(vocab_size=saved.vocab_size, **cfg.model_fields())
+    for name in ModelConfig.__dataclass_fields__:
+        if getattr(saved, name) != getattr(wanted, name):
+            raise ConfigError(name, f"{getattr(saved, name)!r} as in the checkpoint being resumed ({cfg.out}/last.pt)", getattr(wanted, name))
+    train = ckpt.get("train_config", {})
+    for name in ("batch_size", "seq_len"):
+        if train.get(name) != getattr(cfg, name):
+            raise ConfigError(name, f"{train.get(name)!r} as in the checkpoint being resumed", getattr(cfg, name))
+    if ckpt["resume"]["world"] != world:
+        raise ConfigError("nproc_per_node", f"{ckpt['resume']['world']} (the process count of the run being resumed)", world)
+
+
+def check_corpus(corpus: Corpus, ckpt: dict) -> None:
+    if corpus.info.sha256 != ckpt["corpus"]["sha256"]:
+        raise ConfigError("data", f"the corpus the run started on (sha256 {ckpt['corpus']['sha256'][:12]}...)",
+                          f"{corpus.info.sources[0]} with sha256 {corpus.info.sha256[:12]}...")
+
+
+def restore(ckpt: dict, model: CharRNN, optimizer: torch.optim.Optimizer, rt: Runtime) -> RunState:
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    saved = ckpt["resume"]
+    mine = saved["ranks"][rt.rank]
+    set_rng_state(mine["rng"])
+    carried = None if mine["carried"] is None else tuple(s.to(rt.device) for s in mine["carried"])
+    return RunState(
+        step=ckpt["step"], epoch=mine["epoch"], position=mine["position"], carried=carried,
+        first_loss=saved["first_loss"], best_val_loss=ckpt.get("best_val_loss", math.nan),
+        evals_since_best=saved["evals_since_best"], elapsed=saved["elapsed"], checkpoint_step=ckpt["step"],
+    )
+
+
+def gather(run: RunState, rt: Runtime) -> list[dict] | None:
+    """Each rank's own part of the resume state, collected on rank 0 (a collective: every rank calls it)."""
+    carried = None if run.carried is None else tuple(s.cpu() for s in run.carried)
+    return gather_to_main(rt, {"rng": rng_state(), "epoch": run.epoch, "position": run.position, "carried": carried})
+
+
+def payload(cfg: TrainConfig, model_cfg: ModelConfig, model: CharRNN, corpus: Corpus, run: RunState, val_loss: float) -> dict:
+    """The documented checkpoint keys (what the exporter reads); best.pt holds only these."""
+    return {
+        "model_config": dataclasses.asdict(model_cfg),
+        "train_config": cfg.as_dict(),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "vocab": list(corpus.vocab),
+        "step": run.step,
+        "val_loss": val_loss,
+        "best_val_loss": run.best_val_loss,
+        "corpus": corpus.info.as_dict(),
+    }
+
+
+def extra(optimizer: torch.optim.Optimizer, run: RunState, ranks: list[dict]) -> dict:
+    """What last.pt adds for resuming."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "resume": {
+            "world": len(ranks), "ranks": ranks, "first_loss": run.first_loss,
+            "evals_since_best": run.evals_since_best, "elapsed": run.elapsed,
+        },
+    }

@@ -1,0 +1,113 @@
+"""Where a run executes: the device, CPU threads, and the process group under torchrun.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them the run is a single
+process and none of the collectives below do anything.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+
+@dataclass
+class Runtime:
+    device: torch.device  # where the model and batches live
+    rank: int  # this process's index under torchrun; 0 alone
+    world: int  # processes under torchrun; 1 alone
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 evaluates, logs and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def start_runtime(device: str, threads: int = 0) -> Runtime:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "auto or cpu on this machine (torch sees no CUDA device)", device)
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+        if threads:
+            torch.set_num_threads(threads)
+        elif world > 1:  # ranks on one machine share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_flush_denormal(True)  # denormal floats are very slow on x86 and change no result that matters
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Runtime(dev, rank, world)
+
+
+def stop_runtime(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def any_rank(rt: Runtime, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (a stop decision all ranks must share)."""
+    if not rt.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_to_main(rt: Runtime, obj):
+    """Every rank's ``obj`` as a list on rank 0 (None elsewhere); ``[obj]`` alone."""
+    if not rt.distributed:
+        return [obj]
+    out = [None] * rt.world if rt.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(rt: Runtime, obj):
+    if not rt.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
