@@ -108,7 +108,7 @@ class GeneratorClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def generate(self, prime: str = "", max_chars: int = 300, *, timeout: float | None = None, **fields) -> Generation:
-        """Starts a stream; ``fields`` are build_request's (model, temperature, top_k, top_p, seed, stop, request_id)."""
+        """Starts a stream; ``fields`` go to build_request (model, temperature, top_k, top_p, seed, stop, ...)."""
         return Generation(self._stub.Generate(build_request(prime, max_chars, **fields), timeout=timeout))
 
     def list_models(self, timeout: float | None = 10.0) -> list[pb.ModelInfo]:
@@ -162,7 +162,9 @@ class AsyncGeneratorClient:
         )
         self._stub = generator_pb2_grpc.GeneratorStub(self._channel)
 
-    def generate(self, prime: str = "", max_chars: int = 300, *, timeout: float | None = None, **fields) -> AsyncGeneration:
+    def generate(
+        self, prime: str = "", max_chars: int = 300, *, timeout: float | None = None, **fields
+    ) -> AsyncGeneration:
         return AsyncGeneration(self._stub.Generate(build_request(prime, max_chars, **fields), timeout=timeout))
 
     async def list_models(self, timeout: float | None = 10.0) -> list[pb.ModelInfo]:

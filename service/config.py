@@ -31,32 +31,54 @@ def _on_off(raw: str) -> bool:
 
 def _opt(default, help: str, parse: Callable[[str], object] = str, choices: Sequence[str] = (), metavar: str = ""):
     """A config field: its default, its help text and how to read it from a string."""
-    return field(default=default, metadata={"help": help, "parse": parse, "choices": tuple(choices), "metavar": metavar})
+    meta = {"help": help, "parse": parse, "choices": tuple(choices), "metavar": metavar}
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class ServeConfig:
+    # Each field: default, help (also the docs table), how to parse a string, allowed values.
     models: str = _opt("", "Model repository folder: MODELS/<name>/<version>/model.onnx. Required.", metavar="DIR")
     host: str = _opt("0.0.0.0", "Address the gRPC and metrics servers bind to.")
     port: int = _opt(50051, "gRPC port; 0 picks a free port (printed and logged at start).", int)
     metrics_port: int = _opt(8000, "Prometheus /metrics port; 0 picks a free port.", int)
-    device: str = _opt("auto", "Where models run: auto takes CUDA when onnxruntime can use it.", choices=("auto", "cpu", "cuda"))
-    default_model: str = _opt("", 'Model that an empty `model` field means; else "default" if present, else the first name.')
-    batching: bool = _opt(True, "Continuous batching across streams (off: one onnxruntime call per stream per step).", _on_off, ("on", "off"))
+    device: str = _opt(
+        "auto", "Where models run: auto takes CUDA when onnxruntime can use it.", choices=("auto", "cpu", "cuda")
+    )
+    default_model: str = _opt(
+        "", 'Model that an empty `model` field means; else "default" if present, else the first name.'
+    )
+    batching: bool = _opt(
+        True, "Continuous batching across streams (off: one onnxruntime call per stream per step).", _on_off,
+        ("on", "off"),
+    )
     max_active_streams: int = _opt(256, "Batch slots per model: streams generating at once.", int)
-    max_queue: int = _opt(1024, "Streams that may wait for a slot per model; more are refused with RESOURCE_EXHAUSTED.", int)
+    max_queue: int = _opt(
+        1024, "Streams that may wait for a slot per model; more are refused with RESOURCE_EXHAUSTED.", int
+    )
     max_queue_wait: float = _opt(30.0, "Seconds a stream may wait for a slot before RESOURCE_EXHAUSTED.", float)
     max_chars: int = _opt(10000, "Largest max_chars a request may ask for.", int)
     max_prime_chars: int = _opt(4096, "Longest prime a request may send, in characters.", int)
     threads: int = _opt(0, "onnxruntime intra-op threads per model; 0 lets onnxruntime choose.", int)
-    drain_grace: float = _opt(20.0, "Seconds streams in flight may run after SIGTERM; keep below the pod's terminationGracePeriodSeconds.", float)
-    reload_interval: float = _opt(0.0, "Seconds between rescans of the model repository; 0 rescans only on SIGHUP.", float)
+    drain_grace: float = _opt(
+        20.0, "Seconds streams in flight may run after SIGTERM; keep below the pod's terminationGracePeriodSeconds.",
+        float,
+    )
+    reload_interval: float = _opt(
+        0.0, "Seconds between rescans of the model repository; 0 rescans only on SIGHUP.", float
+    )
     tls_cert: str = _opt("", "PEM server certificate (chain); with --tls-key turns on TLS.", metavar="PATH")
     tls_key: str = _opt("", "PEM private key of --tls-cert.", metavar="PATH")
-    tls_client_ca: str = _opt("", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).", metavar="PATH")
-    log_format: str = _opt("text", "text: one readable line per event; json: one JSON object per line.", choices=("text", "json"))
+    tls_client_ca: str = _opt(
+        "", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).", metavar="PATH"
+    )
+    log_format: str = _opt(
+        "text", "text: one readable line per event; json: one JSON object per line.", choices=("text", "json")
+    )
     log_level: str = _opt("info", "Lowest level logged.", choices=("debug", "info", "warning", "error"))
-    max_message_bytes: int = _opt(4 * 1024 * 1024, "Largest gRPC message the server receives or sends, in bytes.", int)
+    max_message_bytes: int = _opt(
+        4 * 1024 * 1024, "Largest gRPC message the server receives or sends, in bytes.", int
+    )
 
     @property
     def tls(self) -> bool:
@@ -75,7 +97,8 @@ class ServeConfig:
             ("max_prime_chars", self.max_prime_chars >= 1, ">= 1"),
             ("threads", self.threads >= 0, ">= 0 (0 lets onnxruntime choose)"),
             ("drain_grace", math.isfinite(self.drain_grace) and self.drain_grace >= 0, "a number >= 0"),
-            ("reload_interval", math.isfinite(self.reload_interval) and self.reload_interval >= 0, ">= 0 (0: only on SIGHUP)"),
+            ("reload_interval", math.isfinite(self.reload_interval) and self.reload_interval >= 0,
+             ">= 0 (0: only on SIGHUP)"),
             ("max_message_bytes", self.max_message_bytes >= 1024, ">= 1024"),
             ("tls_key", bool(self.tls_cert) == bool(self.tls_key), "given together with --tls-cert"),
             ("tls_client_ca", not self.tls_client_ca or bool(self.tls_cert), "used only with --tls-cert and --tls-key"),
@@ -131,7 +154,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
             dest=f.name,
             type=meta["parse"],
             default=default,
-            choices=[meta["parse"](c) for c in meta["choices"]] if meta["choices"] and meta["parse"] is not _on_off else None,
+            choices=list(meta["choices"]) if meta["choices"] and meta["parse"] is str else None,  # on|off: the parser
             metavar=meta["metavar"] or ("|".join(meta["choices"]) if meta["choices"] else None),
             help=f"{meta['help']} Env {env_name(f.name)}." + (f" Default: {shown}." if shown else ""),
         )

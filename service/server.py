@@ -91,7 +91,8 @@ class Server:
             raise StartupError(str(e)) from None
 
         self.servicer = GeneratorServicer(
-            self.repository, self.metrics, Limits(c.max_chars, c.max_prime_chars), logging.getLogger("charrnn.service.servicer")
+            self.repository, self.metrics, Limits(c.max_chars, c.max_prime_chars),
+            logging.getLogger("charrnn.service.servicer"),
         )
         options = [
             ("grpc.max_send_message_length", c.max_message_bytes),
@@ -112,7 +113,8 @@ class Server:
         try:
             self._metrics_httpd, _ = start_http_server(c.metrics_port, addr=c.host, registry=self.metrics.registry)
         except OSError as e:
-            raise StartupError(f"cannot serve metrics on {_hostport(c.host, c.metrics_port)} (--metrics-port): {e}") from None
+            where = _hostport(c.host, c.metrics_port)
+            raise StartupError(f"cannot serve metrics on {where} (--host/--metrics-port): {e}") from None
         self.metrics_port = self._metrics_httpd.server_port
         await server.start()
         self.grpc_server = server
@@ -147,7 +149,8 @@ class Server:
                 return
             await self._set_health()
             self.log.info(
-                "reloaded", extra={"trigger": why, "changes": str(summary), "seconds": round(time.monotonic() - started, 3)}
+                "reloaded",
+                extra={"trigger": why, "changes": str(summary), "seconds": round(time.monotonic() - started, 3)},
             )
 
     async def _poll(self, interval: float) -> None:
@@ -176,7 +179,8 @@ class Server:
             await self.grpc_server.stop(STOP_FLUSH_SECONDS)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
-        self.log.info("stopped", extra={"drain_seconds": round(drained, 3), "total_seconds": round(time.monotonic() - started, 3)})
+        total = time.monotonic() - started
+        self.log.info("stopped", extra={"drain_seconds": round(drained, 3), "total_seconds": round(total, 3)})
 
     async def close_unstarted(self) -> None:
         """Releases what a failed start had already opened (engines, ports); nothing was served yet."""
@@ -199,7 +203,8 @@ class Server:
             f"charrnn-serve: serving {models}\n"
             f"  gRPC     {target}{' (TLS)' if c.tls else ''}\n"
             f"  metrics  http://{_hostport(shown, self.metrics_port)}/metrics\n"
-            f"  try      charrnn-generate --server {target}{tls_args} --prime \"ROMEO:\" --max-chars 300 --temperature 0.8\n"
+            f"  try      charrnn-generate --server {target}{tls_args}"
+            ' --prime "ROMEO:" --max-chars 300 --temperature 0.8\n'
         )
 
 

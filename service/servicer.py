@@ -82,7 +82,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         self.log = log
         self.draining = False  # set at SIGTERM: new streams are refused with UNAVAILABLE
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         arrived = time.monotonic()
         outcome = _Outcome()
         try:
@@ -125,7 +127,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         outcome.model = entry.name
         remaining = context.time_remaining()
         deadline = arrived + remaining if remaining is not None else None
-        gen = validate_request(request, entry.model.metadata, self.limits, now=arrived, deadline=deadline, request_id=rid)
+        gen = validate_request(
+            request, entry.model.metadata, self.limits, now=arrived, deadline=deadline, request_id=rid
+        )
         self.log.debug("generate", extra={"model": f"{entry.name}@{entry.version}", "max_chars": gen.max_chars})
         stream = entry.engine.submit(gen)
         outcome.prime_chars = len(gen.prime)  # read by the engine from here on
@@ -158,7 +162,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 extra={"model": model, "chars": outcome.sent_chars, "seconds": round(seconds, 4)},
             )
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         infos = []
         for e in sorted(self.repository.entries(), key=lambda e: (e.name, e.version)):
             meta = e.model.metadata

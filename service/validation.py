@@ -118,11 +118,13 @@ def validate_request(
     top_k = int(req.top_k) if req.top_k < metadata.vocab_size else 0
 
     if len(req.stop) > MAX_STOP_SEQUENCES:
-        raise errors.InvalidArgument("stop", _Shown(f"{len(req.stop)} sequences"), f"at most {MAX_STOP_SEQUENCES} sequences")
+        shown = _Shown(f"{len(req.stop)} sequences")
+        raise errors.InvalidArgument("stop", shown, f"at most {MAX_STOP_SEQUENCES} sequences")
     for i, seq in enumerate(req.stop):
         if not 1 <= len(seq) <= MAX_STOP_CHARS:
             shown = seq if not seq else _Shown(f"{len(seq)} characters")
-            raise errors.InvalidArgument(f"stop[{i}]", shown, f"a non-empty string of at most {MAX_STOP_CHARS} characters")
+            rule = f"a non-empty string of at most {MAX_STOP_CHARS} characters"
+            raise errors.InvalidArgument(f"stop[{i}]", shown, rule)
 
     seed = int(req.seed) if req.HasField("seed") else secrets.randbits(63)
 

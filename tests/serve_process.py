@@ -18,7 +18,8 @@ from pathlib import Path
 
 SERVE = str(Path(sys.executable).parent / "charrnn-serve")
 GENERATE = str(Path(sys.executable).parent / "charrnn-generate")
-BLOCKER = "import sys\nfor _name in ('torch', 'onnx'):\n    sys.modules[_name] = None  # `import torch` raises ImportError\n"
+# sitecustomize.py: runs at interpreter start; a None entry makes `import torch` raise ImportError.
+BLOCKER = "import sys\nfor _name in ('torch', 'onnx'):\n    sys.modules[_name] = None\n"
 
 
 def blocked_env(tmp_dir: Path, extra: dict | None = None) -> dict:

@@ -62,7 +62,8 @@ def test_every_field_has_a_test_value():
 def test_every_flag_has_an_env_twin_and_the_flag_wins(tmp_path):
     env = {env_name(name): raw for name, raw in VALUES.items()} | {"CHARRNN_MODELS": str(tmp_path)}
     from_env = parse_args([], env=env)
-    from_flags = parse_args([a for name, raw in VALUES.items() for a in (flag_name(name), raw)] + ["--models", str(tmp_path)], env={})
+    argv = [a for name, raw in VALUES.items() for a in (flag_name(name), raw)] + ["--models", str(tmp_path)]
+    from_flags = parse_args(argv, env={})
     assert from_env == from_flags
     assert from_env.batching is False and from_env.max_queue_wait == 1.5 and from_env.models == str(tmp_path)
     assert parse_args(["--port", "123"], env=env).port == 123  # the command line beats the environment

@@ -200,7 +200,8 @@ def test_charrnn_generate_streams_text_and_reports_errors(server, client):
     assert bad.returncode == 1 and bad.stdout == ""
     assert "INVALID_ARGUMENT: top_p must be in [0, 1]" in bad.stderr
     listed = subprocess.run(base + ["--list"], capture_output=True, text=True, timeout=60)
-    assert listed.returncode == 0 and re.search(rf"^other@1\s+gru\s+1\s+16\s+{len(DEFAULT_VOCAB)} .*latest, default$", listed.stdout, re.M)
+    assert listed.returncode == 0
+    assert re.search(rf"^other@1\s+gru\s+1\s+16\s+{len(DEFAULT_VOCAB)} .*latest, default$", listed.stdout, re.M)
 
 
 def test_charrnn_generate_flushes_each_chunk_as_it_arrives(server, monkeypatch):

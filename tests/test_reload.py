@@ -143,7 +143,8 @@ def test_sigterm_when_idle_exits_promptly(sighup_server):
 
 def test_polling_picks_up_new_versions_and_models_without_a_signal(model_repo, no_torch_env, tmp_path):
     repo = Path(shutil.copytree(model_repo, tmp_path / "models"))
-    with ServeProcess(repo, "--reload-interval", "0.5", env=no_torch_env) as proc, GeneratorClient(proc.target) as client:
+    proc = ServeProcess(repo, "--reload-interval", "0.5", env=no_torch_env)
+    with proc, GeneratorClient(proc.target) as client:
         with pytest.raises(ServiceError):
             client.health("fresh")
         published = time.monotonic()

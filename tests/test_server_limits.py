@@ -21,7 +21,8 @@ QUEUE_WAIT = 0.5  # --max-queue-wait, seconds
 
 @pytest.fixture(scope="module")
 def server(model_repo, no_torch_env):
-    args = ("--max-active-streams", "1", "--max-queue", "1", "--max-queue-wait", str(QUEUE_WAIT), "--max-chars", "1000000")
+    args = ("--max-active-streams", "1", "--max-queue", "1", "--max-queue-wait", str(QUEUE_WAIT),
+            "--max-chars", "1000000")
     with ServeProcess(model_repo, *args, env=no_torch_env) as proc, GeneratorClient(proc.target) as client:
         proc.client = client
         yield proc
