@@ -82,6 +82,9 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
     net = torch.nn.parallel.DistributedDataParallel(model) if rt.distributed else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if rt.cuda else contextlib.nullcontext()
 
+    if cfg.max_steps and run.step >= cfg.max_steps:
+        say(f"nothing to do: the run already took {run.step} of --max-steps {cfg.max_steps} steps")
+        return RunResult(run.step, ckpt["val_loss"], run.best_val_loss, "max_steps")
     chars_per_step = cfg.batch_size * cfg.seq_len * rt.world
     bar = tqdm(total=cfg.max_steps or None, initial=run.step, disable=not rt.is_main, unit="step", dynamic_ncols=True)
     started = time.perf_counter() - run.elapsed  # so elapsed counts the whole run across resumes

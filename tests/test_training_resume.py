@@ -1,0 +1,90 @@
+"""Resuming a killed run, early stopping, and stopping on a diverged loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from charrnn.training.checkpoint import load_checkpoint
+from charrnn.training.cli import main
+from tests.test_training_cli import TINY, losses, make_corpus
+
+# Dropout on, several epochs (the corpus is short), evaluation every 5 steps.
+RUN = [*TINY, "--dropout", "0.3", "--embed-dropout", "0.1", "--eval-interval", "5", "--max-steps", "60"]
+
+
+def metrics(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_run_killed_at_any_moment_resumes_to_the_same_losses(tmp_path):
+    data = make_corpus(tmp_path / "c.txt", words=400)  # about 30 batches per epoch: the run crosses epochs
+    assert main(["--data", str(data), "--out", str(tmp_path / "whole"), *RUN]) == 0
+
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "charrnn.training.cli", "--data", str(data), "--out", str(cut), *RUN]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 60
+    while len(metrics(cut)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # no clean-up of any kind: wherever it was, it stops
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = load_checkpoint(cut / "last.pt")["step"]
+    assert 5 <= killed_at < 60
+
+    assert main(["--data", str(data), "--out", str(cut), *RUN, "--resume"]) == 0
+    assert losses(cut) == losses(tmp_path / "whole")  # exact: the same floats, step for step
+    assert [m["step"] for m in metrics(cut)] == list(range(5, 65, 5))
+    assert [m["val_loss"] for m in metrics(cut)] == [m["val_loss"] for m in metrics(tmp_path / "whole")]
+    assert load_checkpoint(cut / "last.pt")["step"] == 60
+
+
+def test_resume_without_a_checkpoint_starts_fresh_and_resuming_a_finished_run_stops_at_once(tmp_path):
+    data = make_corpus(tmp_path / "c.txt", words=400)
+    run = ["--data", str(data), "--out", str(tmp_path / "r"), *RUN, "--max-steps", "10"]
+    assert main([*run, "--resume"]) == 0
+    first = losses(tmp_path / "r")
+    assert len(first) == 10
+    assert main([*run, "--resume", "--max-steps", "20"]) == 0  # a longer budget continues the same run
+    assert losses(tmp_path / "r")[:10] == first and len(losses(tmp_path / "r")) == 20
+    assert main([*run, "--resume", "--max-steps", "20"]) == 0
+    assert len(losses(tmp_path / "r")) == 20 and load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 20
+
+
+def test_resume_with_another_model_shape_is_refused(tmp_path, capsys):
+    data = make_corpus(tmp_path / "c.txt", words=400)
+    base = ["--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--max-steps", "5", "--eval-interval", "5"]
+    assert main(base) == 0
+    assert main([*base, "--hidden", "48", "--resume"]) == 2
+    assert "--hidden must be 32 as in the checkpoint being resumed" in capsys.readouterr().err
+
+
+def test_patience_stops_after_evaluations_without_improvement(tmp_path):
+    data = make_corpus(tmp_path / "c.txt", words=400)
+    # A learning rate too small to move any float32 weight: the validation loss never improves.
+    rc = main(["--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--lr", "1e-12", "--eval-interval", "2",
+               "--patience", "3", "--max-steps", "100", "--sample-chars", "0"])
+    assert rc == 0
+    assert [m["step"] for m in metrics(tmp_path / "r")] == [2, 4, 6, 8]
+    assert load_checkpoint(tmp_path / "r" / "best.pt")["step"] == 2
+
+
+def test_diverging_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    data = make_corpus(tmp_path / "c.txt", words=400)
+    base = ["--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--eval-interval", "10", "--sample-chars", "0"]
+    assert main([*base, "--max-steps", "10"]) == 0
+    good = load_checkpoint(tmp_path / "r" / "last.pt")
+    rc = main([*base, "--max-steps", "200", "--resume", "--lr", "1e4", "--grad-clip", "0"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "try a smaller --lr" in err
+    after = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert after["step"] == 10 and after["val_loss"] == good["val_loss"]
+    assert math.isfinite(after["val_loss"])
