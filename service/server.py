@@ -13,10 +13,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
 import sys
 import time
-import grpc
+
+# gRPC's C core writes its own lines to stderr (a refused TLS handshake logs at info) and reads
+# this once, at import: keep it to errors so that, with --log-format json, the log stays one JSON
+# object per line.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # noqa: E402 (after the setting above)
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -141,6 +148,8 @@ class Server:
     async def reload(self, why: str) -> None:
         """Rescans the repository (new versions serve new streams; streams in flight finish where they are)."""
         async with self._reload_lock:
+            if self.servicer is not None and self.servicer.draining:
+                return  # a SIGHUP during the drain: the repository is closing
             started = time.monotonic()
             try:
                 summary = await asyncio.to_thread(self.repository.reload)

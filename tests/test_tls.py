@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from concurrent import futures
 
@@ -25,7 +26,7 @@ def pki(tmp_path_factory):
 def mtls_server(pki, model_repo, no_torch_env):
     ours, _ = pki
     with ServeProcess(model_repo, "--tls-cert", str(ours.server_cert), "--tls-key", str(ours.server_key),
-                      "--tls-client-ca", str(ours.ca), env=no_torch_env) as server:
+                      "--tls-client-ca", str(ours.ca), "--log-format", "json", env=no_torch_env) as server:
         yield server
 
 
@@ -63,6 +64,12 @@ def test_charrnn_generate_takes_tls_flags(mtls_server, pki):
     assert done.stdout.startswith("ROMEO:") and len(done.stdout.rstrip("\n")) >= 6
     refused = subprocess.run(argv[:5] + argv[9:], capture_output=True, text=True, timeout=60)  # no client cert
     assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr and refused.stdout == ""
+
+
+def test_refused_handshakes_leave_the_json_log_one_object_per_line(mtls_server):
+    # Runs after the refusals above: gRPC's own handshake messages must not reach stderr.
+    assert mtls_server.stderr and all(line.startswith("{") for line in mtls_server.stderr), mtls_server.log()
+    assert [json.loads(line) for line in mtls_server.stderr]
 
 
 def test_server_only_tls_needs_the_ca_on_the_client(pki):
