@@ -92,7 +92,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             rid_error = None
         except errors.InvalidArgument as e:
             rid, rid_error = uuid.uuid4().hex[:16], e
-        token = REQUEST_ID.set(rid)
+        # Each gRPC call runs in its own task, with its own copy of the context: no reset needed.
+        REQUEST_ID.set(rid)
         try:
             if rid_error is not None:
                 raise rid_error
@@ -118,7 +119,6 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id {rid}); see the server log")
         finally:
             self._record(outcome, arrived)
-            REQUEST_ID.reset(token)
 
     async def _generate(self, request, context, arrived: float, rid: str, outcome: _Outcome):
         if self.draining:
