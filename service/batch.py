@@ -7,7 +7,9 @@ end (concatenate) and leave by a gather of the rows that stay; between changes
 the state that onnxruntime returns is fed straight back, with no copy.
 
 ``Cohort`` is a group of new streams whose primes have the same number of
-characters left to read; they are prefilled together, one call for the group.
+characters left to read; they are prefilled together, one call for the group,
+and each one's first character is sampled from the logits of its prime's last
+character, so a new stream does not wait for a step of the whole batch.
 """
 
 from __future__ import annotations
@@ -29,32 +31,27 @@ class Batch:
         self.top_p = np.empty(0, np.float64)  # [n]
         self.seeds = np.empty(0, np.uint64)  # [n] each row's own generator
         self.generated = np.empty(0, np.int64)  # [n] characters generated so far (= next draw number)
-        self.limit = np.empty(0, np.int64)  # [n] max_chars
-        self.deadline = np.empty(0, np.float64)  # [n] time.monotonic() deadline, inf when none
         self.state: State | None = None
 
     def __len__(self) -> int:
         return len(self.streams)
 
     def join(self, streams: list[Stream], tokens: np.ndarray, state: State) -> None:
-        """Appends rows: their next input tokens int64 [k] and their state (batch k)."""
-        reqs = [s.request for s in streams]
+        """Appends rows: their next input tokens int64 [k] (each one's latest character) and state (batch k)."""
+        temperature, top_k, top_p, seeds = sampling_arrays(streams)
         self.streams.extend(streams)
         self.tokens = np.concatenate([self.tokens, tokens])
-        self.temperature = np.concatenate([self.temperature, [r.sampling.temperature for r in reqs]])
-        self.top_k = np.concatenate([self.top_k, np.array([r.sampling.top_k for r in reqs], np.int64)])
-        self.top_p = np.concatenate([self.top_p, [r.sampling.top_p for r in reqs]])
-        self.seeds = np.concatenate([self.seeds, sampling.seed_array([r.sampling.seed for r in reqs])])
-        self.generated = np.concatenate([self.generated, np.zeros(len(reqs), np.int64)])
-        self.limit = np.concatenate([self.limit, np.array([r.max_chars for r in reqs], np.int64)])
-        deadlines = [np.inf if r.deadline is None else r.deadline for r in reqs]
-        self.deadline = np.concatenate([self.deadline, deadlines])
+        self.temperature = np.concatenate([self.temperature, temperature])
+        self.top_k = np.concatenate([self.top_k, top_k])
+        self.top_p = np.concatenate([self.top_p, top_p])
+        self.seeds = np.concatenate([self.seeds, seeds])
+        self.generated = np.concatenate([self.generated, np.array([s.generated for s in streams], np.int64)])
         self.state = state if self.state is None else self.model.concat([self.state, state])
 
     def keep(self, rows: np.ndarray) -> None:
         """Keeps only ``rows`` (int64 [m], ascending): the others have left."""
         self.streams = [self.streams[i] for i in rows.tolist()]
-        for name in ("tokens", "temperature", "top_k", "top_p", "seeds", "generated", "limit", "deadline"):
+        for name in ("tokens", "temperature", "top_k", "top_p", "seeds", "generated"):
             setattr(self, name, getattr(self, name)[rows])
         self.state = self.model.take(self.state, rows) if len(rows) else None
 
@@ -67,6 +64,24 @@ class Batch:
         self.tokens = ids
         self.generated += 1
         return logits, ids
+
+
+def sampling_arrays(streams: list[Stream]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(temperature float64, top_k int64, top_p float64, seeds uint64), each [k], of ``streams``."""
+    params = [s.request.sampling for s in streams]
+    return (
+        np.array([p.temperature for p in params], np.float64),
+        np.array([p.top_k for p in params], np.int64),
+        np.array([p.top_p for p in params], np.float64),
+        sampling.seed_array([p.seed for p in params]),
+    )
+
+
+def sample_next(logits: np.ndarray, streams: list[Stream]) -> np.ndarray:
+    """Next character of each of a few streams from logits float32 [k, V] (outside the running batch)."""
+    temperature, top_k, top_p, seeds = sampling_arrays(streams)
+    u = sampling.uniforms(seeds, np.array([s.generated for s in streams], np.int64))
+    return sampling.sample(logits, temperature, top_k, top_p, u)
 
 
 class Cohort:

@@ -7,9 +7,9 @@ joins the running batch, which one onnxruntime call per step advances by one
 character for every stream (``batch.Batch``). Streams that finish, are
 cancelled or pass their deadline leave at the end of the step that saw it.
 
-With ``batching=False`` the same admission and streams run the naive way: each
-stream in its own pool thread, one onnxruntime call per stream per character.
-That is the baseline the benchmark compares against.
+With ``batching=False`` the same admission and streams run the naive way
+(naive.py): each stream in its own pool thread, one onnxruntime call per stream
+per character. That is the baseline the benchmark compares against.
 
 Threading: ``submit`` runs on the asyncio loop; everything else here runs on
 the engine thread (or, naive, the pool threads). The two sides share only the
@@ -29,10 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from charrnn.service import errors, sampling
-from charrnn.service.batch import Batch, Cohort
+from charrnn.service import errors, naive
+from charrnn.service.batch import Batch, Cohort, sample_next
 from charrnn.service.metrics import Metrics
-from charrnn.service.requests import FinishReason, GenerationRequest
+from charrnn.service.requests import GenerationRequest
 from charrnn.service.runtime import LoadedModel
 from charrnn.service.streams import Mailbox, Stream
 
@@ -81,6 +81,7 @@ class Engine:
         self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> Mailbox
         self._batch = Batch(model)
         self._cohorts: list[Cohort] = []
+        self._fresh: list[Stream] = []  # joined the batch since its last step (first character from prefill)
         self._pool: ThreadPoolExecutor | None = None
         self._last_step_seconds = 0.0
         self._last_step_at = 0.0
@@ -237,16 +238,13 @@ class Engine:
             self._n_active += len(new)
         if not self.batching:
             for s in new:
-                self._pool.submit(self._run_alone, s)
+                self._pool.submit(naive.run_alone, self, s)
             return
         by_length: dict[int, list[Stream]] = collections.defaultdict(list)
         for s in new:
             by_length[len(s.request.prime_ids)].append(s)
         for length, group in by_length.items():
             state = self.model.zero_state(len(group))
-            if length == 1:  # nothing to prefill: the only prime character is the first decode input
-                self._batch.join(group, np.array([s.request.prime_ids[-1] for s in group], np.int64), state)
-                continue
             same = next((c for c in self._cohorts if c.remaining == length), None)
             if same is None:
                 self._cohorts.append(Cohort(group, state, length))
@@ -257,8 +255,9 @@ class Engine:
     def _prefill(self) -> None:
         """Reads primes: the cohort with the most left runs until it catches the next one, then they merge.
 
-        Bounded per round (MIN_PREFILL_SECONDS or the last decode step's time, whichever
-        is more) while other streams decode, so a long prime cannot stall the batch.
+        So k new streams cost max(prime length) sequential steps, not the sum. Bounded
+        per round (MIN_PREFILL_SECONDS or the last decode step's time, whichever is
+        more) while other streams decode, so a long prime cannot stall the batch.
         """
         self._drop_gone_from_cohorts()
         budget = max(MIN_PREFILL_SECONDS, self._last_step_seconds) if len(self._batch) else float("inf")
@@ -267,46 +266,51 @@ class Engine:
         while cohorts and time.monotonic() - t0 < budget:
             cohorts.sort(key=lambda c: c.remaining, reverse=True)
             top = cohorts[0]
-            if top.remaining <= 1:
-                break
-            target = cohorts[1].remaining if len(cohorts) > 1 else 1
+            target = cohorts[1].remaining if len(cohorts) > 1 else 0
             steps = min(top.remaining - target, MAX_PREFILL_STEPS)
-            _, top.state = self.model.run(top.tokens(steps), top.state)  # logits of the prime are not needed
+            logits, top.state = self.model.run(top.tokens(steps), top.state)  # [k, steps, V]
             top.remaining -= steps
-            if len(cohorts) > 1 and top.remaining == cohorts[1].remaining:
-                nxt = cohorts[1]
-                nxt.streams = top.streams + nxt.streams
-                nxt.state = self.model.concat([top.state, nxt.state])
+            if top.remaining == 0:
                 cohorts.pop(0)
-        for c in [c for c in cohorts if c.remaining == 1]:
-            cohorts.remove(c)
-            self._batch.join(c.streams, np.array([s.request.prime_ids[-1] for s in c.streams], np.int64), c.state)
+                self._first_chars(top, logits[:, -1, :])
+            elif len(cohorts) > 1 and top.remaining == cohorts[1].remaining:
+                nxt = cohorts.pop(1)
+                top.streams += nxt.streams
+                top.state = self.model.concat([top.state, nxt.state])
+
+    def _first_chars(self, cohort: Cohort, logits: np.ndarray) -> None:
+        """Samples each new stream's first character from its prime's last logits [k, V]; joins the batch."""
+        ids = sample_next(logits, cohort.streams)
+        now = time.monotonic()
+        streams, vocab = cohort.streams, self._vocab
+        ended = {}
+        for i, tok in enumerate(ids.tolist()):
+            s = streams[i]
+            s.first_char_at = now
+            why = s.advance(vocab[tok], now)
+            if why is not None:
+                ended[i] = why
+        self._end_rows(streams, ended, now)
+        for box in {s._mailbox for s in streams}:
+            box.poke()
+        keep = [i for i in range(len(streams)) if i not in ended]
+        if keep:
+            state = self.model.take(cohort.state, np.array(keep, np.int64)) if ended else cohort.state
+            joining = [streams[i] for i in keep]
+            self._batch.join(joining, ids[keep], state)
+            self._fresh.extend(joining)
 
     def _drop_gone_from_cohorts(self) -> None:
         now = time.monotonic()
         for c in self._cohorts:
-            gone = [i for i, s in enumerate(c.streams) if s._cancelled or (s.request.deadline or np.inf) <= now]
-            if not gone:
+            ended = {i: why for i, s in enumerate(c.streams) if (why := s.gone(now)) is not None}
+            if not ended:
                 continue
-            for i in gone:
-                self._end_active(c.streams[i], now, self._gone_error(c.streams[i], now))
-            keep = np.array([i for i in range(len(c.streams)) if i not in set(gone)], np.int64)
-            c.streams = [c.streams[i] for i in keep.tolist()]
-            c.state = self.model.take(c.state, keep) if len(keep) else None
+            self._end_rows(c.streams, ended, now)
+            keep = [i for i in range(len(c.streams)) if i not in ended]
+            c.streams = [c.streams[i] for i in keep]
+            c.state = self.model.take(c.state, np.array(keep, np.int64)) if keep else None
         self._cohorts = [c for c in self._cohorts if c.streams]
-
-    def _gone_error(self, s: Stream, now: float) -> errors.CharrnnError:
-        if s._cancelled:
-            return errors.Cancelled("cancelled")
-        return errors.DeadlineExceeded(
-            f"deadline passed after {s.generated} of {s.request.max_chars} characters"
-        )
-
-    def _end_active(self, s: Stream, now: float, err: errors.CharrnnError) -> None:
-        with self._lock:
-            self._n_active -= 1
-        s.fail(err, now)
-        s._mailbox.poke()
 
     def _decode(self) -> None:
         """One step of the whole batch: one onnxruntime call, one sampling call, text to every stream."""
@@ -317,92 +321,32 @@ class Engine:
         self._last_step_seconds = now - t0
         self._m_step.observe(now - t0)
         self._m_batch.observe(len(b))
-        streams = b.streams
-        vocab = self._vocab
-        ended: dict[int, object] = {}
+        streams, vocab = b.streams, self._vocab
+        ended = {}
         for i, tok in enumerate(ids.tolist()):
-            s = streams[i]
-            stop = s.push(vocab[tok])
-            if stop is not None:
-                ended[i] = stop
-            elif s._cancelled:
-                ended[i] = None
-        firsts = np.flatnonzero(b.generated == 1)
-        for i in firsts.tolist():
-            streams[i].first_char_at = now
-        _observe_many(self._m_inter, now - self._last_step_at, len(b) - len(firsts))
+            why = streams[i].advance(vocab[tok], now)
+            if why is not None:
+                ended[i] = why
+        # Streams that were in the previous step share one gap; those that joined since count from their first.
+        _observe_many(self._m_inter, now - self._last_step_at, len(b) - len(self._fresh))
+        for s in self._fresh:
+            self._m_inter.observe(now - s.first_char_at)
+        self._fresh.clear()
         self._last_step_at = now
-        for i in np.flatnonzero(b.generated >= b.limit).tolist():
-            ended.setdefault(i, FinishReason.LENGTH)
-        for i in np.flatnonzero(b.deadline <= now).tolist():
-            ended.setdefault(i, errors.DeadlineExceeded)
-        boxes = {s._mailbox for s in streams}
         if ended:
-            for i, why in ended.items():
-                s = streams[i]
-                s.last_char_at = now
-                if why is FinishReason.LENGTH:
-                    s.finish(FinishReason.LENGTH, now)
-                elif isinstance(why, str):
-                    s.finish(FinishReason.STOP_SEQUENCE, now, stop=why)
-                else:
-                    s.fail(self._gone_error(s, now), now)
-            with self._lock:
-                self._n_active -= len(ended)
+            self._end_rows(streams, ended, now)
             b.keep(np.array([i for i in range(len(streams)) if i not in ended], np.int64))
-        for box in boxes:
+        for box in {s._mailbox for s in streams}:
             box.poke()
 
-    def _run_alone(self, s: Stream) -> None:
-        """Naive mode: one stream in its own pool thread, batch of one, one call per character."""
-        try:
-            self._generate_alone(s)
-        except Exception:
-            log.exception("stream %s failed", s.request.request_id)
-            s.fail(errors.CharrnnError("internal error while generating"), time.monotonic())
-        finally:
-            with self._lock:
-                self._n_active -= 1
-            s._mailbox.poke()
-            self._wake.set()  # a slot is free
-
-    def _generate_alone(self, s: Stream) -> None:
-        req, model, vocab = s.request, self.model, self._vocab
-        state = model.zero_state(1)
-        if len(req.prime_ids) > 1:
-            _, state = model.run(req.prime_ids[None, :-1].astype(np.int64), state)
-        token = int(req.prime_ids[-1])
-        p = req.sampling
-        temperature, top_k, top_p = np.array([p.temperature]), np.array([p.top_k]), np.array([p.top_p])
-        seeds = sampling.seed_array([p.seed])
-        last = 0.0
-        while True:
-            if self._stopping:
-                s.fail(errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {model.label} stopped"), time.monotonic())
-                return
-            t0 = time.monotonic()
-            logits, state = model.run(np.array([[token]], np.int64), state)
-            u = sampling.uniforms(seeds, np.array([s.generated]))
-            token = int(sampling.sample(logits[:, 0, :], temperature, top_k, top_p, u)[0])
-            now = time.monotonic()
-            self._m_step.observe(now - t0)
-            self._m_batch.observe(1)
-            if s.generated == 0:
-                s.first_char_at = now
-            else:
-                self._m_inter.observe(now - last)
-            last = s.last_char_at = now
-            stop = s.push(vocab[token])
-            if stop is not None:
-                s.finish(FinishReason.STOP_SEQUENCE, now, stop=stop)
-                return
-            if s.generated >= req.max_chars:
-                s.finish(FinishReason.LENGTH, now)
-                return
-            if s._cancelled or (req.deadline is not None and req.deadline <= now):
-                s.fail(self._gone_error(s, now), now)
-                return
-            s._mailbox.poke()
+    def _end_rows(self, streams: list[Stream], ended: dict, now: float) -> None:
+        """Ends ``streams[i]`` for each i in ``ended`` (its reason) and frees their slots."""
+        if not ended:
+            return
+        for i, why in ended.items():
+            streams[i].end(why, now)
+        with self._lock:
+            self._n_active -= len(ended)
 
     def _end_all(self, err: errors.CharrnnError) -> None:
         """Ends every stream the engine thread still holds (queued, prefilling, decoding)."""
@@ -413,6 +357,7 @@ class Engine:
         self._queue.clear()
         self._cohorts.clear()
         self._batch = Batch(self.model)
+        self._fresh.clear()
         with self._lock:
             self._n_waiting -= n_queued
             self._n_active -= len(held) - n_queued

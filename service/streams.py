@@ -144,6 +144,45 @@ class Stream:
         self._held = held[len(held) - keep :] if keep else ""
         return None
 
+    def advance(self, ch: str, now: float):
+        """Adds one generated character and says whether the stream ends here.
+
+        Returns None (go on), a stop sequence (str) that matched, FinishReason.LENGTH,
+        or the error that ends it (cancelled, deadline passed). Pass the result to ``end``.
+        """
+        stop = self.push(ch)
+        if stop is not None:
+            return stop
+        if self.generated >= self.request.max_chars:
+            return FinishReason.LENGTH
+        if self._cancelled:
+            return errors.Cancelled("cancelled")
+        deadline = self.request.deadline
+        if deadline is not None and deadline <= now:
+            return errors.DeadlineExceeded(
+                f"deadline passed after {self.generated} of {self.request.max_chars} characters")
+        return None
+
+    def end(self, why, now: float) -> None:
+        """Ends the stream for the reason ``advance`` (or the engine) gave."""
+        self.last_char_at = now
+        if why is FinishReason.LENGTH:
+            self.finish(FinishReason.LENGTH, now)
+        elif isinstance(why, str):
+            self.finish(FinishReason.STOP_SEQUENCE, now, stop=why)
+        else:
+            self.fail(why, now)
+
+    def gone(self, now: float) -> errors.CharrnnError | None:
+        """Cancelled or past its deadline (checked before any work is spent on the stream)."""
+        if self._cancelled:
+            return errors.Cancelled("cancelled")
+        deadline = self.request.deadline
+        if deadline is not None and deadline <= now:
+            return errors.DeadlineExceeded(
+                f"deadline passed after {self.generated} of {self.request.max_chars} characters")
+        return None
+
     def finish(self, reason: FinishReason, now: float, stop: str = "") -> None:
         """Ends the stream normally: held text is real output unless a stop sequence matched."""
         if self._held:
