@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the project in one pass, on a machine with one NVIDIA GPU,
+# a python3 that has torch with CUDA (plus numpy, onnx, grpcio, prometheus-client),
+# and no network. Results go under $OUT (default bench/results/gpu):
+#
+#   env.txt          GPU, driver, torch/onnxruntime versions and providers
+#   session.log      everything the steps printed
+#   runs.tar.gz      metrics.jsonl, curves.png, samples.txt and logs of every training run
+#   default.pt       the 2x256 run's best weights, slimmed (no optimizer state) for export
+#   code.pt          the source-code model's best weights, slimmed
+#   serving_gpu.json onnxruntime CUDA step rates and engine parity (when the CUDA provider works)
+#
+# Usage: bench/gpu_session.sh [smoke|full]
+#   DATA=path/to/tinyshakespeare.txt   (default ../shared/data/tinyshakespeare.txt)
+#   ORT_SITE=dir                       a folder holding an onnxruntime-gpu install to use
+#   TRAIN_SECONDS=300                  wall-clock budget of each training run
+set -uo pipefail
+MODE=${1:-full}
+OUT=${OUT:-bench/results/gpu}
+DATA=${DATA:-../shared/data/tinyshakespeare.txt}
+TRAIN_SECONDS=${TRAIN_SECONDS:-300}
+RUNS=${RUNS:-/tmp/charrnn-runs}
+mkdir -p "$OUT" "$RUNS"
+export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/session.log") 2>&1
+
+# charrnn importable without installing: the rooms are subpackages of `charrnn`.
+PKG=/tmp/charrnn-pkg
+rm -rf "$PKG" && mkdir -p "$PKG/charrnn"
+cp -r charrnn/. "$PKG/charrnn/"
+for room in training:training exporter:exporter service:service inspector:inspector; do
+  ln -s "$PWD/${room%%:*}" "$PKG/charrnn/${room##*:}"
+done
+export PYTHONPATH="$PKG${ORT_SITE:+:$ORT_SITE}${PYTHONPATH:+:$PYTHONPATH}"
+run() { python3 -c "import sys; from charrnn.$1 import main; sys.argv[0] = '$2'; sys.exit(main())" "${@:3}"; }
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 - <<'EOF'
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+try:
+    import onnxruntime as ort
+    print("onnxruntime", ort.__version__, ort.__file__, ort.get_available_providers())
+except Exception as e:
+    print("onnxruntime import failed:", e)
+import google.protobuf, grpc, prometheus_client
+print("protobuf", google.protobuf.__version__, "grpcio", grpc.__version__)
+import sysconfig; print("stdlib", sysconfig.get_paths()["stdlib"])
+EOF
+} | tee "$OUT/env.txt"
+
+STDLIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+
+if [ "$MODE" = smoke ]; then
+  # Seconds: one short CUDA training run and one export, to catch breakage before the long pass.
+  run training.cli charrnn-train --data "$DATA" --out "$RUNS/smoke" --preset tiny --device cuda --max-steps 60 \
+    && run exporter.cli charrnn-export "$RUNS/smoke" --name smoke --repo "$RUNS/models" \
+    && echo "SMOKE OK"
+  python3 bench/gpu_serving.py --quick --out "$OUT/serving_gpu.json" || echo "gpu_serving failed"
+  exit 0
+fi
+
+# Training runs share the GPU; each is small enough that they barely slow each other.
+train() {  # name, then flags
+  local name=$1; shift
+  run training.cli charrnn-train --out "$RUNS/$name" --device cuda --max-time "$TRAIN_SECONDS" "$@" \
+    > "$RUNS/$name.log" 2>&1
+  echo "$name exit $? best $(grep -o '"val_loss": [0-9.]*' "$RUNS/$name/metrics.jsonl" | sort -t' ' -k2 -n | head -1)"
+}
+train default-cpu-recipe --data "$DATA" --preset default &
+train default-gpu --data "$DATA" --preset default --max-steps 0 --batch-size 128 --seq-len 256 --dropout 0.25 &
+train shakespeare --data "$DATA" --preset shakespeare --max-steps 0 &
+train shakespeare-wide --data "$DATA" --preset shakespeare --max-steps 0 --layers 2 --hidden 1024 --dropout 0.35 --embed-dropout 0.15 &
+train code --data "$STDLIB/*.py" --preset default --max-steps 0 --batch-size 128 --seq-len 256 --errors replace &
+wait
+
+python3 - "$RUNS" "$OUT" <<'EOF'
+# Slim checkpoints (weights, config, vocab, provenance; no optimizer) small enough to bring back.
+import sys, torch
+runs, out = sys.argv[1], sys.argv[2]
+keep = ("format", "format_version", "model_config", "train_config", "model", "vocab", "step",
+        "val_loss", "best_val_loss", "corpus")
+for run, name in (("default-gpu", "default.pt"), ("code", "code.pt")):
+    try:
+        ck = torch.load(f"{runs}/{run}/best.pt", map_location="cpu", weights_only=False)
+        torch.save({k: ck[k] for k in keep if k in ck}, f"{out}/{name}")
+        print(name, "step", ck["step"], "val_loss", ck["val_loss"])
+    except Exception as e:
+        print(name, "not written:", e)
+EOF
+
+# onnxruntime on the GPU: the batched step with I/O binding, and engine parity against CPU.
+python3 bench/gpu_serving.py --out "$OUT/serving_gpu.json" || echo "gpu_serving failed"
+
+tar -C "$RUNS" -czf "$OUT/runs.tar.gz" --exclude='*.pt' --exclude='*.bin' --exclude='*.tmp' . 2>/dev/null
+ls -la "$OUT"
