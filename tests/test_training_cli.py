@@ -18,7 +18,7 @@ from charrnn.training.model import CharRNN, ModelConfig
 from charrnn.training.optim import lr_at
 
 WORDS = "the quick brown fox jumps over a lazy dog and then runs far away from home".split()
-TINY = ["--preset", "tiny", "--sample-chars", "20", "--threads", "1"]
+TINY = ["--preset", "tiny", "--sample-chars", "20", "--threads", "1", "--device", "cpu"]
 
 
 def make_corpus(path, words=3000, seed=0):

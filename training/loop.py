@@ -147,7 +147,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
             continue
         # Evaluate, sample, log and checkpoint. Every rank hands rank 0 its resume state first.
         train_seconds = time.perf_counter() - window_start
-        ranks = resume_state.gather(run, rt)
+        ranks = resume_state.gather(run, model, rt)
         if rt.is_main:
             val_loss = evaluate(model, val, cfg.eval_iters, rt.device, autocast)
             improved = is_better(val_loss, run.best_val_loss)

@@ -10,6 +10,7 @@ run's steps (bit for bit on the CPU).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -73,10 +74,26 @@ def restore(ckpt: dict, model: CharRNN, optimizer: torch.optim.Optimizer, rt: Ru
     )
 
 
-def gather(run: RunState, rt: Runtime) -> list[dict] | None:
-    """Each rank's own part of the resume state, collected on rank 0 (a collective: every rank calls it)."""
+def gather(run: RunState, model: CharRNN, rt: Runtime) -> list[dict] | None:
+    """Each rank's own part of the resume state, collected on rank 0 (a collective: every rank calls it).
+
+    Each rank adds a digest of its weights; under DistributedDataParallel they must all agree.
+    """
     carried = None if run.carried is None else tuple(s.cpu() for s in run.carried)
-    return gather_to_main(rt, {"rng": rng_state(), "epoch": run.epoch, "position": run.position, "carried": carried})
+    mine = {"rng": rng_state(), "epoch": run.epoch, "position": run.position, "carried": carried,
+            "weights_sha256": weights_digest(model)}
+    ranks = gather_to_main(rt, mine)
+    if ranks is not None and len({r["weights_sha256"] for r in ranks}) > 1:
+        raise RuntimeError(f"ranks hold different weights at step {run.step}: the data-parallel replicas went out of step")
+    return ranks
+
+
+def weights_digest(model: CharRNN) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def payload(cfg: TrainConfig, model_cfg: ModelConfig, model: CharRNN, corpus: Corpus, run: RunState, val_loss: float) -> dict:
