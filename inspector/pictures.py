@@ -84,6 +84,8 @@ def draw_rankings(
             continue
         unit, rv = r.best[0]
         start, end = feature_window(r.values, trace.text, window)
+        while start < end - 1 and trace.text[start] == "\n":
+            start += 1  # a picture starts with text, not with blank lines
         acts = trace.states[unit.state][start:end, unit.layer, unit.cell]
         title = f"{r.feature.label}: {unit.describe()} of {model_label}, r = {rv:+.2f}"
         written.append(draw_text(trace.text[start:end], acts, title, folder / f"{r.feature.name}.png"))
