@@ -19,6 +19,7 @@ import codecs
 import glob
 import hashlib
 import json
+import mmap
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -124,24 +125,40 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def encode_corpus(sources: list[Path], vocab: list[str], info: CorpusInfo, out: Path, errors: str = "strict") -> Path:
     """Second pass: writes every character's id to ``out`` (raw array of ``token_dtype``)."""
-    codepoints = np.array([ord(ch) for ch in vocab], dtype=np.uint32)  # sorted, so searchsorted gives the id
     dtype = token_dtype(len(vocab))
-    ids = np.memmap(out, dtype=dtype, mode="w+", shape=(info.chars,))
+    lookup = np.zeros(ord(vocab[-1]) + 1, dtype=dtype)  # code point -> id; at most 1.1M entries (U+10FFFF)
+    lookup[[ord(ch) for ch in vocab]] = np.arange(len(vocab), dtype=dtype)
     at = 0
-    for path in sources:
-        for text in _decoded_chunks(path, errors):
-            cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-            ids[at:at + len(cps)] = np.searchsorted(codepoints, cps).astype(dtype)
-            at += len(cps)
+    # Plain appends, not a writable memory map: dirty mapped pages would count in the process's
+    # resident memory until the end, so a 500 MB corpus would cost 500 MB of RSS.
+    with open(out, "wb") as f:
+        for path in sources:
+            for text in _decoded_chunks(path, errors):
+                cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # [chunk chars] code points
+                f.write(lookup[cps].tobytes())
+                at += len(cps)
+        f.flush()
+        os.fsync(f.fileno())
     if at != info.chars:
         raise CorpusError(f"--data {_describe(sources)}: files changed while being read ({info.chars} then {at} characters)")
-    ids.flush()
-    del ids
     return out
 
 
 def _describe(sources: list[Path]) -> str:
     return str(sources[0]) if len(sources) == 1 else f"{sources[0]} (+{len(sources) - 1} more files)"
+
+
+def map_tokens(path: Path, dtype: np.dtype) -> np.ndarray:
+    """The token file as a read-only array backed by the page cache, not by process memory.
+
+    Batches read a few hundred bytes from each of many far-apart places; MADV_RANDOM stops the
+    kernel from reading (and mapping) megabytes around each one.
+    """
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mm, dtype=dtype)
 
 
 @dataclass
@@ -181,6 +198,6 @@ def prepare_corpus(spec: str | os.PathLike, run_dir: Path, errors: str = "strict
         meta_path.unlink(missing_ok=True)  # the meta file is written last: it vouches for a complete tokens file
         encode_corpus(sources, found, info, tokens_path, errors)
         meta_path.write_text(json.dumps(meta) + "\n")
-    tokens = np.memmap(tokens_path, dtype=meta["dtype"], mode="r", shape=(info.chars,))
+    tokens = map_tokens(tokens_path, np.dtype(meta["dtype"]))
     split = info.chars - int(info.chars * VAL_FRACTION)
     return Corpus(found, info, tokens, split)
