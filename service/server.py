@@ -34,9 +34,9 @@ from charrnn.service.engine import Engine
 from charrnn.service.metrics import Metrics
 from charrnn.service.repository import ModelRepository, RepositoryError
 from charrnn.service.runtime import select_device
-from charrnn.service.servicer import GeneratorServicer
+from charrnn.service.servicer import GeneratorServicer, add_generator_to_server
 from charrnn.service.validation import Limits
-from charrnn.v1 import generator_pb2, generator_pb2_grpc
+from charrnn.v1 import generator_pb2
 
 GENERATOR_SERVICE = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name  # "charrnn.v1.Generator"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -107,7 +107,7 @@ class Server:
             ("grpc.so_reuseport", 0),  # a port already in use is an error, not a second silent listener
         ]
         server = grpc.aio.server(options=options)
-        generator_pb2_grpc.add_GeneratorServicer_to_server(self.servicer, server)
+        add_generator_to_server(self.servicer, server)  # undecodable requests get INVALID_ARGUMENT, not UNKNOWN
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (GENERATOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server

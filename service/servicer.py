@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from charrnn.service import errors
 from charrnn.service.logs import REQUEST_ID
@@ -45,6 +46,51 @@ FINISH_REASON_PB = {
 SHUTTING_DOWN = "server shutting down; retry on another replica"
 DEADLINE_SLACK_SECONDS = 0.1  # a cancel this close to the deadline counts as DEADLINE_EXCEEDED
 NO_MODEL_LABEL = ""  # `model` label of requests that never resolved to a model (bounded: names are not echoed)
+
+
+class UndecodableRequest:
+    """Bytes on a method path that do not parse as its request message (corrupt, invalid UTF-8, cut off)."""
+
+    def __init__(self, message: str, size: int, reason: str):
+        self.message = message  # "charrnn.v1.GenerateRequest"
+        self.size = size  # bytes received
+        self.reason = reason.rpartition(": ")[2]  # protobuf's reason, without its "Error parsing ..." prefix
+
+    def __repr__(self) -> str:  # the "got <value>" of the InvalidArgument message
+        return f"{self.size} bytes that do not parse ({self.reason})"
+
+    def error(self) -> errors.InvalidArgument:
+        return errors.InvalidArgument("request", self, f"a {self.message} in protobuf wire format")
+
+
+def _parser(message_type):
+    """A request deserializer that never raises: grpc answers a raising one with UNKNOWN and its traceback text."""
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return UndecodableRequest(name, len(data), str(e))
+
+    return parse
+
+
+def add_generator_to_server(servicer: "GeneratorServicer", server) -> None:
+    """generator_pb2_grpc.add_GeneratorServicer_to_server, with requests parsed by _parser."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_parser(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels, request_deserializer=_parser(pb.ListModelsRequest),
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["Generator"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 @dataclass
@@ -88,6 +134,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         arrived = time.monotonic()
         outcome = _Outcome()
         try:
+            if isinstance(request, UndecodableRequest):
+                raise request.error()
             rid = request_id_of(request)
             rid_error = None
         except errors.InvalidArgument as e:
@@ -165,6 +213,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        if isinstance(request, UndecodableRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error().message)
         infos = []
         for e in sorted(self.repository.entries(), key=lambda e: (e.name, e.version)):
             meta = e.model.metadata

@@ -1,0 +1,97 @@
+"""What the reliability checks observe a server through: /proc, /metrics, the health service.
+
+Everything here reads a running `charrnn-serve` from the outside, as an
+operator would: its resident memory and open descriptors from /proc/PID, its
+gauges and counters from the Prometheus endpoint, its health over gRPC.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# The statuses the proto documents for Generate, plus OK. CANCELLED is only ever
+# the client's own doing (it cancelled the call); INTERNAL and UNKNOWN mean a bug.
+DOCUMENTED = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNAVAILABLE"})
+CLIENT_CANCELLED = "CANCELLED (client)"  # outcome label of a call the client cancelled itself
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of ``pid`` (VmRSS in /proc/PID/status), bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
+    raise RuntimeError(f"/proc/{pid}/status has no VmRSS line")
+
+
+def open_fds(pid: int) -> int:
+    """Open file descriptors of ``pid`` (entries of /proc/PID/fd)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def threads(pid: int) -> int:
+    """Threads of ``pid`` (entries of /proc/PID/task)."""
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def scrape(url: str, timeout: float = 10.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        return reply.read().decode()
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """{label text: value} of every sample of ``name`` in a Prometheus exposition."""
+    out = {}
+    for m in re.finditer(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", text, re.M):
+        out[m.group(1) or ""] = float(m.group(2))
+    return out
+
+
+def metric_sum(text: str, name: str) -> float:
+    return sum(metric_values(text, name).values())
+
+
+def requests_by_code(text: str) -> dict[str, int]:
+    """charrnn_requests_total summed over models, by code; codes never seen are left out."""
+    counts: dict[str, int] = {}
+    for labels, value in metric_values(text, "charrnn_requests_total").items():
+        code = re.search(r'code="([^"]*)"', labels).group(1)
+        counts[code] = counts.get(code, 0) + int(value)
+    return {c: n for c, n in sorted(counts.items()) if n}
+
+
+def wait_streams_idle(url: str, timeout: float) -> tuple[float, float, float]:
+    """Polls /metrics until active and queued streams are both 0; returns (active, queued, seconds waited)."""
+    start = time.monotonic()
+    while True:
+        text = scrape(url)
+        active = metric_sum(text, "charrnn_active_streams")
+        queued = metric_sum(text, "charrnn_queued_streams")
+        waited = time.monotonic() - start
+        if (active == 0 and queued == 0) or waited > timeout:
+            return active, queued, waited
+        time.sleep(0.05)
+
+
+def wait_fds(pid: int, target: int, timeout: float) -> tuple[int, float]:
+    """Polls /proc/PID/fd until it holds at most ``target`` descriptors; returns (count, seconds waited)."""
+    start = time.monotonic()
+    while True:
+        n = open_fds(pid)
+        waited = time.monotonic() - start
+        if n <= target or waited > timeout:
+            return n, waited
+        time.sleep(0.1)
+
+
+def health_status(target: str, service: str = "", timeout: float = 10.0) -> str:
+    """grpc.health.v1 status name of ``service`` at ``target`` (a fresh plaintext channel)."""
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
