@@ -55,6 +55,7 @@ class Engine:
         max_queue_wait: float = 30.0,
         batching: bool = True,
         label: str | None = None,
+        flush_interval: float = 0.05,
     ):
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
@@ -68,6 +69,10 @@ class Engine:
         self.max_queue_wait = max_queue_wait  # seconds a request may wait (--max-queue-wait)
         self.batching = batching
         self.label = label or model.name  # value of the `model` metric label
+        # Seconds between deliveries of ordinary text to a loop (first characters and ends go at
+        # once): 20 updates a second per stream still reads as smooth streaming, and it saves the
+        # loop, the wire and the client a message per character (bench: a third less client CPU).
+        self.flush_interval = flush_interval
         self._vocab = list(model.metadata.vocab)
         self._lock = threading.Lock()  # guards the two counters below
         self._n_active = 0  # slots taken: prefilling + decoding streams
@@ -116,7 +121,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         box = self._mailboxes.get(loop)
         if box is None:
-            box = self._mailboxes[loop] = Mailbox(loop)
+            box = self._mailboxes[loop] = Mailbox(loop, self.flush_interval)
         with self._lock:
             if self._n_active + self._n_waiting >= self.max_active + self.max_queue:
                 raise errors.Overloaded(
@@ -222,7 +227,7 @@ class Engine:
         with self._lock:
             self._n_waiting -= 1
         s.fail(err, now)
-        s._mailbox.poke()
+        s._mailbox.post([s])
 
     def _admit(self, now: float) -> None:
         new: list[Stream] = []
@@ -291,8 +296,7 @@ class Engine:
             if why is not None:
                 ended[i] = why
         self._end_rows(streams, ended, now)
-        for box in {s._mailbox for s in streams}:
-            box.poke()
+        _post(streams, streams)  # first characters go out at once
         keep = [i for i in range(len(streams)) if i not in ended]
         if keep:
             state = self.model.take(cohort.state, np.array(keep, np.int64)) if ended else cohort.state
@@ -336,8 +340,7 @@ class Engine:
         if ended:
             self._end_rows(streams, ended, now)
             b.keep(np.array([i for i in range(len(streams)) if i not in ended], np.int64))
-        for box in {s._mailbox for s in streams}:
-            box.poke()
+        _post(streams, [streams[i] for i in ended])
 
     def _end_rows(self, streams: list[Stream], ended: dict, now: float) -> None:
         """Ends ``streams[i]`` for each i in ``ended`` (its reason) and frees their slots."""
@@ -364,7 +367,7 @@ class Engine:
         for s in held:
             if not s.done:
                 s.fail(err, now)
-            s._mailbox.poke()
+            s._mailbox.post([s])
 
     def _show_gauges(self) -> None:
         """Adds this engine's change to the shared gauges (several versions of a model share the label)."""
@@ -375,6 +378,15 @@ class Engine:
         if queued != self._shown[1]:
             self._m_queued.inc(queued - self._shown[1])
             self._shown[1] = queued
+
+
+def _post(streams: list[Stream], urgent: list[Stream]) -> None:
+    """Tells the loop(s) of ``streams`` that text is waiting; ``urgent`` streams are woken at once."""
+    boxes: dict[Mailbox, list[Stream]] = {s._mailbox: [] for s in streams}
+    for s in urgent:
+        boxes[s._mailbox].append(s)
+    for box, wake in boxes.items():
+        box.post(wake)
 
 
 def _observe_many(child, value: float, count: int) -> None:

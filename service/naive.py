@@ -34,7 +34,7 @@ def run_alone(engine: "Engine", s: Stream) -> None:
     finally:
         with engine._lock:
             engine._n_active -= 1
-        s._mailbox.poke()
+        s._mailbox.post([s])
         engine._wake.set()  # a slot is free: the engine thread admits the next queued stream
 
 
@@ -49,7 +49,7 @@ def _generate(engine: "Engine", s: Stream) -> None:
     now = s.first_char_at = time.monotonic()
     why = s.advance(vocab[token], now)
     while why is None:
-        s._mailbox.poke()
+        s._mailbox.post([s] if s.generated == 1 else ())  # the first character at once, then every flush interval
         if engine._stopping:
             why = errors.Unavailable(f"server shutting down: model {model.label} stopped")
             break

@@ -1,11 +1,12 @@
 """One generation stream as its asyncio handler sees it, and how text crosses from the engine thread.
 
-The engine thread appends characters to a stream's deque and, once per step,
-pokes the ``Mailbox`` of each asyncio loop that has streams in the batch: one
-``call_soon_threadsafe`` per loop per step, never one per stream per character.
-The poke wakes every stream of that loop whose reader is waiting. A reader
-takes everything produced since its previous read as one chunk, so a slow
-reader gets several characters per chunk and the engine never waits for it.
+The engine thread appends characters to a stream's deque and, after each step,
+posts to the ``Mailbox`` of each asyncio loop that has streams in the batch:
+at most one ``call_soon_threadsafe`` per loop per step (and ordinary text at
+most once per flush interval), never one per stream per character. The
+callback wakes the waiting readers. A reader takes everything produced since
+its previous read as one chunk, so a slow reader gets several characters per
+chunk and the engine never waits for it.
 """
 
 from __future__ import annotations
@@ -24,34 +25,56 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class Mailbox:
-    """Hands the engine's output to one asyncio loop: at most one pending callback at a time."""
+    """Hands the engine's output to one asyncio loop: at most one pending callback at a time.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    Ordinary text is delivered at most once per ``interval`` seconds (every
+    waiting reader then gets all characters since its last chunk); streams
+    named ``urgent`` (a first character, an end) are woken at once, and only
+    they. This bounds the loop's wake-ups and the messages on the wire when
+    steps are fast, without touching time to first character.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0):
         self.loop = loop
+        self.interval = interval  # seconds between deliveries of ordinary text
         self.waiting: set[Stream] = set()  # streams whose reader awaits (touched on the loop thread only)
-        self._scheduled = False
+        self._lock = threading.Lock()  # guards the three fields below (engine and pool threads post)
+        self._urgent: list[Stream] = []  # to wake with the next callback
+        self._everyone = False  # the next callback wakes every waiting reader
+        self._scheduled = False  # a callback is pending on the loop
+        self._last = 0.0  # time.monotonic() of the last delivery to everyone
 
-    def poke(self) -> None:
-        """Engine thread: something new for this loop's streams. Cheap when a wake-up is already pending."""
-        if self._scheduled:
-            return
-        self._scheduled = True
+    def post(self, urgent: list[Stream] | tuple = ()) -> None:
+        """Engine side, after a step: new text for this loop's streams; ``urgent`` ones are woken at once."""
+        now = time.monotonic()
+        due = now - self._last >= self.interval
+        if not (due or urgent):
+            return  # the engine posts again after its next step; the text waits in the deques
+        with self._lock:
+            if due:
+                self._everyone = True
+                self._last = now
+            self._urgent.extend(urgent)
+            if self._scheduled:
+                return
+            self._scheduled = True
         try:
             self.loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the loop is closed: nobody is left to read
-            self._scheduled = False
+            with self._lock:
+                self._scheduled = False
 
     def _deliver(self) -> None:
-        # Cleared before the scan: text appended after this line gets a new poke.
-        self._scheduled = False
-        if not self.waiting:
-            return
-        ready = [s for s in self.waiting if s._chunks or s._done]
-        for s in ready:
-            self.waiting.discard(s)
-            w = s._waiter
-            if w is not None and not w.done():
-                w.set_result(None)
+        with self._lock:  # taken before the scan: what is posted after this gets a new callback
+            everyone, urgent = self._everyone, self._urgent
+            self._everyone, self._urgent, self._scheduled = False, [], False
+        candidates = list(self.waiting) if everyone else [s for s in urgent if s in self.waiting]
+        for s in candidates:
+            if s._chunks or s._done:
+                self.waiting.discard(s)
+                w = s._waiter
+                if w is not None and not w.done():
+                    w.set_result(None)
 
 
 class Stream:

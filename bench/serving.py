@@ -1,0 +1,287 @@
+"""Serving benchmark: the real charrnn-serve under N concurrent streams, against its baselines.
+
+    python -m bench.serving            # make bench; several minutes on 2 cores
+    python -m bench.serving --quick    # a short run: 1, 8, 32 streams, 4 s each
+    python -m bench.serving --device cuda   # concurrency 1, 64, 1024, 4096
+
+Starts two real servers on the same model (continuous batching, and the naive
+--batching off), drives each with the load generator (bench/loadgen.py, its
+own process) at every concurrency, and measures in the same run the raw
+onnxruntime step at each batch size (the ceiling), a PyTorch eager sampling
+loop, and the roofline (bench/baselines.py). Writes bench/results/serving.md,
+serving.json and serving.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench import baselines
+from charrnn import modelfile as mf
+from charrnn.service.runtime import load_model
+
+RESULTS = Path(__file__).parent / "results"
+VOCAB_65 = "\n !$&',-.3:;?" + string.ascii_uppercase + string.ascii_lowercase  # tiny-shakespeare's characters
+
+
+def find_or_make_model(models: Path, work: Path) -> Path:
+    """A 2x512 LSTM: the newest one under ``models`` if any, else random weights through the exporter."""
+    for path in sorted(models.glob(f"*/*/{mf.MODEL_FILE}"), key=lambda p: (p.parent.parent.name, int(p.parent.name)
+                                                                             if p.parent.name.isdigit() else 0)):
+        try:
+            meta = load_model(path, "probe", 1, "cpu").metadata
+        except (mf.ModelFormatError, ValueError):
+            continue
+        if (meta.cell, meta.layers, meta.hidden) == ("lstm", 2, 512):
+            found = path
+    if "found" in locals():
+        return found
+    from charrnn.exporter.export import export_model
+    from charrnn.training.model import CharRNN, ModelConfig
+    import torch
+
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=len(VOCAB_65), cell="lstm", layers=2, hidden=512)).eval()
+    path = work / "shakespeare" / "1" / mf.MODEL_FILE
+    export_model(model, list(VOCAB_65), path, check=False)
+    return path
+
+
+class ServerProcess:
+    """charrnn-serve in a subprocess; the ports are read from its start-up banner."""
+
+    def __init__(self, models: Path, batching: bool, device: str, max_active: int, threads: int):
+        exe = Path(sys.executable).parent / "charrnn-serve"
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "charrnn.service.server"]
+        cmd += ["--models", str(models), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                "--batching", "on" if batching else "off", "--device", device, "--log-level", "warning",
+                "--max-active-streams", str(max_active), "--max-queue", str(4 * max_active),
+                "--max-chars", "100000", "--drain-grace", "2"]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        self.name = "batching" if batching else "naive"
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.target = self.metrics_url = ""
+        deadline = time.monotonic() + 120
+        lines = []
+        while time.monotonic() < deadline and not (self.target and self.metrics_url):
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if m := re.search(r"gRPC\s+\S+:(\d+)", line):
+                self.target = f"127.0.0.1:{m.group(1)}"
+            if m := re.search(r"metrics\s+http://\S+:(\d+)/metrics", line):
+                self.metrics_url = f"http://127.0.0.1:{m.group(1)}/metrics"
+        if not (self.target and self.metrics_url):
+            self.stop()
+            raise RuntimeError(f"charrnn-serve ({self.name}) did not start:\n{''.join(lines)}")
+
+    def engine_totals(self) -> dict[str, float]:
+        """Sums of the engine histograms so far (step seconds, steps, batch rows)."""
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
+        out = {}
+        for key, name in (("step_sum", "charrnn_step_seconds_sum"), ("steps", "charrnn_step_seconds_count"),
+                          ("rows", "charrnn_batch_size_sum")):
+            out[key] = sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
+        return out
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the server process so far (Linux /proc), nan elsewhere."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return math.nan
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def load(server: ServerProcess, concurrency: int, duration: float, warmup: float, max_chars: int, vocab: str) -> dict:
+    before = server.engine_totals()
+    cpu_before = server.cpu_seconds()
+    cmd = [sys.executable, "-m", "bench.loadgen", "--target", server.target, "--concurrency", str(concurrency),
+           "--duration", str(duration), "--warmup", str(warmup), "--max-chars", str(max_chars), "--vocab", vocab]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120,
+                          cwd=Path(__file__).parent.parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    after = server.engine_totals()
+    # CPU per character is steadier than wall time on a shared machine: it shows the server's own cost.
+    chars_total = result["chars_total"]
+    result["server_cpu_us_per_char"] = 1e6 * (server.cpu_seconds() - cpu_before) / chars_total if chars_total else math.nan
+    result["client_cpu_us_per_char"] = 1e6 * result["client_cpu_s"] / chars_total if chars_total else math.nan
+    steps = after["steps"] - before["steps"]
+    result["engine_mean_step_ms"] = 1e3 * (after["step_sum"] - before["step_sum"]) / steps if steps else math.nan
+    result["engine_mean_batch"] = (after["rows"] - before["rows"]) / steps if steps else math.nan
+    return result
+
+
+def markdown(report: dict) -> str:
+    r = report
+    lines = [
+        f"# Serving benchmark: {r['model']}",
+        "",
+        f"`{r['command']}` on {r['machine']}, device {r['device']}, {r['date']}. "
+        f"Each load point: {r['duration']:g} s of load, first {r['warmup']:g} s not counted; "
+        f"requests of {r['max_chars'] // 2}-{r['max_chars']} characters, each with its own prime, temperature and seed.",
+        "",
+        f"Roofline: {r['matmul_gflops']:.1f} GFLOP/s measured sgemm / {r['flops_per_char'] / 1e6:.2f} MFLOP per "
+        f"character = {r['roofline_chars_per_s']:,.0f} chars/s.",
+        "",
+        "| streams | server chars/s | TTFC p50 / p99 ms | between chars p50 / p99 ms | mean batch | naive server chars/s "
+        "| naive TTFC p99 ms | raw ORT step chars/s | server / raw | server / naive | PyTorch eager chars/s "
+        "| CPU µs/char: server (client) / raw ORT |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in r["rows"]:
+        s, n = row["server"], row["naive"]
+        lines.append(
+            f"| {row['concurrency']} | {s['chars_per_s']:,.0f} | {1e3 * s['ttfc_p50']:.1f} / {1e3 * s['ttfc_p99']:.1f} "
+            f"| {1e3 * s['inter_char_p50']:.2f} / {1e3 * s['inter_char_p99']:.2f} | {s['engine_mean_batch']:.1f} "
+            f"| {n['chars_per_s']:,.0f} | {1e3 * n['ttfc_p99']:.1f} | {row['raw_ort_chars_per_s']:,.0f} "
+            f"| {row['server_vs_raw']:.0%} | {row['server_vs_naive']:.1f}x | {row['torch_eager_chars_per_s']:,.0f} "
+            f"| {s['server_cpu_us_per_char']:.0f} ({s['client_cpu_us_per_char']:.0f}) / {row['raw_ort_cpu_us_per_char']:.0f} |"
+        )
+    lines += ["", "PyTorch eager at 1 stream is the classic one-stream sampling loop; at N it samples a batch of N. "
+              "Raw ORT is the best of two runs (before and after the load). The server also prefills every "
+              "new stream's prime, which the raw step does not. CPU µs per character (server process, load "
+              "generator process, raw loop) is steadier than chars/s on a shared machine.",
+              "", "Targets:"]
+    lines += [f"- {t['what']}: {t['value']} -> {'met' if t['met'] else 'MISSED'}" for t in r["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [row["concurrency"] for row in report["rows"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, key, style in (("charrnn-serve (batching)", lambda r: r["server"]["chars_per_s"], "o-"),
+                              ("charrnn-serve --batching off", lambda r: r["naive"]["chars_per_s"], "s-"),
+                              ("raw onnxruntime step (no server)", lambda r: r["raw_ort_chars_per_s"], "^--"),
+                              ("PyTorch eager loop", lambda r: r["torch_eager_chars_per_s"], "x:")):
+        ax.plot(xs, [key(r) for r in report["rows"]], style, label=label)
+    ax.axhline(report["roofline_chars_per_s"], color="grey", lw=1, label="roofline (sgemm rate / FLOPs per char)")
+    ax.set(xscale="log", yscale="log", xlabel="concurrent streams", ylabel="characters / s",
+           title=f"{report['model']} on {report['device']}")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def targets(rows: dict[int, dict]) -> list[dict]:
+    out = []
+    if 128 in rows:
+        r = rows[128]
+        out += [
+            {"what": "128 streams: server >= 80% of the raw ORT step rate at B=128",
+             "value": f"{r['server_vs_raw']:.0%}", "met": r["server_vs_raw"] >= 0.8},
+            {"what": "128 streams: server >= 3x the naive server", "value": f"{r['server_vs_naive']:.1f}x",
+             "met": r["server_vs_naive"] >= 3},
+            {"what": "128 streams: p99 time to first char <= 50 ms",
+             "value": f"{1e3 * r['server']['ttfc_p99']:.1f} ms", "met": r["server"]["ttfc_p99"] <= 0.05},
+        ]
+    if 1 in rows:
+        out.append({"what": "1 stream: server >= 70% of the raw ORT step rate at B=1",
+                    "value": f"{rows[1]['server_vs_raw']:.0%}", "met": rows[1]["server_vs_raw"] >= 0.7})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Serving benchmark of charrnn-serve (see bench/serving.py).")
+    p.add_argument("--quick", action="store_true", help="a short run: 1, 8, 32 streams, 4 s of load each")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device of the servers and baselines")
+    p.add_argument("--concurrency", default="", help="comma-separated stream counts (default by device)")
+    p.add_argument("--duration", type=float, default=0, help="seconds of load per point (default 12, quick 4)")
+    p.add_argument("--models", default="models", help="where to look for a trained 2x512 LSTM first")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = one per core)")
+    p.add_argument("--max-chars", type=int, default=400, help="longest request, characters")
+    p.add_argument("--out", default=str(RESULTS), help="folder for serving.md, serving.json, serving.png")
+    a = p.parse_args(argv)
+    default = "1,64,1024,4096" if a.device == "cuda" else ("1,8,32" if a.quick else "1,8,32,128,256")
+    levels = [int(x) for x in (a.concurrency or default).split(",")]
+    duration = a.duration or (4.0 if a.quick else 12.0)
+    warmup = min(3.0, duration / 3)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="charrnn-bench-"))
+    servers: list[ServerProcess] = []
+    try:
+        src = find_or_make_model(Path(a.models), work)
+        repo = work / "repo"
+        (repo / "shakespeare" / "1").mkdir(parents=True)
+        shutil.copy(src, repo / "shakespeare" / "1" / mf.MODEL_FILE)
+        meta = load_model(src, "bench", 1, "cpu").metadata
+        print(f"model {src} ({meta.cell} {meta.layers}x{meta.hidden}, vocab {meta.vocab_size})", flush=True)
+        flops = baselines.flops_per_char(meta)
+        gemm = baselines.matmul_flops()
+        print(f"sgemm {gemm / 1e9:.1f} GFLOP/s; {flops / 1e6:.2f} MFLOP/char", flush=True)
+        base_seconds = 1.0 if a.quick else 2.5
+        servers = [ServerProcess(repo, b, a.device, max(levels), a.threads) for b in (True, False)]
+        rows = {}
+        for c in levels:
+            row: dict = {"concurrency": c}
+            raw = [baselines.raw_ort_rate(src, c, base_seconds / 2, a.device, a.threads)]
+            row["torch_eager_chars_per_s"] = baselines.torch_eager_rate(meta, c, base_seconds, a.device)
+            for s in servers:
+                row["server" if s.name == "batching" else "naive"] = load(s, c, duration, warmup, a.max_chars,
+                                                                         "".join(meta.vocab))
+            # Measured before and after the load, best of the two: the ceiling should not be a victim of noise.
+            raw.append(baselines.raw_ort_rate(src, c, base_seconds / 2, a.device, a.threads))
+            row["raw_ort_chars_per_s"] = max(r for r, _ in raw)
+            row["raw_ort_cpu_us_per_char"] = min(u for _, u in raw)
+            row["server_vs_raw_cpu"] = row["raw_ort_cpu_us_per_char"] / row["server"]["server_cpu_us_per_char"]
+            row["server_vs_raw"] = row["server"]["chars_per_s"] / row["raw_ort_chars_per_s"]
+            row["server_vs_naive"] = row["server"]["chars_per_s"] / max(row["naive"]["chars_per_s"], 1e-9)
+            rows[c] = row
+            print(f"{c:5d} streams: server {row['server']['chars_per_s']:9,.0f} chars/s "
+                  f"(TTFC p99 {1e3 * row['server']['ttfc_p99']:.1f} ms, batch {row['server']['engine_mean_batch']:.1f})"
+                  f" | naive {row['naive']['chars_per_s']:8,.0f} | raw ORT {row['raw_ort_chars_per_s']:9,.0f}"
+                  f" | torch {row['torch_eager_chars_per_s']:8,.0f}", flush=True)
+    finally:
+        for s in servers:
+            s.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    report = {
+        "model": f"LSTM {meta.layers}x{meta.hidden}, vocab {meta.vocab_size}", "device": a.device,
+        "command": "python -m bench.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs ({platform.processor() or platform.system()})",
+        "date": time.strftime("%Y-%m-%d"), "duration": duration, "warmup": warmup, "max_chars": a.max_chars,
+        "matmul_gflops": gemm / 1e9, "flops_per_char": flops, "roofline_chars_per_s": gemm / flops,
+        "rows": list(rows.values()), "targets": targets(rows),
+    }
+    (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "serving.md").write_text(markdown(report))
+    plot(report, out / "serving.png")
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
