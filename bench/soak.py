@@ -1,0 +1,181 @@
+"""Soak: many concurrent streams that misbehave the way real clients do, against one `charrnn-serve`.
+
+Each of ``streams`` workers sends Generate requests back to back for the whole
+soak. A request is, at random, read to the end, cancelled at a random moment
+(possibly before its first character, while it waits for a slot), given a short
+deadline, read slowly (a pause between messages), sent on a fresh connection
+that is closed afterwards, or ended by a stop sequence. Every outcome is
+counted by its status; the server's resident memory and open descriptors are
+read from /proc before (after a warm-up and a pause) and after (once the load
+stopped and the server settled), and its stream gauges must return to 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import grpc
+
+from bench import probes
+from charrnn.v1 import generator_pb2 as pb
+from charrnn.v1 import generator_pb2_grpc
+
+PRIME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz ,.:;!?'\n"  # inside tests.modelfactory's vocabulary
+# grpc shares one connection among a process's channels to the same target; this gives each its own.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+# Fewer slots plus queue places (128 + 64) than streams (256): the queue fills, the limits answer.
+SERVER_ARGS = ("--max-active-streams", "128", "--max-queue", "64", "--max-queue-wait", "1")
+BEHAVIOURS = ("read", "cancel", "deadline", "slow", "fresh_channel", "stop")
+
+
+@dataclass
+class SoakConfig:
+    streams: int = 256  # concurrent client streams
+    seconds: float = 30.0  # length of the measured soak
+    warmup_seconds: float = 5.0  # load before the starting RSS / descriptor reading
+    channels: int = 8  # long-lived client connections the workers share
+    weights: tuple = (0.45, 0.15, 0.15, 0.10, 0.05, 0.10)  # share of each of BEHAVIOURS
+    max_chars: tuple = (10, 300)  # characters asked per request, uniform in [lo, hi]
+    deadline_s: tuple = (0.002, 0.3)  # the short deadlines, seconds, uniform
+    cancel_after_s: tuple = (0.0, 0.2)  # when a cancelling client cancels, seconds after sending
+    slow_pause_s: tuple = (0.005, 0.05)  # a slow reader's pause between messages, seconds
+    settle_s: float = 15.0  # longest wait for gauges and descriptors to return after the load
+    model: str = "tiny"
+    seed: int = 0
+
+
+@dataclass
+class _Tally:
+    outcomes: collections.Counter
+    chars: int = 0
+    bad_ok: int = 0  # OK streams without a final message, or with more characters than asked
+
+
+async def _request(stub, channel_factory, rng: random.Random, cfg: SoakConfig, tally: _Tally) -> None:
+    behaviour = rng.choices(BEHAVIOURS, cfg.weights)[0]
+    max_chars = rng.randint(*cfg.max_chars)
+    prime = "".join(rng.choice(PRIME_CHARS) for _ in range(rng.randint(0, 40)))
+    req = pb.GenerateRequest(model=cfg.model, prime=prime, max_chars=max_chars, temperature=rng.uniform(0.2, 1.5),
+                             seed=rng.getrandbits(63), stop=["e!"] if behaviour == "stop" else [])
+    timeout = rng.uniform(*cfg.deadline_s) if behaviour == "deadline" else 60.0
+    fresh = await channel_factory() if behaviour == "fresh_channel" else None
+    call = (generator_pb2_grpc.GeneratorStub(fresh) if fresh else stub).Generate(req, timeout=timeout)
+    timer = None
+    if behaviour == "cancel":
+        timer = asyncio.get_running_loop().call_later(rng.uniform(*cfg.cancel_after_s), call.cancel)
+    got, final = 0, None
+    try:
+        async for response in call:
+            got += len(response.text)
+            if response.HasField("stats"):
+                final = response
+            if behaviour == "slow":
+                await asyncio.sleep(rng.uniform(*cfg.slow_pause_s))
+        outcome = "OK"
+        if final is None or got > max_chars:
+            tally.bad_ok += 1
+    except asyncio.CancelledError:
+        if not call.cancelled() or behaviour != "cancel":
+            raise  # not ours: the soak itself is being stopped
+        outcome = probes.CLIENT_CANCELLED
+    except grpc.RpcError as e:
+        outcome = e.code().name
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if fresh is not None:
+            await fresh.close()
+    if behaviour == "cancel" and outcome != probes.CLIENT_CANCELLED and call.cancelled():
+        outcome = probes.CLIENT_CANCELLED
+    tally.outcomes[outcome] += 1
+    tally.chars += got
+
+
+async def _load(target: str, cfg: SoakConfig, seconds: float, tally: _Tally, seed: int) -> None:
+    """``cfg.streams`` workers, each sending requests back to back until ``seconds`` have passed."""
+    channels = [grpc.aio.insecure_channel(target, OWN_CONNECTION) for _ in range(cfg.channels)]
+    stubs = [generator_pb2_grpc.GeneratorStub(c) for c in channels]
+
+    async def fresh_channel():
+        return grpc.aio.insecure_channel(target, OWN_CONNECTION)
+
+    end = time.monotonic() + seconds
+
+    async def worker(i: int) -> None:
+        rng = random.Random(seed * 1_000_003 + i)
+        while time.monotonic() < end:
+            await _request(stubs[i % len(stubs)], fresh_channel, rng, cfg, tally)
+
+    try:
+        await asyncio.gather(*(worker(i) for i in range(cfg.streams)))
+    finally:
+        for c in channels:
+            await c.close()
+
+
+def _reading(pid: int) -> dict:
+    return {"rss_bytes": probes.rss_bytes(pid), "fds": probes.open_fds(pid), "threads": probes.threads(pid)}
+
+
+async def _sample(pid: int, series: list, every: float = 1.0) -> None:
+    start = time.monotonic()
+    while True:
+        series.append({"t": round(time.monotonic() - start, 1), **_reading(pid)})
+        await asyncio.sleep(every)
+
+
+async def soak(target: str, pid: int, metrics_url: str, cfg: SoakConfig) -> dict:
+    """Runs warm-up, pause, soak, settle; returns the figures (see the module docstring)."""
+    warm = _Tally(collections.Counter())
+    await _load(target, cfg, cfg.warmup_seconds, warm, cfg.seed)
+    await asyncio.to_thread(probes.wait_streams_idle, metrics_url, cfg.settle_s)
+    await asyncio.sleep(1.0)  # connections of the warm-up close, buffers return
+    before = _reading(pid)
+    codes_before = probes.requests_by_code(probes.scrape(metrics_url))
+
+    tally = _Tally(collections.Counter())
+    series: list[dict] = []
+    sampler = asyncio.create_task(_sample(pid, series))
+    started = time.monotonic()
+    try:
+        await _load(target, cfg, cfg.seconds, tally, cfg.seed + 1)
+    finally:
+        sampler.cancel()
+    elapsed = time.monotonic() - started
+
+    active, queued, idle_s = await asyncio.to_thread(probes.wait_streams_idle, metrics_url, cfg.settle_s)
+    fds_end, fds_s = await asyncio.to_thread(probes.wait_fds, pid, before["fds"], cfg.settle_s)
+    after = _reading(pid)
+    codes_after = probes.requests_by_code(probes.scrape(metrics_url))
+    server_codes = {c: n - codes_before.get(c, 0) for c, n in codes_after.items() if n - codes_before.get(c, 0)}
+    client_codes = dict(sorted(tally.outcomes.items()))
+    return {
+        "config": asdict(cfg),
+        "soak_seconds": round(elapsed, 1),
+        "requests": sum(client_codes.values()),
+        "completed_ok": client_codes.get("OK", 0),
+        "chars_received": tally.chars,
+        "client_codes": client_codes,
+        "server_codes": server_codes,
+        "undocumented": {c: n for c, n in client_codes.items() if c not in probes.DOCUMENTED | {probes.CLIENT_CANCELLED}},
+        "bad_ok_streams": tally.bad_ok,
+        "rss_start_bytes": before["rss_bytes"],
+        "rss_end_bytes": after["rss_bytes"],
+        "rss_peak_bytes": max((s["rss_bytes"] for s in series), default=after["rss_bytes"]),
+        "rss_growth": round(after["rss_bytes"] / before["rss_bytes"] - 1, 4),
+        "fds_start": before["fds"],
+        "fds_end": fds_end,
+        "fds_peak": max((s["fds"] for s in series), default=fds_end),
+        "fds_settle_seconds": round(fds_s, 2),
+        "threads_start": before["threads"],
+        "threads_end": after["threads"],
+        "active_after": active,
+        "queued_after": queued,
+        "idle_after_seconds": round(idle_s, 2),
+        "health_after": probes.health_status(target),
+        "series": series,
+    }
