@@ -10,9 +10,15 @@ argument or corpus, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .checkpoint import CheckpointError
+# torch's OpenMP threads spin while they wait for work by default. On a machine whose cores are
+# shared with other jobs, the spinning threads starve each other and an LSTM step runs up to
+# 10x slower; passive waiting costs little when the machine is idle. Read once, at torch's import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .checkpoint import CheckpointError  # noqa: E402 (after OMP_WAIT_POLICY)
 from .config import ConfigError, TrainConfig
 from .loop import DivergedError, run_training
 from .presets import PRESETS, preset
@@ -60,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="random seed; a CPU run with the same seed repeats exactly")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto picks CUDA when available")
     r.add_argument("--threads", type=int, help="torch CPU threads (0: one per core)")
+    r.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast on CUDA and on CPUs with bf16 units (AMX, AVX-512 BF16), else fp32")
     r.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.pt if it exists")
     return p
 

@@ -51,6 +51,7 @@ class TrainConfig:
     # runtime
     seed: int = 1337  # seeds python, numpy and torch; a CPU run with the same seed repeats exactly
     device: str = "auto"  # "auto" (CUDA when available) | "cpu" | "cuda"
+    precision: str = "auto"  # matrix math: "auto" (bf16 on CUDA and on CPUs with bf16 units, else fp32) | "bf16" | "fp32"
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
     resume: bool = False  # continue from OUT/last.pt (a fresh start when there is none)
 
@@ -59,6 +60,7 @@ class TrainConfig:
         _one_of("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
         _one_of("errors", self.errors, ("strict", "replace"))
+        _one_of("precision", self.precision, ("auto", "bf16", "fp32"))
         for name in ("layers", "hidden", "batch_size", "seq_len", "eval_interval", "log_interval"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(name, "an integer >= 1", getattr(self, name))

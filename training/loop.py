@@ -8,7 +8,6 @@ stops, rank 0 evaluates, samples, logs and checkpoints.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ class RunResult:
 
 
 def run_training(cfg: TrainConfig) -> RunResult:
-    rt = start_runtime(cfg.device, cfg.threads)
+    rt = start_runtime(cfg.device, cfg.threads, cfg.precision)
     try:
         return _train(cfg, rt)
     finally:
@@ -78,9 +77,8 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
     if log:
         log.restart_at(run.step)
     say(f"model: {model_cfg.cell} {model_cfg.layers}x{model_cfg.hidden}, {sum(p.numel() for p in model.parameters()):,} parameters,"
-        f" device {rt.device}{f', {rt.world} ranks' if rt.distributed else ''}")
+        f" device {rt.device}{' bf16' if rt.bf16 else ' fp32'}{f', {rt.world} ranks' if rt.distributed else ''}")
     net = torch.nn.parallel.DistributedDataParallel(model) if rt.distributed else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if rt.cuda else contextlib.nullcontext()
 
     if cfg.max_steps and run.step >= cfg.max_steps:
         say(f"nothing to do: the run already took {run.step} of --max-steps {cfg.max_steps} steps")
@@ -101,7 +99,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
             run.position, run.epoch, run.carried = 0, run.epoch + 1, None
         x, y = (torch.from_numpy(a).to(rt.device, non_blocking=True) for a in lanes.window(run.position))
         state = run.carried if run.carried is not None else model.init_state(cfg.batch_size, rt.device)
-        with autocast:
+        with rt.autocast():
             logits, new_state = net(x, state)  # (B, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         optimizer.zero_grad(set_to_none=True)
@@ -149,7 +147,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
         train_seconds = time.perf_counter() - window_start
         ranks = resume_state.gather(run, model, rt)
         if rt.is_main:
-            val_loss = evaluate(model, val, cfg.eval_iters, rt.device, autocast)
+            val_loss = evaluate(model, val, cfg.eval_iters, rt)
             improved = is_better(val_loss, run.best_val_loss)
             run.best_val_loss = val_loss if improved else run.best_val_loss
             run.evals_since_best = 0 if improved else run.evals_since_best + 1
@@ -186,18 +184,18 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
 
 
 @torch.inference_mode()
-def evaluate(model: CharRNN, val: Lanes, iters: int, device: torch.device, autocast) -> float:
+def evaluate(model: CharRNN, val: Lanes, iters: int, rt: Runtime) -> float:
     """Mean loss (nats/char) over the first ``iters`` windows of every validation lane (all when 0).
 
     Deterministic: dropout off, each lane starts from a zero state and carries it window to window.
     """
     model.eval()
-    state = model.init_state(val.count, device)
-    total = torch.zeros((), device=device, dtype=torch.float64)
+    state = model.init_state(val.count, rt.device)
+    total = torch.zeros((), device=rt.device, dtype=torch.float64)
     windows = min(iters, val.windows) if iters else val.windows
     for i in range(windows):
-        x, y = (torch.from_numpy(a).to(device, non_blocking=True) for a in val.window(i))
-        with autocast:
+        x, y = (torch.from_numpy(a).to(rt.device, non_blocking=True) for a in val.window(i))
+        with rt.autocast():
             logits, state = model(x, state)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
     model.train()

@@ -6,6 +6,7 @@ process and none of the collectives below do anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass
@@ -22,6 +23,13 @@ class Runtime:
     device: torch.device  # where the model and batches live
     rank: int  # this process's index under torchrun; 0 alone
     world: int  # processes under torchrun; 1 alone
+    bf16: bool = False  # matrix math under bfloat16 autocast (weights and optimizer stay float32)
+
+    def autocast(self):
+        """The context each forward pass runs in."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     @property
     def is_main(self) -> bool:
@@ -37,7 +45,17 @@ class Runtime:
         return self.device.type == "cuda"
 
 
-def start_runtime(device: str, threads: int = 0) -> Runtime:
+def cpu_has_bf16_units() -> bool:
+    """AMX or AVX-512 BF16: there bfloat16 LSTM steps run about 3x faster than float32 (oneDNN)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def start_runtime(device: str, threads: int = 0, precision: str = "auto") -> Runtime:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda" and not torch.cuda.is_available():
@@ -58,7 +76,8 @@ def start_runtime(device: str, threads: int = 0) -> Runtime:
         torch.set_flush_denormal(True)  # denormal floats are very slow on x86 and change no result that matters
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Runtime(dev, rank, world)
+    bf16 = precision == "bf16" or (precision == "auto" and (use_cuda or cpu_has_bf16_units()))
+    return Runtime(dev, rank, world, bf16)
 
 
 def stop_runtime(rt: Runtime) -> None:
