@@ -32,7 +32,7 @@ for room in training:training exporter:exporter service:service inspector:inspec
   ln -s "$PWD/${room%%:*}" "$PKG/charrnn/${room##*:}"
 done
 export PYTHONPATH="$PKG${ORT_SITE:+:$ORT_SITE}${PYTHONPATH:+:$PYTHONPATH}"
-run() { python3 -c "import sys; from charrnn.$1 import main; sys.argv[0] = '$2'; sys.exit(main())" "${@:3}"; }
+run() { python3 -P -c "import sys; from charrnn.$1 import main; sys.argv[0] = '$2'; sys.exit(main())" "${@:3}"; }
 
 {
   date -u
