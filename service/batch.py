@@ -14,6 +14,8 @@ character, so a new stream does not wait for a step of the whole batch.
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
 from charrnn.service import sampling
@@ -100,3 +102,50 @@ class Cohort:
             start = len(ids) - self.remaining
             rows.append(ids[start : start + steps])
         return np.stack(rows).astype(np.int64, copy=False)
+
+
+class PrimeCache:
+    """What reading a prime leaves behind: its state (batch 1) and its last logits [V], by prime, LRU.
+
+    Reading a prime is deterministic (no sampling), so a stream whose prime was
+    read before skips its prefill: its first character is sampled from the cached
+    logits and it joins the batch at once. Speaker names and the empty prime
+    repeat all the time in char-rnn use, and a prefill at batch 1 costs several
+    times what a character in the running batch costs.
+    """
+
+    MAX_PRIME = 1024  # longer primes are not kept (bounds the memory of the keys)
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity  # entries; 0 turns the cache off
+        self.hits = 0
+        self.misses = 0
+        self._entries: collections.OrderedDict[bytes, tuple[State, np.ndarray]] = collections.OrderedDict()
+
+    @staticmethod
+    def key(stream: Stream) -> bytes:
+        return stream.request.prime_ids.astype(np.int64, copy=False).tobytes()
+
+    def get(self, stream: Stream) -> tuple[State, np.ndarray] | None:
+        if not self.capacity:
+            return None
+        entry = self._entries.get(self.key(stream))
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(self.key(stream))
+        self.hits += 1
+        return entry
+
+    def put(self, model: LoadedModel, streams: list[Stream], state: State, logits: np.ndarray) -> None:
+        """Keeps each stream's row of ``state`` and ``logits`` [k, V] under its prime."""
+        if not self.capacity:
+            return
+        for i, s in enumerate(streams):
+            if len(s.request.prime_ids) > self.MAX_PRIME:
+                continue
+            key = self.key(s)
+            if key not in self._entries:
+                self._entries[key] = (model.take(state, np.array([i], np.int64)), logits[i].copy())
+                if len(self._entries) > self.capacity:
+                    self._entries.popitem(last=False)

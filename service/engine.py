@@ -1,11 +1,11 @@
 """The generation engine of one model version: admission, continuous batching, its own thread.
 
 Requests wait in a FIFO queue for one of ``max_active`` batch slots. A stream
-that gets a slot first reads its prime (prefill), grouped with other new
-streams that have as many prime characters left (``batch.Cohort``), and then
-joins the running batch, which one onnxruntime call per step advances by one
-character for every stream (``batch.Batch``). Streams that finish, are
-cancelled or pass their deadline leave at the end of the step that saw it.
+that gets a slot is handed to the ``scheduler.Scheduler``: it reads its prime
+(prefill), grouped with other new streams, and joins the running batch, which
+one onnxruntime call per step advances by one character for every stream.
+Streams that finish, are cancelled or pass their deadline leave at the end of
+the step that saw it.
 
 With ``batching=False`` the same admission and streams run the naive way
 (naive.py): each stream in its own pool thread, one onnxruntime call per stream
@@ -27,19 +27,15 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
 from charrnn.service import errors, naive
-from charrnn.service.batch import Batch, Cohort, sample_next
 from charrnn.service.metrics import Metrics
 from charrnn.service.requests import GenerationRequest
 from charrnn.service.runtime import LoadedModel
+from charrnn.service.scheduler import Scheduler
 from charrnn.service.streams import Mailbox, Stream
 
 log = logging.getLogger("charrnn.service.engine")
 
-MAX_PREFILL_STEPS = 128  # prime characters per prefill call: a long prime takes several rounds
-MIN_PREFILL_SECONDS = 0.002  # prefill time per round while streams decode (at least the last step's time)
 QUEUE_SCAN_SECONDS = 0.01  # how often queued streams are checked for cancels and deadlines
 SHUTDOWN_MESSAGE = "server shutting down"
 
@@ -56,6 +52,7 @@ class Engine:
         batching: bool = True,
         label: str | None = None,
         flush_interval: float = 0.05,
+        prime_cache: int = 1024,
     ):
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
@@ -84,12 +81,7 @@ class Engine:
         self._stopping = False  # end everything now
         self._thread: threading.Thread | None = None
         self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> Mailbox
-        self._batch = Batch(model)
-        self._cohorts: list[Cohort] = []
-        self._fresh: list[Stream] = []  # joined the batch since its last step (first character from prefill)
         self._pool: ThreadPoolExecutor | None = None
-        self._last_step_seconds = 0.0
-        self._last_step_at = 0.0
         self._last_scan = 0.0
         self._shown = [0, 0]  # what this engine has added to the active / queued gauges
         self._m_step = metrics.step.labels(self.label)
@@ -98,6 +90,9 @@ class Engine:
         self._m_inter = metrics.inter_char.labels(self.label)
         self._m_active = metrics.active_streams.labels(self.label)
         self._m_queued = metrics.queued_streams.labels(self.label)
+        self.scheduler = Scheduler(model, prime_cache=prime_cache, release=self._release, step_hist=self._m_step,
+                                   batch_hist=self._m_batch, inter_hist=self._m_inter)
+        self.prime_cache = self.scheduler.prime_cache  # primes read before (prime_cache=0 turns it off)
 
     # ---- API (asyncio loop thread) ----
 
@@ -178,16 +173,13 @@ class Engine:
                 self._take_inbox()
                 self._check_queue(now)
                 self._admit(now)
-                busy = len(self._batch) or self._cohorts
                 self._show_gauges()
-                if not busy:
+                if not self.scheduler.busy:
                     if self._draining and self.idle:
                         break
                     self._wake.wait(QUEUE_SCAN_SECONDS if self._queue else 1.0)
                     continue
-                self._prefill()
-                if len(self._batch):
-                    self._decode()
+                self.scheduler.work()
         except Exception:
             log.exception("engine %s failed; ending its streams", self.model.label)
             self._end_all(errors.CharrnnError(f"internal error in the engine of {self.model.label}"))
@@ -217,10 +209,8 @@ class Engine:
         if not q or now - self._last_scan < QUEUE_SCAN_SECONDS:
             return
         self._last_scan = now
-        for s in [s for s in q if s._cancelled or (s.request.deadline is not None and s.request.deadline <= now)]:
+        for s, err in [(s, err) for s in q if (err := s.gone(now)) is not None]:
             q.remove(s)
-            err = errors.Cancelled("cancelled") if s._cancelled else errors.DeadlineExceeded(
-                f"deadline passed after {now - s.queued_at:.3f}s waiting for a batch slot")
             self._end_waiting(s, now, err)
 
     def _end_waiting(self, s: Stream, now: float, err: errors.CharrnnError) -> None:
@@ -244,123 +234,22 @@ class Engine:
         if not self.batching:
             for s in new:
                 self._pool.submit(naive.run_alone, self, s)
-            return
-        by_length: dict[int, list[Stream]] = collections.defaultdict(list)
-        for s in new:
-            by_length[len(s.request.prime_ids)].append(s)
-        for length, group in by_length.items():
-            state = self.model.zero_state(len(group))
-            same = next((c for c in self._cohorts if c.remaining == length), None)
-            if same is None:
-                self._cohorts.append(Cohort(group, state, length))
-            else:
-                same.streams.extend(group)
-                same.state = self.model.concat([same.state, state])
+        else:
+            self.scheduler.add(new)
 
-    def _prefill(self) -> None:
-        """Reads primes: the cohort with the most left runs until it catches the next one, then they merge.
-
-        So k new streams cost max(prime length) sequential steps, not the sum. Bounded
-        per round (MIN_PREFILL_SECONDS or the last decode step's time, whichever is
-        more) while other streams decode, so a long prime cannot stall the batch.
-        """
-        self._drop_gone_from_cohorts()
-        budget = max(MIN_PREFILL_SECONDS, self._last_step_seconds) if len(self._batch) else float("inf")
-        t0 = time.monotonic()
-        cohorts = self._cohorts
-        while cohorts and time.monotonic() - t0 < budget:
-            cohorts.sort(key=lambda c: c.remaining, reverse=True)
-            top = cohorts[0]
-            target = cohorts[1].remaining if len(cohorts) > 1 else 0
-            steps = min(top.remaining - target, MAX_PREFILL_STEPS)
-            logits, top.state = self.model.run(top.tokens(steps), top.state)  # [k, steps, V]
-            top.remaining -= steps
-            if top.remaining == 0:
-                cohorts.pop(0)
-                self._first_chars(top, logits[:, -1, :])
-            elif len(cohorts) > 1 and top.remaining == cohorts[1].remaining:
-                nxt = cohorts.pop(1)
-                top.streams += nxt.streams
-                top.state = self.model.concat([top.state, nxt.state])
-
-    def _first_chars(self, cohort: Cohort, logits: np.ndarray) -> None:
-        """Samples each new stream's first character from its prime's last logits [k, V]; joins the batch."""
-        ids = sample_next(logits, cohort.streams)
-        now = time.monotonic()
-        streams, vocab = cohort.streams, self._vocab
-        ended = {}
-        for i, tok in enumerate(ids.tolist()):
-            s = streams[i]
-            s.first_char_at = now
-            why = s.advance(vocab[tok], now)
-            if why is not None:
-                ended[i] = why
-        self._end_rows(streams, ended, now)
-        _post(streams, streams)  # first characters go out at once
-        keep = [i for i in range(len(streams)) if i not in ended]
-        if keep:
-            state = self.model.take(cohort.state, np.array(keep, np.int64)) if ended else cohort.state
-            joining = [streams[i] for i in keep]
-            self._batch.join(joining, ids[keep], state)
-            self._fresh.extend(joining)
-
-    def _drop_gone_from_cohorts(self) -> None:
-        now = time.monotonic()
-        for c in self._cohorts:
-            ended = {i: why for i, s in enumerate(c.streams) if (why := s.gone(now)) is not None}
-            if not ended:
-                continue
-            self._end_rows(c.streams, ended, now)
-            keep = [i for i in range(len(c.streams)) if i not in ended]
-            c.streams = [c.streams[i] for i in keep]
-            c.state = self.model.take(c.state, np.array(keep, np.int64)) if keep else None
-        self._cohorts = [c for c in self._cohorts if c.streams]
-
-    def _decode(self) -> None:
-        """One step of the whole batch: one onnxruntime call, one sampling call, text to every stream."""
-        b = self._batch
-        t0 = time.monotonic()
-        _, ids = b.step()
-        now = time.monotonic()
-        self._last_step_seconds = now - t0
-        self._m_step.observe(now - t0)
-        self._m_batch.observe(len(b))
-        streams, vocab = b.streams, self._vocab
-        ended = {}
-        for i, tok in enumerate(ids.tolist()):
-            why = streams[i].advance(vocab[tok], now)
-            if why is not None:
-                ended[i] = why
-        # Streams that were in the previous step share one gap; those that joined since count from their first.
-        _observe_many(self._m_inter, now - self._last_step_at, len(b) - len(self._fresh))
-        for s in self._fresh:
-            self._m_inter.observe(now - s.first_char_at)
-        self._fresh.clear()
-        self._last_step_at = now
-        if ended:
-            self._end_rows(streams, ended, now)
-            b.keep(np.array([i for i in range(len(streams)) if i not in ended], np.int64))
-        _post(streams, [streams[i] for i in ended])
-
-    def _end_rows(self, streams: list[Stream], ended: dict, now: float) -> None:
-        """Ends ``streams[i]`` for each i in ``ended`` (its reason) and frees their slots."""
-        if not ended:
-            return
-        for i, why in ended.items():
-            streams[i].end(why, now)
+    def _release(self, n: int) -> None:
+        """n streams left their slots."""
         with self._lock:
-            self._n_active -= len(ended)
+            self._n_active -= n
 
     def _end_all(self, err: errors.CharrnnError) -> None:
         """Ends every stream the engine thread still holds (queued, prefilling, decoding)."""
         now = time.monotonic()
         self._take_inbox()
-        held = list(self._queue) + [s for c in self._cohorts for s in c.streams] + self._batch.streams
+        held = list(self._queue) + self.scheduler.held()
         n_queued = len(self._queue)
         self._queue.clear()
-        self._cohorts.clear()
-        self._batch = Batch(self.model)
-        self._fresh.clear()
+        self.scheduler.clear()
         with self._lock:
             self._n_waiting -= n_queued
             self._n_active -= len(held) - n_queued
@@ -378,36 +267,3 @@ class Engine:
         if queued != self._shown[1]:
             self._m_queued.inc(queued - self._shown[1])
             self._shown[1] = queued
-
-
-def _post(streams: list[Stream], urgent: list[Stream]) -> None:
-    """Tells the loop(s) of ``streams`` that text is waiting; ``urgent`` streams are woken at once."""
-    boxes: dict[Mailbox, list[Stream]] = {s._mailbox: [] for s in streams}
-    for s in urgent:
-        boxes[s._mailbox].append(s)
-    for box, wake in boxes.items():
-        box.post(wake)
-
-
-def _observe_many(child, value: float, count: int) -> None:
-    """``count`` observations of one value in a Histogram child, at the cost of one.
-
-    Every stream of a step has the same gap since its previous character, and
-    observing them one by one costs microseconds each (a lock per call). This
-    adds to the child's sum and bucket directly; it falls back to observe() if
-    the client library changes its internals.
-    """
-    if count <= 0:
-        return
-    buckets = getattr(child, "_buckets", None)
-    bounds = getattr(child, "_upper_bounds", None)
-    total = getattr(child, "_sum", None)
-    if buckets is None or bounds is None or total is None:
-        for _ in range(count):
-            child.observe(value)
-        return
-    total.inc(value * count)
-    for i, bound in enumerate(bounds):
-        if value <= bound:
-            buckets[i].inc(count)
-            break

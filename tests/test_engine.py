@@ -16,7 +16,8 @@ import pytest
 
 from charrnn import modelfile as mf
 from charrnn.service import errors
-from charrnn.service.engine import MAX_PREFILL_STEPS, Engine
+from charrnn.service.engine import Engine
+from charrnn.service.scheduler import MAX_PREFILL_STEPS
 from charrnn.service.metrics import Metrics
 from charrnn.service.requests import FinishReason, GenerationRequest, SamplingParams
 from charrnn.service.runtime import load_model
@@ -329,3 +330,36 @@ def test_engine_records_step_batch_queue_and_inter_char_metrics(model):
     assert 24 <= steps < 12 * 24  # batched: far fewer steps than characters
     assert gauge(metrics, "charrnn_batch_size_sum") == 12 * 24
     assert gauge(metrics, "charrnn_active_streams") == 0 and gauge(metrics, "charrnn_queued_streams") == 0
+
+
+def test_a_prime_read_before_skips_its_prefill_and_gives_the_same_text(model):
+    req = request(model, "KING RICHARD III:", 80, seed=9, temperature=0.8)
+
+    async def main():
+        with running(model) as engine:
+            first, _ = await collect(engine, req)
+            again, _ = await collect(engine, req)
+            other, _ = await collect(engine, request(model, "zz", 80, seed=9, temperature=0.8))
+            stats = (engine.prime_cache.hits, engine.prime_cache.misses)
+        with running(model, prime_cache=0) as engine:
+            uncached, _ = await collect(engine, req)
+            off = (engine.prime_cache.hits, engine.prime_cache.misses)
+        return first, again, other, uncached, stats, off
+
+    first, again, other, uncached, stats, off = run(main())
+    assert stats == (1, 2) and off == (0, 0)
+    assert again == first == uncached
+    assert other != first
+
+
+def test_the_prime_cache_forgets_the_least_recently_used_prime(model):
+    primes = ["ROMEO:", "JULIET:", "ROMEO:", "HAMLET:", "JULIET:", "ROMEO:"]
+
+    async def main():
+        with running(model, prime_cache=2) as engine:
+            for p in primes:
+                await collect(engine, request(model, p, 5))
+            return engine.prime_cache.hits, engine.prime_cache.misses
+
+    # ROMEO miss, JULIET miss, ROMEO hit, HAMLET miss (evicts JULIET), JULIET miss (evicts ROMEO), ROMEO miss
+    assert run(main()) == (1, 5)
