@@ -17,9 +17,15 @@
   const value = (st, t, layer, cell) => st.values[(t * st.layers + layer) * st.hidden + cell] / data.scale;
 
   function colour(v) {
-    // Blue below zero, red above; alpha grows with |v| so zero is the page colour.
-    const a = Math.min(1, Math.abs(v)).toFixed(3);
+    // Blue below zero, red above; alpha grows with |v| (to 0.8, so dark text stays readable) and zero is the
+    // page colour. The same scale as the PNG pictures (inspector/pictures.py).
+    const a = (0.8 * Math.min(1, Math.abs(v))).toFixed(3);
     return v < 0 ? `rgba(33, 102, 172, ${a})` : `rgba(214, 47, 39, ${a})`;
+  }
+  const ink = (v) => (Math.abs(v) >= 0.75 ? "#fff" : "");
+  function paint(span, v) {
+    span.style.backgroundColor = colour(v);
+    span.style.color = ink(v);
   }
   const shown = (ch) => (ch === "\n" ? "\u21b5" : ch === " " ? "\u2423" : ch === "\t" ? "\u21e5" : ch);
 
@@ -53,7 +59,7 @@
     const st = states[cur.state];
     cur.cell = Math.max(0, Math.min(st.hidden - 1, cur.cell | 0));
     cellIn.value = String(cur.cell);
-    for (let t = 0; t < T; t++) spans[t].style.backgroundColor = colour(value(st, t, cur.layer, cur.cell));
+    for (let t = 0; t < T; t++) paint(spans[t], value(st, t, cur.layer, cur.cell));
     const k = known[`${cur.state}/${cur.layer}/${cur.cell}`];
     note.textContent = k ? k.join("; ") : "";
     if (cur.at >= 0) show(cur.at);
@@ -95,14 +101,17 @@
   function drawStrip(i) {
     // The line holding character i (up to 90 columns around it): the text, then the five guesses after each
     // character, each shaded by its probability (the layout of the char-rnn post's figure).
-    let a = text.lastIndexOf("\n", i - 1) + 1;
+    let a = i === 0 ? 0 : text.lastIndexOf("\n", i - 1) + 1;
     let b = text.indexOf("\n", i);
     b = b < 0 ? T : b + 1;
     if (b - a > 90) { a = Math.max(a, i - 45); b = Math.min(b, a + 90); }
     const st = states[cur.state];
     let html = '<table><tr class="input"><td class="rowname">text</td>';
-    for (let t = a; t < b; t++)
-      html += `<td style="background:${colour(value(st, t, cur.layer, cur.cell))}${t === i ? ";outline:2px solid #111" : ""}">${esc(shown(text[t]))}</td>`;
+    for (let t = a; t < b; t++) {
+      const v = value(st, t, cur.layer, cur.cell);
+      const here = t === i ? ";outline:2px solid #111" : "";
+      html += `<td style="background:${colour(v)};color:${ink(v) || "inherit"}${here}">${esc(shown(text[t]))}</td>`;
+    }
     html += "</tr>";
     for (let k = 0; k < 5; k++) {
       html += `<tr><td class="rowname">guess ${k + 1}</td>`;
@@ -126,17 +135,13 @@
       const f = data.ranking.find((r) => r.feature === box.dataset.feature);
       const [a, b] = f.window;
       const frag = document.createDocumentFragment();
-      let paint;
-      if (box.dataset.rank === "feature") {
-        paint = (t) => `rgba(46, 160, 67, ${(0.7 * f.values[t - a]).toFixed(3)})`;
-      } else {
-        const u = f.best[Number(box.dataset.rank)];
-        paint = (t) => colour(value(states[u.state], t, u.layer, u.cell));
-      }
+      const u = f.best[Number(box.dataset.rank)];
       for (let t = a; t < b; t++) {
         const s = document.createElement("span");
         s.textContent = text[t];
-        s.style.backgroundColor = paint(t);
+        if (text[t] === "\n") s.className = "nl";
+        if (box.dataset.rank === "feature") s.style.backgroundColor = `rgba(46, 160, 67, ${(0.6 * f.values[t - a]).toFixed(3)})`;
+        else paint(s, value(states[u.state], t, u.layer, u.cell));
         frag.appendChild(s);
       }
       box.appendChild(frag);
@@ -167,5 +172,5 @@
   fillLayers();
   if (first) select(first.best[0].state, first.best[0].layer, first.best[0].cell); else render();
   fillSnippets();
-  show(0);
+  show(Math.max(0, text.search(/[^\n]{20}/)));  // the strip starts on the first line of some length
 })();

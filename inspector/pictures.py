@@ -16,25 +16,26 @@ from charrnn.inspector.trace import Trace
 
 NEGATIVE = np.array([33, 102, 172]) / 255  # the page's colours: blue below zero,
 POSITIVE = np.array([214, 47, 39]) / 255  # red above, white at zero
+STRENGTH = 0.8  # the colour at |v| = 1 is 80% of the way from white: dark glyphs stay readable
+LIGHT_GLYPH = 0.75  # from this |v| on, glyphs are drawn white
 
 
 def _colours(values: np.ndarray) -> np.ndarray:
     """[n] in [-1, 1] -> RGB [n, 3]: white blended toward blue or red by |v|."""
     v = np.clip(values, -1, 1)[:, None]
     target = np.where(v < 0, NEGATIVE, POSITIVE)
-    return 1 - np.abs(v) * (1 - target)
+    return 1 - STRENGTH * np.abs(v) * (1 - target)
 
 
 def _grid(text: str, cols: int, rows: int) -> list[list[int]]:
-    """Character offsets laid out as lines of at most ``cols``; newlines end a line and are not drawn."""
+    """Character offsets laid out as lines of at most ``cols``; a newline is the last cell of its line."""
     lines: list[list[int]] = [[]]
     for i, ch in enumerate(text):
-        if ch == "\n":
-            lines.append([])
-            continue
         if len(lines[-1]) == cols:
             lines.append([])
         lines[-1].append(i)
+        if ch == "\n":
+            lines.append([])
     while lines and not lines[-1]:
         lines.pop()
     return lines[:rows]
@@ -49,7 +50,8 @@ def draw_text(text: str, values: np.ndarray, title: str, path: Path, *, cols: in
     from PIL import Image
 
     grid = _grid(text, cols, rows)
-    width = max((len(line) for line in grid), default=1)
+    # Wide enough for the title too (8.5 pt DejaVu Sans averages about 0.85 of a monospace cell).
+    width = max(max((len(line) for line in grid), default=1), int(0.85 * len(title)) + 2)
     image = np.ones((len(grid), width, 3))
     for r, line in enumerate(grid):
         if line:
@@ -61,8 +63,11 @@ def draw_text(text: str, values: np.ndarray, title: str, path: Path, *, cols: in
     ax.imshow(image, aspect="auto", interpolation="nearest", extent=(-0.5, width - 0.5, len(grid) - 0.5, -0.5))
     for r, line in enumerate(grid):
         for c, i in enumerate(line):
-            if not text[i].isspace():
-                ax.text(c, r, text[i], ha="center", va="center", family="DejaVu Sans Mono", fontsize=8.5)
+            if text[i] == "\n":  # a faint arrow, as on the page, so the newline's activation has a cell
+                ax.text(c, r, "\u21b5", ha="center", va="center", family="DejaVu Sans Mono", fontsize=7, color="#8c959f")
+            elif not text[i].isspace():
+                ink = "white" if abs(values[i]) >= LIGHT_GLYPH else "#1f2328"
+                ax.text(c, r, text[i], ha="center", va="center", family="DejaVu Sans Mono", fontsize=8.5, color=ink)
     ax.set_axis_off()
     fig.text(pad / fig_w, 1 - 0.07 / fig_h, title, ha="left", va="top", fontsize=8.5, family="DejaVu Sans")
     buf = io.BytesIO()
