@@ -50,9 +50,25 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = _os_error(e)
+        if cause is not None:  # disk full, quota, read-only: torch re-raises these as zip-writer RuntimeErrors
+            raise CheckpointError(
+                f"{path}: cannot write the checkpoint ({cause.strerror or cause}); the previous {path.name}, if any,"
+                " is unchanged"
+            ) from e
         raise
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind ``e`` (itself, or one it was raised from or while handling), if any."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
