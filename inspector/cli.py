@@ -23,6 +23,7 @@ from charrnn.inspector.trace import InspectError, encode, open_model, trace_text
 COMMANDS = ("cells", "sweep")
 MAX_CHARS_LIMIT = 20_000  # a page holds layers * hidden * states bytes per character
 DEFAULT_TEMPERATURES = "0.2,0.5,0.8,1.0,1.3"
+MODEL_HELP = "model.onnx, a version folder, MODELS/<name> (its newest version), or a one-model repository"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,14 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("cells", help="run the model over a text and write one self-contained HTML page")
-    c.add_argument("model", metavar="MODEL", help="model.onnx, a version folder, MODELS/<name>, or a one-model repository")
+    c.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     c.add_argument("textfile", metavar="TEXTFILE", help="UTF-8 text to run the model over")
     c.add_argument("--out", help="HTML page to write (default: inspect-<TEXTFILE stem>.html in the current folder)")
-    c.add_argument("--max-chars", type=int, default=3000, help=f"characters of the text to use, 1 to {MAX_CHARS_LIMIT} (default: 3000)")
+    c.add_argument("--max-chars", type=int, default=3000,
+                   help=f"characters of the text to use, 1 to {MAX_CHARS_LIMIT} (default: 3000)")
     c.add_argument("--start", default="0", help="where to begin: a character offset or a percentage such as 90%% "
                    "(moved forward to the next line start; default: 0)")
     c.add_argument("--syntax", default="auto", choices=("auto", *SYNTAXES),
-                   help="how quotes, comments and brackets are read (default: auto, from the file suffix; prose otherwise)")
+                   help="how quotes, comments and brackets are read (default: auto: from the file suffix, else prose)")
     c.add_argument("--top", type=int, default=3, help="cells shown per feature (default: 3)")
     c.add_argument("--png-dir", help="also write <feature>.png, the best cell for each feature, into this folder")
     c.add_argument("--unknown", choices=("error", "drop"), default="error",
@@ -49,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sweep", metavar="TEMPERATURES", help="add samples at these temperatures, e.g. 0.2,0.8,1.3")
     _sample_args(c)
     s = sub.add_parser("sweep", help="print samples from one prime at several temperatures")
-    s.add_argument("model", metavar="MODEL", help="model.onnx, a version folder, MODELS/<name>, or a one-model repository")
-    s.add_argument("--temperatures", default=DEFAULT_TEMPERATURES, help=f"comma-separated, 0 = greedy (default: {DEFAULT_TEMPERATURES})")
+    s.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    s.add_argument("--temperatures", default=DEFAULT_TEMPERATURES,
+                   help=f"comma-separated, 0 = greedy (default: {DEFAULT_TEMPERATURES})")
     _sample_args(s)
     return p
 

@@ -44,7 +44,10 @@
   // Correlations already computed for the ranked units, shown when one of them is selected.
   const known = {};
   for (const f of data.ranking)
-    for (const b of f.best) (known[`${b.state}/${b.layer}/${b.cell}`] ||= []).push(`${f.label}: r = ${b.r >= 0 ? "+" : ""}${b.r.toFixed(3)}`);
+    for (const b of f.best) {
+      const r = `${b.r >= 0 ? "+" : ""}${b.r.toFixed(3)}`;
+      (known[`${b.state}/${b.layer}/${b.cell}`] ||= []).push(`${f.label}: r = ${r}`);
+    }
 
   function fillLayers() {
     const st = states[cur.state];
@@ -118,8 +121,9 @@
       for (let t = a; t < b; t++) {
         const p = data.top5_probs[t][k];
         const ch = data.top5_chars[t][k];
-        html += p === undefined ? "<td></td>" :
-          `<td title="${esc(shown(ch))} ${p.toFixed(3)}" style="background:rgba(87, 96, 106, ${(p * 0.85).toFixed(3)});color:${p > 0.5 ? "#fff" : "#1f2328"}">${esc(shown(ch))}</td>`;
+        if (p === undefined) { html += "<td></td>"; continue; }
+        const look = `background:rgba(87, 96, 106, ${(p * 0.85).toFixed(3)});color:${p > 0.5 ? "#fff" : "#1f2328"}`;
+        html += `<td title="${esc(shown(ch))} ${p.toFixed(3)}" style="${look}">${esc(shown(ch))}</td>`;
       }
       html += "</tr>";
     }
@@ -140,8 +144,11 @@
         const s = document.createElement("span");
         s.textContent = text[t];
         if (text[t] === "\n") s.className = "nl";
-        if (box.dataset.rank === "feature") s.style.backgroundColor = `rgba(46, 160, 67, ${(0.6 * f.values[t - a]).toFixed(3)})`;
-        else paint(s, value(states[u.state], t, u.layer, u.cell));
+        if (box.dataset.rank === "feature") {
+          s.style.backgroundColor = `rgba(46, 160, 67, ${(0.6 * f.values[t - a]).toFixed(3)})`;
+        } else {
+          paint(s, value(states[u.state], t, u.layer, u.cell));
+        }
         frag.appendChild(s);
       }
       box.appendChild(frag);

@@ -170,7 +170,9 @@ def render_page(
     css = (_HERE / "page.css").read_text(encoding="utf-8")
     js = (_HERE / "page.js").read_text(encoding="utf-8")
     # A newline's span shows a faint arrow (CSS ::before, not text), so its activation has a place to show.
-    spans = "".join('<span class="nl">\n</span>' if ch == "\n" else f"<span>{html.escape(ch)}</span>" for ch in trace.text)
+    spans = "".join(
+        '<span class="nl">\n</span>' if ch == "\n" else f"<span>{html.escape(ch)}</span>" for ch in trace.text
+    )
     shown = f"{len(trace.text)} characters of {source.path}, from character {source.start}"
     if source.dropped:
         shown += f" ({source.dropped} unknown characters left out)"

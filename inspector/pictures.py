@@ -64,7 +64,8 @@ def draw_text(text: str, values: np.ndarray, title: str, path: Path, *, cols: in
     for r, line in enumerate(grid):
         for c, i in enumerate(line):
             if text[i] == "\n":  # a faint arrow, as on the page, so the newline's activation has a cell
-                ax.text(c, r, "\u21b5", ha="center", va="center", family="DejaVu Sans Mono", fontsize=7, color="#8c959f")
+                ax.text(c, r, "\u21b5", ha="center", va="center", family="DejaVu Sans Mono", fontsize=7,
+                        color="#8c959f")
             elif not text[i].isspace():
                 ink = "white" if abs(values[i]) >= LIGHT_GLYPH else "#1f2328"
                 ax.text(c, r, text[i], ha="center", va="center", family="DejaVu Sans Mono", fontsize=8.5, color=ink)

@@ -100,8 +100,14 @@ def open_model(spec: str | os.PathLike) -> InspectedModel:
     return InspectedModel(path=path, label=label, meta=meta, session=session)
 
 
-def encode(text: str, meta: mf.ModelMetadata, *, unknown: str = "error", what: str = "TEXTFILE") -> tuple[str, np.ndarray]:
-    """(text as used, int64 ids [T]). ``unknown`` = "error" refuses characters outside the vocabulary, "drop" drops them."""
+def encode(
+    text: str, meta: mf.ModelMetadata, *, unknown: str = "error", what: str = "TEXTFILE"
+) -> tuple[str, np.ndarray]:
+    """(text as used, int64 ids [T]).
+
+    ``unknown`` = "error" refuses characters outside the vocabulary; "drop" leaves them out.
+    ``what`` names the input in messages (TEXTFILE, --prime).
+    """
     index = {ch: i for i, ch in enumerate(meta.vocab)}
     missing = sorted({ch for ch in text if ch not in index})
     if missing and unknown == "error":

@@ -126,7 +126,8 @@ def test_a_sweep_lane_is_the_text_the_service_generates_for_that_seed(repo):
 
 
 def test_sweep_command_prints_each_temperature_under_a_header(repo, capsys):
-    assert main(["sweep", str(repo), "--prime", "ROMEO:", "--temperatures", "0.2,1.3", "--seed", "0", "--chars", "50"]) == 0
+    argv = ["sweep", str(repo), "--prime", "ROMEO:", "--temperatures", "0.2,1.3", "--seed", "0", "--chars", "50"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("── temperature ") == 2 and "temperature 0.2 " in out and "temperature 1.3 " in out
     assert out.count("\nROMEO:") == 2
@@ -141,18 +142,24 @@ def test_parse_temperatures():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["sweep", "{repo}", "--temperatures", "0.2,hot"], "--temperatures must be numbers separated by commas, got '0.2,hot'"),
-        (["sweep", "{repo}", "--temperatures", "-1"], r"--temperatures must each be in \[0, 100\] \(0 = greedy\), got '-1'"),
+        (["sweep", "{repo}", "--temperatures", "0.2,hot"],
+         "--temperatures must be numbers separated by commas, got '0.2,hot'"),
+        (["sweep", "{repo}", "--temperatures", "-1"],
+         r"--temperatures must each be in \[0, 100\] \(0 = greedy\), got '-1'"),
         (["sweep", "{repo}", "--chars", "0"], r"--chars must be in \[1, 100000\], got 0"),
-        (["sweep", "{repo}", "--prime", "ROMEO~"], r"--prime holds characters the model does not know: '~' \(U\+007E TILDE\)"),
+        (["sweep", "{repo}", "--prime", "ROMEO~"],
+         r"--prime holds characters the model does not know: '~' \(U\+007E TILDE\)"),
         (["sweep", "{texts}/nothing"], "MODEL '.*nothing' is neither a file nor a folder"),
         (["sweep", "{texts}"], "MODEL '.*' holds no model.onnx"),
         (["{repo}", "{texts}/missing.txt"], "TEXTFILE '.*missing.txt' does not exist"),
         (["{repo}", "{texts}/play.txt", "--max-chars", "0"], r"--max-chars must be in \[1, 20000\], got 0"),
-        (["{repo}", "{texts}/play.txt", "--start", "x"], "--start must be a character offset or a percentage like 90%, got 'x'"),
-        (["{repo}", "{texts}/play.txt", "--start", "100%"], f"--start must fall inside TEXTFILE's {len(PLAY)} characters, got '100%'"),
+        (["{repo}", "{texts}/play.txt", "--start", "x"],
+         "--start must be a character offset or a percentage like 90%, got 'x'"),
+        (["{repo}", "{texts}/play.txt", "--start", "100%"],
+         f"--start must fall inside TEXTFILE's {len(PLAY)} characters, got '100%'"),
         (["{repo}", "{texts}/play.txt", "--top", "0"], r"--top must be in \[1, 50\], got 0"),
-        (["{repo}", "{texts}/weird.txt"], r"TEXTFILE holds characters the model does not know: '\*' \(U\+002A ASTERISK\), '~'"),
+        (["{repo}", "{texts}/weird.txt"],
+         r"TEXTFILE holds characters the model does not know: '\*' \(U\+002A ASTERISK\), '~'"),
         (["{repo}", "{texts}/latin1.txt"], "TEXTFILE '.*latin1.txt' must be UTF-8 text, got an undecodable byte at 3"),
         (["{texts}/two", "{texts}/play.txt"], "is a model repository holding a, b; name one"),
     ],
@@ -195,7 +202,8 @@ def test_console_script_runs_without_torch(repo, texts):
     )
     out = texts / "no-torch.html"
     result = subprocess.run(
-        [sys.executable, "-c", code, str(repo), str(texts / "play.txt"), "--out", str(out), "--png-dir", str(texts / "nt")],
+        [sys.executable, "-c", code, str(repo), str(texts / "play.txt"), "--out", str(out),
+         "--png-dir", str(texts / "nt")],
         capture_output=True, text=True, timeout=120, env={**os.environ, "MPLBACKEND": "Agg"},
     )
     assert result.returncode == 0, result.stderr

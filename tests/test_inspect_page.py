@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 
 import numpy as np
@@ -172,3 +175,26 @@ def test_json_cannot_close_its_script_element(model):
     html = render_page(model, trace, (), PageSource("x", 0, "prose"))
     data = json.loads(parse(html).json)
     assert data["text"] == text and parse(html).spans == list(text)
+
+
+BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.skipif(BROWSER is None, reason="needs a headless Chromium (apt-get install chromium)")
+def test_page_script_runs_in_a_browser_and_fills_the_page(page, tmp_path):
+    """The DOM after the page's script ran: every character coloured, every snippet filled, the panel written."""
+    html, _ = page
+    path = tmp_path / "page.html"
+    path.write_text(html, encoding="utf-8")
+    dom = subprocess.run(
+        [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", path.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    text_div = dom[dom.index('<div id="text"'):dom.index('<aside id="panel"')]
+    coloured = re.findall(r'<span[^>]*style="background-color: rgba\(', text_div)
+    assert len(coloured) == len(TEXT)
+    snippets = re.findall(r'<div class="snippet[^"]*"[^>]*>(.*?)</div>', dom, flags=re.S)
+    assert len(snippets) == 5 * 4  # five features, each: the feature itself and three cells
+    assert all(s.count("<span") > 20 for s in snippets)
+    assert "five likeliest next characters" in dom and '<tr class="input">' in dom  # panel and strip
+    assert dom.count("<option") >= 2  # the state and layer menus were filled
