@@ -67,6 +67,15 @@ def _steps_logged(out: Path) -> int:
         return 0
 
 
+def _wait_for_checkpoint_write(out: Path, proc: subprocess.Popen, timeout: float = 5.0) -> bool:
+    """Spins until a checkpoint's temporary file (save_checkpoint's ".last.pt.*.tmp") exists; False if none showed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(name.endswith(".tmp") and name.startswith((".last.pt.", ".best.pt.")) for name in os.listdir(out)):
+            return True
+    return False
+
+
 def _weights(path: Path) -> dict:
     from charrnn.training.checkpoint import load_checkpoint  # torch: only where training runs
 
@@ -90,24 +99,28 @@ def kill_and_resume(workdir: Path, kills: int, seed: int = 0, max_steps: int = 3
         raise RuntimeError(f"the uninterrupted run failed (rc {done.returncode}):\n{done.stderr[-3000:]}")
 
     kill_log, resumes = [], []
-    for _ in range(kills):
-        logged = _steps_logged(cut)
-        if logged >= max_steps - 1:
+    previous = 0
+    for i, point in enumerate(sorted(rng.sample(range(1, max_steps - eval_interval), kills))):
+        # Every other kill waits for an evaluation step and strikes while a checkpoint file is being written.
+        in_write = i % 2 == 1
+        target = max(point, previous + 1)
+        if in_write:
+            target = -(-target // eval_interval) * eval_interval
+        if target >= max_steps:
             break
-        # Half the kills aim at an evaluation step, when the checkpoint is being written.
-        target = rng.randint(logged + 1, max_steps - 1)
-        if rng.random() < 0.5:
-            target = min(max_steps - 1, (target // eval_interval + 1) * eval_interval)
         proc = subprocess.Popen(train_argv(data, cut, max_steps, eval_interval, "--resume"), env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         while _steps_logged(cut) < target and proc.poll() is None:
             time.sleep(0.002)
+        caught = in_write and _wait_for_checkpoint_write(cut, proc)
         proc.send_signal(signal.SIGKILL)
         output = proc.communicate()[0]
         resumed = [int(line.rsplit(" ", 1)[1]) for line in output.splitlines() if line.startswith("resumed from ")]
         resumes.extend(resumed)
-        kill_log.append({"target_step": target, "steps_logged_at_kill": _steps_logged(cut),
-                         "killed": proc.returncode == -signal.SIGKILL, "resumed_from": resumed[0] if resumed else 0})
+        previous = _steps_logged(cut)  # the next kill aims past what this run logged (startup shows it still)
+        kill_log.append({"target_step": target, "steps_logged_at_kill": previous,
+                         "during_checkpoint_write": caught, "killed": proc.returncode == -signal.SIGKILL,
+                         "resumed_from": resumed[0] if resumed else 0})
     final = subprocess.run(train_argv(data, cut, max_steps, eval_interval, "--resume"), env=env,
                            capture_output=True, text=True)
     resumes.extend(int(line.rsplit(" ", 1)[1]) for line in (final.stdout + final.stderr).splitlines()
@@ -119,6 +132,7 @@ def kill_and_resume(workdir: Path, kills: int, seed: int = 0, max_steps: int = 3
     return {
         "kills": kill_log,
         "killed_runs": sum(k["killed"] for k in kill_log),
+        "killed_during_checkpoint_write": sum(k["during_checkpoint_write"] for k in kill_log),
         "resumes": resumes,  # the step each run with a checkpoint resumed from
         "final_returncode": final.returncode,
         "final_stderr": final.stderr[-2000:] if final.returncode else "",
