@@ -3,7 +3,9 @@
 Run in its own process (the benchmark starts it with ``python -m bench.loadgen``)
 so the client's work does not share an interpreter with the server. Each of the
 N workers sends requests back to back, each with its own prime, temperature,
-seed and length, for ``--duration`` seconds; what arrives during the first
+seed and length, for ``--duration`` seconds; the workers start spread over the
+first half of the warm-up and their first requests have random lengths, so
+arrivals are spread as in steady traffic; what arrives during the first
 ``--warmup`` seconds is not counted. Prints one JSON object on stdout:
 
 - chars_per_s: characters received in the measured window / its length
@@ -58,11 +60,17 @@ class Recorder:
         return self.window[0] <= t <= self.window[1]
 
 
-async def worker(stub, rec: Recorder, index: int, max_chars: int, vocab: set[str] | None) -> None:
+async def worker(stub, rec: Recorder, index: int, max_chars: int, vocab: set[str] | None, delay: float) -> None:
     rng = random.Random(index)
     primes = [p for p in PRIMES if vocab is None or set(p) <= vocab] or [""]
+    await asyncio.sleep(delay)  # workers start spread over the warm-up, not as one burst
+    first = True
     while True:
-        req = pb.GenerateRequest(prime=rng.choice(primes), max_chars=rng.randint(max_chars // 2, max_chars),
+        # The first request of each worker has a random length, so the workers' requests
+        # end (and new ones arrive) spread over time from the start, as in steady traffic.
+        n = rng.randint(1, max_chars) if first else rng.randint(max_chars // 2, max_chars)
+        first = False
+        req = pb.GenerateRequest(prime=rng.choice(primes), max_chars=n,
                                  temperature=rng.choice((0.5, 0.7, 0.8, 1.0)), seed=rng.getrandbits(63))
         sent = time.monotonic()
         prev = None
@@ -97,7 +105,9 @@ async def run_load(target: str, concurrency: int, duration: float, warmup: float
     start = time.monotonic()
     cpu_start = time.process_time()
     rec = Recorder(start, warmup, duration)
-    tasks = [asyncio.create_task(worker(stubs[i % len(stubs)], rec, i, max_chars, vocab)) for i in range(concurrency)]
+    spread = warmup / 2 / concurrency
+    tasks = [asyncio.create_task(worker(stubs[i % len(stubs)], rec, i, max_chars, vocab, i * spread))
+             for i in range(concurrency)]
     await asyncio.sleep(duration)
     for t in tasks:
         t.cancel()

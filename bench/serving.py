@@ -143,7 +143,7 @@ def markdown(report: dict) -> str:
         f"# Serving benchmark: {r['model']}",
         "",
         f"`{r['command']}` on {r['machine']}, device {r['device']}, {r['date']}. "
-        f"Each load point: {r['duration']:g} s of load, first {r['warmup']:g} s not counted; "
+        f"Each load point: {r['duration']:g} s of load, first {r['warmup']:g} s not counted, best of {r['repeat']}; "
         f"requests of {r['max_chars'] // 2}-{r['max_chars']} characters, each with its own prime, temperature and seed.",
         "",
         f"Roofline: {r['matmul_gflops']:.1f} GFLOP/s measured sgemm / {r['flops_per_char'] / 1e6:.2f} MFLOP per "
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="models", help="where to look for a trained 2x512 LSTM first")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = one per core)")
     p.add_argument("--max-chars", type=int, default=400, help="longest request, characters")
+    p.add_argument("--repeat", type=int, default=1, help="load runs per point and server; the best is kept")
     p.add_argument("--out", default=str(RESULTS), help="folder for serving.md, serving.json, serving.png")
     a = p.parse_args(argv)
     default = "1,64,1024,4096" if a.device == "cuda" else ("1,8,32" if a.quick else "1,8,32,128,256")
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = load_model(src, "bench", 1, "cpu").metadata
         print(f"model {src} ({meta.cell} {meta.layers}x{meta.hidden}, vocab {meta.vocab_size})", flush=True)
         flops = baselines.flops_per_char(meta)
-        gemm = baselines.matmul_flops()
+        gemm = baselines.matmul_flops()  # measured again at the end; the better of the two is the roofline
         print(f"sgemm {gemm / 1e9:.1f} GFLOP/s; {flops / 1e6:.2f} MFLOP/char", flush=True)
         base_seconds = 1.0 if a.quick else 2.5
         servers = [ServerProcess(repo, b, a.device, max(levels), a.threads) for b in (True, False)]
@@ -249,9 +250,12 @@ def main(argv: list[str] | None = None) -> int:
             row: dict = {"concurrency": c}
             raw = [baselines.raw_ort_rate(src, c, base_seconds / 2, a.device, a.threads)]
             row["torch_eager_chars_per_s"] = baselines.torch_eager_rate(meta, c, base_seconds, a.device)
-            for s in servers:
-                row["server" if s.name == "batching" else "naive"] = load(s, c, duration, warmup, a.max_chars,
-                                                                         "".join(meta.vocab))
+            for _ in range(a.repeat):  # the servers take turns; each keeps its best run
+                for s in servers:
+                    key = "server" if s.name == "batching" else "naive"
+                    result = load(s, c, duration, warmup, a.max_chars, "".join(meta.vocab))
+                    if key not in row or result["chars_per_s"] > row[key]["chars_per_s"]:
+                        row[key] = result
             # Measured before and after the load, best of the two: the ceiling should not be a victim of noise.
             raw.append(baselines.raw_ort_rate(src, c, base_seconds / 2, a.device, a.threads))
             row["raw_ort_chars_per_s"] = max(r for r, _ in raw)
@@ -264,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(TTFC p99 {1e3 * row['server']['ttfc_p99']:.1f} ms, batch {row['server']['engine_mean_batch']:.1f})"
                   f" | naive {row['naive']['chars_per_s']:8,.0f} | raw ORT {row['raw_ort_chars_per_s']:9,.0f}"
                   f" | torch {row['torch_eager_chars_per_s']:8,.0f}", flush=True)
+        gemm = max(gemm, baselines.matmul_flops())
     finally:
         for s in servers:
             s.stop()
@@ -273,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs ({platform.processor() or platform.system()})",
         "date": time.strftime("%Y-%m-%d"), "duration": duration, "warmup": warmup, "max_chars": a.max_chars,
+        "repeat": a.repeat,
         "matmul_gflops": gemm / 1e9, "flops_per_char": flops, "roofline_chars_per_s": gemm / flops,
         "rows": list(rows.values()), "targets": targets(rows),
     }

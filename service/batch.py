@@ -15,6 +15,7 @@ character, so a new stream does not wait for a step of the whole batch.
 from __future__ import annotations
 
 import collections
+import threading
 
 import numpy as np
 
@@ -120,22 +121,30 @@ class PrimeCache:
         self.capacity = capacity  # entries; 0 turns the cache off
         self.hits = 0
         self.misses = 0
+        self._lock = threading.Lock()  # read on the event loop (Engine.submit), written by the engine thread
         self._entries: collections.OrderedDict[bytes, tuple[State, np.ndarray]] = collections.OrderedDict()
 
     @staticmethod
     def key(stream: Stream) -> bytes:
         return stream.request.prime_ids.astype(np.int64, copy=False).tobytes()
 
-    def get(self, stream: Stream) -> tuple[State, np.ndarray] | None:
+    def get(self, stream: Stream, count: bool = True) -> tuple[State, np.ndarray] | None:
+        """(state with batch 1, logits [V]) after the stream's prime, if it was read before."""
         if not self.capacity:
             return None
-        entry = self._entries.get(self.key(stream))
-        if entry is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(self.key(stream))
-        self.hits += 1
+        key = self.key(stream)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            if count:
+                self.hits += entry is not None
+                self.misses += entry is None
         return entry
+
+    def count_hit(self) -> None:
+        with self._lock:
+            self.hits += 1
 
     def put(self, model: LoadedModel, streams: list[Stream], state: State, logits: np.ndarray) -> None:
         """Keeps each stream's row of ``state`` and ``logits`` [k, V] under its prime."""
@@ -145,7 +154,11 @@ class PrimeCache:
             if len(s.request.prime_ids) > self.MAX_PRIME:
                 continue
             key = self.key(s)
-            if key not in self._entries:
-                self._entries[key] = (model.take(state, np.array([i], np.int64)), logits[i].copy())
+            with self._lock:
+                if key in self._entries:
+                    continue
+            entry = (model.take(state, np.array([i], np.int64)), logits[i].copy())
+            with self._lock:
+                self._entries[key] = entry
                 if len(self._entries) > self.capacity:
                     self._entries.popitem(last=False)

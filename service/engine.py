@@ -27,9 +27,12 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from charrnn.service import errors, naive
 from charrnn.service.metrics import Metrics
 from charrnn.service.requests import GenerationRequest
+from charrnn.service.batch import sample_next
 from charrnn.service.runtime import LoadedModel
 from charrnn.service.scheduler import Scheduler
 from charrnn.service.streams import Mailbox, Stream
@@ -75,9 +78,11 @@ class Engine:
         self._n_active = 0  # slots taken: prefilling + decoding streams
         self._n_waiting = 0  # submitted, not yet in a slot (inbox + queue)
         self._inbox: collections.deque[Stream] = collections.deque()  # loop -> engine thread
+        self._ready: collections.deque = collections.deque()  # loop -> engine: (stream, state, first token)
         self._queue: collections.deque[Stream] = collections.deque()  # engine thread only, FIFO
         self._wake = threading.Event()
         self._draining = False  # no new submits; the thread ends once idle
+        self._closed = False  # the thread has ended or is ending: nothing more is handed to it
         self._stopping = False  # end everything now
         self._thread: threading.Thread | None = None
         self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> Mailbox
@@ -111,13 +116,15 @@ class Engine:
         """Queues a validated request; call from the asyncio loop thread that will read the stream."""
         if self._thread is None:
             raise RuntimeError("Engine.submit before Engine.start")
-        if self._draining:
-            raise errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} takes no new streams")
         loop = asyncio.get_running_loop()
         box = self._mailboxes.get(loop)
         if box is None:
             box = self._mailboxes[loop] = Mailbox(loop, self.flush_interval)
-        with self._lock:
+        stream = Stream(request, self, box, self.model.label)
+        cached = self.prime_cache.get(stream, count=False) if self.batching else None
+        with self._lock:  # the check, the count and the hand-over are one step against drain/stop
+            if self._draining:
+                raise errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} takes no new streams")
             if self._n_active + self._n_waiting >= self.max_active + self.max_queue:
                 raise errors.Overloaded(
                     "queue_full",
@@ -125,12 +132,38 @@ class Engine:
                     f"{self._n_waiting} requests are queued (--max-queue {self.max_queue}); retry later, "
                     f"or raise --max-queue / --max-active-streams",
                 )
-            self._n_waiting += 1
-        stream = Stream(request, self, box, self.model.label)
-        stream.queued_at = time.monotonic()
-        self._inbox.append(stream)
+            # A prime read before, a free slot and nobody queued ahead: the first character now.
+            fast = cached is not None and self._n_waiting == 0 and self._n_active < self.max_active
+            stream.queued_at = time.monotonic()
+            if fast:
+                self._n_active += 1
+            else:
+                self._n_waiting += 1
+                self._inbox.append(stream)
+        if fast:
+            self._start_cached(stream, *cached)
         self._wake.set()
         return stream
+
+    def _start_cached(self, stream: Stream, state, logits: np.ndarray) -> None:
+        """Event loop: samples the first character from a cached prime's logits; the engine thread joins it.
+
+        Time to first character then does not wait for the batch step in flight.
+        """
+        self.prime_cache.count_hit()
+        now = stream.admitted_at = time.monotonic()
+        self._m_queue_wait.observe(0.0)
+        token = int(sample_next(logits[None, :], [stream])[0])
+        stream.first_char_at = now
+        why = stream.advance(self._vocab[token], now)
+        if why is None:
+            with self._lock:
+                if not self._closed:
+                    self._ready.append((stream, state, token))
+                    return
+            why = errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} stopped")
+        stream.end(why, now)  # max_chars 1, a one-character stop sequence, or the engine just stopped
+        self._release(1)
 
     def drain(self) -> None:
         """Refuses new submits; queued and active streams run to the end, then the thread exits."""
@@ -170,12 +203,15 @@ class Engine:
                 if self._stopping:
                     break
                 now = time.monotonic()
+                self._take_ready()
                 self._take_inbox()
                 self._check_queue(now)
                 self._admit(now)
                 self._show_gauges()
                 if not self.scheduler.busy:
-                    if self._draining and self.idle:
+                    with self._lock:  # decided under the lock: a submit either came first or is refused
+                        self._closed = self._draining and self._n_active == 0 and self._n_waiting == 0
+                    if self._closed:
                         break
                     self._wake.wait(QUEUE_SCAN_SECONDS if self._queue else 1.0)
                     continue
@@ -184,11 +220,21 @@ class Engine:
             log.exception("engine %s failed; ending its streams", self.model.label)
             self._end_all(errors.CharrnnError(f"internal error in the engine of {self.model.label}"))
         finally:
+            with self._lock:
+                self._closed = True  # from here on submit hands nothing over
             self._end_all(errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} stopped"))
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
             self._show_gauges()
             log.info("engine %s stopped", self.model.label)
+
+    def _take_ready(self) -> None:
+        """Streams that already have their first character (cached prime) join the batch."""
+        ready = []
+        while self._ready:
+            ready.append(self._ready.popleft())
+        if ready:
+            self.scheduler.join_started([r[0] for r in ready], [r[1] for r in ready], [r[2] for r in ready])
 
     def _take_inbox(self) -> None:
         inbox = self._inbox
@@ -246,7 +292,10 @@ class Engine:
         """Ends every stream the engine thread still holds (queued, prefilling, decoding)."""
         now = time.monotonic()
         self._take_inbox()
-        held = list(self._queue) + self.scheduler.held()
+        ready = []
+        while self._ready:
+            ready.append(self._ready.popleft()[0])
+        held = list(self._queue) + self.scheduler.held() + ready
         n_queued = len(self._queue)
         self._queue.clear()
         self.scheduler.clear()

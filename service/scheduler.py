@@ -73,6 +73,11 @@ class Scheduler:
                 same.streams.extend(group)
                 same.state = self.model.concat([same.state, state])
 
+    def join_started(self, streams: list[Stream], states: list[State], tokens: list[int]) -> None:
+        """Streams whose first character was sampled already (Engine.submit, cached prime) join the batch."""
+        self.batch.join(streams, np.array(tokens, np.int64), self.model.concat(states))
+        self._fresh.extend(streams)
+
     def work(self) -> None:
         self._prefill()
         if len(self.batch):

@@ -338,16 +338,19 @@ def test_a_prime_read_before_skips_its_prefill_and_gives_the_same_text(model):
     async def main():
         with running(model) as engine:
             first, _ = await collect(engine, req)
-            again, _ = await collect(engine, req)
+            stream = engine.submit(req)
+            sampled_at_submit = stream.first_char_at is not None  # no wait for the batch step in flight
+            again = "".join([c async for c in stream])
             other, _ = await collect(engine, request(model, "zz", 80, seed=9, temperature=0.8))
             stats = (engine.prime_cache.hits, engine.prime_cache.misses)
         with running(model, prime_cache=0) as engine:
             uncached, _ = await collect(engine, req)
             off = (engine.prime_cache.hits, engine.prime_cache.misses)
-        return first, again, other, uncached, stats, off
+        return first, again, other, uncached, stats, off, sampled_at_submit
 
-    first, again, other, uncached, stats, off = run(main())
+    first, again, other, uncached, stats, off, sampled_at_submit = run(main())
     assert stats == (1, 2) and off == (0, 0)
+    assert sampled_at_submit
     assert again == first == uncached
     assert other != first
 
@@ -363,3 +366,39 @@ def test_the_prime_cache_forgets_the_least_recently_used_prime(model):
 
     # ROMEO miss, JULIET miss, ROMEO hit, HAMLET miss (evicts JULIET), JULIET miss (evicts ROMEO), ROMEO miss
     assert run(main()) == (1, 5)
+
+
+def test_first_characters_and_ends_are_delivered_at_once_whatever_the_flush_interval(model):
+    async def main():
+        with running(model, flush_interval=10.0) as engine:  # ordinary text would wait 10 s
+            started = time.monotonic()
+            stream = engine.submit(request(model, max_chars=300))
+            chunks, times = [], []
+            async for chunk in stream:
+                chunks.append(chunk)
+                times.append(time.monotonic() - started)
+            return chunks, times
+
+    chunks, times = run(main())
+    assert len("".join(chunks)) == 300
+    assert len(chunks) <= 3  # the first character(s) at once, the rest when the stream ends
+    assert times[0] < 1.0 and times[-1] < 5.0
+
+
+def test_text_is_batched_into_chunks_at_the_flush_interval(model):
+    async def main():
+        with running(model, flush_interval=0.05) as engine:
+            reqs = [request(model, max_chars=5000, seed=i) for i in range(4)]
+            streams = [engine.submit(r) for r in reqs]
+
+            async def read(s):
+                started, n = time.monotonic(), 0
+                async for _ in s:
+                    n += 1
+                return n, time.monotonic() - started
+
+            return await asyncio.gather(*(read(s) for s in streams))
+
+    for chunks, seconds in run(main()):
+        assert chunks <= seconds / 0.05 + 3  # about one chunk per interval, not one per character
+
