@@ -94,6 +94,13 @@ def run_cells(args: argparse.Namespace) -> int:
     if not 1 <= args.top <= 50:
         raise InspectError(f"--top must be in [1, 50], got {args.top}")
     temperatures = parse_temperatures(args.sweep) if args.sweep else ()
+    if args.png_dir:
+        try:  # checked before any work; matplotlib is imported only when pictures are asked for
+            from charrnn.inspector.pictures import draw_rankings  # noqa: PLC0415
+        except ImportError as e:
+            raise InspectError(
+                f"--png-dir needs matplotlib and Pillow ({e}); install them with pip install 'charrnn[inspect]'"
+            ) from None
     model = open_model(args.model)
     raw, offset = read_text(args.textfile, args.start, args.max_chars)
     text, ids = encode(raw, model.meta, unknown=args.unknown)
@@ -115,8 +122,6 @@ def run_cells(args: argparse.Namespace) -> int:
             print(f"{r.feature.label if k == 0 else '':<44} {unit.describe():<22} {rv:+7.3f}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     if args.png_dir:
-        from charrnn.inspector.pictures import draw_rankings  # noqa: PLC0415 (matplotlib only when asked)
-
         for path in draw_rankings(trace, rankings, Path(args.png_dir), model_label=model.label):
             print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} KB)")
     return 0

@@ -1,7 +1,8 @@
 """PNG pictures of text coloured by one cell, for documents where the HTML page cannot go.
 
-Drawn with matplotlib's Agg backend (no display needed), then reduced to a
-64-colour palette with Pillow, which keeps a picture at a few tens of KB.
+Drawn on a bare matplotlib ``Figure`` (its Agg canvas: no display, no pyplot
+and no global backend switch), then reduced to a 64-colour palette with
+Pillow, which keeps a picture at a few tens of KB.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import io
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
 from charrnn.inspector.ranking import FeatureRanking, feature_window
 from charrnn.inspector.trace import Trace
@@ -43,12 +46,6 @@ def _grid(text: str, cols: int, rows: int) -> list[list[int]]:
 
 def draw_text(text: str, values: np.ndarray, title: str, path: Path, *, cols: int = 80, rows: int = 12) -> Path:
     """Writes ``text`` (its first ``rows`` lines) with each character on its activation colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # before pyplot: no display on servers or in tests
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
     grid = _grid(text, cols, rows)
     # Wide enough for the title too (8.5 pt DejaVu Sans averages about 0.85 of a monospace cell).
     width = max(max((len(line) for line in grid), default=1), int(0.85 * len(title)) + 2)
@@ -58,7 +55,7 @@ def draw_text(text: str, values: np.ndarray, title: str, path: Path, *, cols: in
             image[r, : len(line)] = _colours(values[line])
     cell_w, cell_h, pad, head = 0.078, 0.19, 0.12, 0.3  # inches; a cell fits an 8.5 pt DejaVu Sans Mono glyph
     fig_w, fig_h = 2 * pad + width * cell_w, head + len(grid) * cell_h + pad
-    fig = plt.figure(figsize=(fig_w, fig_h), dpi=110)
+    fig = Figure(figsize=(fig_w, fig_h), dpi=110)
     ax = fig.add_axes((pad / fig_w, pad / fig_h, width * cell_w / fig_w, len(grid) * cell_h / fig_h))
     ax.imshow(image, aspect="auto", interpolation="nearest", extent=(-0.5, width - 0.5, len(grid) - 0.5, -0.5))
     for r, line in enumerate(grid):
@@ -73,7 +70,6 @@ def draw_text(text: str, values: np.ndarray, title: str, path: Path, *, cols: in
     fig.text(pad / fig_w, 1 - 0.07 / fig_h, title, ha="left", va="top", fontsize=8.5, family="DejaVu Sans")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     buf.seek(0)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.open(buf).convert("RGB").quantize(colors=64).save(path, optimize=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -204,7 +203,23 @@ def test_console_script_runs_without_torch(repo, texts):
     result = subprocess.run(
         [sys.executable, "-c", code, str(repo), str(texts / "play.txt"), "--out", str(out),
          "--png-dir", str(texts / "nt")],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "MPLBACKEND": "Agg"},
+        capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert out.is_file() and len(list((texts / "nt").iterdir())) == 5
+
+
+def test_png_dir_without_matplotlib_is_refused_before_any_work(repo, texts):
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"  # a service-only install has no matplotlib
+        "from charrnn.inspector.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = texts / "never.html"
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(repo), str(texts / "play.txt"), "--out", str(out), "--png-dir", "x"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--png-dir needs matplotlib and Pillow" in result.stderr and "charrnn[inspect]" in result.stderr
+    assert not out.exists()
