@@ -150,9 +150,18 @@ def test_polling_picks_up_new_versions_and_models_without_a_signal(model_repo, n
         published = time.monotonic()
         _publish(repo, "tiny", 2)
         _publish(repo, "fresh", 1)
-        while _model_of(client, "tiny") != "tiny@2":
-            assert time.monotonic() - published < 20, "tiny@2 not served 20 s after it was published"
+        # The two folders appear a moment apart, so one poll may see only the first: wait for both.
+        while _model_of(client, "tiny") != "tiny@2" or not _serving(client, "fresh"):
+            assert time.monotonic() - published < 20, "tiny@2 and fresh not served 20 s after they were published"
             time.sleep(0.1)
-        print(f"\nreload (poll every 0.5 s): tiny@2 served {time.monotonic() - published:.2f} s after publishing")
+        print(f"\nreload (poll every 0.5 s): tiny@2 and fresh served {time.monotonic() - published:.2f} s after publishing")
         assert client.health("fresh") == "SERVING"
         assert "reloaded trigger=poll" in proc.log()
+
+
+def _serving(client: GeneratorClient, service: str) -> bool:
+    try:
+        return client.health(service) == "SERVING"
+    except ServiceError:
+        return False  # NOT_FOUND until the poll that loads it
+
