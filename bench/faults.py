@@ -43,6 +43,10 @@ def _active(server: ServeProcess) -> float:
     return probes.metric_sum(probes.scrape(server.metrics_url), "charrnn_active_streams")
 
 
+def _cancelled(server: ServeProcess) -> int:
+    return probes.requests_by_code(probes.scrape(server.metrics_url)).get("CANCELLED", 0)
+
+
 def client_killed_mid_stream(models: Path, env: dict) -> dict:
     """A charrnn-generate process is SIGKILLed while it streams; the server must free its slot."""
     with ServeProcess(models, "--max-chars", str(LONG), env=env) as server:
@@ -50,14 +54,13 @@ def client_killed_mid_stream(models: Path, env: dict) -> dict:
                                    "--max-chars", str(LONG)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         received = client.stdout.read(64)  # the prime echo and generated text: the stream is running
         active_before, _ = _wait_for(lambda: _active(server) >= 1 and _active(server), 10)
-        cancelled_before = probes.requests_by_code(probes.scrape(server.metrics_url)).get("CANCELLED", 0)
+        cancelled_before = _cancelled(server)
         client.send_signal(signal.SIGKILL)
         client.wait(10)
         killed_at = time.monotonic()
         _, seconds = _wait_for(lambda: _active(server) == 0, 10)
         freed_after = time.monotonic() - killed_at
-        counted, _ = _wait_for(
-            lambda: probes.requests_by_code(probes.scrape(server.metrics_url)).get("CANCELLED", 0) > cancelled_before, 5)
+        counted, _ = _wait_for(lambda: _cancelled(server) > cancelled_before, 5)
         return {
             "bytes_received_before_kill": len(received),
             "active_before_kill": active_before or 0.0,
@@ -134,9 +137,11 @@ def model_truncated_while_served(models: Path, env: dict, streams: int = 4, max_
     memory) must keep serving new requests.
     """
     path = models / "tiny" / "1" / "model.onnx"
-    with ServeProcess(models, "--max-chars", str(max_chars), env=env) as server, GeneratorClient(server.target) as client:
+    with ServeProcess(models, "--max-chars", str(max_chars), env=env) as server, \
+            GeneratorClient(server.target) as client:
         progress, results = [0] * streams, [None] * streams
-        readers = [threading.Thread(target=_read_all, args=(client, max_chars, progress, i, results)) for i in range(streams)]
+        readers = [threading.Thread(target=_read_all, args=(client, max_chars, progress, i, results))
+                   for i in range(streams)]
         for r in readers:
             r.start()
         _wait_for(lambda: min(progress) > 200, 30)

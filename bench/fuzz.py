@@ -96,7 +96,8 @@ def _valid_fields(vocab: str) -> dict[str, st.SearchStrategy]:
         "top_p": f32(0.0, 1.0),
         "seed": _number(),
         "stop": st.lists(st.text(alphabet=vocab, min_size=1, max_size=64).map(str.encode), max_size=16),
-        "request_id": st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=128).map(str.encode),
+        "request_id": st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=128)
+        .map(str.encode),
     }
 
 
@@ -227,7 +228,8 @@ def run_fuzz(target: str, vocab: str, max_chars_limit: int, cases: int, random_s
     ``max_chars_limit`` is the server's --max-chars (keep it small: every OK stream generates up to it).
     """
     fuzzer = Fuzzer(target, vocab, max_chars_limit)
-    fixed = [b"\xff\xff\xff", b"\x12\x02\xc3\x28\x18\x05", b"", b"\x08", b"\x18" + b"\xff" * 11, b"\x0a\xff\xff\xff\xff\x0f"]
+    fixed = [b"\xff\xff\xff", b"\x12\x02\xc3\x28\x18\x05", b"", b"\x08", b"\x18" + b"\xff" * 11,
+             b"\x0a\xff\xff\xff\xff\x0f"]
     started = time.monotonic()
     failure = ""
 
@@ -251,6 +253,7 @@ def run_fuzz(target: str, vocab: str, max_chars_limit: int, cases: int, random_s
         fuzzer.close()
     health = probes.health_status(target)
     return {
+        "seed": random_seed,
         "cases": fuzzer.sent,
         "codes": dict(sorted(fuzzer.tally.items())),
         "failure": failure,

@@ -17,7 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # The statuses the proto documents for Generate, plus OK. CANCELLED is only ever
 # the client's own doing (it cancelled the call); INTERNAL and UNKNOWN mean a bug.
-DOCUMENTED = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNAVAILABLE"})
+DOCUMENTED = frozenset(
+    {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNAVAILABLE"}
+)
 CLIENT_CANCELLED = "CANCELLED (client)"  # outcome label of a call the client cancelled itself
 
 
@@ -93,5 +95,6 @@ def wait_fds(pid: int, target: int, timeout: float) -> tuple[int, float]:
 def health_status(target: str, service: str = "", timeout: float = 10.0) -> str:
     """grpc.health.v1 status name of ``service`` at ``target`` (a fresh plaintext channel)."""
     with grpc.insecure_channel(target) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -84,7 +84,8 @@ def run_faults(plan: Plan, models: Path, env: dict, work: Path) -> dict:
 
 def run_training(plan: Plan, models: Path, env: dict, work: Path) -> dict:
     (work / "train").mkdir()
-    return training_faults.kill_and_resume(work / "train", plan.kills, seed=int(time.time()), max_steps=plan.train_steps)
+    return training_faults.kill_and_resume(work / "train", plan.kills, seed=int(time.time()),
+                                           max_steps=plan.train_steps)
 
 
 def run_security(plan: Plan, models: Path, env: dict, work: Path) -> dict:
@@ -118,7 +119,8 @@ def promises(results: dict) -> list[tuple[str, str, str, bool]]:
             rows += [
                 (f"{s['config']['streams']} concurrent misbehaving streams get only documented statuses",
                  T + "test_reliability_soak.py::test_every_status_is_documented",
-                 f"{s['requests']:,} requests in {s['soak_seconds']:.0f} s ({_codes(s['client_codes'])}); server counted "
+                 f"{s['requests']:,} requests in {s['soak_seconds']:.0f} s ({_codes(s['client_codes'])}); "
+                 "server counted "
                  f"{_codes(s['server_codes'])}", not s["undocumented"] and not s["bad_ok_streams"]
                  and not {"INTERNAL", "UNKNOWN"} & set(s["server_codes"]) and not s["server_tracebacks"]),
                 ("server memory grows by less than 5% over the soak",
@@ -133,7 +135,8 @@ def promises(results: dict) -> list[tuple[str, str, str, bool]]:
                 ("active and queued stream gauges return to 0; health stays SERVING",
                  T + "test_reliability_soak.py::test_stream_gauges_return_to_zero_and_health_stays_serving",
                  f"active {s['active_after']:g}, queued {s['queued_after']:g} after {s['idle_after_seconds']} s; "
-                 f"{s['health_after']}", s["active_after"] == 0 == s["queued_after"] and s["health_after"] == "SERVING"),
+                 f"{s['health_after']}",
+                 s["active_after"] == 0 == s["queued_after"] and s["health_after"] == "SERVING"),
             ]
     if f := results.get("fuzz"):
         rows.append(("fuzzed requests (every field, raw wire bytes) get OK or a documented status; SERVING",
@@ -157,8 +160,10 @@ def promises(results: dict) -> list[tuple[str, str, str, bool]]:
                  f"{k.get('retry_attempts')} attempts, {k.get('seconds_to_success')} s",
                  k["in_flight_code"] == k["while_down_code"] == "UNAVAILABLE" and k["retry_ok"]),
                 ("model file truncated while served: streams finish, reload refuses it with path and reason",
-                 T + "test_faults.py::test_truncated_model_file_is_refused_at_reload_while_the_loaded_one_keeps_serving",
-                 f"{m['streams_completed']}/{len(m['stream_results'])} streams completed; refused: {m['refusal'][:400]}",
+                 T + "test_faults.py::test_truncated_model_file_is_refused_at_reload_while_the_loaded_one_"
+                 "keeps_serving",
+                 f"{m['streams_completed']}/{len(m['stream_results'])} streams completed; "
+                 f"refused: {m['refusal'][:400]}",
                  m["streams_completed"] == len(m["stream_results"]) and m["refusal_names_path"]
                  and m["health_tiny"] == "SERVING"),
             ]
@@ -213,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         "variant": "long" if args.long else "short",
         "plan": plan.__dict__,
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),
+                    "python": platform.python_version(), "platform": platform.platform()},
     }
     with tempfile.TemporaryDirectory(prefix="charrnn-reliability-") as tmp:
         work = Path(tmp)
@@ -230,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[part] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
             results[part]["part_seconds"] = round(time.monotonic() - started, 1)
             print(f"[{part}] done in {results[part]['part_seconds']} s", file=sys.stderr, flush=True)
-    rows = [(promise, test, figure.replace(str(work), "$TMP"), held) for promise, test, figure, held in promises(results)]
+    rows = [(promise, test, figure.replace(str(work), "$TMP"), held)
+            for promise, test, figure, held in promises(results)]
     results["promises"] = [{"promise": r[0], "test": r[1], "figure": r[2], "held": r[3]} for r in rows]
     results["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp_out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     tmp_out.replace(args.out)
     print(table(rows))
-    print(f"\n{results['variant']} run, {os.cpu_count()} CPUs, load average {results['machine']['load_average_at_start']}"
-          f" at start; figures in {args.out}")
+    load = results["machine"]["load_average_at_start"]
+    print(f"\n{results['variant']} run, {os.cpu_count()} CPUs, load average {load} at start; figures in {args.out}")
     return 0 if rows and all(r[3] for r in rows) else 1
 
 

@@ -161,7 +161,8 @@ async def soak(target: str, pid: int, metrics_url: str, cfg: SoakConfig) -> dict
         "chars_received": tally.chars,
         "client_codes": client_codes,
         "server_codes": server_codes,
-        "undocumented": {c: n for c, n in client_codes.items() if c not in probes.DOCUMENTED | {probes.CLIENT_CANCELLED}},
+        "undocumented": {c: n for c, n in client_codes.items()
+                         if c not in probes.DOCUMENTED | {probes.CLIENT_CANCELLED}},
         "bad_ok_streams": tally.bad_ok,
         "rss_start_bytes": before["rss_bytes"],
         "rss_end_bytes": after["rss_bytes"],

@@ -121,7 +121,8 @@ def _key():
 
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 def _cert(subject: str, key, issuer: str, issuer_key, start: dt.datetime, end: dt.datetime, *, ca=False,
@@ -166,7 +167,8 @@ def pki(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def mtls_server(pki, model_repo, no_torch_env):
-    args = ("--tls-cert", str(pki["server.pem"]), "--tls-key", str(pki["server.key"]), "--tls-client-ca", str(pki["ca.pem"]))
+    args = ("--tls-cert", str(pki["server.pem"]), "--tls-key", str(pki["server.key"]),
+            "--tls-client-ca", str(pki["ca.pem"]))
     with ServeProcess(model_repo, *args, env=no_torch_env) as server:
         yield server
 
