@@ -388,7 +388,7 @@ def test_first_characters_and_ends_are_delivered_at_once_whatever_the_flush_inte
 def test_text_is_batched_into_chunks_at_the_flush_interval(model):
     async def main():
         with running(model, flush_interval=0.05) as engine:
-            reqs = [request(model, max_chars=5000, seed=i) for i in range(4)]
+            reqs = [request(model, max_chars=2000, seed=i) for i in range(4)]
             streams = [engine.submit(r) for r in reqs]
 
             async def read(s):
