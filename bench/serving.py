@@ -137,6 +137,11 @@ def load(server: ServerProcess, concurrency: int, duration: float, warmup: float
     return result
 
 
+def _ms(seconds: float, digits: int = 1) -> str:
+    """Milliseconds for the table; a dash where no request gave a sample in the measured window."""
+    return "—" if math.isnan(seconds) else f"{1e3 * seconds:.{digits}f}"
+
+
 def markdown(report: dict) -> str:
     r = report
     lines = [
@@ -157,13 +162,14 @@ def markdown(report: dict) -> str:
     for row in r["rows"]:
         s, n = row["server"], row["naive"]
         lines.append(
-            f"| {row['concurrency']} | {s['chars_per_s']:,.0f} | {1e3 * s['ttfc_p50']:.1f} / {1e3 * s['ttfc_p99']:.1f} "
-            f"| {1e3 * s['inter_char_p50']:.2f} / {1e3 * s['inter_char_p99']:.2f} | {s['engine_mean_batch']:.1f} "
-            f"| {n['chars_per_s']:,.0f} | {1e3 * n['ttfc_p99']:.1f} | {row['raw_ort_chars_per_s']:,.0f} "
+            f"| {row['concurrency']} | {s['chars_per_s']:,.0f} | {_ms(s['ttfc_p50'])} / {_ms(s['ttfc_p99'])} "
+            f"| {_ms(s['inter_char_p50'], 2)} / {_ms(s['inter_char_p99'], 2)} | {s['engine_mean_batch']:.1f} "
+            f"| {n['chars_per_s']:,.0f} | {_ms(n['ttfc_p99'])} | {row['raw_ort_chars_per_s']:,.0f} "
             f"| {row['server_vs_raw']:.0%} | {row['server_vs_naive']:.1f}x | {row['torch_eager_chars_per_s']:,.0f} "
             f"| {s['server_cpu_us_per_char']:.0f} ({s['client_cpu_us_per_char']:.0f}) / {row['raw_ort_cpu_us_per_char']:.0f} |"
         )
     lines += ["", "PyTorch eager at 1 stream is the classic one-stream sampling loop; at N it samples a batch of N. "
+              "A dash: no request was both sent and answered inside the measured window. "
               "Raw ORT and PyTorch are each the best of two runs (before and after the load), the sgemm rate "
               "the best of one run per point. The server also prefills every "
               "new stream's prime, which the raw step does not. CPU µs per character (server process, load "
