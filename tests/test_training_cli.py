@@ -16,6 +16,7 @@ from charrnn.training.cli import build_parser, config_from_args, main
 from charrnn.training.config import ConfigError, TrainConfig
 from charrnn.training.model import CharRNN, ModelConfig
 from charrnn.training.optim import lr_at
+from charrnn.training.presets import PRESETS
 
 WORDS = "the quick brown fox jumps over a lazy dog and then runs far away from home".split()
 TINY = ["--preset", "tiny", "--sample-chars", "20", "--threads", "1", "--device", "cpu"]
@@ -88,7 +89,8 @@ def test_corpus_too_short_for_one_batch_is_a_clear_error(tmp_path, capsys):
 def test_flags_override_the_preset():
     args = build_parser().parse_args(["--data", "d", "--out", "o", "--preset", "shakespeare", "--hidden", "64", "--no-tie-weights"])
     cfg = config_from_args(args)
-    assert cfg.hidden == 64 and cfg.layers == 3 and cfg.tie_weights is False and cfg.preset == "shakespeare"
+    assert cfg.hidden == 64 and cfg.tie_weights is False and cfg.preset == "shakespeare"
+    assert cfg.layers == PRESETS["shakespeare"]["layers"] and cfg.dropout == PRESETS["shakespeare"]["dropout"]
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -88,3 +88,20 @@ def test_diverging_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(t
     after = load_checkpoint(tmp_path / "r" / "last.pt")
     assert after["step"] == 10 and after["val_loss"] == good["val_loss"]
     assert math.isfinite(after["val_loss"])
+
+
+def test_logs_are_cut_back_to_the_checkpoint_step(tmp_path):
+    from charrnn.training.runlog import RunLog
+
+    log = RunLog(tmp_path)
+    log.add_steps([{"step": s, "loss": 1.0, "lr": 0.1} for s in range(1, 13)])
+    for step in (5, 10):
+        log.add_metrics({"step": step, "train_loss": 1.0, "val_loss": 1.0, "lr": 0.1, "chars_per_sec": 1.0, "elapsed": 1.0})
+        log.add_samples(step, 1.0, [(0.5, f"text at {step}"), (1.0, "more")])
+    with open(log.steps, "a") as f:
+        f.write('{"step": 13, "lo')  # a line cut short by a kill
+    log.restart_at(5)
+    assert [r["step"] for r in log.read("steps")] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in log.read("metrics")] == [5]
+    text = log.samples.read_text()
+    assert "text at 5" in text and "text at 10" not in text and text.count("=== step") == 1

@@ -25,7 +25,7 @@ from .corpus import prepare_corpus
 from .model import CharRNN, ModelConfig
 from .optim import lr_at, make_optimizer
 from .runlog import RunLog
-from .runtime import Runtime, any_rank, broadcast_from_main, seed_everything, start_runtime, stop_runtime
+from .runtime import Runtime, any_rank, broadcast_from_main, main_first, seed_everything, start_runtime, stop_runtime
 from .sampling import sample_text
 
 SAMPLE_TEMPERATURES = (0.5, 1.0)
@@ -57,7 +57,8 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
     ckpt = load_checkpoint(out / LAST) if cfg.resume and (out / LAST).is_file() else None
     if ckpt is not None:
         resume_state.check_compatible(cfg, ckpt, rt.world)
-    corpus = prepare_corpus(cfg.data, out, cfg.errors, vocab=ckpt["vocab"] if ckpt else None)
+    # Rank 0 writes tokens.bin; the other ranks wait, then map the finished file.
+    corpus = main_first(rt, lambda: prepare_corpus(cfg.data, out, cfg.errors, vocab=ckpt["vocab"] if ckpt else None))
     if ckpt is not None:
         resume_state.check_corpus(corpus, ckpt)
     lanes = train_lanes(corpus.train, cfg.batch_size, cfg.seq_len, rt.rank, rt.world)

@@ -1,11 +1,14 @@
 """Named sets of training settings. A preset fills every field the command line leaves unset.
 
-- ``default``: the bundled model, a 2x256 LSTM (about 4.4 MB of float32 weights
-  on tiny-shakespeare's 65 characters) sized to train on a 2-core CPU in about
-  ten minutes.
-- ``shakespeare``: the quality setting for one GPU: a 3x512 LSTM with dropout on
-  the embedding, between layers and before the output, weight decay and a
-  cosine schedule.
+- ``default``: the bundled model, a 2x256 LSTM (4.3 MB of float32 weights on
+  tiny-shakespeare's 65 characters). 3000 steps of 64 x 128 characters: about
+  ten minutes on a 2-core CPU with bf16 units, val loss 1.4468 on
+  tiny-shakespeare (1.55 is passed near step 600).
+- ``shakespeare``: the quality setting for one GPU: a 2x1024 LSTM with strong
+  dropout (embedding, between layers, before the output), weight decay and a
+  short cosine schedule. Measured on an H200, 2x1024 with dropout 0.35 peaked
+  at 1.4356 after 500 steps and 3x512 with 0.25 at 1.451 after 750, both then
+  overfitting (60-plus epochs); hence dropout 0.5 and 1200 steps.
 - ``tiny``: a few seconds on a CPU; for smoke tests and examples.
 """
 
@@ -20,9 +23,9 @@ PRESETS: dict[str, dict] = {
         lr_schedule="cosine", grad_clip=1.0, eval_interval=250, max_steps=3000,
     ),
     "shakespeare": dict(
-        cell="lstm", layers=3, hidden=512, embed_dim=0, dropout=0.25, embed_dropout=0.1,
-        batch_size=128, seq_len=256, lr=2e-3, weight_decay=0.1, warmup=200,
-        lr_schedule="cosine", grad_clip=1.0, eval_interval=250, max_steps=6000,
+        cell="lstm", layers=2, hidden=1024, embed_dim=0, dropout=0.5, embed_dropout=0.2,
+        batch_size=128, seq_len=256, lr=2e-3, weight_decay=0.1, warmup=100,
+        lr_schedule="cosine", grad_clip=1.0, eval_interval=100, max_steps=1200,
     ),
     "tiny": dict(
         cell="lstm", layers=1, hidden=32, embed_dim=16, dropout=0.0, embed_dropout=0.0,

@@ -124,6 +124,15 @@ def gather_to_main(rt: Runtime, obj):
     return out
 
 
+def main_first(rt: Runtime, work):
+    """Runs ``work()`` on rank 0, then on the other ranks (which then find what rank 0 wrote)."""
+    if not rt.distributed:
+        return work()
+    result = work() if rt.is_main else None
+    dist.barrier()
+    return result if rt.is_main else work()
+
+
 def broadcast_from_main(rt: Runtime, obj):
     if not rt.distributed:
         return obj
