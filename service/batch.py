@@ -34,6 +34,8 @@ class Batch:
         self.top_p = np.empty(0, np.float64)  # [n]
         self.seeds = np.empty(0, np.uint64)  # [n] each row's own generator
         self.generated = np.empty(0, np.int64)  # [n] characters generated so far (= next draw number)
+        self.limit = np.empty(0, np.int64)  # [n] max_chars
+        self.deadline = np.empty(0, np.float64)  # [n] time.monotonic() deadline, inf when none
         self.state: State | None = None
 
     def __len__(self) -> int:
@@ -49,12 +51,15 @@ class Batch:
         self.top_p = np.concatenate([self.top_p, top_p])
         self.seeds = np.concatenate([self.seeds, seeds])
         self.generated = np.concatenate([self.generated, np.array([s.generated for s in streams], np.int64)])
+        self.limit = np.concatenate([self.limit, np.array([s.request.max_chars for s in streams], np.int64)])
+        deadlines = [np.inf if s.request.deadline is None else s.request.deadline for s in streams]
+        self.deadline = np.concatenate([self.deadline, np.array(deadlines, np.float64)])
         self.state = state if self.state is None else self.model.concat([self.state, state])
 
     def keep(self, rows: np.ndarray) -> None:
         """Keeps only ``rows`` (int64 [m], ascending): the others have left."""
         self.streams = [self.streams[i] for i in rows.tolist()]
-        for name in ("tokens", "temperature", "top_k", "top_p", "seeds", "generated"):
+        for name in ("tokens", "temperature", "top_k", "top_p", "seeds", "generated", "limit", "deadline"):
             setattr(self, name, getattr(self, name)[rows])
         self.state = self.model.take(self.state, rows) if len(rows) else None
 

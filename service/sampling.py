@@ -56,6 +56,12 @@ def sample(
     each row's own uniform draw. Returns int64 [n].
     """
     n, vocab = logits.shape
+    if n == 1:  # one stream (a first character): the same arithmetic without the masks' overhead
+        if temperature[0] <= 0:
+            return np.argmax(logits, axis=1).astype(np.int64)
+        if 0 < top_k[0] < vocab or top_p[0] < 1.0:
+            return _sample_filtered(logits, temperature, top_k, top_p, u)
+        return _sample_plain(logits, temperature, u)
     out = np.empty(n, dtype=np.int64)
     greedy = temperature <= 0
     if greedy.any():
@@ -69,32 +75,43 @@ def sample(
     return out
 
 
+def _scaled(logits: np.ndarray, temperature: np.ndarray) -> np.ndarray:
+    """logits / temperature as a new float32 [m, V] array (float32 keeps numpy's exp and cumsum fast)."""
+    return logits.astype(np.float32) / temperature.astype(np.float32)[:, None]
+
+
 def _softmax_weights(z: np.ndarray) -> np.ndarray:
-    """Unnormalised softmax of float64 [m, V] rows (the largest weight of each row is 1)."""
-    return np.exp(z - z.max(axis=1, keepdims=True))
+    """Unnormalised softmax of float32 [m, V] rows, in place (the largest weight of each row is 1)."""
+    z -= z.max(axis=1, keepdims=True)
+    return np.exp(z, out=z)
 
 
 def _pick(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Inverse CDF: the first column whose cumulative weight exceeds u * total. [m, V] -> [m]."""
+    """Inverse CDF: the first column whose cumulative weight exceeds u * total. [m, V] -> [m].
+
+    That column always has weight (a column without weight repeats the sum before it),
+    unless u * total rounds up to the total: then the last column with weight is taken.
+    """
     cdf = np.cumsum(weights, axis=1)
-    target = u[:, None] * cdf[:, -1:]
-    pick = (cdf <= target).sum(axis=1)
-    # u * total can round up to total: fall back to the last character with weight.
-    last = weights.shape[1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=1)
-    return np.minimum(pick, last)
+    target = (u * cdf[:, -1]).astype(np.float32)[:, None]
+    pick = np.count_nonzero(cdf <= target, axis=1)
+    over = np.flatnonzero(pick >= weights.shape[1])
+    if len(over):
+        tail = weights[over] > 0
+        pick[over] = weights.shape[1] - 1 - np.argmax(tail[:, ::-1], axis=1)
+    return pick
 
 
 def _sample_plain(logits: np.ndarray, temperature: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Full-vocabulary sampling at a temperature, in vocabulary order."""
-    z = logits.astype(np.float64) / temperature[:, None]
-    return _pick(_softmax_weights(z), u)
+    return _pick(_softmax_weights(_scaled(logits, temperature)), u)
 
 
 def _sample_filtered(
     logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, u: np.ndarray
 ) -> np.ndarray:
     """Top-k then top-p over the characters sorted by probability (ties: lower index first)."""
-    z = logits.astype(np.float64) / temperature[:, None]
+    z = _scaled(logits, temperature)
     order = np.argsort(-z, axis=1, kind="stable")  # [m, V], most likely first
     w = _softmax_weights(np.take_along_axis(z, order, axis=1))
     rank = np.arange(z.shape[1])[None, :]
@@ -104,6 +121,6 @@ def _sample_filtered(
     # (the first character is always kept: the mass before it is 0 < top_p).
     p = w / w.sum(axis=1, keepdims=True)
     mass_before = np.cumsum(p, axis=1) - p
-    w[mass_before >= top_p[:, None]] = 0.0
+    w[mass_before >= top_p.astype(np.float32)[:, None]] = 0.0
     pick = _pick(w, u)
     return order[np.arange(len(pick)), pick]

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from charrnn.service.batch import Batch, Cohort, PrimeCache, sample_next
+from charrnn.service.requests import FinishReason
 from charrnn.service.runtime import LoadedModel, State
 from charrnn.service.streams import Mailbox, Stream
 
@@ -154,11 +155,18 @@ class Scheduler:
         self._step_hist.observe(now - t0)
         self._batch_hist.observe(len(b))
         streams, vocab = b.streams, self._vocab
+        # One cheap call per stream (append the character; stop sequences are checked by the
+        # few streams that have them), then the other ways to end, vectorised over the batch.
+        # The order of precedence is Stream.advance's: stop, length, cancel, deadline.
         ended = {}
-        for i, tok in enumerate(ids.tolist()):
-            why = streams[i].advance(vocab[tok], now)
-            if why is not None:
-                ended[i] = why
+        for i, (s, tok) in enumerate(zip(streams, ids.tolist())):
+            if s.push(vocab[tok]) is not None:
+                ended[i] = s.matched_stop
+        for i in np.flatnonzero(b.generated >= b.limit).tolist():
+            ended.setdefault(i, FinishReason.LENGTH)
+        for i in [i for i, s in enumerate(streams) if s._cancelled] + np.flatnonzero(b.deadline <= now).tolist():
+            if i not in ended:
+                ended[i] = streams[i].gone(now)
         # Streams that were in the previous step share one gap; those that joined since count from their first.
         observe_many(self._inter_hist, now - self._last_step_at, len(b) - len(self._fresh))
         for s in self._fresh:

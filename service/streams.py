@@ -101,6 +101,7 @@ class Stream:
         self._stops = tuple(sorted(request.stop, key=len, reverse=True))  # longest first: it is the one cut
         self._longest_stop = max((len(s) for s in request.stop), default=0)
         self._held = ""  # text that might still begin a stop sequence (held back from the reader)
+        self.matched_stop = ""  # the stop sequence that ended the stream, once one has
 
     # ---- reader side (asyncio loop thread) ----
 
@@ -154,6 +155,7 @@ class Stream:
                 if len(held) > len(stop):
                     self._chunks.append(held[: len(held) - len(stop)])
                 self._held = ""
+                self.matched_stop = stop
                 return stop
         # Keep the longest tail that could still grow into a stop sequence; release the rest.
         keep = 0
