@@ -261,7 +261,7 @@ class ModelRepository:
         return min(names) if names else None
 
     def resolve(self, model_field: str) -> ModelEntry:
-        """"" | "name" | "name@version" -> the entry that serves it; never touches the file system."""
+        """Turns the request's model field ("", "name" or "name@version") into its entry; never opens a path."""
         table = self._table
         name, sep, version_text = model_field.partition("@")
         if model_field == "":

@@ -72,7 +72,7 @@ def _cuda_probe() -> str | None:
 
 
 def select_device(requested: str) -> str:
-    """"auto" | "cpu" | "cuda" -> "cpu" | "cuda"; "cuda" where CUDA is not usable raises RuntimeError."""
+    """Turns "auto" | "cpu" | "cuda" into "cpu" | "cuda"; "cuda" where CUDA is not usable raises RuntimeError."""
     if requested not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {requested!r}")
     ort.set_default_logger_severity(3)  # onnxruntime's own warnings are not the service's log

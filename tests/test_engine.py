@@ -234,7 +234,7 @@ def test_full_queue_is_refused_at_once_naming_the_limit_and_its_flag(model):
     err, refused_in = run(main())
     assert err.limit == "queue_full" and err.code == "RESOURCE_EXHAUSTED"
     assert "--max-queue 2" in err.message and "1 batch slots" in err.message
-    assert refused_in < 0.05
+    assert refused_in < 0.5  # at once: no waiting for a slot or a queue place
 
 
 @pytest.mark.parametrize("batching", [True, False])
