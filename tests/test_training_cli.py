@@ -54,6 +54,23 @@ def test_run_folder_holds_checkpoints_metrics_curves_and_samples(tmp_path):
     assert best["vocab"] == sorted(set(data.read_text()))
 
 
+def test_unicode_corpus_trains_and_its_vocabulary_round_trips(tmp_path):
+    rng = random.Random(1)
+    pieces = ["Привет", "мир", "你好", "世界", "🙂", "🚀", "e\u0301", "café", "naïve", "𝄞", "the", "fox"]
+    text = " ".join(rng.choice(pieces) for _ in range(1500))
+    (tmp_path / "u.txt").write_text(text, encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["--data", str(tmp_path / "u.txt"), "--out", str(run), *TINY, "--max-steps", "20", "--eval-interval", "20"]) == 0
+    ckpt = load_checkpoint(run / "best.pt")
+    assert ckpt["vocab"] == sorted(set(text))  # code points, not bytes: one entry per character
+    assert all(len(ch) == 1 for ch in ckpt["vocab"]) and "\u0301" in ckpt["vocab"] and "🚀" in ckpt["vocab"]
+    model = CharRNN(ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    assert model.config.vocab_size == len(ckpt["vocab"])
+    sampled = (run / "samples.txt").read_text(encoding="utf-8").split("--- temperature 1.0\n")[1]
+    assert set(sampled.strip()) <= set(ckpt["vocab"])
+
+
 def test_same_seed_repeats_exactly_on_cpu(tmp_path):
     data = make_corpus(tmp_path / "c.txt")
     args = ["--data", str(data), *TINY, "--max-steps", "15", "--eval-interval", "15", "--dropout", "0.0", "--sample-chars", "0"]
