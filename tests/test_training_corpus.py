@@ -78,6 +78,15 @@ def test_directory_reads_text_files_recursively_in_sorted_order_and_skips_binary
     assert len(c.info.sources) == 3
 
 
+def test_run_folder_inside_the_corpus_directory_is_not_read_as_text(tmp_path):
+    (tmp_path / "a.txt").write_text("abcdefgh" * 20)
+    first = prepare_corpus(tmp_path, tmp_path / "run")
+    (tmp_path / "run" / "samples.txt").write_text("zzz")  # what a run writes beside its tokens
+    again = prepare_corpus(tmp_path, tmp_path / "run")
+    assert again.info.sources == first.info.sources == [str(tmp_path / "a.txt")]
+    assert again.info.sha256 == first.info.sha256
+
+
 def test_glob_selects_files_as_one_corpus(tmp_path):
     for name, body in [("x1.txt", "one "), ("x2.txt", "two "), ("y.txt", "nope")]:
         (tmp_path / name).write_text(body)

@@ -47,21 +47,30 @@ class CorpusInfo:
         return asdict(self)
 
 
-def list_sources(spec: str | os.PathLike) -> list[Path]:
-    """A file, a directory (all text files under it) or a glob pattern -> files in a fixed order."""
+def list_sources(spec: str | os.PathLike, exclude: Path | None = None) -> list[Path]:
+    """A file, a directory (all text files under it) or a glob pattern -> files in a fixed order.
+
+    Files under ``exclude`` (the run folder, when it sits inside the corpus) are never part of it.
+    """
     path = Path(spec)
     if path.is_file():
         return [path]
     if path.is_dir():
+        skip = exclude.resolve() if exclude is not None else None
         files = sorted(
             p for p in path.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts) and _is_text(p)
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            and not (skip is not None and p.resolve().is_relative_to(skip)) and _is_text(p)
         )
         if not files:
             raise CorpusError(f"--data {spec}: directory holds no text files")
         return files
     if glob.has_magic(str(spec)):
-        files = sorted(Path(p) for p in glob.glob(str(spec), recursive=True) if Path(p).is_file())
+        skip = exclude.resolve() if exclude is not None else None
+        files = sorted(
+            Path(p) for p in glob.glob(str(spec), recursive=True)
+            if Path(p).is_file() and not (skip is not None and Path(p).resolve().is_relative_to(skip))
+        )
         if not files:
             raise CorpusError(f"--data {spec}: pattern matches no files")
         return files
@@ -187,7 +196,7 @@ def prepare_corpus(spec: str | os.PathLike, run_dir: Path, errors: str = "strict
 
     ``vocab`` (from a checkpoint being resumed) must then match the corpus's own.
     """
-    sources = list_sources(spec)
+    sources = list_sources(spec, exclude=run_dir)
     found, info = scan_corpus(sources, errors)
     if vocab is not None and vocab != found:
         raise CorpusError(f"--data {spec}: its vocabulary ({len(found)} characters) differs from the checkpoint's ({len(vocab)})")
