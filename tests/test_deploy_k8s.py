@@ -213,6 +213,9 @@ def test_training_job_exports_into_the_volume_the_servers_read(overlay):
     assert _claim(job_pod, export, repo) == (served, False)
     device = next(a for a in train["args"] if a.startswith("--device="))
     assert device == {"cpu": "--device=cpu", "gpu": "--device=cuda"}[overlay]
+    presets = [a for a in train["args"] if a.startswith("--preset=")]
+    # The 2x1024 quality preset is for a GPU; CPU nodes train the bundled model's 2x256 preset.
+    assert presets == [{"cpu": "--preset=default", "gpu": "--preset=shakespeare"}[overlay]]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
