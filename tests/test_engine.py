@@ -185,6 +185,10 @@ def test_cancelled_stream_frees_its_slot_within_one_step(model, batching):
         with running(model, metrics=metrics, batching=batching) as engine:
             stream = engine.submit(request(model, max_chars=1_000_000))
             first = await stream.__anext__()
+            for _ in range(100):  # the engine thread publishes its gauges once per round
+                if gauge(metrics, "charrnn_active_streams") == 1:
+                    break
+                await asyncio.sleep(0.01)
             assert first and gauge(metrics, "charrnn_active_streams") == 1
             steps_before = gauge(metrics, "charrnn_step_seconds_count")
             stream.cancel()
