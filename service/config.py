@@ -60,6 +60,10 @@ class ServeConfig:
     max_chars: int = _opt(10000, "Largest max_chars a request may ask for.", int)
     max_prime_chars: int = _opt(4096, "Longest prime a request may send, in characters.", int)
     threads: int = _opt(0, "onnxruntime intra-op threads per model; 0 lets onnxruntime choose.", int)
+    flush_interval: float = _opt(
+        0.05, "Seconds a stream's text may collect before it is sent (first characters and the end go at once); "
+        "0 sends every step's characters at once.", float,
+    )
     drain_grace: float = _opt(
         20.0, "Seconds streams in flight may run after SIGTERM; keep below the pod's terminationGracePeriodSeconds.",
         float,
@@ -96,6 +100,8 @@ class ServeConfig:
             ("max_chars", self.max_chars >= 1, ">= 1"),
             ("max_prime_chars", self.max_prime_chars >= 1, ">= 1"),
             ("threads", self.threads >= 0, ">= 0 (0 lets onnxruntime choose)"),
+            ("flush_interval", math.isfinite(self.flush_interval) and 0 <= self.flush_interval <= 1,
+             "in [0, 1] seconds"),
             ("drain_grace", math.isfinite(self.drain_grace) and self.drain_grace >= 0, "a number >= 0"),
             ("reload_interval", math.isfinite(self.reload_interval) and self.reload_interval >= 0,
              ">= 0 (0: only on SIGHUP)"),

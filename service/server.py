@@ -85,7 +85,7 @@ class Server:
             device=device,
             engine_factory=functools.partial(
                 Engine, metrics=self.metrics, max_active=c.max_active_streams, max_queue=c.max_queue,
-                max_queue_wait=c.max_queue_wait, batching=c.batching,
+                max_queue_wait=c.max_queue_wait, batching=c.batching, flush_interval=c.flush_interval,
             ),
             metrics=self.metrics,
             log=logging.getLogger("charrnn.service.repository"),

@@ -49,7 +49,7 @@ def test_defaults(tmp_path):
 VALUES = {
     "host": "127.0.0.1", "port": "0", "metrics_port": "9100", "device": "cpu", "default_model": "tiny",
     "batching": "off", "max_active_streams": "8", "max_queue": "3", "max_queue_wait": "1.5", "max_chars": "77",
-    "max_prime_chars": "9", "threads": "2", "drain_grace": "3", "reload_interval": "0.5", "tls_cert": "c.pem",
+    "max_prime_chars": "9", "threads": "2", "flush_interval": "0.01", "drain_grace": "3", "reload_interval": "0.5", "tls_cert": "c.pem",
     "tls_key": "k.pem", "tls_client_ca": "ca.pem", "log_format": "json", "log_level": "debug",
     "max_message_bytes": "65536",
 }
@@ -75,6 +75,7 @@ def test_every_flag_has_an_env_twin_and_the_flag_wins(tmp_path):
         (["--port", "70000"], {}, r"--port \(or CHARRNN_PORT\) must be in \[0, 65535\] .*got 70000"),
         (["--drain-grace", "-1"], {}, r"--drain-grace \(or CHARRNN_DRAIN_GRACE\) must be a number >= 0, got -1.0"),
         (["--max-active-streams", "0"], {}, r"--max-active-streams .* must be >= 1, got 0"),
+        (["--flush-interval", "2"], {}, r"--flush-interval \(or CHARRNN_FLUSH_INTERVAL\) must be in \[0, 1\] seconds, got 2.0"),
         (["--tls-cert", "c.pem"], {}, r"--tls-key .* must be given together with --tls-cert"),
         (["--tls-client-ca", "ca.pem"], {}, r"--tls-client-ca .* used only with --tls-cert"),
         ([], {"CHARRNN_PORT": "abc"}, r"CHARRNN_PORT must be a whole number, got 'abc'"),
