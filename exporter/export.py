@@ -152,6 +152,17 @@ def to_onnx(model: CharRNN, meta: mf.ModelMetadata) -> onnx.ModelProto:
     return proto
 
 
+def published_mode(directory: bool) -> int:
+    """The mode a published file or folder gets: what the umask allows, as for any new file.
+
+    Temporary files and folders are created private (0600/0700); a model is read by
+    a server that may run as another user (a training Job writes, serving pods read).
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def export_model(
     model: CharRNN,
     vocab: list[str],
@@ -211,6 +222,7 @@ def export_model(
                         f"ONNX and PyTorch disagree beyond tolerance {tolerance:g}: "
                         + "; ".join(p.describe() for p in worst),
                     )
+            os.chmod(tmp, published_mode(directory=False))
             os.replace(tmp, out_path)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from charrnn.exporter.export import published_mode
 from charrnn.modelfile import MODEL_FILE, check_model_name
 
 _VERSION = re.compile(r"[1-9][0-9]*")  # positive integers, no leading zeros
@@ -77,6 +78,7 @@ def publish(
         result = write(staging / MODEL_FILE)
         try:
             # Atomic; fails if another export took this version meanwhile (non-empty target).
+            os.chmod(staging, published_mode(directory=True))
             os.rename(staging, target)
         except OSError as e:
             raise RepositoryError(f"{target}: cannot publish ({e.strerror}); was it published meanwhile?") from None

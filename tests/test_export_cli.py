@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +169,18 @@ def test_a_negative_tolerance_is_a_usage_error(tmp_path, capsys):
         main([str(tmp_path / "ck.pt"), "--name", "m", "--tolerance", "-1"])
     assert e.value.code == 2
     assert "--tolerance must be >= 0, got -1.0" in capsys.readouterr().err
+
+
+def test_published_versions_are_readable_by_other_users(tmp_path):
+    # A training Job writes the repository; serving pods, maybe as another user, read it.
+    write_checkpoint(tmp_path / "ck.pt")
+    old = os.umask(0o022)
+    try:
+        assert main([str(tmp_path / "ck.pt"), "--name", "m", "--repo", str(tmp_path / "models")]) == 0
+        assert main([str(tmp_path / "ck.pt"), "--name", "m", "--repo", str(tmp_path / "models"),
+                     "--version", "1", "--force"]) == 0
+    finally:
+        os.umask(old)
+    version = tmp_path / "models" / "m" / "1"
+    assert stat.S_IMODE(version.stat().st_mode) == 0o755
+    assert stat.S_IMODE((version / mf.MODEL_FILE).stat().st_mode) == 0o644
