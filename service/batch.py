@@ -25,6 +25,8 @@ from charrnn.service.streams import Stream
 
 
 class Batch:
+    PENDING = 64  # characters a row collects before they are handed over anyway
+
     def __init__(self, model: LoadedModel):
         self.model = model
         self.streams: list[Stream] = []
@@ -36,7 +38,19 @@ class Batch:
         self.generated = np.empty(0, np.int64)  # [n] characters generated so far (= next draw number)
         self.limit = np.empty(0, np.int64)  # [n] max_chars
         self.deadline = np.empty(0, np.float64)  # [n] time.monotonic() deadline, inf when none
+        self.stops = np.empty(0, bool)  # [n] the stream has stop sequences (its text goes through Stream.push)
+        # Text not yet handed to the streams: token ids [n, PENDING], the first ``pending[i]`` of row i.
+        # Rows without stop sequences collect their characters here and get them as one string
+        # when their loop is due a delivery, when they end or when the buffer is full.
+        self.held = np.empty((0, self.PENDING), np.int32)
+        self.pending = np.empty(0, np.int64)  # [n]
+        self.boxes: collections.Counter = collections.Counter()  # Mailbox -> rows whose reader it wakes
         self.state: State | None = None
+        vocab = model.metadata.vocab
+        # Code point of each token: rows of ids become strings in one numpy call (a U-string
+        # array drops trailing NULs, which is how rows with fewer characters end).
+        self._codes = np.array([ord(c) for c in vocab], np.uint32) if "\x00" not in vocab else None
+        self._vocab = list(vocab)
 
     def __len__(self) -> int:
         return len(self.streams)
@@ -54,12 +68,21 @@ class Batch:
         self.limit = np.concatenate([self.limit, np.array([s.request.max_chars for s in streams], np.int64)])
         deadlines = [np.inf if s.request.deadline is None else s.request.deadline for s in streams]
         self.deadline = np.concatenate([self.deadline, np.array(deadlines, np.float64)])
+        self.stops = np.concatenate([self.stops, np.array([bool(s.request.stop) for s in streams], bool)])
+        self.held = np.concatenate([self.held, np.zeros((len(streams), self.PENDING), np.int32)])
+        self.pending = np.concatenate([self.pending, np.zeros(len(streams), np.int64)])
+        self.boxes.update(s._mailbox for s in streams)
         self.state = state if self.state is None else self.model.concat([self.state, state])
 
     def keep(self, rows: np.ndarray) -> None:
-        """Keeps only ``rows`` (int64 [m], ascending): the others have left."""
+        """Keeps only ``rows`` (int64 [m], ascending): the others have left (their text handed over)."""
+        gone = np.ones(len(self.streams), bool)
+        gone[rows] = False
+        self.boxes.subtract(self.streams[i]._mailbox for i in np.flatnonzero(gone).tolist())
+        self.boxes = +self.boxes  # drops the loops left without rows
         self.streams = [self.streams[i] for i in rows.tolist()]
-        for name in ("tokens", "temperature", "top_k", "top_p", "seeds", "generated", "limit", "deadline"):
+        for name in ("tokens", "temperature", "top_k", "top_p", "seeds", "generated", "limit", "deadline", "stops",
+                     "held", "pending"):
             setattr(self, name, getattr(self, name)[rows])
         self.state = self.model.take(self.state, rows) if len(rows) else None
 
@@ -71,7 +94,41 @@ class Batch:
         ids = sampling.sample(logits, self.temperature, self.top_k, self.top_p, u)
         self.tokens = ids
         self.generated += 1
+        if len(ids) and self.pending.max() >= self.PENDING:
+            self.hand_over()
+        self.held[np.arange(len(ids)), self.pending] = ids
+        self.pending += ~self.stops  # rows with stop sequences hand each character over at once
         return logits, ids
+
+    def hand_over(self, rows: np.ndarray | None = None) -> None:
+        """Gives rows without stop sequences (all, or ``rows`` int64 [m]) their collected text, one string each.
+
+        Also brings each one's ``Stream.generated`` up to date (the engine counts
+        in ``generated`` between hand-overs). Rows with stop sequences received
+        their characters one by one through ``Stream.push`` already.
+        """
+        if rows is None:
+            rows = np.flatnonzero((self.pending > 0) & ~self.stops)
+        else:
+            rows = rows[(self.pending[rows] > 0) & ~self.stops[rows]]
+        if not len(rows):
+            return
+        counts = self.pending[rows]
+        width = int(counts.max())
+        ids = self.held[rows, :width]  # [m, width]
+        if self._codes is not None:
+            codes = self._codes[ids]
+            codes[np.arange(width)[None, :] >= counts[:, None]] = 0  # NULs past each row's end: dropped
+            texts = codes.view(f"U{width}").ravel().tolist()
+        else:  # a vocabulary with NUL in it: character by character
+            vocab = self._vocab
+            texts = ["".join(vocab[t] for t in r[:c]) for r, c in zip(ids.tolist(), counts.tolist())]
+        streams = self.streams
+        for i, text, generated in zip(rows.tolist(), texts, self.generated[rows].tolist()):
+            s = streams[i]
+            s._chunks.append(text)
+            s.generated = generated
+        self.pending[rows] = 0
 
 
 def sampling_arrays(streams: list[Stream]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -88,6 +88,7 @@ class Engine:
         self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> Mailbox
         self._pool: ThreadPoolExecutor | None = None
         self._last_scan = 0.0
+        self.cancel_mark = 0  # set by Stream.cancel (any thread) to a new number each time
         self._shown = [0, 0]  # what this engine has added to the active / queued gauges
         self._m_step = metrics.step.labels(self.label)
         self._m_batch = metrics.batch_size.labels(self.label)
@@ -95,7 +96,8 @@ class Engine:
         self._m_inter = metrics.inter_char.labels(self.label)
         self._m_active = metrics.active_streams.labels(self.label)
         self._m_queued = metrics.queued_streams.labels(self.label)
-        self.scheduler = Scheduler(model, prime_cache=prime_cache, release=self._release, step_hist=self._m_step,
+        self.scheduler = Scheduler(model, prime_cache=prime_cache, release=self._release,
+                                   cancel_mark=lambda: self.cancel_mark, step_hist=self._m_step,
                                    batch_hist=self._m_batch, inter_hist=self._m_inter)
         self.prime_cache = self.scheduler.prime_cache  # primes read before (prime_cache=0 turns it off)
 

@@ -12,6 +12,7 @@ it and their slots are handed back through ``release``.
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from typing import Callable
 
@@ -22,18 +23,22 @@ from charrnn.service.requests import FinishReason
 from charrnn.service.runtime import LoadedModel, State
 from charrnn.service.streams import Mailbox, Stream
 
+log = logging.getLogger("charrnn.service.engine")
+
 MAX_PREFILL_STEPS = 128  # prime characters per prefill call: a long prime takes several rounds
 MIN_PREFILL_SECONDS = 0.002  # prefill time per round while streams decode (at least the last step's time)
 
 
 class Scheduler:
     def __init__(self, model: LoadedModel, *, prime_cache: int, release: Callable[[int], None],
-                 step_hist, batch_hist, inter_hist):
+                 cancel_mark: Callable[[], int], step_hist, batch_hist, inter_hist):
         self.model = model
         self.prime_cache = PrimeCache(prime_cache)
         self.batch = Batch(model)
         self.cohorts: list[Cohort] = []
         self._release = release  # frees n batch slots (the engine's counter)
+        self._cancel_mark = cancel_mark  # moves whenever a stream is cancelled (Stream.cancel)
+        self._cancels_seen = 0  # the mark at the last look for cancelled rows
         self._vocab = list(model.metadata.vocab)
         self._fresh: list[Stream] = []  # joined the batch since its last step (first character from prefill)
         self._last_step_seconds = 0.0
@@ -48,6 +53,11 @@ class Scheduler:
         return [s for c in self.cohorts for s in c.streams] + self.batch.streams
 
     def clear(self) -> None:
+        """Drops every stream (the engine ends them); text the batch still collects goes to them first."""
+        try:
+            self.batch.hand_over()
+        except Exception:  # noqa: BLE001 - the streams must still be ended
+            log.exception("engine %s: collected text lost", self.model.label)
         self.cohorts.clear()
         self.batch = Batch(self.model)
         self._fresh.clear()
@@ -146,7 +156,12 @@ class Scheduler:
         self.cohorts = [c for c in self.cohorts if c.streams]
 
     def _decode(self) -> None:
-        """One step of the whole batch: one onnxruntime call, one sampling call, text to every stream."""
+        """One step of the whole batch: one onnxruntime call, one sampling call, the ends found vectorised.
+
+        Python touches only the streams that need it this step: those with stop
+        sequences (each character through Stream.push), those that end, and,
+        when their loop is due a delivery, every stream once for its collected text.
+        """
         b = self.batch
         t0 = time.monotonic()
         _, ids = b.step()
@@ -155,28 +170,39 @@ class Scheduler:
         self._step_hist.observe(now - t0)
         self._batch_hist.observe(len(b))
         streams, vocab = b.streams, self._vocab
-        # One cheap call per stream (append the character; stop sequences are checked by the
-        # few streams that have them), then the other ways to end, vectorised over the batch.
         # The order of precedence is Stream.advance's: stop, length, cancel, deadline.
         ended = {}
-        for i, (s, tok) in enumerate(zip(streams, ids.tolist())):
+        stop_rows = np.flatnonzero(b.stops)
+        for i, tok in zip(stop_rows.tolist(), ids[stop_rows].tolist()):
+            s = streams[i]
             if s.push(vocab[tok]) is not None:
                 ended[i] = s.matched_stop
         for i in np.flatnonzero(b.generated >= b.limit).tolist():
             ended.setdefault(i, FinishReason.LENGTH)
-        for i in [i for i, s in enumerate(streams) if s._cancelled] + np.flatnonzero(b.deadline <= now).tolist():
-            if i not in ended:
-                ended[i] = streams[i].gone(now)
+        gone = np.flatnonzero(b.deadline <= now).tolist()
+        mark = self._cancel_mark()
+        if mark != self._cancels_seen:  # read before the scan: a later cancel moves it again
+            self._cancels_seen = mark
+            gone += [i for i, s in enumerate(streams) if s._cancelled]
+        gone = [i for i in gone if i not in ended]
+        if ended or gone:
+            b.hand_over(np.array(sorted({*ended, *gone}), np.int64))  # their text, and their counts for the message
+            for i in gone:
+                ended.setdefault(i, streams[i].gone(now))
         # Streams that were in the previous step share one gap; those that joined since count from their first.
         observe_many(self._inter_hist, now - self._last_step_at, len(b) - len(self._fresh))
         for s in self._fresh:
             self._inter_hist.observe(now - s.first_char_at)
         self._fresh.clear()
         self._last_step_at = now
+        boxes = list(b.boxes)
+        if any(box.due(now) for box in boxes):
+            b.hand_over()
+        urgent = [streams[i] for i in ended]
         if ended:
             self._end_rows(streams, ended, now)
             b.keep(np.array([i for i in range(len(streams)) if i not in ended], np.int64))
-        post(streams, [streams[i] for i in ended])
+        post_to(boxes, urgent)
 
     def _end_rows(self, streams: list[Stream], ended: dict, now: float) -> None:
         """Ends ``streams[i]`` for each i in ``ended`` (its reason) and frees their slots."""
@@ -189,11 +215,16 @@ class Scheduler:
 
 def post(streams: list[Stream], urgent: list[Stream]) -> None:
     """Tells the loop(s) of ``streams`` that text is waiting; ``urgent`` streams are woken at once."""
-    boxes: dict[Mailbox, list[Stream]] = {s._mailbox: [] for s in streams}
+    post_to({s._mailbox for s in streams}, urgent)
+
+
+def post_to(boxes, urgent: list[Stream]) -> None:
+    """Posts once to each Mailbox in ``boxes`` and to those of ``urgent`` streams, which are woken at once."""
+    wake: dict[Mailbox, list[Stream]] = dict.fromkeys(boxes, ())
     for s in urgent:
-        boxes[s._mailbox].append(s)
-    for box, wake in boxes.items():
-        box.post(wake)
+        wake[s._mailbox] = [*wake.get(s._mailbox, ()), s]
+    for box, streams in wake.items():
+        box.post(streams)
 
 
 def observe_many(child, value: float, count: int) -> None:

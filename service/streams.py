@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -22,6 +23,9 @@ from charrnn.service.requests import FinishReason, GenerationRequest, Generation
 
 if TYPE_CHECKING:  # pragma: no cover
     from charrnn.service.engine import Engine
+
+
+_CANCELS = itertools.count(1)  # serial number of each cancel, for the engine's cancel mark
 
 
 class Mailbox:
@@ -43,6 +47,10 @@ class Mailbox:
         self._everyone = False  # the next callback wakes every waiting reader
         self._scheduled = False  # a callback is pending on the loop
         self._last = 0.0  # time.monotonic() of the last delivery to everyone
+
+    def due(self, now: float) -> bool:
+        """Whether ordinary text posted at ``now`` would be delivered (the flush interval has passed)."""
+        return now - self._last >= self.interval
 
     def post(self, urgent: list[Stream] | tuple = ()) -> None:
         """Engine side, after a step: new text for this loop's streams; ``urgent`` ones are woken at once."""
@@ -135,6 +143,7 @@ class Stream:
         """Thread-safe: the engine frees this stream's slot at its next step."""
         if not self._done:
             self._cancelled = True
+            self._engine.cancel_mark = next(_CANCELS)  # after the flag: the engine scans its rows when this moved
             self._engine._wake.set()
 
     @property
