@@ -406,3 +406,17 @@ def test_text_is_batched_into_chunks_at_the_flush_interval(model):
     for chunks, seconds in run(main()):
         assert chunks <= seconds / 0.05 + 3  # about one chunk per interval, not one per character
 
+
+
+def test_text_is_the_same_whatever_the_flush_interval_and_however_it_is_collected(model):
+    # 300 characters overflow the per-row collection (Batch.PENDING) several times at a 10 s interval;
+    # a stop sequence that never matches sends its stream's characters one by one instead.
+    reqs = [request(model, max_chars=300, seed=i, stop=("\x01never",) if i % 2 else ()) for i in range(6)]
+
+    async def texts(flush_interval):
+        with running(model, flush_interval=flush_interval) as engine:
+            return await asyncio.gather(*(collect(engine, r) for r in reqs))
+
+    at_once, collected = run(texts(0.0)), run(texts(10.0))
+    assert [t for t, _ in at_once] == [t for t, _ in collected]
+    assert all(len(t) == 300 == r.stats.generated_chars for t, r in collected)
