@@ -8,7 +8,6 @@ imports neither torch nor onnxruntime (tests/test_server.py checks).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -104,6 +103,7 @@ class _Outcome:
     prime_chars: int = 0
     sent_chars: int = 0
     first_char_at: float | None = None
+    deadline: float | None = None  # time.monotonic() of the client's deadline, as it reached the server
 
 
 def stats_to_pb(stats: GenerationStats) -> pb.GenerationStats:
@@ -156,18 +156,17 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             level = logging.WARNING if e.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else logging.INFO
             self.log.log(level, "generate refused: %s", message, extra={"code": e.code})
             await context.abort(STATUS_FOR[e.code], message)
-        except asyncio.CancelledError:
-            # The client's own deadline timer usually fires first and its cancel reaches us a
-            # moment before our copy of the deadline: a cancel that close to it is the deadline.
-            remaining = context.time_remaining()
-            near = remaining is not None and remaining < DEADLINE_SLACK_SECONDS
-            outcome.code = "DEADLINE_EXCEEDED" if near else "CANCELLED"
-            raise
         except Exception:
             outcome.code = "INTERNAL"
             self.log.exception("generate failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id {rid}); see the server log")
         finally:
+            # A call that just stops (a CancelledError, or gRPC closing this generator) was
+            # cancelled by the client. Its own deadline timer usually fires a moment before our
+            # copy of the deadline (noted at arrival): a cancel that close to it is the deadline.
+            near = outcome.deadline is not None and time.monotonic() >= outcome.deadline - DEADLINE_SLACK_SECONDS
+            if outcome.code == "CANCELLED" and near:
+                outcome.code = "DEADLINE_EXCEEDED"
             self._record(outcome, arrived)
 
     async def _generate(self, request, context, arrived: float, rid: str, outcome: _Outcome):
@@ -177,6 +176,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         outcome.model = entry.name
         remaining = context.time_remaining()
         deadline = arrived + remaining if remaining is not None else None
+        outcome.deadline = deadline
         gen = validate_request(
             request, entry.model.metadata, self.limits, now=arrived, deadline=deadline, request_id=rid
         )
