@@ -81,11 +81,11 @@ def wait_streams_idle(url: str, timeout: float) -> tuple[float, float, float]:
         time.sleep(0.05)
 
 
-def wait_fds(pid: int, target: int, timeout: float) -> tuple[int, float]:
-    """Polls /proc/PID/fd until it holds at most ``target`` descriptors; returns (count, seconds waited)."""
+def wait_at_most(read, pid: int, target: int, timeout: float) -> tuple[int, float]:
+    """Polls ``read(pid)`` (open_fds, threads) until it is at most ``target``; returns (value, seconds waited)."""
     start = time.monotonic()
     while True:
-        n = open_fds(pid)
+        n = read(pid)
         waited = time.monotonic() - start
         if n <= target or waited > timeout:
             return n, waited

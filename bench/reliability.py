@@ -1,7 +1,7 @@
 """The reliability run: soak, fuzzing, faults, killed training, security; figures as JSON and a Markdown table.
 
     python -m bench.reliability            # the short variant (about 2 minutes), as in the test suite
-    python -m bench.reliability --long     # 10-minute soak, 10,000 fuzz cases, 5 training kills (~20 minutes)
+    python -m bench.reliability --long     # 10-minute soak, 10,000 fuzz cases, 5 training kills (~25 minutes)
 
 Writes bench/results/reliability.json (every figure, the soak's RSS and
 descriptor series) and prints one table row per promise: the promise, the test
@@ -28,7 +28,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import faults, training_faults
+from bench import cancel_leak, faults, training_faults
 from bench.fuzz import run_fuzz
 from bench.soak import SERVER_ARGS, SoakConfig, soak
 from tests.modelfactory import DEFAULT_VOCAB, make_model_repo
@@ -36,7 +36,7 @@ from tests.serve_process import ServeProcess, blocked_env
 
 RESULTS = Path(__file__).parent / "results" / "reliability.json"
 FUZZ_MAX_CHARS = 64  # --max-chars of the fuzzed server (tests/test_fuzz.py uses the same)
-PARTS = ("soak", "fuzz", "faults", "training", "security")
+PARTS = ("soak", "leak", "fuzz", "faults", "training", "security")
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,11 @@ class Plan:
     fuzz_cases: int
     kills: int  # SIGKILLs of charrnn-train
     train_steps: int
+    leak_seconds: float  # each of the three loads of bench/cancel_leak.py
 
 
-SHORT = Plan(soak_seconds=30, warmup_seconds=5, fuzz_cases=300, kills=2, train_steps=150)
-LONG = Plan(soak_seconds=600, warmup_seconds=20, fuzz_cases=10_000, kills=5, train_steps=300)
+SHORT = Plan(soak_seconds=30, warmup_seconds=5, fuzz_cases=300, kills=2, train_steps=150, leak_seconds=15)
+LONG = Plan(soak_seconds=600, warmup_seconds=20, fuzz_cases=10_000, kills=5, train_steps=300, leak_seconds=60)
 
 
 def run_soak(plan: Plan, models: Path, env: dict, work: Path) -> dict:
@@ -59,6 +60,10 @@ def run_soak(plan: Plan, models: Path, env: dict, work: Path) -> dict:
         figures["server_alive"] = server.proc.poll() is None
         figures["server_tracebacks"] = server.log().count("Traceback")
     return figures
+
+
+def run_leak(plan: Plan, models: Path, env: dict, work: Path) -> dict:
+    return cancel_leak.measure(models, env, plan.leak_seconds, plan.warmup_seconds)
 
 
 def run_fuzzing(plan: Plan, models: Path, env: dict, work: Path) -> dict:
@@ -96,7 +101,7 @@ def run_security(plan: Plan, models: Path, env: dict, work: Path) -> dict:
     return {"returncode": done.returncode, "summary": summary}
 
 
-RUNNERS = {"soak": run_soak, "fuzz": run_fuzzing, "faults": run_faults, "training": run_training,
+RUNNERS = {"soak": run_soak, "leak": run_leak, "fuzz": run_fuzzing, "faults": run_faults, "training": run_training,
            "security": run_security}
 
 
@@ -138,6 +143,16 @@ def promises(results: dict) -> list[tuple[str, str, str, bool]]:
                  f"{s['health_after']}",
                  s["active_after"] == 0 == s["queued_after"] and s["health_after"] == "SERVING"),
             ]
+    if (lk := results.get("leak")) and "error" not in lk:
+        c, w, b = lk["charrnn_cancelling"], lk["charrnn_well_behaved"], lk["bare_grpc_cancelling"]
+        rows.append(("without cancelled calls server memory stays flat (the soak's growth is per cancelled call)",
+                     "bench/cancel_leak.py (no test: minutes of load)",
+                     f"well-behaved clients: {w['calls']:,} calls, RSS {w['rss_growth']:+.1%}; cancelling clients: "
+                     f"{c['bytes_per_cancelled_call']} B per cancelled call ({c['cancelled_calls']:,} calls, "
+                     f"{c['rss_growth']:+.1%}); bare grpc.aio server, same clients: "
+                     f"{b['bytes_per_cancelled_call']} B per cancelled call", w["rss_growth"] < 0.02))
+    elif lk:
+        rows.append(("cancel leak measured", "bench/cancel_leak.py", lk["error"], False))
     if f := results.get("fuzz"):
         rows.append(("fuzzed requests (every field, raw wire bytes) get OK or a documented status; SERVING",
                      T + "test_fuzz.py::test_fuzzed_requests_get_only_documented_statuses",

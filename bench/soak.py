@@ -49,13 +49,13 @@ class SoakConfig:
 
 
 @dataclass
-class _Tally:
+class Tally:
     outcomes: collections.Counter
     chars: int = 0
     bad_ok: int = 0  # OK streams without a final message, or with more characters than asked
 
 
-async def _request(stub, channel_factory, rng: random.Random, cfg: SoakConfig, tally: _Tally) -> None:
+async def _request(stub, channel_factory, rng: random.Random, cfg: SoakConfig, tally: Tally) -> None:
     behaviour = rng.choices(BEHAVIOURS, cfg.weights)[0]
     max_chars = rng.randint(*cfg.max_chars)
     prime = "".join(rng.choice(PRIME_CHARS) for _ in range(rng.randint(0, 40)))
@@ -95,7 +95,7 @@ async def _request(stub, channel_factory, rng: random.Random, cfg: SoakConfig, t
     tally.chars += got
 
 
-async def _load(target: str, cfg: SoakConfig, seconds: float, tally: _Tally, seed: int) -> None:
+async def run_load(target: str, cfg: SoakConfig, seconds: float, tally: Tally, seed: int) -> None:
     """``cfg.streams`` workers, each sending requests back to back until ``seconds`` have passed."""
     channels = [grpc.aio.insecure_channel(target, OWN_CONNECTION) for _ in range(cfg.channels)]
     stubs = [generator_pb2_grpc.GeneratorStub(c) for c in channels]
@@ -130,25 +130,27 @@ async def _sample(pid: int, series: list, every: float = 1.0) -> None:
 
 async def soak(target: str, pid: int, metrics_url: str, cfg: SoakConfig) -> dict:
     """Runs warm-up, pause, soak, settle; returns the figures (see the module docstring)."""
-    warm = _Tally(collections.Counter())
-    await _load(target, cfg, cfg.warmup_seconds, warm, cfg.seed)
+    warm = Tally(collections.Counter())
+    await run_load(target, cfg, cfg.warmup_seconds, warm, cfg.seed)
     await asyncio.to_thread(probes.wait_streams_idle, metrics_url, cfg.settle_s)
     await asyncio.sleep(1.0)  # connections of the warm-up close, buffers return
     before = _reading(pid)
     codes_before = probes.requests_by_code(probes.scrape(metrics_url))
 
-    tally = _Tally(collections.Counter())
+    tally = Tally(collections.Counter())
     series: list[dict] = []
     sampler = asyncio.create_task(_sample(pid, series))
     started = time.monotonic()
     try:
-        await _load(target, cfg, cfg.seconds, tally, cfg.seed + 1)
+        await run_load(target, cfg, cfg.seconds, tally, cfg.seed + 1)
     finally:
         sampler.cancel()
     elapsed = time.monotonic() - started
 
     active, queued, idle_s = await asyncio.to_thread(probes.wait_streams_idle, metrics_url, cfg.settle_s)
-    fds_end, fds_s = await asyncio.to_thread(probes.wait_fds, pid, before["fds"], cfg.settle_s)
+    fds_end, fds_s = await asyncio.to_thread(probes.wait_at_most, probes.open_fds, pid, before["fds"], cfg.settle_s)
+    # The metrics endpoint serves each scrape on a short-lived thread: give the last one time to end.
+    threads_end, _ = await asyncio.to_thread(probes.wait_at_most, probes.threads, pid, before["threads"], cfg.settle_s)
     after = _reading(pid)
     codes_after = probes.requests_by_code(probes.scrape(metrics_url))
     server_codes = {c: n - codes_before.get(c, 0) for c, n in codes_after.items() if n - codes_before.get(c, 0)}
@@ -173,7 +175,7 @@ async def soak(target: str, pid: int, metrics_url: str, cfg: SoakConfig) -> dict
         "fds_peak": max((s["fds"] for s in series), default=fds_end),
         "fds_settle_seconds": round(fds_s, 2),
         "threads_start": before["threads"],
-        "threads_end": after["threads"],
+        "threads_end": threads_end,
         "active_after": active,
         "queued_after": queued,
         "idle_after_seconds": round(idle_s, 2),

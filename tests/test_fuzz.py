@@ -80,6 +80,7 @@ def test_well_formed_raw_bytes_are_served(server):
     assert sum(len(r.text) for r in responses) == 7 and responses[-1].stats.generated_chars == 7
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_get_only_documented_statuses(server):
     report = run_fuzz(server.target, DEFAULT_VOCAB, MAX_CHARS, SHORT_CASES, random_seed=1)
     assert report["failure"] == "", report["failure"]
