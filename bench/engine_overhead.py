@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.gpu_serving import VOCAB, build_model
+from bench.gpu_serving import VOCAB, build_model, read_stream
 
 PRIMES = ("ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY:\n")
 
@@ -66,7 +66,6 @@ async def engine_run(model, streams: int, chars: int, profile: cProfile.Profile 
     """``streams`` concurrent requests of ``chars`` characters each through a fresh Engine."""
     from charrnn.service.engine import Engine
     from charrnn.service.metrics import Metrics
-    from charrnn.service.requests import GenerationRequest, SamplingParams
 
     engine = Engine(model, metrics=Metrics(), max_active=streams, max_queue=streams)
     if profile is not None:
@@ -77,24 +76,11 @@ async def engine_run(model, streams: int, chars: int, profile: cProfile.Profile 
 
         engine._run = profiled
     engine.start()
-    index = {c: i for i, c in enumerate(VOCAB)}
-
-    async def one(i: int) -> tuple[float, int]:
-        prime = PRIMES[i % len(PRIMES)]
-        req = GenerationRequest(
-            request_id=f"bench-{i}", prime=prime, prime_ids=np.array([index[c] for c in prime], np.int64),
-            max_chars=chars, sampling=SamplingParams(temperature=0.5 + (i % 8) / 10, seed=i),
-            arrived=time.monotonic(),
-        )
-        stream = engine.submit(req)
-        got = 0
-        async for chunk in stream:
-            got += len(chunk)
-        return stream.first_char_at - req.arrived, got
-
     cpu0, thread0 = time.process_time(), thread_cpu(engine._thread)
     start = time.perf_counter()
-    results = await asyncio.gather(*(one(i) for i in range(streams)))
+    results = await asyncio.gather(
+        *(read_stream(engine, i, PRIMES[i % len(PRIMES)], chars) for i in range(streams))
+    )
     wall = time.perf_counter() - start
     cpu, thread = time.process_time() - cpu0, thread_cpu(engine._thread) - thread0
     engine.drain()

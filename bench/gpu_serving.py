@@ -81,30 +81,32 @@ def torch_eager(layers: int, hidden: int, batch: int, seconds: float) -> float:
     return n * batch / (time.perf_counter() - start)
 
 
+async def read_stream(engine, i: int, prime: str, chars: int) -> tuple[float, int]:
+    """Submits stream ``i`` (its own temperature and seed) and reads it: (time to first char, chars)."""
+    from charrnn.service.requests import GenerationRequest, SamplingParams
+
+    index = {c: k for k, c in enumerate(VOCAB)}
+    req = GenerationRequest(
+        request_id=f"bench-{i}", prime=prime, prime_ids=np.array([index[c] for c in prime], np.int64),
+        max_chars=chars, sampling=SamplingParams(temperature=0.5 + (i % 8) / 10, seed=i),
+        arrived=time.monotonic(),
+    )
+    stream = engine.submit(req)
+    got = 0
+    async for chunk in stream:
+        got += len(chunk)
+    return stream.first_char_at - req.arrived, got
+
+
 async def engine_run(model, streams: int, chars: int) -> dict:
     from charrnn.service.engine import Engine
     from charrnn.service.metrics import Metrics
-    from charrnn.service.requests import GenerationRequest, SamplingParams
 
     engine = Engine(model, metrics=Metrics(), max_active=streams, max_queue=streams)
     engine.start()
-    index = {c: i for i, c in enumerate(VOCAB)}
-
-    async def one(i: int) -> tuple[float, int]:
-        prime = ("ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY:\n")[i % 4]
-        req = GenerationRequest(
-            request_id=f"bench-{i}", prime=prime, prime_ids=np.array([index[c] for c in prime], np.int64),
-            max_chars=chars, sampling=SamplingParams(temperature=0.5 + (i % 8) / 10, seed=i),
-            arrived=time.monotonic(),
-        )
-        stream = engine.submit(req)
-        got = 0
-        async for chunk in stream:
-            got += len(chunk)
-        return stream.first_char_at - req.arrived, got
-
+    primes = ("ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY:\n")
     start = time.perf_counter()
-    results = await asyncio.gather(*(one(i) for i in range(streams)))
+    results = await asyncio.gather(*(read_stream(engine, i, primes[i % 4], chars) for i in range(streams)))
     wall = time.perf_counter() - start
     engine.drain()
     engine.stop(5.0)

@@ -189,13 +189,7 @@ class Stream:
             return stop
         if self.generated >= self.request.max_chars:
             return FinishReason.LENGTH
-        if self._cancelled:
-            return errors.Cancelled("cancelled")
-        deadline = self.request.deadline
-        if deadline is not None and deadline <= now:
-            return errors.DeadlineExceeded(
-                f"deadline passed after {self.generated} of {self.request.max_chars} characters")
-        return None
+        return self.gone(now)
 
     def end(self, why, now: float) -> None:
         """Ends the stream for the reason ``advance`` (or the engine) gave."""
