@@ -54,6 +54,18 @@ def test_run_folder_holds_checkpoints_metrics_curves_and_samples(tmp_path):
     assert best["vocab"] == sorted(set(data.read_text()))
 
 
+def test_a_run_file_that_cannot_be_written_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    # A full disk or a read-only folder can meet the curves or sample files before any checkpoint.
+    data = make_corpus(tmp_path / "c.txt")
+    run = tmp_path / "run"
+    (run / "curves.png").mkdir(parents=True)  # writing the picture fails with an OSError
+    code = main(["--data", str(data), "--out", str(run), *TINY, "--max-steps", "20", "--eval-interval", "20"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "charrnn-train: error:" in err and "curves.png" in err and "--resume" in err
+    assert "Traceback" not in err
+
+
 def test_unicode_corpus_trains_and_its_vocabulary_round_trips(tmp_path):
     rng = random.Random(1)
     pieces = ["Привет", "мир", "你好", "世界", "🙂", "🚀", "e\u0301", "café", "naïve", "𝄞", "the", "fox"]

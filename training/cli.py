@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"charrnn-train: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or a read-only run folder, met by a log, a picture or a sample file
+        print(f"\ncharrnn-train: error: {e.strerror or e}: {e.filename or cfg.out}; the last checkpoint in "
+              f"{cfg.out} is intact, rerun with --resume once the cause is fixed", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("charrnn-train: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
