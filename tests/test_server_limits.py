@@ -42,6 +42,14 @@ def _count(server, code: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _wait_until_counted(server, code: str, before: float, seconds: float = 5.0) -> None:
+    """Waits until charrnn_requests_total{code} rises above ``before`` (the server records after the call ends)."""
+    deadline = time.monotonic() + seconds
+    while _count(server, code) <= before:
+        assert time.monotonic() < deadline, f"{code} not counted"
+        time.sleep(0.05)
+
+
 def _served_within(client: GeneratorClient, seconds: float) -> float:
     """Retries a short stream until a slot takes it; returns how long that took."""
     start = time.monotonic()
@@ -78,10 +86,7 @@ def test_cancelled_stream_frees_its_slot(server):
     stream.cancel()
     took = _served_within(client, 5.0)
     print(f"\ncancel: the next stream got the slot {took * 1000:.0f} ms after the client cancelled")
-    deadline = time.monotonic() + 5
-    while _count(server, "CANCELLED") <= cancelled_before:
-        assert time.monotonic() < deadline, "CANCELLED not counted"
-        time.sleep(0.05)
+    _wait_until_counted(server, "CANCELLED", cancelled_before)
 
 
 def test_deadline_ends_the_stream_and_frees_its_slot(server):
@@ -92,7 +97,4 @@ def test_deadline_ends_the_stream_and_frees_its_slot(server):
     assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     took = _served_within(client, 5.0)
     print(f"\ndeadline: the next stream got the slot {took * 1000:.0f} ms after the deadline")
-    deadline = time.monotonic() + 5
-    while _count(server, "DEADLINE_EXCEEDED") <= before:
-        assert time.monotonic() < deadline, "DEADLINE_EXCEEDED not counted"
-        time.sleep(0.05)
+    _wait_until_counted(server, "DEADLINE_EXCEEDED", before)
