@@ -7,9 +7,14 @@ three loads run here, each after a warm-up:
 
 - charrnn-serve, every client cancelling at a random moment (the soak's cancel behaviour only);
 - charrnn-serve, only well-behaved clients (read to the end, slow readers, stop sequences);
-- a bare grpc.aio server-streaming method with no charrnn code, the same cancelling clients.
+- a bare grpc.aio server-streaming method with no charrnn code, the same cancelling clients,
+  written three ways: an async generator (as charrnn's servicer is), ``await context.write()``,
+  and ``context.write()`` under ``asyncio.shield`` (so that a cancel never interrupts a write).
 
-    python -m bench.cancel_leak --serve    # the bare server alone (prints its port)
+The last two show that no handler style avoids the leak: the batch leaks when
+it fails (the client has gone), not only when its awaiter is cancelled.
+
+    python -m bench.cancel_leak --serve [generator|writer|shielded]   # a bare server alone (prints its port)
 """
 
 from __future__ import annotations
@@ -58,27 +63,52 @@ def measure(models, env: dict, seconds: float, warmup: float) -> dict:
         cancelling = _grow(server.target, server.proc.pid, CANCEL_ONLY, seconds, warmup)
     with ServeProcess(models, *SERVER_ARGS, env=env) as server:
         behaved = _grow(server.target, server.proc.pid, WELL_BEHAVED, seconds, warmup)
-    bare = subprocess.Popen([sys.executable, "-m", "bench.cancel_leak", "--serve"], stdout=subprocess.PIPE, text=True)
-    try:
-        target = f"127.0.0.1:{bare.stdout.readline().strip()}"
-        bare_cancelling = _grow(target, bare.pid, CANCEL_ONLY, seconds, warmup)
-    finally:
-        bare.kill()
-        bare.wait()
-    return {"charrnn_cancelling": cancelling, "charrnn_well_behaved": behaved, "bare_grpc_cancelling": bare_cancelling}
+    figures = {"charrnn_cancelling": cancelling, "charrnn_well_behaved": behaved}
+    for style, key in (("generator", "bare_grpc_cancelling"), ("writer", "bare_grpc_writer_cancelling"),
+                       ("shielded", "bare_grpc_shielded_cancelling")):
+        bare = subprocess.Popen([sys.executable, "-m", "bench.cancel_leak", "--serve", style],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            target = f"127.0.0.1:{bare.stdout.readline().strip()}"
+            figures[key] = _grow(target, bare.pid, CANCEL_ONLY, seconds, warmup)
+        finally:
+            bare.kill()
+            bare.wait()
+    return figures
 
 
-async def _bare_stream(request: bytes, context) -> None:
-    """Some 300 small messages a millisecond apart: long enough for clients to cancel it midway."""
-    chunk = pb.GenerateResponse(text="abcd").SerializeToString()
-    for _ in range(300):
-        yield chunk
+CHUNK = pb.GenerateResponse(text="abcd").SerializeToString()
+MESSAGES = 300  # a millisecond apart: long enough for clients to cancel a call midway
+
+
+async def _bare_generator(request: bytes, context):
+    for _ in range(MESSAGES):
+        yield CHUNK
         await asyncio.sleep(0.001)
 
 
-async def _serve_bare() -> None:
+async def _bare_writer(request: bytes, context) -> None:
+    for _ in range(MESSAGES):
+        await context.write(CHUNK)
+        await asyncio.sleep(0.001)
+
+
+async def _bare_shielded(request: bytes, context) -> None:
+    for _ in range(MESSAGES):
+        # The write runs to its end even when the call's task is cancelled; a failed write's
+        # error is read here so that it is not reported as never retrieved.
+        write = asyncio.ensure_future(context.write(CHUNK))
+        write.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.shield(write)
+        await asyncio.sleep(0.001)
+
+
+BARE_STYLES = {"generator": _bare_generator, "writer": _bare_writer, "shielded": _bare_shielded}
+
+
+async def _serve_bare(style: str) -> None:
     server = grpc.aio.server()
-    method = grpc.unary_stream_rpc_method_handler(_bare_stream)  # no deserializers: raw bytes in and out
+    method = grpc.unary_stream_rpc_method_handler(BARE_STYLES[style])  # no deserializers: raw bytes in and out
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("charrnn.v1.Generator",
                                                                           {"Generate": method}),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -88,5 +118,5 @@ async def _serve_bare() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--serve"]:
-        asyncio.run(_serve_bare())
+    if sys.argv[1:2] == ["--serve"]:
+        asyncio.run(_serve_bare(sys.argv[2] if len(sys.argv) > 2 else "generator"))

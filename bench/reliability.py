@@ -47,7 +47,7 @@ class Plan:
     fuzz_cases: int
     kills: int  # SIGKILLs of charrnn-train
     train_steps: int
-    leak_seconds: float  # each of the three loads of bench/cancel_leak.py
+    leak_seconds: float  # each of the five loads of bench/cancel_leak.py
 
 
 SHORT = Plan(soak_seconds=30, warmup_seconds=5, fuzz_cases=300, kills=2, train_steps=150, leak_seconds=15)
@@ -123,6 +123,13 @@ def _new_threads(s: dict) -> str:
     return f" ({', '.join(more)})" if more else ""
 
 
+def _other_styles(lk: dict) -> str:
+    """The bare server written with context.write() and shielded writes (absent in runs before they were added)."""
+    styles = [(name, lk[key]) for name, key in (("context.write()", "bare_grpc_writer_cancelling"),
+                                                 ("shielded writes", "bare_grpc_shielded_cancelling")) if key in lk]
+    return "".join(f"; {name}: {x['bytes_per_cancelled_call']} B" for name, x in styles)
+
+
 def promises(results: dict) -> list[tuple[str, str, str, bool]]:
     """(promise, test, figure, held) for every promise whose part ran."""
     rows = []
@@ -160,7 +167,7 @@ def promises(results: dict) -> list[tuple[str, str, str, bool]]:
                      f"well-behaved clients: {w['calls']:,} calls, RSS {w['rss_growth']:+.1%}; cancelling clients: "
                      f"{c['bytes_per_cancelled_call']} B per cancelled call ({c['cancelled_calls']:,} calls, "
                      f"{c['rss_growth']:+.1%}); bare grpc.aio server, same clients: "
-                     f"{b['bytes_per_cancelled_call']} B per cancelled call", w["rss_growth"] < 0.02))
+                     f"{b['bytes_per_cancelled_call']} B per cancelled call" + _other_styles(lk), w["rss_growth"] < 0.02))
     elif lk:
         rows.append(("cancel leak measured", "bench/cancel_leak.py", lk["error"], False))
     if f := results.get("fuzz"):
