@@ -122,6 +122,14 @@ def test_flags_override_the_preset():
     assert cfg.layers == PRESETS["shakespeare"]["layers"] and cfg.dropout == PRESETS["shakespeare"]["dropout"]
 
 
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_is_a_valid_configuration(name):
+    cfg = config_from_args(build_parser().parse_args(["--data", "d", "--out", "o", "--preset", name]))
+    assert cfg.preset == name
+    for field, value in PRESETS[name].items():
+        assert getattr(cfg, field) == value, field
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("cell", "transformer", "--cell must be one of lstm, gru, rnn, got 'transformer'"),
     ("batch_size", 0, "--batch-size must be an integer >= 1, got 0"),
