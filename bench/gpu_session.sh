@@ -10,15 +10,21 @@
 #   code.pt          the source-code model's best weights, slimmed
 #   serving_gpu.json onnxruntime CUDA step rates and engine parity (when the CUDA provider works)
 #
-# Usage: bench/gpu_session.sh [smoke|full]
+#   quality/         (quality mode) the shakespeare preset as shipped and three variants: curves, logs, bests
+#
+# Usage: bench/gpu_session.sh [smoke|quality|full]
 #   DATA=path/to/tinyshakespeare.txt   (default ../shared/data/tinyshakespeare.txt)
 #   ORT_SITE=dir                       a folder holding an onnxruntime-gpu install to use
-#   TRAIN_SECONDS=300                  wall-clock budget of each training run
+#   TRAIN_SECONDS=300                  wall-clock budget of each training run (full mode)
+#   DEVICE=cuda                        cpu runs the quality mode's logic on a machine without a GPU
+#   QUALITY_FLAGS=                     appended to every quality run, e.g. a tiny model for that dry run
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-bench/results/gpu}
 DATA=${DATA:-../shared/data/tinyshakespeare.txt}
 TRAIN_SECONDS=${TRAIN_SECONDS:-300}
+DEVICE=${DEVICE:-cuda}
+QUALITY_FLAGS=${QUALITY_FLAGS:-}
 RUNS=${RUNS:-/tmp/charrnn-runs}
 mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1
@@ -63,6 +69,28 @@ if [ "$MODE" = smoke ]; then
   exit 0
 fi
 
+if [ "$MODE" = quality ]; then
+  # The `shakespeare` preset exactly as shipped (1200 steps), next to three variants of it, all at
+  # once on the one GPU (2x1024 at 128 x 256 runs some 10 steps a second alone on an H200).
+  quality() {  # name, then flags
+    local name=$1; shift
+    run training.cli charrnn-train --data "$DATA" --out "$RUNS/$name" --device "$DEVICE" --preset shakespeare \
+      "$@" $QUALITY_FLAGS > "$RUNS/$name.log" 2>&1
+    echo "$name exit $? best $(grep -o '"val_loss": [0-9.]*' "$RUNS/$name/metrics.jsonl" | sort -t' ' -k2 -n | head -1)"
+  }
+  pids=()  # a bare `wait` would also wait for the tee that logs this script
+  quality preset & pids+=($!)
+  quality dropout-0.4 --dropout 0.4 --embed-dropout 0.15 & pids+=($!)
+  quality dropout-0.6 --dropout 0.6 --embed-dropout 0.25 & pids+=($!)
+  quality deeper --layers 3 --hidden 768 & pids+=($!)
+  wait "${pids[@]}"
+  mkdir -p "$OUT/quality"
+  tar -C "$RUNS" -czf "$OUT/quality/runs.tar.gz" --exclude='*.pt' --exclude='*.bin' --exclude='*.tmp' . 2>/dev/null
+  grep -h "exit" "$OUT/session.log" | tail -4 > "$OUT/quality/bests.txt"
+  cat "$OUT/quality/bests.txt"
+  exit 0
+fi
+
 # Training runs share the GPU; each is small enough that they barely slow each other.
 train() {  # name, then flags
   local name=$1; shift
@@ -70,12 +98,13 @@ train() {  # name, then flags
     > "$RUNS/$name.log" 2>&1
   echo "$name exit $? best $(grep -o '"val_loss": [0-9.]*' "$RUNS/$name/metrics.jsonl" | sort -t' ' -k2 -n | head -1)"
 }
-train default-cpu-recipe --data "$DATA" --preset default &
-train default-gpu --data "$DATA" --preset default --max-steps 0 --batch-size 128 --seq-len 256 --dropout 0.25 &
-train shakespeare --data "$DATA" --preset shakespeare --max-steps 0 &
-train shakespeare-wide --data "$DATA" --preset shakespeare --max-steps 0 --layers 2 --hidden 1024 --dropout 0.35 --embed-dropout 0.15 &
-train code --data "$STDLIB/*.py" --preset default --max-steps 0 --batch-size 128 --seq-len 256 --errors replace &
-wait
+pids=()
+train default-cpu-recipe --data "$DATA" --preset default & pids+=($!)
+train default-gpu --data "$DATA" --preset default --max-steps 0 --batch-size 128 --seq-len 256 --dropout 0.25 & pids+=($!)
+train shakespeare --data "$DATA" --preset shakespeare --max-steps 0 & pids+=($!)
+train shakespeare-wide --data "$DATA" --preset shakespeare --max-steps 0 --layers 2 --hidden 1024 --dropout 0.35 --embed-dropout 0.15 & pids+=($!)
+train code --data "$STDLIB/*.py" --preset default --max-steps 0 --batch-size 128 --seq-len 256 --errors replace & pids+=($!)
+wait "${pids[@]}"
 
 python3 - "$RUNS" "$OUT" <<'EOF'
 # Slim checkpoints (weights, config, vocab, provenance; no optimizer) small enough to bring back.
