@@ -11,8 +11,8 @@
   overfitting (60-plus epochs); hence dropout 0.5 and 1200 steps.
 - ``shakespeare-cpu``: the quality setting for a CPU with no GPU: a 2x512 LSTM
   with dropout 0.3 (0.1 on the embedding) for 4000 steps of 64 x 128 characters
-  (33M characters, about 30 epochs of tiny-shakespeare; about 40 minutes on two
-  idle cores with bf16 units).
+  (33M characters, 32 epochs of tiny-shakespeare): val loss 1.4244 (best, step
+  2750), 46 minutes on two CPU cores with bf16 units.
 - ``tiny``: a few seconds on a CPU; for smoke tests and examples.
 """
 
