@@ -9,6 +9,18 @@ and uses ``code`` as the value of the ``code`` label on
 from __future__ import annotations
 
 
+# A client's bad value is quoted back in the status message, which travels in an HTTP/2 header:
+# clients refuse headers over 16 KiB by default, so a long value is cut and its length given.
+MAX_QUOTED_CHARS = 80
+
+
+def shown(value: object) -> str:
+    """How a message quotes a client's value: its repr, a long string cut to MAX_QUOTED_CHARS characters."""
+    if isinstance(value, str) and len(value) > MAX_QUOTED_CHARS:
+        return f"{value[:MAX_QUOTED_CHARS]!r}... ({len(value):,} characters)"
+    return repr(value)
+
+
 class CharrnnError(Exception):
     """Base class. ``code`` is the gRPC status name the client will see."""
 
@@ -25,8 +37,7 @@ class InvalidArgument(CharrnnError, ValueError):
     code = "INVALID_ARGUMENT"
 
     def __init__(self, field: str, value: object, rule: str, hint: str = ""):
-        shown = value if isinstance(value, str) and value.startswith("'") else repr(value)
-        msg = f"{field} must be {rule}, got {shown}"
+        msg = f"{field} must be {rule}, got {shown(value)}"
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)

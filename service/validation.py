@@ -51,7 +51,7 @@ def request_id_of(req: generator_pb2.GenerateRequest) -> str:
         return uuid.uuid4().hex[:16]
     if len(rid) > MAX_REQUEST_ID_CHARS or not all(" " <= ch <= "~" for ch in rid):
         raise errors.InvalidArgument(
-            "request_id", rid[:MAX_REQUEST_ID_CHARS + 8], f"at most {MAX_REQUEST_ID_CHARS} printable ASCII characters"
+            "request_id", rid, f"at most {MAX_REQUEST_ID_CHARS} printable ASCII characters"
         )
     return rid
 

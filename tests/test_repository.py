@@ -94,6 +94,19 @@ def test_unknown_models_and_versions_name_what_is_served(repo_root):
         repo.close(0)
 
 
+@pytest.mark.parametrize("field", ["tiny@0", "tiny@01", "tiny@-1", "tiny@1.0", "tiny@\u0663", "tiny@" + "9" * 19,
+                                   "tiny@" + "9" * 5000])
+def test_versions_that_are_not_positive_integers_are_invalid_arguments(repo_root, field):
+    repo = open_repo(repo_root)
+    repo.load()
+    try:
+        with pytest.raises(errors.InvalidArgument, match="^model must be 'name@version' with a version that is "
+                                                         "a positive integer without leading zeros, got "):
+            repo.resolve(field)
+    finally:
+        repo.close(0)
+
+
 def test_bad_files_are_logged_with_path_and_reason_counted_and_skipped(repo_root, caplog):
     (repo_root / "broken" / "1").mkdir(parents=True)
     (repo_root / "broken" / "1" / mf.MODEL_FILE).write_bytes(b"garbage")

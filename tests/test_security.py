@@ -59,6 +59,22 @@ def test_model_names_that_leave_the_repository_are_refused(escape_server, name):
     assert info.value.details.startswith("model "), info.value.details
 
 
+@pytest.mark.parametrize("field,number,value,rule", [
+    ("model", 1, "x" * 20_000, "model must be '' or 'name'"),  # a status message of 20 KB never reached clients
+    ("model", 1, "tiny@" + "9" * 5000, "model must be 'name@version' with a version"),  # was INTERNAL: int() limit
+    ("request_id", 9, "r" * 50_000, "request_id must be at most 128"),
+])
+def test_huge_values_are_refused_with_a_short_message_naming_the_field(escape_server, field, number, value, rule):
+    with grpc.insecure_channel(escape_server.target) as channel:
+        call = channel.unary_stream(METHOD, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as info:
+            list(call(field_bytes(number, value.encode()) + field_varint(3, 5), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    details = info.value.details()
+    assert details.startswith(rule), details
+    assert f"({len(value):,} characters)" in details and len(details) < 400, details
+
+
 def test_undecodable_model_names_are_refused(escape_server):
     """An over-long UTF-8 '/' (0xC0 0xAF), an old path-traversal trick, cannot even be decoded."""
     with grpc.insecure_channel(escape_server.target) as channel:
