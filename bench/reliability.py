@@ -54,12 +54,24 @@ SHORT = Plan(soak_seconds=30, warmup_seconds=5, fuzz_cases=300, kills=2, train_s
 LONG = Plan(soak_seconds=600, warmup_seconds=20, fuzz_cases=10_000, kills=5, train_steps=300, leak_seconds=60)
 
 
+def tracebacks(log: str, keep: int = 3) -> list[str]:
+    """The first ``keep`` tracebacks in a server's log, each with the log line before it (what it was doing)."""
+    texts, at = [], log.find("Traceback")
+    while at >= 0 and len(texts) < keep:
+        start = log.rfind("\n", 0, max(0, log.rfind("\n", 0, at))) + 1
+        end = log.find("\n{", at)  # the next JSON log line ends it
+        texts.append(log[start: end if end >= 0 else at + 4000][:4000])
+        at = log.find("Traceback", at + 1)
+    return texts
+
+
 def run_soak(plan: Plan, models: Path, env: dict, work: Path) -> dict:
     with ServeProcess(models, *SERVER_ARGS, env=env) as server:
         cfg = SoakConfig(streams=256, seconds=plan.soak_seconds, warmup_seconds=plan.warmup_seconds)
         figures = asyncio.run(soak(server.target, server.proc.pid, server.metrics_url, cfg))
         figures["server_alive"] = server.proc.poll() is None
         figures["server_tracebacks"] = server.log().count("Traceback")
+        figures["server_traceback_texts"] = tracebacks(server.log())
     return figures
 
 
@@ -72,6 +84,7 @@ def run_fuzzing(plan: Plan, models: Path, env: dict, work: Path) -> dict:
         figures = run_fuzz(server.target, DEFAULT_VOCAB, FUZZ_MAX_CHARS, plan.fuzz_cases, random_seed=int(time.time()))
         figures["server_alive"] = server.proc.poll() is None
         figures["server_tracebacks"] = server.log().count("Traceback")
+        figures["server_traceback_texts"] = tracebacks(server.log())
     return figures
 
 
