@@ -55,22 +55,22 @@ def list_sources(spec: str | os.PathLike, exclude: Path | None = None) -> list[P
     path = Path(spec)
     if path.is_file():
         return [path]
+    skip = exclude.resolve() if exclude is not None else None
+
+    def outside_run(p: Path) -> bool:
+        return skip is None or not p.resolve().is_relative_to(skip)
+
     if path.is_dir():
-        skip = exclude.resolve() if exclude is not None else None
         files = sorted(
             p for p in path.rglob("*")
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            and not (skip is not None and p.resolve().is_relative_to(skip)) and _is_text(p)
+            and outside_run(p) and _is_text(p)
         )
         if not files:
             raise CorpusError(f"--data {spec}: directory holds no text files")
         return files
     if glob.has_magic(str(spec)):
-        skip = exclude.resolve() if exclude is not None else None
-        files = sorted(
-            Path(p) for p in glob.glob(str(spec), recursive=True)
-            if Path(p).is_file() and not (skip is not None and Path(p).resolve().is_relative_to(skip))
-        )
+        files = sorted(p for p in map(Path, glob.glob(str(spec), recursive=True)) if p.is_file() and outside_run(p))
         if not files:
             raise CorpusError(f"--data {spec}: pattern matches no files")
         return files
