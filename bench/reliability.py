@@ -55,23 +55,32 @@ LONG = Plan(soak_seconds=600, warmup_seconds=20, fuzz_cases=10_000, kills=5, tra
 
 
 def tracebacks(log: str, keep: int = 3) -> list[str]:
-    """The first ``keep`` tracebacks in a server's log, each with the log line before it (what it was doing)."""
-    texts, at = [], log.find("Traceback")
-    while at >= 0 and len(texts) < keep:
-        start = log.rfind("\n", 0, max(0, log.rfind("\n", 0, at))) + 1
-        end = log.find("\n{", at)  # the next JSON log line ends it
-        texts.append(log[start: end if end >= 0 else at + 4000][:4000])
-        at = log.find("Traceback", at + 1)
+    """The first ``keep`` tracebacks in a server's log, each with the log line before it (what it was doing).
+
+    A traceback ends at its first unindented line after the header: the exception and its message.
+    """
+    lines, texts = log.splitlines(), []
+    for i, line in enumerate(lines):
+        if len(texts) == keep:
+            break
+        if line.startswith("Traceback"):
+            end = next((j for j in range(i + 1, len(lines)) if lines[j][:1] not in (" ", "\t")), len(lines) - 1)
+            texts.append("\n".join(lines[max(0, i - 1): end + 1])[:4000])
     return texts
+
+
+def server_figures(server: ServeProcess) -> dict:
+    """Whether the server outlived its part, and the tracebacks in its log (none is the promise)."""
+    log = server.log()
+    return {"server_alive": server.proc.poll() is None, "server_tracebacks": log.count("Traceback"),
+            "server_traceback_texts": tracebacks(log)}
 
 
 def run_soak(plan: Plan, models: Path, env: dict, work: Path) -> dict:
     with ServeProcess(models, *SERVER_ARGS, env=env) as server:
         cfg = SoakConfig(streams=256, seconds=plan.soak_seconds, warmup_seconds=plan.warmup_seconds)
         figures = asyncio.run(soak(server.target, server.proc.pid, server.metrics_url, cfg))
-        figures["server_alive"] = server.proc.poll() is None
-        figures["server_tracebacks"] = server.log().count("Traceback")
-        figures["server_traceback_texts"] = tracebacks(server.log())
+        figures.update(server_figures(server))
     return figures
 
 
@@ -82,9 +91,7 @@ def run_leak(plan: Plan, models: Path, env: dict, work: Path) -> dict:
 def run_fuzzing(plan: Plan, models: Path, env: dict, work: Path) -> dict:
     with ServeProcess(models, "--max-chars", str(FUZZ_MAX_CHARS), "--max-prime-chars", "2048", env=env) as server:
         figures = run_fuzz(server.target, DEFAULT_VOCAB, FUZZ_MAX_CHARS, plan.fuzz_cases, random_seed=int(time.time()))
-        figures["server_alive"] = server.proc.poll() is None
-        figures["server_tracebacks"] = server.log().count("Traceback")
-        figures["server_traceback_texts"] = tracebacks(server.log())
+        figures.update(server_figures(server))
     return figures
 
 
