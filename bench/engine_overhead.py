@@ -38,9 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.gpu_serving import VOCAB, build_model, read_stream
-
-PRIMES = ("ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY:\n")
+from bench.gpu_serving import PRIMES, VOCAB, build_model, read_stream
 
 
 def raw_step(model, batch: int, seconds: float) -> dict:

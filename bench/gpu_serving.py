@@ -81,16 +81,23 @@ def torch_eager(layers: int, hidden: int, batch: int, seconds: float) -> float:
     return n * batch / (time.perf_counter() - start)
 
 
-async def read_stream(engine, i: int, prime: str, chars: int) -> tuple[float, int]:
-    """Submits stream ``i`` (its own temperature and seed) and reads it: (time to first char, chars)."""
+PRIMES = ("ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY:\n")  # stream i primes with PRIMES[i % 4]
+
+
+def _request(i: int, prime: str, chars: int, temperature: float):
+    """Stream ``i``'s request (its own seed) for the engine, skipping gRPC."""
     from charrnn.service.requests import GenerationRequest, SamplingParams
 
     index = {c: k for k, c in enumerate(VOCAB)}
-    req = GenerationRequest(
+    return GenerationRequest(
         request_id=f"bench-{i}", prime=prime, prime_ids=np.array([index[c] for c in prime], np.int64),
-        max_chars=chars, sampling=SamplingParams(temperature=0.5 + (i % 8) / 10, seed=i),
-        arrived=time.monotonic(),
+        max_chars=chars, sampling=SamplingParams(temperature=temperature, seed=i), arrived=time.monotonic(),
     )
+
+
+async def read_stream(engine, i: int, prime: str, chars: int) -> tuple[float, int]:
+    """Submits stream ``i`` (its own temperature and seed) and reads it: (time to first char, chars)."""
+    req = _request(i, prime, chars, temperature=0.5 + (i % 8) / 10)
     stream = engine.submit(req)
     got = 0
     async for chunk in stream:
@@ -104,9 +111,8 @@ async def engine_run(model, streams: int, chars: int) -> dict:
 
     engine = Engine(model, metrics=Metrics(), max_active=streams, max_queue=streams)
     engine.start()
-    primes = ("ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY:\n")
     start = time.perf_counter()
-    results = await asyncio.gather(*(read_stream(engine, i, primes[i % 4], chars) for i in range(streams)))
+    results = await asyncio.gather(*(read_stream(engine, i, PRIMES[i % 4], chars) for i in range(streams)))
     wall = time.perf_counter() - start
     engine.drain()
     engine.stop(5.0)
@@ -123,18 +129,12 @@ async def greedy_texts(model, n: int, chars: int) -> list[str]:
     """Greedy (temperature 0) texts of ``n`` streams through the engine: comparable across devices."""
     from charrnn.service.engine import Engine
     from charrnn.service.metrics import Metrics
-    from charrnn.service.requests import GenerationRequest, SamplingParams
 
     engine = Engine(model, metrics=Metrics(), max_active=n, max_queue=n)
     engine.start()
-    index = {c: i for i, c in enumerate(VOCAB)}
 
     async def one(i: int) -> str:
-        prime = ("ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY:\n")[i % 4][: 2 + i % 7]
-        req = GenerationRequest(
-            request_id=f"parity-{i}", prime=prime, prime_ids=np.array([index[c] for c in prime], np.int64),
-            max_chars=chars, sampling=SamplingParams(temperature=0.0, seed=i), arrived=time.monotonic(),
-        )
+        req = _request(i, PRIMES[i % 4][: 2 + i % 7], chars, temperature=0.0)
         return "".join([chunk async for chunk in engine.submit(req)])
 
     texts = await asyncio.gather(*(one(i) for i in range(n)))
