@@ -59,6 +59,12 @@ EOF
 } | tee "$OUT/env.txt"
 
 STDLIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+# One charrnn-train run into $RUNS/NAME (its output in $RUNS/NAME.log); prints its exit status and best val loss.
+train_run() {  # name, then flags
+  local name=$1; shift
+  run training.cli charrnn-train --out "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1
+  echo "$name exit $? best $(grep -o '"val_loss": [0-9.]*' "$RUNS/$name/metrics.jsonl" | sort -t' ' -k2 -n | head -1)"
+}
 
 if [ "$MODE" = smoke ]; then
   # Seconds: one short CUDA training run and one export, to catch breakage before the long pass.
@@ -74,9 +80,7 @@ if [ "$MODE" = quality ]; then
   # once on the one GPU (2x1024 at 128 x 256 runs some 10 steps a second alone on an H200).
   quality() {  # name, then flags
     local name=$1; shift
-    run training.cli charrnn-train --data "$DATA" --out "$RUNS/$name" --device "$DEVICE" --preset shakespeare \
-      "$@" $QUALITY_FLAGS > "$RUNS/$name.log" 2>&1
-    echo "$name exit $? best $(grep -o '"val_loss": [0-9.]*' "$RUNS/$name/metrics.jsonl" | sort -t' ' -k2 -n | head -1)"
+    train_run "$name" --data "$DATA" --device "$DEVICE" --preset shakespeare "$@" $QUALITY_FLAGS
   }
   pids=()  # a bare `wait` would also wait for the tee that logs this script
   quality preset & pids+=($!)
@@ -96,9 +100,7 @@ fi
 # Training runs share the GPU; each is small enough that they barely slow each other.
 train() {  # name, then flags
   local name=$1; shift
-  run training.cli charrnn-train --out "$RUNS/$name" --device cuda --max-time "$TRAIN_SECONDS" "$@" \
-    > "$RUNS/$name.log" 2>&1
-  echo "$name exit $? best $(grep -o '"val_loss": [0-9.]*' "$RUNS/$name/metrics.jsonl" | sort -t' ' -k2 -n | head -1)"
+  train_run "$name" --device cuda --max-time "$TRAIN_SECONDS" "$@"
 }
 pids=()
 train default-cpu-recipe --data "$DATA" --preset default & pids+=($!)
