@@ -27,10 +27,10 @@ import time
 
 import grpc
 
-from bench import probes
-from bench.soak import SERVER_ARGS, SoakConfig, Tally, run_load
+from testkit import probes
+from testkit.soak import SERVER_ARGS, SoakConfig, Tally, run_load
 from charrnn.v1 import generator_pb2 as pb
-from tests.serve_process import ServeProcess
+from testkit.serve_process import ServeProcess
 
 CANCEL_ONLY = (0.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # weights over soak.BEHAVIOURS
 WELL_BEHAVED = (0.6, 0.0, 0.0, 0.2, 0.0, 0.2)

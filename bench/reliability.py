@@ -29,11 +29,12 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import cancel_leak, faults, training_faults
-from bench.fuzz import run_fuzz
-from bench.soak import SERVER_ARGS, SoakConfig, soak
-from tests.modelfactory import DEFAULT_VOCAB, make_model_repo
-from tests.serve_process import ServeProcess, blocked_env
+from bench import cancel_leak
+from testkit import faults, training_faults
+from testkit.fuzz import run_fuzz
+from testkit.soak import SERVER_ARGS, SoakConfig, soak
+from testkit.modelfactory import DEFAULT_VOCAB, make_model_repo
+from testkit.serve_process import ServeProcess, blocked_env
 
 RESULTS = Path(__file__).parent / "results" / "reliability.json"
 FUZZ_MAX_CHARS = 64  # --max-chars of the fuzzed server (tests/test_fuzz.py uses the same)

@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory) -> Path:
     """MODELS/tiny/1 (LSTM 1x16) and MODELS/other/1 (GRU 1x16), real exports; copy it before changing it."""
-    from tests.modelfactory import make_model_repo
+    from testkit.modelfactory import make_model_repo
 
     root = tmp_path_factory.mktemp("models")
     make_model_repo(root, name="tiny", versions=(1,))
@@ -28,6 +28,6 @@ def repo_copy(model_repo, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def no_torch_env(tmp_path_factory) -> dict:
     """Environment for charrnn-serve subprocesses: torch and onnx cannot be imported."""
-    from tests.serve_process import blocked_env
+    from testkit.serve_process import blocked_env
 
     return blocked_env(tmp_path_factory.mktemp("no_torch"))

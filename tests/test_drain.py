@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from charrnn.service.client import GeneratorClient, ServiceError
-from tests.serve_process import ServeProcess
+from testkit.serve_process import ServeProcess
 
 GRACE = 4.0  # --drain-grace of the server under test, seconds
 

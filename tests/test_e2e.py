@@ -21,8 +21,8 @@ import pytest
 
 from charrnn.modelfile import KEY_VOCAB, MODEL_FILE
 from charrnn.service.client import GeneratorClient, ServiceError
-from tests.modelfactory import DEFAULT_VOCAB
-from tests.serve_process import GENERATE, ServeProcess
+from testkit.modelfactory import DEFAULT_VOCAB
+from testkit.serve_process import GENERATE, ServeProcess
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 

@@ -17,7 +17,7 @@ import torch
 from charrnn import modelfile as mf
 from charrnn.exporter.export import PRODUCER_NAME, ExportError, export_model
 from charrnn.exporter.parity import check_parity, cpu_session
-from tests.modelfactory import DEFAULT_VOCAB, make_model, make_model_file, make_model_repo
+from testkit.modelfactory import DEFAULT_VOCAB, make_model, make_model_file, make_model_repo
 
 
 def session(path) -> ort.InferenceSession:

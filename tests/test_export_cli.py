@@ -17,7 +17,7 @@ import torch
 from charrnn import modelfile as mf
 from charrnn.exporter.cli import main
 from charrnn.training.checkpoint import save_checkpoint
-from tests.modelfactory import DEFAULT_VOCAB, make_model
+from testkit.modelfactory import DEFAULT_VOCAB, make_model
 
 SCRIPT = Path(sys.executable).parent / "charrnn-export"
 SHA = "5eed" * 16

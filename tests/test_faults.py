@@ -1,6 +1,6 @@
 """Faults: killed clients, a killed server, a model file damaged under load, a taken port, a full disk.
 
-The scenarios live in bench/faults.py and bench/training_faults.py (the
+The scenarios live in testkit/faults.py and testkit/training_faults.py (the
 reliability benchmark records the same figures); each test asserts the promise.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import faults, training_faults
+from testkit import faults, training_faults
 
 pytestmark = pytest.mark.slow
 

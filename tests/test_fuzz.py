@@ -1,6 +1,6 @@
 """Fuzzing a real charrnn-serve: every answer is OK or a documented status, and the server stays SERVING.
 
-bench/fuzz.py holds the strategies and the wire encoder; `python -m
+testkit/fuzz.py holds the strategies and the wire encoder; `python -m
 bench.reliability --long` runs 10,000 cases, this file a few hundred.
 """
 
@@ -11,11 +11,11 @@ import time
 import grpc
 import pytest
 
-from bench import probes
-from bench.fuzz import METHOD, field_bytes, field_varint, run_fuzz
+from testkit import probes
+from testkit.fuzz import METHOD, field_bytes, field_varint, run_fuzz
 from charrnn.v1 import generator_pb2 as pb
-from tests.modelfactory import DEFAULT_VOCAB
-from tests.serve_process import ServeProcess
+from testkit.modelfactory import DEFAULT_VOCAB
+from testkit.serve_process import ServeProcess
 
 MAX_CHARS = 64  # --max-chars: every OK stream generates at most this many characters
 SHORT_CASES = 300

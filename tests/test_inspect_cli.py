@@ -13,7 +13,7 @@ from PIL import Image
 from charrnn.inspector.cli import main
 from charrnn.inspector.sweep import format_sweep, parse_temperatures, sweep
 from charrnn.inspector.trace import InspectError, open_model
-from tests.modelfactory import make_model_repo
+from testkit.modelfactory import make_model_repo
 
 VOCAB = "\n !\"#'(),-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]_abcdefghijklmnopqrstuvwxyz=+"
 PLAY = 'ROMEO:\nSay "what (is) it", friend.\n\nJULIET:\nNo; (nay) [yes]\n\n' * 6

@@ -18,7 +18,7 @@ from charrnn.inspector.page import SCALE, PageSource, render_page
 from charrnn.inspector.ranking import rank_cells
 from charrnn.inspector.sweep import sweep
 from charrnn.inspector.trace import encode, open_model, softmax, trace_text, zero_state
-from tests.modelfactory import make_model_file
+from testkit.modelfactory import make_model_file
 
 VOCAB = "\n !\"#'(),-./:;<>?&ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz{}"
 TEXT = 'ROMEO:\nSay "what (is) it" & <go>.\n\nJULIET:\n(a [b] {c}) "d"\n' * 3

@@ -37,7 +37,7 @@ from tests.deployqueries import (
     substitute_grafana_variables,
 )
 from tests.deploytools import require_tool
-from tests.serve_process import ServeProcess
+from testkit.serve_process import ServeProcess
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.slow]
 

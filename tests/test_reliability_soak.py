@@ -1,4 +1,4 @@
-"""Soak: 256 misbehaving concurrent streams against a real charrnn-serve for ~30 s (bench/soak.py).
+"""Soak: 256 misbehaving concurrent streams against a real charrnn-serve for ~30 s (testkit/soak.py).
 
 Clients cancel at random moments, set short deadlines, read slowly and open
 fresh connections; afterwards the server has answered only documented
@@ -13,9 +13,9 @@ import asyncio
 
 import pytest
 
-from bench import probes
-from bench.soak import SERVER_ARGS, SoakConfig, soak
-from tests.serve_process import ServeProcess
+from testkit import probes
+from testkit.soak import SERVER_ARGS, SoakConfig, soak
+from testkit.serve_process import ServeProcess
 
 pytestmark = pytest.mark.slow
 

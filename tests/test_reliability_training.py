@@ -1,6 +1,6 @@
 """charrnn-train killed with SIGKILL at random steps, resumed with --resume each time, equals the unbroken run.
 
-bench/training_faults.py does the killing; here two kills (one of them aimed
+testkit/training_faults.py does the killing; here two kills (one of them aimed
 at a checkpoint being written), `python -m bench.reliability --long` five.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.training_faults import kill_and_resume
+from testkit.training_faults import kill_and_resume
 
 pytestmark = pytest.mark.slow
 

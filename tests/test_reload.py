@@ -21,8 +21,8 @@ import pytest
 
 from charrnn.modelfile import MODEL_FILE
 from charrnn.service.client import GeneratorClient, ServiceError
-from tests.modelfactory import make_model_repo
-from tests.serve_process import ServeProcess
+from testkit.modelfactory import make_model_repo
+from testkit.serve_process import ServeProcess
 
 LONG_STREAM_SECONDS = 1.5  # how long the in-flight stream should take, judged from a measured rate
 

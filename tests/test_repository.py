@@ -16,7 +16,7 @@ from charrnn.service.engine import Engine
 from charrnn.service.metrics import Metrics
 from charrnn.service.repository import ModelRepository, RepositoryError
 from charrnn.service.requests import FinishReason, GenerationRequest, SamplingParams
-from tests.modelfactory import make_model_repo
+from testkit.modelfactory import make_model_repo
 
 
 def open_repo(root, metrics=None, **kw) -> ModelRepository:

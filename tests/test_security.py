@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bench import probes
-from bench.fuzz import METHOD, field_bytes, field_varint
+from testkit import probes
+from testkit.fuzz import METHOD, field_bytes, field_varint
 from charrnn.service.client import GeneratorClient, ServiceError
-from tests.serve_process import ServeProcess
+from testkit.serve_process import ServeProcess
 
 # ---- model names that try to leave the repository ----
 

@@ -13,7 +13,7 @@ from charrnn.modelfile import MODEL_FILE
 from charrnn.service import errors
 from charrnn.service.metrics import STATUS_CODES
 from charrnn.service.servicer import STATUS_FOR
-from tests.serve_process import SERVE
+from testkit.serve_process import SERVE
 
 
 def _serve(argv: list[str], env: dict) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from charrnn.service.client import GeneratorClient, ServiceError
-from tests.serve_process import ServeProcess
+from testkit.serve_process import ServeProcess
 
 QUEUE_WAIT = 0.5  # --max-queue-wait, seconds
 

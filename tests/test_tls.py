@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from charrnn.service import tls
 from charrnn.service.client import GeneratorClient, ServiceError
 from tests.certs import make_pki
-from tests.serve_process import GENERATE, ServeProcess
+from testkit.serve_process import GENERATE, ServeProcess
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Tiny random-weight model files for tests, written by the real exporter.
 
-    from tests.modelfactory import make_model_repo
+    from testkit.modelfactory import make_model_repo
     repo = make_model_repo(tmp_path / "models", name="tiny", versions=(1, 2))
     # repo/tiny/1/model.onnx, repo/tiny/2/model.onnx
 

@@ -1,7 +1,7 @@
 """Faults injected into a real `charrnn-serve`: each scenario returns what it observed, as figures.
 
 tests/test_faults.py asserts on these figures; `python -m bench.reliability`
-records them. Every scenario starts its own server (tests.serve_process) and
+records them. Every scenario starts its own server (testkit.serve_process) and
 cleans up after itself.
 """
 
@@ -15,9 +15,9 @@ import threading
 import time
 from pathlib import Path
 
-from bench import probes
+from testkit import probes
 from charrnn.service.client import GeneratorClient, ServiceError
-from tests.serve_process import GENERATE, SERVE, ServeProcess
+from testkit.serve_process import GENERATE, SERVE, ServeProcess
 
 LONG = 10_000_000  # max_chars of a stream that outlives the scenario (--max-chars is raised to allow it)
 
@@ -189,4 +189,59 @@ def port_taken_at_startup(models: Path, env: dict, which: str) -> dict:
         "traceback": "Traceback" in done.stderr,
         "banner_printed": "gRPC" in done.stdout,
     }
+
+
+
+def engine_faults_timed(models: Path, work: Path, env_extra: dict | None = None, batching: str = "on") -> dict:
+    """onnxruntime fails under a running stream (testkit/ortfault.py), once and then for good.
+
+    Figures, in seconds: from the fault to the stream in flight ending (UNAVAILABLE),
+    from a one-call fault to the next successful request, and from a permanent
+    fault to the model's health turning NOT_SERVING, with the default restart flags.
+    """
+    from testkit.ortfault import ENV, set_fault
+    from testkit.serve_process import blocked_env
+
+    control = work / "fault"
+    set_fault(control, "ok")
+    env = blocked_env(work, {ENV: str(control), **(env_extra or {})})
+    figures: dict = {"batching": batching}
+    with ServeProcess(models, "--max-chars", str(LONG), "--batching", batching, env=env) as server, \
+            GeneratorClient(server.target) as client:
+        for kind, mode in (("transient", "fail 1"), ("permanent", "fail")):
+            stream = iter(client.generate("ROMEO:", LONG, model="tiny", timeout=60))
+            next(stream)
+            faulted = time.monotonic()
+            set_fault(control, mode)
+            try:
+                for _ in stream:
+                    pass
+                figures[f"{kind}_in_flight_code"] = "OK"
+            except ServiceError as e:
+                figures[f"{kind}_in_flight_code"] = e.code.name
+            figures[f"{kind}_seconds_to_unavailable"] = round(time.monotonic() - faulted, 4)
+            if kind == "transient":
+                def served() -> bool:
+                    try:
+                        return len(client.generate("A", 5, model="tiny", timeout=10).text()) == 5
+                    except ServiceError:
+                        return False
+
+                ok, _ = _wait_for(served, 30, every=0.01)
+                figures["transient_served_again"] = bool(ok)
+                figures["transient_seconds_to_next_success"] = round(time.monotonic() - faulted, 4)
+            else:
+                down, _ = _wait_for(lambda: probes.health_status(server.target, "tiny") == "NOT_SERVING", 60,
+                                    every=0.01)
+                figures["permanent_not_serving"] = bool(down)
+                figures["permanent_seconds_to_not_serving"] = round(time.monotonic() - faulted, 4)
+                try:
+                    started = time.monotonic()
+                    client.generate("A", 5, model="tiny", timeout=30).text()
+                    figures["refused_code"] = "OK"
+                except ServiceError as e:
+                    figures["refused_code"] = e.code.name
+                figures["refused_seconds"] = round(time.monotonic() - started, 4)
+        set_fault(control, "ok")
+    return figures
 

@@ -22,7 +22,7 @@ import grpc
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from bench import probes
+from testkit import probes
 from charrnn.v1 import generator_pb2 as pb
 
 METHOD = "/charrnn.v1.Generator/Generate"

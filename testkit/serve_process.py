@@ -18,12 +18,24 @@ from pathlib import Path
 
 SERVE = str(Path(sys.executable).parent / "charrnn-serve")
 GENERATE = str(Path(sys.executable).parent / "charrnn-generate")
+REPO = Path(__file__).resolve().parent.parent
 # sitecustomize.py: runs at interpreter start; a None entry makes `import torch` raise ImportError.
-BLOCKER = "import sys\nfor _name in ('torch', 'onnx'):\n    sys.modules[_name] = None\n"
+# It also installs testkit.ortfault's onnxruntime wrapper when CHARRNN_TEST_ORT_FAULT is set.
+BLOCKER = (
+    "import os, sys\nfor _name in ('torch', 'onnx'):\n    sys.modules[_name] = None\n"
+    "if os.environ.get('CHARRNN_TEST_ORT_FAULT'):\n"
+    f"    sys.path.append({str(REPO)!r})\n"
+    "    from testkit.ortfault import install_from_env\n"
+    "    install_from_env()\n"
+)
 
 
 def blocked_env(tmp_dir: Path, extra: dict | None = None) -> dict:
-    """os.environ with a sitecustomize that blocks torch and onnx first on PYTHONPATH."""
+    """os.environ with a sitecustomize that blocks torch and onnx first on PYTHONPATH.
+
+    With ``CHARRNN_TEST_ORT_FAULT`` in ``extra`` the server's onnxruntime calls obey that
+    control file (testkit/ortfault.py).
+    """
     (tmp_dir / "sitecustomize.py").write_text(BLOCKER)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHARRNN_")}
     env["PYTHONPATH"] = str(tmp_dir)

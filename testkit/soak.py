@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from bench import probes
+from testkit import probes
 from charrnn.v1 import generator_pb2 as pb
 from charrnn.v1 import generator_pb2_grpc
 
-PRIME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz ,.:;!?'\n"  # inside tests.modelfactory's vocabulary
+PRIME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz ,.:;!?'\n"  # inside testkit.modelfactory's vocabulary
 # grpc shares one connection among a process's channels to the same target; this gives each its own.
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 # Fewer slots plus queue places (128 + 64) than streams (256): the queue fills, the limits answer.
