@@ -179,10 +179,11 @@ class PrimeCache:
 
     MAX_PRIME = 1024  # longer primes are not kept (bounds the memory of the keys)
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, counters: tuple | None = None):
         self.capacity = capacity  # entries; 0 turns the cache off
         self.hits = 0
         self.misses = 0
+        self._counters = counters  # (hit, miss) children of charrnn_prime_cache_lookups_total, or None
         self._lock = threading.Lock()  # read on the event loop (Engine.submit), written by the engine thread
         self._entries: collections.OrderedDict[bytes, tuple[State, np.ndarray]] = collections.OrderedDict()
 
@@ -202,11 +203,15 @@ class PrimeCache:
             if count:
                 self.hits += entry is not None
                 self.misses += entry is None
+        if count and self._counters is not None:
+            self._counters[entry is None].inc()
         return entry
 
     def count_hit(self) -> None:
         with self._lock:
             self.hits += 1
+        if self._counters is not None:
+            self._counters[0].inc()
 
     def put(self, model: LoadedModel, streams: list[Stream], state: State, logits: np.ndarray) -> None:
         """Keeps each stream's row of ``state`` and ``logits`` [k, V] under its prime."""

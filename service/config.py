@@ -64,6 +64,20 @@ class ServeConfig:
         0.05, "Seconds a stream's text may collect before it is sent (first characters and the end go at once); "
         "0 sends every step's characters at once.", float,
     )
+    step_timeout: float = _opt(
+        30.0, "Seconds an engine with work may go without finishing a step before it counts as hung: its streams "
+        "end, the model turns NOT_SERVING and health service `liveness` fails.", float,
+    )
+    engine_restart_backoff: float = _opt(
+        0.1, "Seconds before an engine that failed is restarted; doubles with each failure in the window.", float
+    )
+    engine_max_backoff: float = _opt(
+        30.0, "Longest wait between engine restarts, and the retry interval of a model marked failed.", float
+    )
+    engine_max_failures: int = _opt(
+        5, "Engine failures within --engine-failure-window that mark a model failed (health NOT_SERVING).", int
+    )
+    engine_failure_window: float = _opt(60.0, "Seconds over which engine failures are counted.", float)
     drain_grace: float = _opt(
         20.0, "Seconds streams in flight may run after SIGTERM; keep below the pod's terminationGracePeriodSeconds.",
         float,
@@ -102,6 +116,14 @@ class ServeConfig:
             ("threads", self.threads >= 0, ">= 0 (0 lets onnxruntime choose)"),
             ("flush_interval", math.isfinite(self.flush_interval) and 0 <= self.flush_interval <= 1,
              "in [0, 1] seconds"),
+            ("step_timeout", math.isfinite(self.step_timeout) and self.step_timeout > 0, "a number > 0"),
+            ("engine_restart_backoff", math.isfinite(self.engine_restart_backoff) and self.engine_restart_backoff > 0,
+             "a number > 0"),
+            ("engine_max_backoff", math.isfinite(self.engine_max_backoff)
+             and self.engine_max_backoff >= self.engine_restart_backoff, "a number >= --engine-restart-backoff"),
+            ("engine_max_failures", self.engine_max_failures >= 1, ">= 1"),
+            ("engine_failure_window", math.isfinite(self.engine_failure_window) and self.engine_failure_window > 0,
+             "a number > 0"),
             ("drain_grace", math.isfinite(self.drain_grace) and self.drain_grace >= 0, "a number >= 0"),
             ("reload_interval", math.isfinite(self.reload_interval) and self.reload_interval >= 0,
              ">= 0 (0: only on SIGHUP)"),

@@ -26,6 +26,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 
@@ -84,10 +85,15 @@ class Engine:
         self._draining = False  # no new submits; the thread ends once idle
         self._closed = False  # the thread has ended or is ending: nothing more is handed to it
         self._stopping = False  # end everything now
+        self._abandoned = False  # given up on after a hang (see abandon): the thread must touch nothing
+        self._on_failure: Callable[[Exception], None] | None = None  # see start()
+        self.progress_at = time.monotonic()  # time.monotonic() at the end of the last round (the watchdog reads it)
         self._thread: threading.Thread | None = None
         self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> Mailbox
         self._pool: ThreadPoolExecutor | None = None
         self._last_scan = 0.0
+        self._halt: errors.CharrnnError | None = None  # set when the thread ends: streams still running end with it
+        self._worker_failure: Exception | None = None  # set by a pool thread (batching off); raised on this thread
         self.cancel_mark = 0  # set by Stream.cancel (any thread) to a new number each time
         self._shown = [0, 0]  # what this engine has added to the active / queued gauges
         self._m_step = metrics.step.labels(self.label)
@@ -98,14 +104,18 @@ class Engine:
         self._m_queued = metrics.queued_streams.labels(self.label)
         self.scheduler = Scheduler(model, prime_cache=prime_cache, release=self._release,
                                    cancel_mark=lambda: self.cancel_mark, step_hist=self._m_step,
-                                   batch_hist=self._m_batch, inter_hist=self._m_inter)
+                                   batch_hist=self._m_batch, inter_hist=self._m_inter,
+                                   cache_counters=(metrics.prime_cache.labels(self.label, "hit"),
+                                                   metrics.prime_cache.labels(self.label, "miss")))
         self.prime_cache = self.scheduler.prime_cache  # primes read before (prime_cache=0 turns it off)
 
     # ---- API (asyncio loop thread) ----
 
-    def start(self) -> None:
+    def start(self, on_failure: Callable[[Exception], None] | None = None) -> None:
+        """Starts the engine thread; ``on_failure(error)`` is called on it after a failure ended every stream."""
         if self._thread is not None:
             raise RuntimeError("engine already started")
+        self._on_failure = on_failure
         if not self.batching:
             self._pool = ThreadPoolExecutor(self.max_active, thread_name_prefix=f"naive-{self.model.label}")
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.model.label}", daemon=True)
@@ -127,6 +137,8 @@ class Engine:
         with self._lock:  # the check, the count and the hand-over are one step against drain/stop
             if self._draining:
                 raise errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} takes no new streams")
+            if self._closed:  # failed or abandoned: the supervisor refuses for it until a new engine runs
+                raise errors.Unavailable(f"model {self.model.label} is not running; retry in a moment")
             if self._n_active + self._n_waiting >= self.max_active + self.max_queue:
                 raise errors.Overloaded(
                     "queue_full",
@@ -194,7 +206,23 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._abandoned
+
+    def stalled(self, now: float) -> float:
+        """Seconds the engine has held work without finishing a round (0 when idle): the watchdog's measure."""
+        if self._closed or (self.idle and not self.scheduler.busy):
+            return 0.0
+        return max(0.0, now - self.progress_at)
+
+    def abandon(self, error: errors.CharrnnError) -> None:
+        """Gives up on a hung engine thread: ends every stream it holds with ``error``; the thread, if it ever
+        returns, ends without touching anything. A thread cannot be killed: it stays blocked where it is."""
+        with self._lock:
+            self._closed = True
+            self._abandoned = True
+        self._halt = error
+        self._end_all(error)
+        self._show_gauges()
 
     # ---- engine thread ----
 
@@ -210,7 +238,10 @@ class Engine:
                 self._check_queue(now)
                 self._admit(now)
                 self._show_gauges()
+                if self._worker_failure is not None:
+                    raise self._worker_failure
                 if not self.scheduler.busy:
+                    self.progress_at = now
                     with self._lock:  # decided under the lock: a submit either came first or is refused
                         self._closed = self._draining and self._n_active == 0 and self._n_waiting == 0
                     if self._closed:
@@ -218,17 +249,44 @@ class Engine:
                     self._wake.wait(QUEUE_SCAN_SECONDS if self._queue else 1.0)
                     continue
                 self.scheduler.work()
-        except Exception:
+                if self._abandoned:
+                    return
+                self.progress_at = time.monotonic()
+                if self._worker_failure is not None:
+                    raise self._worker_failure
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises several types; any is an engine failure
+            if self._abandoned:
+                return
             log.exception("engine %s failed; ending its streams", self.model.label)
-            self._end_all(errors.CharrnnError(f"internal error in the engine of {self.model.label}"))
+            failure = e
+        else:
+            failure = None
         finally:
-            with self._lock:
-                self._closed = True  # from here on submit hands nothing over
-            self._end_all(errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} stopped"))
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-            self._show_gauges()
-            log.info("engine %s stopped", self.model.label)
+            if not self._abandoned:
+                with self._lock:
+                    self._closed = True  # from here on submit hands nothing over
+        if failure is not None:
+            self._halt = errors.engine_failed(self.model.label, failure)
+            self._end_all(self._halt)
+        self._halt = self._halt or errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} stopped")
+        self._end_all(self._halt)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._show_gauges()
+        log.info("engine %s stopped", self.model.label)
+        if failure is not None and self._on_failure is not None:
+            self._on_failure(failure)
+
+    @property
+    def halt(self) -> errors.CharrnnError | None:
+        """The error that streams still running in pool threads (batching off) end with, once the engine stops."""
+        return self._halt
+
+    def fail_from_worker(self, error: Exception) -> None:
+        """A pool thread (batching off) hit an engine failure: the engine thread ends everything and reports it."""
+        if self._worker_failure is None:
+            self._worker_failure = error
+        self._wake.set()
 
     def _take_ready(self) -> None:
         """Streams that already have their first character (cached prime) join the batch."""

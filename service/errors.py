@@ -64,9 +64,20 @@ class DeadlineExceeded(CharrnnError):
 
 
 class Unavailable(CharrnnError):
-    """The server is draining, or the model was removed while the request waited."""
+    """The server is draining, the model was removed while the request waited, or its engine failed."""
 
     code = "UNAVAILABLE"
+
+
+def reason_of(error: BaseException) -> str:
+    """The first line of an exception's text (at most 200 characters), or its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def engine_failed(label: str, error: BaseException) -> Unavailable:
+    """What the streams of ``label`` end with when its engine fails under them: the model, the reason, what next."""
+    return Unavailable(f"the engine of model {label} failed ({reason_of(error)}); it restarts by itself, retry")
 
 
 class Cancelled(CharrnnError):

@@ -41,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_models(client: GeneratorClient) -> None:
-    rows = [("MODEL", "CELL", "LAYERS", "HIDDEN", "VOCAB", "VAL_LOSS", "DEVICE", "")]
+    rows = [("MODEL", "CELL", "LAYERS", "HIDDEN", "VOCAB", "VAL_LOSS", "DEVICE", "STATE", "")]
     for m in client.list_models():
         marks = ", ".join(w for w, on in (("latest", m.latest), ("default", m.is_default)) if on)
         rows.append((f"{m.name}@{m.version}", m.cell, str(m.layers), str(m.hidden), str(m.vocab_size),
-                     f"{m.validation_loss:.4f}", m.device, marks))
+                     f"{m.validation_loss:.4f}", m.device, m.state, marks))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())

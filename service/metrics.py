@@ -7,7 +7,15 @@ them. Change the three together. Each server (and each test) gets its own
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 # Buckets tuned to the workload (the client library's default 5 ms..10 s misses
 # the sub-millisecond steps of a small model on CPU).
@@ -30,6 +38,11 @@ STATUS_CODES = (
     "CANCELLED",
     "INTERNAL",
 )
+
+# Every value the `state` label of charrnn_engine_state can take (supervisor.EngineState).
+ENGINE_STATES = ("serving", "restarting", "failed")
+# Every value the `result` label of charrnn_prime_cache_lookups_total can take.
+CACHE_RESULTS = ("hit", "miss")
 
 
 class Metrics:
@@ -110,11 +123,34 @@ class Metrics:
             "charrnn_model_load_failures", "Model files refused at load or reload.", ["model"], registry=r
         )
         self.draining = Gauge("charrnn_draining", "1 while the server drains after SIGTERM.", registry=r)
+        self.engine_failures = Counter(
+            "charrnn_engine_failures",
+            "Engine failures: a failed onnxruntime call, a failed restart, or a step that hung past --step-timeout.",
+            ["model"],
+            registry=r,
+        )
+        self.engine_state = Gauge(
+            "charrnn_engine_state", "Engines of the model's loaded versions in each state.", ["model", "state"],
+            registry=r,
+        )
+        self.prime_cache = Counter(
+            "charrnn_prime_cache_lookups", "Prime cache lookups of new streams: hit (no prefill) or miss.",
+            ["model", "result"], registry=r,
+        )
+        # The standard process_* and python_* series (resident memory, open descriptors, CPU, GC):
+        # docs/operations.md tells operators to watch memory because of grpcio's per-cancel leak.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
     def init_model(self, model: str) -> None:
         """Creates every labelled child of ``model`` so series exist (at 0) before traffic."""
         for code in STATUS_CODES:
             self.requests.labels(model, code)
+        for state in ENGINE_STATES:
+            self.engine_state.labels(model, state)
+        for result in CACHE_RESULTS:
+            self.prime_cache.labels(model, result)
         for family in (
             self.prime_chars,
             self.generated_chars,
@@ -128,5 +164,7 @@ class Metrics:
             self.queued_streams,
             self.max_active_streams,
             self.model_load,
+            self.model_load_failures,
+            self.engine_failures,
         ):
             family.labels(model)

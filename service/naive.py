@@ -28,9 +28,10 @@ def run_alone(engine: "Engine", s: Stream) -> None:
     """Generates ``s`` to its end in the calling pool thread, then frees its slot."""
     try:
         _generate(engine, s)
-    except Exception:
+    except Exception as e:  # noqa: BLE001 - a failed onnxruntime call is a failure of the whole engine
         log.exception("stream %s failed", s.request.request_id)
-        s.fail(errors.CharrnnError("internal error while generating"), time.monotonic())
+        s.fail(errors.engine_failed(engine.model.label, e), time.monotonic())
+        engine.fail_from_worker(e)
     finally:
         with engine._lock:
             engine._n_active -= 1
@@ -50,8 +51,8 @@ def _generate(engine: "Engine", s: Stream) -> None:
     why = s.advance(vocab[token], now)
     while why is None:
         s._mailbox.post([s] if s.generated == 1 else ())  # the first character at once, then every flush interval
-        if engine._stopping:
-            why = errors.Unavailable(f"server shutting down: model {model.label} stopped")
+        if engine._stopping or engine.halt is not None:
+            why = engine.halt or errors.Unavailable(f"server shutting down: model {model.label} stopped")
             break
         last = now
         t0 = time.monotonic()

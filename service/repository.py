@@ -23,6 +23,7 @@ from charrnn.service import errors
 from charrnn.service.engine import Engine
 from charrnn.service.metrics import Metrics
 from charrnn.service.runtime import LoadedModel, load_model
+from charrnn.service.supervisor import EngineState, EngineSupervisor, RestartPolicy
 
 DEFAULT_NAME = "default"  # the default model when --default-model is not given, if it exists
 VERSION_RULE = "a positive integer without leading zeros"
@@ -45,7 +46,11 @@ class ModelEntry:
     latest: bool  # the newest loaded version of `name` (what "name" resolves to)
     is_default: bool  # what "" resolves to
     model: LoadedModel
-    engine: Engine
+    engine: EngineSupervisor
+
+    @property
+    def state(self) -> EngineState:
+        return self.engine.state
 
 
 @dataclass
@@ -68,8 +73,8 @@ class ReloadSummary:
 
 @dataclass
 class _Loaded:
-    model: LoadedModel
-    engine: Engine
+    model: LoadedModel  # as first loaded (a restart reloads the same file: engine.model)
+    engine: EngineSupervisor
     signature: tuple  # (inode, size, mtime_ns) of the file when loaded
 
 
@@ -89,6 +94,8 @@ class ModelRepository:
         log: logging.Logger,
         default_model: str | None = None,
         threads: int = 0,
+        policy: RestartPolicy = RestartPolicy(),
+        on_change: Callable[[], None] = lambda: None,
     ):
         self.root = Path(root)
         self.device = device  # "cpu" | "cuda", from runtime.select_device
@@ -96,11 +103,13 @@ class ModelRepository:
         self.metrics = metrics
         self.log = log
         self.threads = threads  # onnxruntime intra-op threads per model (0 = one per core)
+        self.policy = policy  # restarts after engine failures (supervisor.py)
+        self.on_change = on_change  # called (from any thread) when an engine changes state
         self._explicit_default = default_model or None  # --default-model
         # (name, version) -> _Loaded. Replaced whole, never mutated, so resolve() on the
         # event loop reads a consistent table while a reload runs in another thread.
         self._table: dict[tuple[str, int], _Loaded] = {}
-        self._retiring: list[Engine] = []  # engines of removed/replaced versions, draining
+        self._retiring: list[EngineSupervisor] = []  # engines of removed/replaced versions, draining
         self._refused: dict[Path, tuple] = {}  # file -> signature at refusal: not retried until it changes
         self._new_problems: list[str] = []  # layout problems first seen by the latest scan
         self._reload_lock = threading.Lock()
@@ -221,11 +230,14 @@ class ModelRepository:
                 pass
             return None, message
         self._refused.pop(path, None)
-        engine = self.engine_factory(model)
-        engine.start()
-        seconds = time.monotonic() - started
-        m, meta = self.metrics, model.metadata
+        m = self.metrics
         m.init_model(name)
+        engine = EngineSupervisor(
+            model, make_engine=self.engine_factory, policy=self.policy, metrics=m, on_change=self.on_change,
+            reload=lambda: load_model(path, name, version, self.device, self.threads),
+        )
+        seconds = time.monotonic() - started
+        meta = model.metadata
         m.model_load.labels(name).observe(seconds)
         m.model_info.labels(*self._info_labels(model)).set(1)
         m.max_active_streams.labels(name).set(engine.max_active)
@@ -301,7 +313,7 @@ class ModelRepository:
         loaded = table[(name, version)]
         latest = version == max(v for n, v in table if n == name)
         return ModelEntry(name=name, version=version, latest=latest, is_default=latest and name == self.default_model,
-                          model=loaded.model, engine=loaded.engine)
+                          model=loaded.engine.model, engine=loaded.engine)
 
     @staticmethod
     def _listing(table: dict) -> str:
@@ -312,6 +324,18 @@ class ModelRepository:
             return "no model is loaded"
         return "models: " + ", ".join(f"{n} (version{'s' if len(vs) > 1 else ''} {', '.join(map(str, vs))})"
                                       for n, vs in by_name.items())
+
+    # ---- engine health ----
+
+    def check_engines(self, now: float) -> None:
+        """The watchdog's round: every engine that serves is checked for a hang (supervisor.check)."""
+        for loaded in list(self._table.values()):
+            loaded.engine.check(now)
+
+    @property
+    def hung(self) -> bool:
+        """Some engine thread is blocked for good: only a restart of the process frees it (liveness)."""
+        return any(x.engine.hung for x in self._table.values()) or any(e.hung for e in self._retiring)
 
     # ---- shutdown ----
 

@@ -31,9 +31,9 @@ MIN_PREFILL_SECONDS = 0.002  # prefill time per round while streams decode (at l
 
 class Scheduler:
     def __init__(self, model: LoadedModel, *, prime_cache: int, release: Callable[[int], None],
-                 cancel_mark: Callable[[], int], step_hist, batch_hist, inter_hist):
+                 cancel_mark: Callable[[], int], step_hist, batch_hist, inter_hist, cache_counters=None):
         self.model = model
-        self.prime_cache = PrimeCache(prime_cache)
+        self.prime_cache = PrimeCache(prime_cache, cache_counters)
         self.batch = Batch(model)
         self.cohorts: list[Cohort] = []
         self._release = release  # frees n batch slots (the engine's counter)

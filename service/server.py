@@ -35,12 +35,14 @@ from charrnn.service.metrics import Metrics
 from charrnn.service.repository import ModelRepository, RepositoryError
 from charrnn.service.runtime import select_device
 from charrnn.service.servicer import GeneratorServicer, add_generator_to_server
+from charrnn.service.supervisor import EngineState, RestartPolicy
 from charrnn.service.validation import Limits
 from charrnn.v1 import generator_pb2
 
 GENERATOR_SERVICE = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name  # "charrnn.v1.Generator"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+LIVENESS_SERVICE = "liveness"  # health service the liveness probe asks: NOT_SERVING once an engine thread hung
 STOP_FLUSH_SECONDS = 1.0  # after the drain, time for handlers to send their last message before sockets close
 
 
@@ -69,9 +71,12 @@ class Server:
         self._reload_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
         self._model_names: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.Task | None = None
 
     async def start(self) -> None:
         c = self.config
+        self._loop = asyncio.get_running_loop()
         try:  # unreadable certificate files fail before minutes of model loading, not after
             creds = tls.server_credentials(c.tls_cert, c.tls_key, c.tls_client_ca) if c.tls else None
         except ValueError as e:
@@ -91,6 +96,10 @@ class Server:
             log=logging.getLogger("charrnn.service.repository"),
             default_model=c.default_model or None,
             threads=c.threads,
+            policy=RestartPolicy(backoff=c.engine_restart_backoff, max_backoff=c.engine_max_backoff,
+                                 max_failures=c.engine_max_failures, window=c.engine_failure_window,
+                                 step_timeout=c.step_timeout),
+            on_change=self._engine_changed,
         )
         try:
             await asyncio.to_thread(self.repository.load)
@@ -128,6 +137,7 @@ class Server:
         await self._set_health()
         if c.reload_interval > 0:
             self._poller = asyncio.create_task(self._poll(c.reload_interval))
+        self._watchdog = asyncio.create_task(self._watch(min(1.0, c.step_timeout / 4)))
         self.log.info(
             "serving",
             extra={"grpc_port": self.port, "metrics_port": self.metrics_port, "device": device, "tls": c.tls,
@@ -135,15 +145,34 @@ class Server:
         )
 
     async def _set_health(self) -> None:
-        names = {e.name for e in self.repository.entries()}
-        for name in sorted(names):
-            await self.health.set(name, SERVING)
-        for gone in sorted(self._model_names - names):
+        """Each model SERVING unless its newest version's engine is FAILED; the server SERVING while any model is."""
+        latest = {e.name: e for e in self.repository.entries() if e.latest}
+        serving = {name for name, e in latest.items() if e.state is not EngineState.FAILED}
+        for name in sorted(latest):
+            await self.health.set(name, SERVING if name in serving else NOT_SERVING)
+        for gone in sorted(self._model_names - set(latest)):
             await self.health.set(gone, NOT_SERVING)
-        status = SERVING if names else NOT_SERVING
+        status = SERVING if serving else NOT_SERVING
         await self.health.set("", status)
         await self.health.set(GENERATOR_SERVICE, status)
-        self._model_names = names
+        await self.health.set(LIVENESS_SERVICE, NOT_SERVING if self.repository.hung else SERVING)
+        self._model_names = set(latest)
+
+    def _engine_changed(self) -> None:
+        """An engine changed state (any thread): health follows on the event loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._set_health()))
+        except RuntimeError:  # the loop closed in between
+            pass
+
+    async def _watch(self, interval: float) -> None:
+        """The watchdog: looks for engines that hold work and make no progress (supervisor.check)."""
+        while True:
+            await asyncio.sleep(interval)
+            self.repository.check_engines(time.monotonic())
 
     async def reload(self, why: str) -> None:
         """Rescans the repository (new versions serve new streams; streams in flight finish where they are)."""
@@ -175,8 +204,9 @@ class Server:
             self.servicer.draining = True
         self.metrics.draining.set(1)
         await self.health.enter_graceful_shutdown()
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in (self._poller, self._watchdog):
+            if task is not None:
+                task.cancel()
         self.log.info("draining", extra={"drain_grace": grace})
         if self.repository is not None:
             # Engines refuse new streams, finish those in flight, and end what is left after `grace`

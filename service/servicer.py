@@ -235,6 +235,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                     corpus_sha256=meta.corpus_sha256,
                     format_version=meta.format_version,
                     device=e.model.device,
+                    state=e.state.value,
                 )
             )
         return pb.ListModelsResponse(models=infos)

@@ -51,7 +51,8 @@ VALUES = {
     "batching": "off", "max_active_streams": "8", "max_queue": "3", "max_queue_wait": "1.5", "max_chars": "77",
     "max_prime_chars": "9", "threads": "2", "flush_interval": "0.01", "drain_grace": "3", "reload_interval": "0.5", "tls_cert": "c.pem",
     "tls_key": "k.pem", "tls_client_ca": "ca.pem", "log_format": "json", "log_level": "debug",
-    "max_message_bytes": "65536",
+    "max_message_bytes": "65536", "step_timeout": "5", "engine_restart_backoff": "0.2", "engine_max_backoff": "4",
+    "engine_max_failures": "2", "engine_failure_window": "10",
 }
 
 
@@ -77,6 +78,9 @@ def test_every_flag_has_an_env_twin_and_the_flag_wins(tmp_path):
         (["--max-active-streams", "0"], {}, r"--max-active-streams .* must be >= 1, got 0"),
         (["--flush-interval", "2"], {}, r"--flush-interval \(or CHARRNN_FLUSH_INTERVAL\) must be in \[0, 1\] seconds, got 2.0"),
         (["--tls-cert", "c.pem"], {}, r"--tls-key .* must be given together with --tls-cert"),
+        (["--step-timeout", "0"], {}, r"--step-timeout \(or CHARRNN_STEP_TIMEOUT\) must be a number > 0, got 0.0"),
+        (["--engine-max-backoff", "0.01"], {}, r"--engine-max-backoff .* must be a number >= --engine-restart-backoff"),
+        (["--engine-max-failures", "0"], {}, r"--engine-max-failures .* must be >= 1, got 0"),
         (["--tls-client-ca", "ca.pem"], {}, r"--tls-client-ca .* used only with --tls-cert"),
         ([], {"CHARRNN_PORT": "abc"}, r"CHARRNN_PORT must be a whole number, got 'abc'"),
         ([], {"CHARRNN_DEVICE": "tpu"}, r"CHARRNN_DEVICE must be one of auto, cpu, cuda, got 'tpu'"),

@@ -18,6 +18,10 @@ REQUIRED_PANELS = {
     "Models": ("charrnn_model_info",),
     "Model load time": ("charrnn_model_load_seconds_sum",),
     "Step time": ("charrnn_step_seconds_bucket",),
+    "Engine state": ("charrnn_engine_state",),
+    "Engine failures": ("charrnn_engine_failures_total",),
+    "Prime cache hit ratio": ("charrnn_prime_cache_lookups_total",),
+    "Resident memory per pod": ("process_resident_memory_bytes",),
 }
 
 

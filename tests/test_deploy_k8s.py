@@ -28,6 +28,7 @@ OVERLAYS = ("cpu", "gpu")
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 CUSTOM_GROUP = "monitoring.coreos.com/v1"
 GENERATOR_SERVICE = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+LIVENESS_SERVICE = "liveness"  # charrnn.service.server.LIVENESS_SERVICE (the server module pulls in grpc health)
 
 
 @functools.cache
@@ -168,6 +169,14 @@ def test_probes_are_native_grpc_and_readiness_means_models_loaded(overlay):
         assert container[probe]["grpc"]["port"] == grpc_port, probe
     assert container["readinessProbe"]["grpc"]["service"] == GENERATOR_SERVICE
     assert container["startupProbe"]["grpc"]["service"] == GENERATOR_SERVICE
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE  # apart from readiness
+
+
+def test_comments_name_only_files_that_exist():
+    named = set()
+    for path in (REPO / "deploy").rglob("*.yaml"):
+        named |= {(path, m) for m in re.findall(r"deploy/[\w./-]+\.(?:ya?ml|json|py)", path.read_text())}
+    assert named and [f"{p}: {m}" for p, m in sorted(named) if not (REPO / m).exists()] == []
 
 
 def _containers(pod: dict) -> list[dict]:

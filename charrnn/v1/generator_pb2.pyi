@@ -81,7 +81,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "latest", "is_default", "cell", "layers", "hidden", "vocab_size", "validation_loss", "train_steps", "corpus_sha256", "format_version", "device")
+    __slots__ = ("name", "version", "latest", "is_default", "cell", "layers", "hidden", "vocab_size", "validation_loss", "train_steps", "corpus_sha256", "format_version", "device", "state")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LATEST_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class ModelInfo(_message.Message):
     CORPUS_SHA256_FIELD_NUMBER: _ClassVar[int]
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     latest: bool
@@ -108,4 +109,5 @@ class ModelInfo(_message.Message):
     corpus_sha256: str
     format_version: int
     device: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., latest: _Optional[bool] = ..., is_default: _Optional[bool] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., vocab_size: _Optional[int] = ..., validation_loss: _Optional[float] = ..., train_steps: _Optional[int] = ..., corpus_sha256: _Optional[str] = ..., format_version: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    state: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., latest: _Optional[bool] = ..., is_default: _Optional[bool] = ..., cell: _Optional[str] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., vocab_size: _Optional[int] = ..., validation_loss: _Optional[float] = ..., train_steps: _Optional[int] = ..., corpus_sha256: _Optional[str] = ..., format_version: _Optional[int] = ..., device: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...

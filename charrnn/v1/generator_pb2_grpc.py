@@ -63,8 +63,9 @@ class GeneratorServicer:
         the request waited in the queue past the server's
         limit; the message says which limit.
         DEADLINE_EXCEEDED  the client's deadline passed.
-        UNAVAILABLE        the server is draining (shutting down) or the model
-        was removed.
+        UNAVAILABLE        the server is draining (shutting down), the model
+        was removed, or its engine failed (the message says
+        whether it is restarting or marked failed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,239 @@
+"""Keeps the engine of one model version running, or takes the model out of service loudly.
+
+An engine that fails (an onnxruntime call raises: a CUDA error, a broken
+device) has already ended every stream it held with UNAVAILABLE naming the
+model. The supervisor then:
+
+- restarts it after a backoff (``--engine-restart-backoff``, doubling with each
+  failure inside the window, up to ``--engine-max-backoff``), with a fresh
+  onnxruntime session whose trial step must pass: a transient fault heals by
+  itself;
+- marks the model FAILED after ``--engine-max-failures`` failures within
+  ``--engine-failure-window`` seconds: its health entry turns NOT_SERVING, so
+  load balancers stop sending traffic, and it keeps retrying every
+  ``--engine-max-backoff`` seconds, back to SERVING when a restart passes;
+- treats an engine that holds work but finishes no round for ``--step-timeout``
+  seconds as hung: its streams end at once and the model is FAILED. A thread
+  blocked inside onnxruntime cannot be killed, so the server reports itself not
+  live (health service ``liveness``) and the kubelet restarts the pod.
+
+While the model is not serving, ``submit`` refuses at once with UNAVAILABLE
+and a message that says whether it is restarting or failed.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from charrnn.service import errors
+from charrnn.service.engine import Engine
+from charrnn.service.metrics import Metrics
+from charrnn.service.requests import GenerationRequest
+from charrnn.service.runtime import LoadedModel
+from charrnn.service.streams import Stream
+
+log = logging.getLogger("charrnn.service.supervisor")
+
+
+class EngineState(enum.Enum):
+    SERVING = "serving"
+    RESTARTING = "restarting"  # failed; a restart is scheduled
+    FAILED = "failed"  # too many failures in the window, or hung: out of the load balancer
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How an engine is restarted and when its model is given up on (flags of charrnn-serve)."""
+
+    backoff: float = 0.1  # seconds before the first restart; doubles with each failure in the window
+    max_backoff: float = 30.0  # the longest wait between restarts, and the retry interval once failed
+    max_failures: int = 5  # failures within `window` that mark the model failed
+    window: float = 60.0  # seconds over which failures are counted
+    step_timeout: float = 30.0  # seconds an engine with work may go without finishing a round
+
+
+class EngineSupervisor:
+    """The engine of one model version behind the interface the servicer and the repository use."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        make_engine: Callable[[LoadedModel], Engine],
+        reload: Callable[[], LoadedModel],
+        policy: RestartPolicy,
+        metrics: Metrics,
+        on_change: Callable[[], None] = lambda: None,
+    ):
+        self.model = model  # the model the current engine runs (a restart loads the file anew)
+        self.policy = policy
+        self._make_engine = make_engine
+        self._reload = reload
+        self._on_change = on_change  # told of every state change (the server updates health), any thread
+        self._lock = threading.Lock()
+        self._state = EngineState.SERVING
+        self._hung = False
+        self._failures: collections.deque[float] = collections.deque()  # time.monotonic() of each, in the window
+        self._last_error = ""
+        self._timer: threading.Timer | None = None
+        self._retired = False  # drained or stopped: never restarted again
+        self._m_failures = metrics.engine_failures.labels(model.name)
+        self._m_state = {s: metrics.engine_state.labels(model.name, s.value) for s in EngineState}
+        self.engine = self._launch(model)
+        self._m_state[EngineState.SERVING].inc()
+
+    def _launch(self, model: LoadedModel) -> Engine:
+        engine = self._make_engine(model)
+        engine.start(on_failure=self._failed)
+        return engine
+
+    # ---- what callers see ----
+
+    @property
+    def label(self) -> str:
+        return self.model.label
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def hung(self) -> bool:
+        """An engine thread is blocked for good: the process must be restarted (liveness)."""
+        return self._hung
+
+    def submit(self, request: GenerationRequest) -> Stream:
+        """Engine.submit while serving; UNAVAILABLE at once, saying why, while restarting or failed."""
+        with self._lock:
+            state, engine = self._state, self.engine
+        if state is EngineState.SERVING:
+            return engine.submit(request)
+        raise errors.Unavailable(self._down_message(state))
+
+    def _down_message(self, state: EngineState) -> str:
+        p = self.policy
+        if state is EngineState.RESTARTING:
+            return f"model {self.label} is restarting after its engine failed ({self._last_error}); retry in a moment"
+        if self._hung:
+            return (f"model {self.label} has failed: its engine made no progress for {p.step_timeout:g}s "
+                    f"(--step-timeout); the server must be restarted")
+        return (f"model {self.label} has failed: {len(self._failures)} engine failures in {p.window:g}s "
+                f"(last: {self._last_error}); it is retried every {p.max_backoff:g}s")
+
+    @property
+    def max_active(self) -> int:
+        return self.engine.max_active
+
+    @property
+    def idle(self) -> bool:
+        return self.engine.idle
+
+    @property
+    def running(self) -> bool:
+        return self.engine.running or self._timer is not None
+
+    # ---- failures ----
+
+    def _failed(self, error: BaseException) -> None:
+        """An engine failure (engine thread) or a failed restart (timer thread): count it, schedule the next try."""
+        reason = errors.reason_of(error)
+        with self._lock:
+            if self._retired:
+                return
+            now = time.monotonic()
+            self._failures.append(now)
+            while self._failures and now - self._failures[0] > self.policy.window:
+                self._failures.popleft()
+            self._last_error = reason
+            count = len(self._failures)
+            failed = count >= self.policy.max_failures
+            state = EngineState.FAILED if failed else EngineState.RESTARTING
+            delay = self.policy.max_backoff if failed else min(
+                self.policy.max_backoff, self.policy.backoff * 2 ** (count - 1))
+            self._set_state(state)
+            self._timer = threading.Timer(delay, self._restart)
+            self._timer.daemon = True
+            self._timer.start()
+        self._m_failures.inc()
+        log.error("engine of %s failed (%s); %d failure%s in %gs; %s, next try in %.1fs", self.label, reason, count,
+                  "" if count == 1 else "s", self.policy.window,
+                  "model marked failed (health NOT_SERVING)" if failed else "restarting", delay)
+        self._on_change()
+
+    def _restart(self) -> None:
+        """Timer thread: a fresh session from the same file (its trial step must pass) and a new engine."""
+        with self._lock:
+            self._timer = None
+            if self._retired:
+                return
+        try:
+            model = self._reload()
+            engine = self._launch(model)
+        except Exception as e:  # noqa: BLE001 - any reason the model cannot run counts as a failure
+            self._failed(e)
+            return
+        with self._lock:
+            if self._retired:
+                engine.stop(5.0)
+                return
+            self.model, self.engine = model, engine
+            self._set_state(EngineState.SERVING)
+        log.info("engine of %s restarted and serving", self.label)
+        self._on_change()
+
+    def check(self, now: float) -> None:
+        """The watchdog: an engine with work that finished no round for --step-timeout seconds is hung."""
+        if self._state is not EngineState.SERVING:
+            return
+        stalled = self.engine.stalled(now)
+        if stalled <= self.policy.step_timeout:
+            return
+        with self._lock:
+            if self._state is not EngineState.SERVING or self._retired:
+                return
+            self._hung = True
+            self._failures.append(now)
+            self._last_error = f"no progress for {stalled:.1f}s"
+            self._set_state(EngineState.FAILED)
+        self._m_failures.inc()
+        log.error("engine of %s made no progress for %.1fs with work to do (--step-timeout %gs): its streams end, "
+                  "the model is marked failed and the server reports itself not live", self.label, stalled,
+                  self.policy.step_timeout)
+        self.engine.abandon(errors.Unavailable(
+            f"the engine of model {self.label} made no progress for {stalled:.1f}s (--step-timeout "
+            f"{self.policy.step_timeout:g}s); retry on another replica"))
+        self._on_change()
+
+    def _set_state(self, state: EngineState) -> None:
+        """Under self._lock."""
+        if state is not self._state:
+            self._m_state[self._state].dec()
+            self._m_state[state].inc()
+            self._state = state
+
+    # ---- lifecycle (the repository) ----
+
+    def _retire(self) -> None:
+        with self._lock:
+            if self._retired:
+                return
+            self._retired = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._m_state[self._state].dec()
+
+    def drain(self) -> None:
+        """No new streams; those in flight finish; no restart after this."""
+        self._retire()
+        self.engine.drain()
+
+    def stop(self, timeout: float) -> None:
+        self._retire()
+        self.engine.stop(timeout)

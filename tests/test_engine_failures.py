@@ -1,0 +1,167 @@
+"""An engine that fails or hangs never hangs its callers: it heals, or leaves the load balancer, loudly.
+
+Each test runs a real charrnn-serve whose onnxruntime calls obey a control file
+(testkit/ortfault.py), the way a broken device makes them fail, and talks to it
+over a real socket. Time bounds here only tell "answers" from "hangs until the
+deadline"; the figures themselves come from ``python -m bench.engine_faults``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+
+import pytest
+
+from charrnn.service.client import GeneratorClient, ServiceError
+from testkit.ortfault import ENV, set_fault
+from testkit.serve_process import ServeProcess, blocked_env
+
+FAST = ("--engine-restart-backoff", "0.05", "--engine-max-backoff", "0.5", "--engine-max-failures", "3",
+        "--engine-failure-window", "30")
+
+
+@pytest.fixture
+def faulty(model_repo, tmp_path):
+    """(start(*args) -> ServeProcess over MODELS/tiny alone, the control file)."""
+    control = tmp_path / "fault"
+    set_fault(control, "ok")
+    repo = tmp_path / "models"
+    repo.mkdir()
+    (repo / "tiny").symlink_to(model_repo / "tiny")
+    env = blocked_env(tmp_path, {ENV: str(control)})
+    servers = []
+
+    def start(*args: str) -> ServeProcess:
+        proc = ServeProcess(repo, "--max-chars", "1000000", *FAST, *args, env=env).start()
+        servers.append(proc)
+        return proc
+
+    yield start, control
+    set_fault(control, "ok")  # a hung engine thread lets go, so the server can drain
+    for proc in servers:
+        proc.stop()
+
+
+def _endless(client: GeneratorClient):
+    stream = client.generate("ROMEO:", 1_000_000, model="tiny", timeout=60)
+    chunks = iter(stream)
+    assert next(chunks)
+    return chunks
+
+
+def _ends_with(chunks) -> ServiceError:
+    with pytest.raises(ServiceError) as info:
+        for _ in chunks:
+            pass
+    return info.value
+
+
+def _served_within(client: GeneratorClient, seconds: float) -> float:
+    """Retries a short request until it succeeds; returns how long that took."""
+    start = time.monotonic()
+    while True:
+        try:
+            assert len(client.generate("A", 5, model="tiny", timeout=10).text()) == 5
+            return time.monotonic() - start
+        except ServiceError as e:
+            assert e.code.name == "UNAVAILABLE", e
+            assert time.monotonic() - start < seconds, f"not served again within {seconds}s: {e}"
+            time.sleep(0.02)
+
+
+def _wait_health(client: GeneratorClient, service: str, status: str, seconds: float = 20.0) -> float:
+    start = time.monotonic()
+    while client.health(service) != status:
+        assert time.monotonic() - start < seconds, f"health of {service!r} never became {status}"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def _metric(server: ServeProcess, name: str, **labels) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    m = re.search(rf"^{name}\{{{re.escape(want)}\}} (\S+)$", text, re.M)
+    assert m, f"{name}{{{want}}} not exposed"
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("batching", ["on", "off"])
+def test_a_transient_fault_ends_the_stream_in_flight_and_the_next_request_succeeds(faulty, batching):
+    start, control = faulty
+    server = start("--batching", batching)
+    with GeneratorClient(server.target) as client:
+        assert _metric(server, "charrnn_engine_failures_total", model="tiny") == 0
+        chunks = _endless(client)
+        set_fault(control, "fail 1")
+        err = _ends_with(chunks)
+        assert err.code.name == "UNAVAILABLE"
+        assert "tiny@1" in err.details and "failed" in err.details and "injected fault" in err.details
+        _served_within(client, 10.0)
+        assert client.health("tiny") == "SERVING" and client.health("") == "SERVING"
+        assert _metric(server, "charrnn_engine_failures_total", model="tiny") == 1
+        assert _metric(server, "charrnn_engine_state", model="tiny", state="serving") == 1
+        assert "engine of tiny@1 failed" in server.log()
+
+
+@pytest.mark.parametrize("batching", ["on", "off"])
+def test_a_permanent_fault_refuses_at_once_and_turns_health_not_serving(faulty, batching):
+    start, control = faulty
+    server = start("--batching", batching, "--max-active-streams", "1", "--max-queue", "4")
+    with GeneratorClient(server.target) as client:
+        active = _endless(client)
+        queued = iter(client.generate("JULIET:", 50, model="tiny", timeout=60))
+        time.sleep(0.2)  # the second request is in the queue behind the first
+        set_fault(control, "fail")
+        for chunks in (active, queued):
+            assert _ends_with(chunks).code.name == "UNAVAILABLE"
+        # New requests while it restarts or after it failed: UNAVAILABLE at once, naming the model.
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(ServiceError) as info:
+                client.generate("A", 5, model="tiny", timeout=30).text()
+            assert info.value.code.name == "UNAVAILABLE" and "tiny@1" in info.value.details
+            assert time.monotonic() - started < 5.0  # refused, not left waiting for its 30 s deadline
+        for service in ("tiny", "charrnn.v1.Generator", ""):
+            _wait_health(client, service, "NOT_SERVING")
+        assert client.health("liveness") == "SERVING"  # a failed call is no hang: the process is fine
+        with pytest.raises(ServiceError, match=r"tiny@1 has failed: \d+ engine failures"):
+            client.generate("A", 5, model="tiny", timeout=30).text()
+        assert [m.state for m in client.list_models()] == ["failed"]
+        assert _metric(server, "charrnn_engine_state", model="tiny", state="failed") == 1
+        assert _metric(server, "charrnn_engine_failures_total", model="tiny") >= 3
+
+
+def test_a_failed_model_serves_again_when_the_fault_clears(faulty):
+    start, control = faulty
+    server = start()
+    with GeneratorClient(server.target) as client:
+        set_fault(control, "fail")
+        with pytest.raises(ServiceError):
+            client.generate("A", 5, model="tiny", timeout=30).text()
+        _wait_health(client, "tiny", "NOT_SERVING")
+        set_fault(control, "ok")
+        _wait_health(client, "tiny", "SERVING")  # the slow retries (--engine-max-backoff) keep going
+        assert client.health("") == "SERVING"
+        _served_within(client, 10.0)
+        assert [m.state for m in client.list_models()] == ["serving"]
+        assert "restarted and serving" in server.log()
+
+
+def test_a_hung_step_ends_its_streams_and_fails_liveness(faulty):
+    start, control = faulty
+    server = start("--step-timeout", "1")
+    with GeneratorClient(server.target) as client:
+        assert client.health("liveness") == "SERVING"
+        chunks = _endless(client)
+        set_fault(control, "hang")
+        err = _ends_with(chunks)
+        assert err.code.name == "UNAVAILABLE" and "made no progress" in err.details and "tiny@1" in err.details
+        _wait_health(client, "tiny", "NOT_SERVING")
+        assert client.health("liveness") == "NOT_SERVING"  # the kubelet restarts the pod
+        with pytest.raises(ServiceError, match="no progress"):
+            client.generate("A", 5, model="tiny", timeout=30).text()
+        assert _metric(server, "charrnn_engine_state", model="tiny", state="failed") == 1
+    set_fault(control, "ok")  # the blocked thread returns, touches nothing, and the server still drains
+    assert server.stop() == 0
