@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 MODELS ?= models
 ARGS ?=
 
-.PHONY: run test test-fast proto bench bench-train clean help
+.PHONY: run test proto bench bench-train clean help
 
 help:
 	@grep -E '^#' Makefile | head -3

@@ -86,13 +86,12 @@ PRIMES = ("ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY:\n")  # strea
 
 def _request(i: int, prime: str, chars: int, temperature: float):
     """Stream ``i``'s request (its own seed) for the engine, skipping gRPC."""
-    from charrnn.service.requests import GenerationRequest, SamplingParams
+    from charrnn.modelfile import ModelMetadata
+    from testkit.requests import generation_request
 
-    index = {c: k for k, c in enumerate(VOCAB)}
-    return GenerationRequest(
-        request_id=f"bench-{i}", prime=prime, prime_ids=np.array([index[c] for c in prime], np.int64),
-        max_chars=chars, sampling=SamplingParams(temperature=temperature, seed=i), arrived=time.monotonic(),
-    )
+    meta = ModelMetadata(vocab=tuple(VOCAB), cell="lstm", layers=1, hidden=1, val_loss=float("nan"), train_steps=0,
+                         corpus_sha256="")  # validation reads only the vocabulary
+    return generation_request(meta, prime, chars, temperature=temperature, seed=i, request_id=f"bench-{i}")
 
 
 async def read_stream(engine, i: int, prime: str, chars: int) -> tuple[float, int]:

@@ -6,7 +6,9 @@ N workers sends requests back to back, each with its own prime, temperature,
 seed and length, for ``--duration`` seconds; the workers start spread over the
 first half of the warm-up and their first requests have random lengths, so
 arrivals are spread as in steady traffic; what arrives during the first
-``--warmup`` seconds is not counted. Prints one JSON object on stdout:
+``--warmup`` seconds is not counted. ``--processes N`` splits the streams over N
+client processes (each its own interpreter and event loop), so that the client's
+CPU does not cap what it measures. Prints one JSON object on stdout:
 
 - chars_per_s: characters received in the measured window / its length
 - ttfc_p50/p99: from sending a request to its first text (requests sent in the window)
@@ -21,6 +23,7 @@ import asyncio
 import collections
 import json
 import random
+import subprocess
 import sys
 import time
 
@@ -28,7 +31,7 @@ import grpc
 import numpy as np
 
 from charrnn.v1 import generator_pb2 as pb
-from charrnn.v1 import generator_pb2_grpc
+from testkit.load import run_workers
 
 # Speaker names as char-rnn is usually primed (1 to 20 characters); "\n" is the empty prime.
 PRIMES = (
@@ -60,17 +63,15 @@ class Recorder:
         return self.window[0] <= t <= self.window[1]
 
 
-async def worker(stub, rec: Recorder, index: int, max_chars: int, vocab: set[str] | None, delay: float) -> None:
-    rng = random.Random(index)
+def _one_request(rec: Recorder, max_chars: int, vocab: set[str] | None):
+    """What one worker does per request: its own prime, temperature, seed and length."""
     primes = [p for p in PRIMES if vocab is None or set(p) <= vocab] or [""]
-    await asyncio.sleep(delay)  # workers start spread over the warm-up, not as one burst
-    first = True
-    while True:
+
+    async def one(stub, rng: random.Random, index: int, n: int) -> None:
         # The first request of each worker has a random length, so the workers' requests
         # end (and new ones arrive) spread over time from the start, as in steady traffic.
-        n = rng.randint(1, max_chars) if first else rng.randint(max_chars // 2, max_chars)
-        first = False
-        req = pb.GenerateRequest(prime=rng.choice(primes), max_chars=n,
+        chars = rng.randint(1, max_chars) if n == 0 else rng.randint(max_chars // 2, max_chars)
+        req = pb.GenerateRequest(prime=rng.choice(primes), max_chars=chars,
                                  temperature=rng.choice((0.5, 0.7, 0.8, 1.0)), seed=rng.getrandbits(63))
         sent = time.monotonic()
         prev = None
@@ -95,42 +96,64 @@ async def worker(stub, rec: Recorder, index: int, max_chars: int, vocab: set[str
             await asyncio.sleep(0.01)  # an overloaded server is not hammered in a tight loop
         rec.requests += 1
 
+    return one
+
 
 async def run_load(target: str, concurrency: int, duration: float, warmup: float, max_chars: int,
-                   vocab: set[str] | None = None, channels: int = 4) -> dict:
-    chans = [grpc.aio.insecure_channel(target) for _ in range(max(1, min(channels, concurrency)))]
-    for ch in chans:
-        await asyncio.wait_for(ch.channel_ready(), 30)
-    stubs = [generator_pb2_grpc.GeneratorStub(ch) for ch in chans]
+                   vocab: set[str] | None = None, channels: int = 4, seed: int = 0) -> dict:
+    """One process's share of the load; returns its raw samples (see ``summary``)."""
     start = time.monotonic()
     cpu_start = time.process_time()
     rec = Recorder(start, warmup, duration)
-    spread = warmup / 2 / concurrency
-    tasks = [asyncio.create_task(worker(stubs[i % len(stubs)], rec, i, max_chars, vocab, i * spread))
-             for i in range(concurrency)]
-    await asyncio.sleep(duration)
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for ch in chans:
-        await ch.close()
-    cpu = time.process_time() - cpu_start
-    gaps, weights = np.array(rec.gaps), np.array(rec.gap_weights)
+    # Workers start spread over the first half of the warm-up, not as one burst.
+    await run_workers(target, concurrency, duration, _one_request(rec, max_chars, vocab), channels=channels,
+                      seed=seed, start_spread=warmup / 2 / concurrency, cancel_at_end=True)
     return {
         "concurrency": concurrency,
         "seconds": duration - warmup,
-        "chars_per_s": rec.chars / (duration - warmup),
-        "ttfc_p50": float(np.percentile(rec.ttfc, 50)) if rec.ttfc else float("nan"),
-        "ttfc_p99": float(np.percentile(rec.ttfc, 99)) if rec.ttfc else float("nan"),
-        "ttfc_samples": len(rec.ttfc),
+        "chars": rec.chars,
+        "ttfc": rec.ttfc,
+        "gaps": rec.gaps,
+        "gap_weights": rec.gap_weights,
+        "requests": rec.requests,
+        "chars_total": rec.chars_total,
+        "client_cpu_s": time.process_time() - cpu_start,
+        "codes": dict(rec.codes),
+    }
+
+
+def summary(parts: list[dict]) -> dict:
+    """The figures of the whole load from each process's raw samples."""
+    seconds = parts[0]["seconds"]
+    ttfc = [t for p in parts for t in p["ttfc"]]
+    gaps = np.array([g for p in parts for g in p["gaps"]])
+    weights = np.array([w for p in parts for w in p["gap_weights"]])
+    codes: collections.Counter = collections.Counter()
+    for p in parts:
+        codes.update(p["codes"])
+    return {
+        "concurrency": sum(p["concurrency"] for p in parts),
+        "processes": len(parts),
+        "seconds": seconds,
+        "chars_per_s": sum(p["chars"] for p in parts) / seconds,
+        "ttfc_p50": float(np.percentile(ttfc, 50)) if ttfc else float("nan"),
+        "ttfc_p99": float(np.percentile(ttfc, 99)) if ttfc else float("nan"),
+        "ttfc_samples": len(ttfc),
         "inter_char_p50": weighted_quantile(gaps, weights, 0.50),
         "inter_char_p99": weighted_quantile(gaps, weights, 0.99),
         "mean_chunk_chars": float(weights.mean()) if len(weights) else float("nan"),
-        "requests": rec.requests,
-        "chars_total": rec.chars_total,
-        "client_cpu_s": cpu,
-        "codes": dict(rec.codes),
+        "requests": sum(p["requests"] for p in parts),
+        "chars_total": sum(p["chars_total"] for p in parts),
+        "client_cpu_s": sum(p["client_cpu_s"] for p in parts),
+        "codes": dict(codes),
     }
+
+
+def _child(args: argparse.Namespace, concurrency: int, seed: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "bench.loadgen", "--target", args.target, "--concurrency", str(concurrency),
+           "--duration", str(args.duration), "--warmup", str(args.warmup), "--max-chars", str(args.max_chars),
+           "--vocab", args.vocab, "--seed", str(seed), "--raw"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,9 +164,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds not counted at the start")
     p.add_argument("--max-chars", type=int, default=400, help="each request asks for max/2..max characters")
     p.add_argument("--vocab", default="", help="characters the model knows (primes outside it are skipped)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="client processes sharing the streams, so the client does not measure itself")
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # a child: print raw samples
     a = p.parse_args(argv)
-    result = asyncio.run(run_load(a.target, a.concurrency, a.duration, a.warmup, a.max_chars, set(a.vocab) or None))
-    json.dump(result, sys.stdout)
+    if a.processes > 1:
+        shares = [a.concurrency // a.processes + (i < a.concurrency % a.processes) for i in range(a.processes)]
+        children = [_child(a, n, seed=i + 1) for i, n in enumerate(shares) if n]
+        parts = [json.loads(c.communicate()[0].strip().splitlines()[-1]) for c in children]
+        if any(c.returncode for c in children):
+            print("a load generator process failed", file=sys.stderr)
+            return 1
+    else:
+        parts = [asyncio.run(run_load(a.target, a.concurrency, a.duration, a.warmup, a.max_chars,
+                                      set(a.vocab) or None, seed=a.seed))]
+    json.dump(parts[0] if a.raw else summary(parts), sys.stdout)
     print()
     return 0
 

@@ -13,6 +13,7 @@ definition of the keys and one validator.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -30,6 +31,8 @@ CELLS = ("lstm", "gru", "rnn")
 MODEL_FILE = "model.onnx"
 MODEL_NAME_RULE = "1 to 128 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+VERSION_RULE = "a positive integer without leading zeros"
+MAX_VERSION_DIGITS = 18  # versions fit a signed 64-bit integer (the proto's uint64, Prometheus labels)
 _DECIMAL = re.compile(r"-?[0-9]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -67,6 +70,13 @@ REQUIRED_KEYS = (
 )
 
 
+# Where the fixed dimensions of each graph tensor come from, for check_io's messages.
+_DIMS_FROM = {
+    INPUT_TOKENS: "", OUTPUT_LOGITS: " (vocab_size from the metadata)",
+    **{n: " (layers, hidden from the metadata)" for n in (INPUT_H, INPUT_C, OUTPUT_H, OUTPUT_C)},
+}
+
+
 class ModelFormatError(ValueError):
     """A model file breaks the contract. The message says which rule."""
 
@@ -96,6 +106,23 @@ class ModelMetadata:
     def has_cell_state(self) -> bool:
         """LSTM carries (h, c); GRU and vanilla RNN carry h alone."""
         return self.cell == "lstm"
+
+    @property
+    def start_id(self) -> int:
+        """What an empty prime feeds the model: a newline (the start of a line), else the first character."""
+        return self.vocab.index("\n") if "\n" in self.vocab else 0
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (every character must be in the vocabulary); [start_id] for ""."""
+        if not text:
+            return [self.start_id]
+        index = self.index
+        return [index[ch] for ch in text]
+
+    @functools.cached_property
+    def index(self) -> dict[str, int]:
+        """Character -> token id."""
+        return {ch: i for i, ch in enumerate(self.vocab)}
 
     def state_names(self) -> tuple[tuple[str, str], ...]:
         """(input name, output name) of each recurrent state tensor."""
@@ -135,7 +162,8 @@ class ModelMetadata:
                 if not fits:
                     seen = f"{arg.type} {shape}"
                     raise ModelFormatError(
-                        f"graph {kind} {name!r} must be {dtype} [{', '.join(map(str, dims))}], got {seen}"
+                        f"graph {kind} {name!r} must be {dtype} [{', '.join(map(str, dims))}]{_DIMS_FROM[name]}, "
+                        f"got {seen}"
                     )
 
     def to_props(self) -> dict[str, str]:
@@ -209,6 +237,11 @@ class ModelMetadata:
             train_config=train_config,
             format_version=version,
         )
+
+
+def is_version(text: str) -> bool:
+    """Whether a folder name (or the part after '@') is a version. Checked as text: int() refuses past 4300 digits."""
+    return text.isascii() and text.isdigit() and len(text) <= MAX_VERSION_DIGITS and text[0] != "0"
 
 
 def check_model_name(name: str) -> str:

@@ -9,16 +9,15 @@ a staging name is never a version (versions are positive integers).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from charrnn.exporter.export import published_mode
+from charrnn import modelfile as mf
 from charrnn.modelfile import MODEL_FILE, check_model_name
 
-_VERSION = re.compile(r"[1-9][0-9]*")  # positive integers, no leading zeros
 
 
 class RepositoryError(ValueError):
@@ -29,7 +28,7 @@ def versions(model_dir: Path) -> list[int]:
     """The version numbers present under ``model_dir``, ascending."""
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name))
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and mf.is_version(p.name))
 
 
 def next_version(model_dir: Path) -> int:

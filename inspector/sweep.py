@@ -46,7 +46,7 @@ def parse_temperatures(raw: str) -> tuple[float, ...]:
 def sweep(
     model: InspectedModel, prime: str, temperatures: tuple[float, ...], *, seed: int = 0, chars: int = 300
 ) -> tuple[Sample, ...]:
-    """One sample of ``chars`` characters after ``prime`` ("" starts from a newline) per temperature."""
+    """One sample of ``chars`` characters after ``prime`` per temperature ("" reads what the service reads for it)."""
     if not temperatures:
         raise InspectError("--temperatures must name at least one temperature, got none")
     if not 1 <= chars <= MAX_CHARS:
@@ -54,7 +54,8 @@ def sweep(
     if not 0 <= seed < 2**64:
         raise InspectError(f"--seed must be in [0, 2**64), got {seed}")
     meta = model.meta
-    _, prime_ids = encode(prime or "\n", meta, what="--prime")
+    # An empty prime reads the same start token as the service (ModelMetadata.encode).
+    prime_ids = encode(prime, meta, what="--prime")[1] if prime else np.array(meta.encode(""), np.int64)
     B = len(temperatures)
     feeds = zero_state(meta, B)
     out_names = [mf.OUTPUT_LOGITS, *(o for _, o in meta.state_names())]

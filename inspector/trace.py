@@ -11,7 +11,6 @@ thousand characters a second or two on a CPU.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,6 @@ class InspectError(ValueError):
     """Input the inspector cannot use; the message names it, the value seen and what is allowed."""
 
 
-_VERSION = re.compile(r"[1-9][0-9]*")
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,7 @@ class InspectedModel:
 
 def _versions(folder: Path) -> list[int]:
     return sorted(
-        int(p.name) for p in folder.iterdir() if _VERSION.fullmatch(p.name) and (p / mf.MODEL_FILE).is_file()
+        int(p.name) for p in folder.iterdir() if mf.is_version(p.name) and (p / mf.MODEL_FILE).is_file()
     )
 
 
@@ -51,7 +49,7 @@ def resolve_model(spec: str | os.PathLike) -> tuple[Path, str]:
     """(model file, label) for a .onnx path, a version folder, a model folder or a one-model repository."""
     p = Path(spec)
     if p.is_file():
-        if p.name == mf.MODEL_FILE and _VERSION.fullmatch(p.parent.name):
+        if p.name == mf.MODEL_FILE and mf.is_version(p.parent.name):
             return p, f"{p.parent.parent.name}@{p.parent.name}"
         return p, p.name
     if not p.is_dir():
@@ -88,15 +86,10 @@ def open_model(spec: str | os.PathLike) -> InspectedModel:
         meta = mf.ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
     except mf.ModelFormatError as e:
         raise InspectError(f"{path}: {e}") from None
-    inputs = {i.name for i in session.get_inputs()}
-    outputs = {o.name for o in session.get_outputs()}
-    want_in = {mf.INPUT_TOKENS, *(i for i, _ in meta.state_names())}
-    want_out = {mf.OUTPUT_LOGITS, *(o for _, o in meta.state_names())}
-    if not (want_in <= inputs and want_out <= outputs):
-        raise InspectError(
-            f"{path}: graph inputs {sorted(inputs)} / outputs {sorted(outputs)} must include "
-            f"{sorted(want_in)} / {sorted(want_out)} for a {meta.cell} model (docs/model-format.md)"
-        )
+    try:
+        meta.check_io(session.get_inputs(), session.get_outputs())
+    except mf.ModelFormatError as e:
+        raise InspectError(f"{path}: {e} (docs/model-format.md)") from None
     return InspectedModel(path=path, label=label, meta=meta, session=session)
 
 

@@ -54,7 +54,6 @@ class Engine:
         max_queue: int = 1024,
         max_queue_wait: float = 30.0,
         batching: bool = True,
-        label: str | None = None,
         flush_interval: float = 0.05,
         prime_cache: int = 1024,
     ):
@@ -69,7 +68,7 @@ class Engine:
         self.max_queue = max_queue  # requests that may wait for a slot (--max-queue)
         self.max_queue_wait = max_queue_wait  # seconds a request may wait (--max-queue-wait)
         self.batching = batching
-        self.label = label or model.name  # value of the `model` metric label
+        self.label = model.name  # value of the `model` metric label
         # Seconds between deliveries of ordinary text to a loop (first characters and ends go at
         # once): 20 updates a second per stream still reads as smooth streaming, and it saves the
         # loop, the wire and the client a message per character (bench: a third less client CPU).
@@ -138,7 +137,7 @@ class Engine:
             if self._draining:
                 raise errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} takes no new streams")
             if self._closed:  # failed or abandoned: the supervisor refuses for it until a new engine runs
-                raise errors.Unavailable(f"model {self.model.label} is not running; retry in a moment")
+                raise errors.Unavailable(f"model {self.model.label} is not running; retry in a moment", "engine")
             if self._n_active + self._n_waiting >= self.max_active + self.max_queue:
                 raise errors.Overloaded(
                     "queue_full",

@@ -1,9 +1,11 @@
-"""Every error a client can meet, as one exception type per kind.
+"""Every error a client can meet, as one exception type per kind, and the one list of outcomes.
 
-The engine and the model repository raise these without knowing about gRPC;
-the servicer maps ``code`` to a gRPC status in one table (servicer.STATUS_FOR)
-and uses ``code`` as the value of the ``code`` label on
-``charrnn_requests_total``.
+The engine and the model repository raise these without knowing about gRPC.
+Each error has a ``code`` (the gRPC status name the client sees) and a
+``reason`` from a small fixed set (the `reason` label of
+``charrnn_requests_total``, as TGI labels its error types). ``OUTCOMES`` lists
+every (code, reason) a request can end with; the servicer's status table and
+the metrics are built from it.
 """
 
 from __future__ import annotations
@@ -22,19 +24,24 @@ def shown(value: object) -> str:
 
 
 class CharrnnError(Exception):
-    """Base class. ``code`` is the gRPC status name the client will see."""
+    """Base class. ``code`` is the gRPC status name the client will see; ``reason`` one of ``REASONS``."""
 
     code = "INTERNAL"
+    REASONS: tuple[str, ...] = ("internal",)
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, reason: str | None = None):
         super().__init__(message)
         self.message = message
+        self.reason = reason or self.REASONS[0]
+        if self.reason not in self.REASONS:
+            raise ValueError(f"reason of {type(self).__name__} must be one of {self.REASONS}, got {reason!r}")
 
 
 class InvalidArgument(CharrnnError, ValueError):
     """A request field breaks a rule. Message form: '<field> must be <rule>, got <value>'."""
 
     code = "INVALID_ARGUMENT"
+    REASONS = ("validation",)
 
     def __init__(self, field: str, value: object, rule: str, hint: str = ""):
         msg = f"{field} must be {rule}, got {shown(value)}"
@@ -47,26 +54,29 @@ class InvalidArgument(CharrnnError, ValueError):
 
 class ModelNotFound(CharrnnError):
     code = "NOT_FOUND"
+    REASONS = ("unknown_model",)
 
 
 class Overloaded(CharrnnError):
     """A server limit (batch slots, queue length, queue wait) was reached."""
 
     code = "RESOURCE_EXHAUSTED"
+    REASONS = ("queue_full", "queue_wait")  # every slot busy and the queue full; waited past --max-queue-wait
 
-    def __init__(self, limit: str, message: str):
-        super().__init__(message)
-        self.limit = limit  # "queue_full" | "queue_wait"
+    def __init__(self, reason: str, message: str):
+        super().__init__(message, reason)
 
 
 class DeadlineExceeded(CharrnnError):
     code = "DEADLINE_EXCEEDED"
+    REASONS = ("deadline",)
 
 
 class Unavailable(CharrnnError):
     """The server is draining, the model was removed while the request waited, or its engine failed."""
 
     code = "UNAVAILABLE"
+    REASONS = ("draining", "engine")  # shutting down or the version removed; the engine failed or restarts
 
 
 def reason_of(error: BaseException) -> str:
@@ -77,10 +87,22 @@ def reason_of(error: BaseException) -> str:
 
 def engine_failed(label: str, error: BaseException) -> Unavailable:
     """What the streams of ``label`` end with when its engine fails under them: the model, the reason, what next."""
-    return Unavailable(f"the engine of model {label} failed ({reason_of(error)}); it restarts by itself, retry")
+    return Unavailable(f"the engine of model {label} failed ({reason_of(error)}); it restarts by itself, retry",
+                       "engine")
 
 
 class Cancelled(CharrnnError):
     """The client went away; nobody reads this message, it only labels the metric."""
 
     code = "CANCELLED"
+    REASONS = ("cancelled",)
+
+
+# Every (code, reason) a Generate request can end with: OK, then each error kind's reasons.
+OUTCOMES: tuple[tuple[str, str], ...] = (("OK", "ok"),) + tuple(
+    (cls.code, reason)
+    for cls in (InvalidArgument, ModelNotFound, Overloaded, DeadlineExceeded, Unavailable, Cancelled, CharrnnError)
+    for reason in cls.REASONS
+)
+# Every gRPC status name a request can end with, in that order.
+CODES: tuple[str, ...] = tuple(dict.fromkeys(code for code, _ in OUTCOMES))

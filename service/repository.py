@@ -26,13 +26,6 @@ from charrnn.service.runtime import LoadedModel, load_model
 from charrnn.service.supervisor import EngineState, EngineSupervisor, RestartPolicy
 
 DEFAULT_NAME = "default"  # the default model when --default-model is not given, if it exists
-VERSION_RULE = "a positive integer without leading zeros"
-MAX_VERSION_DIGITS = 18  # versions fit a signed 64-bit integer
-
-
-def is_version(text: str) -> bool:
-    """Whether a folder name or the part after '@' is a version. Checked as text: int() refuses over 4300 digits."""
-    return text.isascii() and text.isdigit() and len(text) <= MAX_VERSION_DIGITS and text[0] != "0"
 
 
 class RepositoryError(RuntimeError):
@@ -196,8 +189,8 @@ class ModelRepository:
                 if version_dir.name.startswith(".") or not version_dir.is_dir():
                     continue
                 v = version_dir.name
-                if not is_version(v):
-                    problems.append(self._problem(version_dir, f"skipped: a version folder must be {VERSION_RULE}"))
+                if not mf.is_version(v):
+                    problems.append(self._problem(version_dir, f"skipped: a version folder must be {mf.VERSION_RULE}"))
                     continue
                 path = version_dir / mf.MODEL_FILE
                 if not path.is_file():
@@ -294,8 +287,8 @@ class ModelRepository:
             ) from None
         if sep:
             v = version_text
-            if not is_version(v):
-                raise errors.InvalidArgument("model", model_field, f"'name@version' with a version that is {VERSION_RULE}")
+            if not mf.is_version(v):
+                raise errors.InvalidArgument("model", model_field, f"'name@version' with a version that is {mf.VERSION_RULE}")
             version = int(v)
         else:
             versions = [ver for n, ver in table if n == name]

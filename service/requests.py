@@ -7,7 +7,7 @@ unvalidated request cannot reach the engine's queue.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,7 +35,6 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     deadline: float | None = None  # time.monotonic() by which the stream must end
     arrived: float = 0.0  # time.monotonic() when the request arrived
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass

@@ -218,45 +218,13 @@ def load_model(path: str | os.PathLike, name: str, version: int, device: str, th
         meta = mf.ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
     except mf.ModelFormatError as e:
         raise mf.ModelFormatError(f"{path}: {e}") from None
-    _check_signature(session, meta, path)
+    try:
+        meta.check_io(session.get_inputs(), session.get_outputs())
+    except mf.ModelFormatError as e:
+        raise mf.ModelFormatError(f"{path}: {e}") from None
     model = LoadedModel(name=name, version=version, path=path, metadata=meta, device=device, session=session)
     _check_trial_step(model)
     return model
-
-
-def _check_signature(session: ort.InferenceSession, meta: mf.ModelMetadata, path: Path) -> None:
-    """Graph inputs/outputs: names, element types and ranks as the contract says."""
-    state_in = [i for i, _ in meta.state_names()]
-    state_out = [o for _, o in meta.state_names()]
-    want_in = {mf.INPUT_TOKENS: ("tensor(int64)", 2), **{n: ("tensor(float)", 3) for n in state_in}}
-    want_out = {mf.OUTPUT_LOGITS: ("tensor(float)", 3), **{n: ("tensor(float)", 3) for n in state_out}}
-    for kind, args, want in (("input", session.get_inputs(), want_in), ("output", session.get_outputs(), want_out)):
-        got = {a.name: a for a in args}
-        if set(got) != set(want):
-            raise mf.ModelFormatError(
-                f"{path}: graph {kind}s are {sorted(got)}, a {meta.cell} model must have {sorted(want)}"
-            )
-        for name, (dtype, rank) in want.items():
-            arg = got[name]
-            if arg.type != dtype or len(arg.shape) != rank:
-                raise mf.ModelFormatError(
-                    f"{path}: graph {kind} {name!r} must be {dtype} of rank {rank}, got {arg.type} {arg.shape}"
-                )
-    outputs = {o.name: o for o in session.get_outputs()}
-    vocab_dim = outputs[mf.OUTPUT_LOGITS].shape[-1]
-    if isinstance(vocab_dim, int) and vocab_dim != meta.vocab_size:
-        raise mf.ModelFormatError(
-            f"{path}: logits have {vocab_dim} classes, the metadata vocabulary has {meta.vocab_size} characters"
-        )
-    inputs = {i.name: i for i in session.get_inputs()}
-    for arg in [inputs[n] for n in state_in] + [outputs[n] for n in state_out]:
-        layers, _, hidden = arg.shape  # [L, B, H]; a dimension may be symbolic (a str)
-        for what, got, want in (("layers", layers, meta.layers), ("hidden", hidden, meta.hidden)):
-            if isinstance(got, int) and got != want:
-                raise mf.ModelFormatError(
-                    f"{path}: graph state {arg.name!r} has {what} {got} (shape {arg.shape}), "
-                    f"the metadata says {what} {want}"
-                )
 
 
 def _check_trial_step(model: LoadedModel) -> None:

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from charrnn.service.batch import Batch, Cohort, PrimeCache, sample_next
+from charrnn.service.metrics import observe_many
 from charrnn.service.requests import FinishReason
 from charrnn.service.runtime import LoadedModel, State
 from charrnn.service.streams import Mailbox, Stream
@@ -226,26 +227,3 @@ def post_to(boxes, urgent: list[Stream]) -> None:
     for box, streams in wake.items():
         box.post(streams)
 
-
-def observe_many(child, value: float, count: int) -> None:
-    """``count`` observations of one value in a Histogram child, at the cost of one.
-
-    Every stream of a step has the same gap since its previous character, and
-    observing them one by one costs microseconds each (a lock per call). This
-    adds to the child's sum and bucket directly; it falls back to observe() if
-    the client library changes its internals.
-    """
-    if count <= 0:
-        return
-    buckets = getattr(child, "_buckets", None)
-    bounds = getattr(child, "_upper_bounds", None)
-    total = getattr(child, "_sum", None)
-    if buckets is None or bounds is None or total is None:
-        for _ in range(count):
-            child.observe(value)
-        return
-    total.inc(value * count)
-    for i, bound in enumerate(bounds):
-        if value <= bound:
-            buckets[i].inc(count)
-            break

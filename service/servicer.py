@@ -2,7 +2,7 @@
 
 It only converts and maps: the model repository resolves names, validation.py
 checks fields, the engine generates. Every error kind maps to one gRPC status in
-STATUS_FOR, and the same code string labels charrnn_requests_total. This module
+STATUS_FOR, and the same code (with the error's reason) labels charrnn_requests_total. This module
 imports neither torch nor onnxruntime (tests/test_server.py checks).
 """
 
@@ -25,17 +25,8 @@ from charrnn.service.validation import Limits, request_id_of, validate_request
 from charrnn.v1 import generator_pb2 as pb
 from charrnn.v1 import generator_pb2_grpc
 
-# errors.CharrnnError.code -> the status the client sees; also the `code` label of charrnn_requests_total.
-STATUS_FOR: dict[str, grpc.StatusCode] = {
-    "OK": grpc.StatusCode.OK,
-    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
-    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
-    "CANCELLED": grpc.StatusCode.CANCELLED,
-    "INTERNAL": grpc.StatusCode.INTERNAL,
-}
+# errors.CharrnnError.code -> the status the client sees (the codes are gRPC's own status names).
+STATUS_FOR: dict[str, grpc.StatusCode] = {code: grpc.StatusCode[code] for code in errors.CODES}
 
 FINISH_REASON_PB = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -100,6 +91,7 @@ class _Outcome:
 
     model: str = NO_MODEL_LABEL
     code: str = "CANCELLED"  # until proven otherwise: a call that just stops was cancelled
+    reason: str = "cancelled"  # errors.OUTCOMES: the `reason` label
     prime_chars: int = 0
     sent_chars: int = 0
     first_char_at: float | None = None
@@ -149,15 +141,15 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 raise rid_error
             async for response in self._generate(request, context, arrived, rid, outcome):
                 yield response
-            outcome.code = "OK"
+            outcome.code, outcome.reason = "OK", "ok"
         except errors.CharrnnError as e:
-            outcome.code = e.code
+            outcome.code, outcome.reason = e.code, e.reason
             message = SHUTTING_DOWN if (self.draining and e.code == "UNAVAILABLE") else e.message
             level = logging.WARNING if e.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else logging.INFO
             self.log.log(level, "generate refused: %s", message, extra={"code": e.code})
             await context.abort(STATUS_FOR[e.code], message)
         except Exception:
-            outcome.code = "INTERNAL"
+            outcome.code, outcome.reason = "INTERNAL", "internal"
             self.log.exception("generate failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id {rid}); see the server log")
         finally:
@@ -166,7 +158,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             # copy of the deadline (noted at arrival): a cancel that close to it is the deadline.
             near = outcome.deadline is not None and time.monotonic() >= outcome.deadline - DEADLINE_SLACK_SECONDS
             if outcome.code == "CANCELLED" and near:
-                outcome.code = "DEADLINE_EXCEEDED"
+                outcome.code, outcome.reason = "DEADLINE_EXCEEDED", "deadline"
             self._record(outcome, arrived)
 
     async def _generate(self, request, context, arrived: float, rid: str, outcome: _Outcome):
@@ -198,7 +190,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     def _record(self, outcome: _Outcome, arrived: float) -> None:
         m, model = self.metrics, outcome.model
-        m.requests.labels(model, outcome.code).inc()
+        m.requests.labels(model, outcome.code, outcome.reason).inc()
         seconds = time.monotonic() - arrived
         if model != NO_MODEL_LABEL:
             m.request_duration.labels(model).observe(seconds)

@@ -114,7 +114,7 @@ class EngineSupervisor:
             state, engine = self._state, self.engine
         if state is EngineState.SERVING:
             return engine.submit(request)
-        raise errors.Unavailable(self._down_message(state))
+        raise errors.Unavailable(self._down_message(state), "engine")
 
     def _down_message(self, state: EngineState) -> str:
         p = self.policy
@@ -207,7 +207,7 @@ class EngineSupervisor:
                   self.policy.step_timeout)
         self.engine.abandon(errors.Unavailable(
             f"the engine of model {self.label} made no progress for {stalled:.1f}s (--step-timeout "
-            f"{self.policy.step_timeout:g}s); retry on another replica"))
+            f"{self.policy.step_timeout:g}s); retry on another replica", "engine"))
         self._on_change()
 
     def _set_state(self, state: EngineState) -> None:

@@ -85,7 +85,7 @@ def validate_request(
             f"at most {limits.max_prime_chars} characters long",
             "the server's --max-prime-chars sets the limit",
         )
-    index = {ch: i for i, ch in enumerate(metadata.vocab)}
+    index = metadata.index
     outside = list(dict.fromkeys(ch for ch in prime if ch not in index))  # distinct, in order of appearance
     if outside:
         shown = ", ".join(describe_char(ch) for ch in outside[:MAX_SHOWN_CHARS])
@@ -96,11 +96,7 @@ def validate_request(
             _Shown(f"{len(outside)} character{'s' if len(outside) > 1 else ''} outside it: {shown}"),
             f"made of characters in the model's vocabulary ({metadata.vocab_size} characters)",
         )
-    if prime:
-        prime_ids = np.fromiter((index[ch] for ch in prime), dtype=np.int64, count=len(prime))
-    else:
-        # An empty prime starts the model as at the beginning of a line (see the proto).
-        prime_ids = np.array([index.get("\n", 0)], dtype=np.int64)
+    prime_ids = np.array(metadata.encode(prime), dtype=np.int64)  # "" reads a newline (see the proto)
 
     temperature = float(req.temperature) if req.HasField("temperature") else 1.0
     if not (math.isfinite(temperature) and 0.0 <= temperature <= MAX_TEMPERATURE):

@@ -68,8 +68,17 @@ def metric_values(text: str, name: str) -> dict[str, float]:
     return out
 
 
-def metric_sum(text: str, name: str) -> float:
-    return sum(metric_values(text, name).values())
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of every sample of ``name`` whose labels include ``labels`` (other labels summed over)."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for text_labels, v in metric_values(text, name).items()
+               if all(re.search(rf'[{{,]{re.escape(w)}[,}}]', text_labels) for w in wanted))
+
+
+def has_series(text: str, name: str, **labels: str) -> bool:
+    """Whether ``name`` has a sample whose labels include ``labels``."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    return any(all(re.search(rf'[{{,]{re.escape(w)}[,}}]', t) for w in wanted) for t in metric_values(text, name))
 
 
 def requests_by_code(text: str) -> dict[str, int]:

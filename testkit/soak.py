@@ -20,13 +20,12 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from testkit import probes
 from charrnn.v1 import generator_pb2 as pb
 from charrnn.v1 import generator_pb2_grpc
+from testkit import probes
+from testkit.load import OWN_CONNECTION, run_workers
 
 PRIME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz ,.:;!?'\n"  # inside testkit.modelfactory's vocabulary
-# grpc shares one connection among a process's channels to the same target; this gives each its own.
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 # Fewer slots plus queue places (128 + 64) than streams (256): the queue fills, the limits answer.
 SERVER_ARGS = ("--max-active-streams", "128", "--max-queue", "64", "--max-queue-wait", "1")
 BEHAVIOURS = ("read", "cancel", "deadline", "slow", "fresh_channel", "stop")
@@ -97,24 +96,14 @@ async def _request(stub, channel_factory, rng: random.Random, cfg: SoakConfig, t
 
 async def run_load(target: str, cfg: SoakConfig, seconds: float, tally: Tally, seed: int) -> None:
     """``cfg.streams`` workers, each sending requests back to back until ``seconds`` have passed."""
-    channels = [grpc.aio.insecure_channel(target, OWN_CONNECTION) for _ in range(cfg.channels)]
-    stubs = [generator_pb2_grpc.GeneratorStub(c) for c in channels]
 
     async def fresh_channel():
         return grpc.aio.insecure_channel(target, OWN_CONNECTION)
 
-    end = time.monotonic() + seconds
+    async def one(stub, rng: random.Random, i: int, n: int) -> None:
+        await _request(stub, fresh_channel, rng, cfg, tally)
 
-    async def worker(i: int) -> None:
-        rng = random.Random(seed * 1_000_003 + i)
-        while time.monotonic() < end:
-            await _request(stubs[i % len(stubs)], fresh_channel, rng, cfg, tally)
-
-    try:
-        await asyncio.gather(*(worker(i) for i in range(cfg.streams)))
-    finally:
-        for c in channels:
-            await c.close()
+    await run_workers(target, cfg.streams, seconds, one, channels=cfg.channels, seed=seed)
 
 
 def _reading(pid: int) -> dict:

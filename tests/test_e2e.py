@@ -21,6 +21,7 @@ import pytest
 
 from charrnn.modelfile import KEY_VOCAB, MODEL_FILE
 from charrnn.service.client import GeneratorClient, ServiceError
+from testkit import probes
 from testkit.modelfactory import DEFAULT_VOCAB
 from testkit.serve_process import GENERATE, ServeProcess
 
@@ -56,10 +57,9 @@ def _scrape(server) -> str:
 
 
 def _sample(text: str, name: str, **labels) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    m = re.search(rf"^{name}\{{{re.escape(want)}\}} (\S+)$", text, flags=re.M)
-    assert m, f"{name}{{{want}}} not in /metrics"
-    return float(m.group(1))
+    """The value of ``name`` with ``labels``, summed over any other label (charrnn_requests_total's reason)."""
+    assert probes.has_series(text, name, **labels), f"{name}{labels} not in /metrics"
+    return probes.metric_sum(text, name, **labels)
 
 
 def test_a_stream_arrives_in_chunks_and_ends_with_stats(client):

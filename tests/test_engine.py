@@ -19,8 +19,9 @@ from charrnn.service import errors
 from charrnn.service.engine import Engine
 from charrnn.service.scheduler import MAX_PREFILL_STEPS
 from charrnn.service.metrics import Metrics
-from charrnn.service.requests import FinishReason, GenerationRequest, SamplingParams
+from charrnn.service.requests import FinishReason, GenerationRequest
 from charrnn.service.runtime import load_model
+from testkit.requests import generation_request
 
 PRIME = "ROMEO:\nWhat light"
 
@@ -32,13 +33,8 @@ def model(model_repo):
 
 def request(model, prime=PRIME, max_chars=60, *, seed=1, temperature=1.0, top_k=0, top_p=1.0, stop=(),
             deadline=None) -> GenerationRequest:
-    vocab = model.metadata.vocab
-    ids = np.array([vocab.index(c) for c in (prime or "\n")], np.int64)
-    return GenerationRequest(
-        request_id=f"test-{seed}", prime=prime, prime_ids=ids, max_chars=max_chars,
-        sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-        stop=tuple(stop), deadline=deadline, arrived=time.monotonic(),
-    )
+    return generation_request(model.metadata, prime, max_chars, seed=seed, temperature=temperature, top_k=top_k,
+                              top_p=top_p, stop=stop, deadline=deadline, request_id=f"test-{seed}")
 
 
 @contextlib.contextmanager
@@ -236,7 +232,7 @@ def test_full_queue_is_refused_at_once_naming_the_limit_and_its_flag(model):
             return info.value, refused_in
 
     err, refused_in = run(main())
-    assert err.limit == "queue_full" and err.code == "RESOURCE_EXHAUSTED"
+    assert err.reason == "queue_full" and err.code == "RESOURCE_EXHAUSTED"
     assert "--max-queue 2" in err.message and "1 batch slots" in err.message
     assert refused_in < 0.5  # at once: no waiting for a slot or a queue place
 
@@ -254,7 +250,7 @@ def test_waiting_past_max_queue_wait_is_refused_with_queue_wait(model, batching)
             return info.value, waited
 
     err, waited = run(main())
-    assert err.limit == "queue_wait"
+    assert err.reason == "queue_wait"
     assert "--max-queue-wait 0.2s" in err.message
     assert 0.2 <= waited < 2.0
 

@@ -8,13 +8,12 @@ deadline"; the figures themselves come from ``python -m bench.engine_faults``.
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 
 import pytest
 
 from charrnn.service.client import GeneratorClient, ServiceError
+from testkit import probes
 from testkit.ortfault import ENV, set_fault
 from testkit.serve_process import ServeProcess, blocked_env
 
@@ -80,11 +79,9 @@ def _wait_health(client: GeneratorClient, service: str, status: str, seconds: fl
 
 
 def _metric(server: ServeProcess, name: str, **labels) -> float:
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    m = re.search(rf"^{name}\{{{re.escape(want)}\}} (\S+)$", text, re.M)
-    assert m, f"{name}{{{want}}} not exposed"
-    return float(m.group(1))
+    text = probes.scrape(server.metrics_url)
+    assert probes.has_series(text, name, **labels), f"{name}{labels} not exposed"
+    return probes.metric_sum(text, name, **labels)
 
 
 @pytest.mark.parametrize("batching", ["on", "off"])

@@ -96,25 +96,18 @@ def test_sweep_is_reproducible_with_a_seed_and_differs_across_temperatures(repo)
 
 def test_a_sweep_lane_is_the_text_the_service_generates_for_that_seed(repo):
     import asyncio
-    import time
-
-    import numpy as np
 
     from charrnn.service.engine import Engine
     from charrnn.service.metrics import Metrics
-    from charrnn.service.requests import GenerationRequest, SamplingParams
     from charrnn.service.runtime import load_model
+    from testkit.requests import generation_request
 
     served = load_model(repo / "tiny" / "2" / "model.onnx", "tiny", 2, "cpu")
-    ids = np.array([served.metadata.vocab.index(c) for c in "ROMEO:"], np.int64)
     engine = Engine(served, metrics=Metrics())
     engine.start()
 
     async def generate(temperature: float) -> str:
-        req = GenerationRequest(
-            request_id="sweep", prime="ROMEO:", prime_ids=ids, max_chars=80,
-            sampling=SamplingParams(temperature=temperature, seed=5), arrived=time.monotonic(),
-        )
+        req = generation_request(served.metadata, "ROMEO:", 80, temperature=temperature, seed=5, request_id="sweep")
         return "".join([chunk async for chunk in engine.submit(req)])
 
     try:

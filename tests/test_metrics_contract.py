@@ -47,7 +47,7 @@ def test_selectors_are_read_by_a_promql_parser():
 
 
 def test_contract_series_carry_their_suffixes_and_labels():
-    assert CONTRACT["charrnn_requests_total"] == {"model", "code"}
+    assert CONTRACT["charrnn_requests_total"] == {"model", "code", "reason"}
     assert CONTRACT["charrnn_time_to_first_char_seconds_bucket"] == {"model", "le"}
     assert CONTRACT["charrnn_models_loaded"] == set()
     assert "charrnn_requests" not in CONTRACT and "charrnn_step_seconds" not in CONTRACT

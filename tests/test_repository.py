@@ -7,7 +7,6 @@ import logging
 import shutil
 import time
 
-import numpy as np
 import pytest
 
 from charrnn import modelfile as mf
@@ -15,7 +14,8 @@ from charrnn.service import errors
 from charrnn.service.engine import Engine
 from charrnn.service.metrics import Metrics
 from charrnn.service.repository import ModelRepository, RepositoryError
-from charrnn.service.requests import FinishReason, GenerationRequest, SamplingParams
+from charrnn.service.requests import FinishReason, GenerationRequest
+from testkit.requests import generation_request
 from testkit.modelfactory import make_model_repo
 
 
@@ -179,9 +179,7 @@ def test_reload_refuses_a_corrupt_version_and_keeps_the_old_one_serving(repo_roo
 
 
 def _long_request(model, n=400) -> GenerationRequest:
-    ids = np.array([model.metadata.vocab.index("A")], np.int64)
-    return GenerationRequest(request_id="r", prime="A", prime_ids=ids, max_chars=n,
-                             sampling=SamplingParams(seed=3), arrived=time.monotonic())
+    return generation_request(model.metadata, "A", n, seed=3, temperature=None, request_id="r")
 
 
 def test_a_removed_model_stops_serving_while_its_streams_in_flight_finish(repo_root):

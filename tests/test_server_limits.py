@@ -6,7 +6,6 @@ long stream fills it.
 
 from __future__ import annotations
 
-import re
 import time
 import urllib.request
 
@@ -14,6 +13,7 @@ import grpc
 import pytest
 
 from charrnn.service.client import GeneratorClient, ServiceError
+from testkit import probes
 from testkit.serve_process import ServeProcess
 
 QUEUE_WAIT = 0.5  # --max-queue-wait, seconds
@@ -38,8 +38,7 @@ def _endless(client: GeneratorClient):
 def _count(server, code: str) -> float:
     with urllib.request.urlopen(server.metrics_url, timeout=10) as reply:
         text = reply.read().decode()
-    m = re.search(rf'^charrnn_requests_total\{{code="{code}",model="tiny"\}} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0
+    return probes.metric_sum(text, "charrnn_requests_total", code=code, model="tiny")
 
 
 def _wait_until_counted(server, code: str, before: float, seconds: float = 5.0) -> None:
