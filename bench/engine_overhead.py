@@ -62,7 +62,7 @@ def thread_cpu(thread: threading.Thread) -> float:
 
 async def engine_run(model, streams: int, chars: int, profile: cProfile.Profile | None = None) -> dict:
     """``streams`` concurrent requests of ``chars`` characters each through a fresh Engine."""
-    from charrnn.service.engine import Engine
+    from charrnn.service.launch import Engine
     from charrnn.service.metrics import Metrics
 
     engine = Engine(model, metrics=Metrics(), max_active=streams, max_queue=streams)

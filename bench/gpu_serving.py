@@ -105,7 +105,7 @@ async def read_stream(engine, i: int, prime: str, chars: int) -> tuple[float, in
 
 
 async def engine_run(model, streams: int, chars: int) -> dict:
-    from charrnn.service.engine import Engine
+    from charrnn.service.launch import Engine
     from charrnn.service.metrics import Metrics
 
     engine = Engine(model, metrics=Metrics(), max_active=streams, max_queue=streams)
@@ -126,7 +126,7 @@ async def engine_run(model, streams: int, chars: int) -> dict:
 
 async def greedy_texts(model, n: int, chars: int) -> list[str]:
     """Greedy (temperature 0) texts of ``n`` streams through the engine: comparable across devices."""
-    from charrnn.service.engine import Engine
+    from charrnn.service.launch import Engine
     from charrnn.service.metrics import Metrics
 
     engine = Engine(model, metrics=Metrics(), max_active=n, max_queue=n)

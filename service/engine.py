@@ -1,377 +1,371 @@
-"""The generation engine of one model version: admission, continuous batching, its own thread.
+"""A front-end's side of one engine core: streams go in, the core's ids come back as text.
 
-Requests wait in a FIFO queue for one of ``max_active`` batch slots. A stream
-that gets a slot is handed to the ``scheduler.Scheduler``: it reads its prime
-(prefill), grouped with other new streams, and joins the running batch, which
-one onnxruntime call per step advances by one character for every stream.
-Streams that finish, are cancelled or pass their deadline leave at the end of
-the step that saw it.
+``EngineClient.submit`` runs on the asyncio loop: it refuses at once what the
+core would refuse (draining, engine down, every slot and queue place taken by
+its last count), gives the stream a row of this front-end and hands the
+admission to the client's I/O thread. That thread owns the ZeroMQ socket: it
+sends the admissions and cancels gathered since its last turn as one message,
+and applies the core's per-step messages to a few arrays over this front-end's
+rows: ids collect per row ([rows, PENDING]) and become text, one numpy call for
+all rows, when the loop is due a delivery (the flush interval), when a stream
+starts or ends, or when a row's buffer is full. Rows with stop sequences hold
+back the characters that could still begin one (the core says how many).
 
-With ``batching=False`` the same admission and streams run the naive way
-(naive.py): each stream in its own pool thread, one onnxruntime call per stream
-per character. That is the baseline the benchmark compares against.
-
-Threading: ``submit`` runs on the asyncio loop; everything else here runs on
-the engine thread (or, naive, the pool threads). The two sides share only the
-inbox deque, the slot counters (under ``_lock``) and each stream's output
-deque; text crosses to the loop through ``streams.Mailbox``.
+The primary front-end (the server's own process) also applies the core's
+metric deltas and its load to the registry.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import itertools
 import logging
+import os
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
+import zmq
 
-from charrnn.service import errors, naive
-from charrnn.service.metrics import Metrics
-from charrnn.service.requests import GenerationRequest
-from charrnn.service.batch import sample_next
-from charrnn.service.runtime import LoadedModel
-from charrnn.service.scheduler import Scheduler
+from charrnn.modelfile import ModelMetadata
+from charrnn.service import errors, wire
+from charrnn.service.metrics import Metrics, apply_core_stats
+from charrnn.service.requests import FinishReason, GenerationRequest, GenerationResult, GenerationStats
 from charrnn.service.streams import Mailbox, Stream
 
 log = logging.getLogger("charrnn.service.engine")
 
-QUEUE_SCAN_SECONDS = 0.01  # how often queued streams are checked for cancels and deadlines
+PENDING = 128  # characters a row collects before they are handed over anyway (> the longest stop sequence)
+POLL_MS = 100
 SHUTDOWN_MESSAGE = "server shutting down"
+_CLIENTS = itertools.count()
 
 
-class Engine:
-    def __init__(
-        self,
-        model: LoadedModel,
-        *,
-        metrics: Metrics,
-        max_active: int = 256,
-        max_queue: int = 1024,
-        max_queue_wait: float = 30.0,
-        batching: bool = True,
-        flush_interval: float = 0.05,
-        prime_cache: int = 1024,
-    ):
-        if max_active < 1:
-            raise ValueError(f"max_active must be >= 1, got {max_active}")
-        if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-        if not max_queue_wait > 0:
-            raise ValueError(f"max_queue_wait must be > 0 seconds, got {max_queue_wait}")
-        self.model = model
-        self.max_active = max_active  # batch slots (--max-active-streams)
-        self.max_queue = max_queue  # requests that may wait for a slot (--max-queue)
-        self.max_queue_wait = max_queue_wait  # seconds a request may wait (--max-queue-wait)
-        self.batching = batching
-        self.label = model.name  # value of the `model` metric label
-        # Seconds between deliveries of ordinary text to a loop (first characters and ends go at
-        # once): 20 updates a second per stream still reads as smooth streaming, and it saves the
-        # loop, the wire and the client a message per character (bench: a third less client CPU).
+class Wake:
+    """A pipe the event loop writes to so the I/O thread sends the new admissions and cancels at once."""
+
+    def __init__(self) -> None:
+        self.read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self._pending = False
+
+    def __call__(self) -> None:
+        if not self._pending:
+            self._pending = True
+            os.write(self._write_fd, b"x")
+
+    def clear(self) -> None:
+        self._pending = False
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+
+def error_for(code: str, reason: str, message: str) -> errors.CharrnnError:
+    """The exception a stream that the core ended with ``code`` raises to its reader."""
+    if code == "RESOURCE_EXHAUSTED":
+        return errors.Overloaded(reason, message)
+    if code == "DEADLINE_EXCEEDED":
+        return errors.DeadlineExceeded(message)
+    if code == "CANCELLED":
+        return errors.Cancelled(message or "cancelled")
+    if code == "UNAVAILABLE":
+        return errors.Unavailable(message, reason)
+    return errors.CharrnnError(message or "internal error in the engine")
+
+
+class EngineClient:
+    def __init__(self, label: str, name: str, metadata: ModelMetadata, *, ctx: zmq.Context, address: str,
+                 fe: int = 0, primary: bool = True, metrics: Metrics | None = None, max_active: int = 256,
+                 max_queue: int = 1024, flush_interval: float = 0.05):
+        self.label, self.name, self.metadata = label, name, metadata
+        self.max_active, self.max_queue = max_active, max_queue
+        # Seconds between deliveries of ordinary text (first characters and ends go at once): 20
+        # updates a second per stream still reads as smooth streaming, and it saves the loop, the
+        # wire and the client a message per character (bench: a third less client CPU).
         self.flush_interval = flush_interval
-        self._vocab = list(model.metadata.vocab)
-        self._lock = threading.Lock()  # guards the two counters below
-        self._n_active = 0  # slots taken: prefilling + decoding streams
-        self._n_waiting = 0  # submitted, not yet in a slot (inbox + queue)
-        self._inbox: collections.deque[Stream] = collections.deque()  # loop -> engine thread
-        self._ready: collections.deque = collections.deque()  # loop -> engine: (stream, state, first token)
-        self._queue: collections.deque[Stream] = collections.deque()  # engine thread only, FIFO
-        self._wake = threading.Event()
-        self._draining = False  # no new submits; the thread ends once idle
-        self._closed = False  # the thread has ended or is ending: nothing more is handed to it
-        self._stopping = False  # end everything now
-        self._abandoned = False  # given up on after a hang (see abandon): the thread must touch nothing
-        self._on_failure: Callable[[Exception], None] | None = None  # see start()
-        self.progress_at = time.monotonic()  # time.monotonic() at the end of the last round (the watchdog reads it)
-        self._thread: threading.Thread | None = None
+        self._metrics = metrics if primary else None
+        if self._metrics is not None:  # the series the core's figures land in exist from the start, at 0
+            m = self._metrics
+            for family in (m.step, m.batch_size, m.queue_wait, m.inter_char, m.active_streams, m.queued_streams):
+                family.labels(name)
+        self.set_metadata(metadata)
+        self._sock = ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.IDENTITY, f"fe-{fe}-{os.getpid()}-{next(_CLIENTS)}".encode())
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(address)
+        self._sock.send(wire.pack({"t": "hello", "fe": fe, "primary": primary}))
+        self._lock = threading.Lock()  # guards the outgoing lists, the rows and the counts below
+        self._adds: list[dict] = []
+        self._cancels: list[tuple[int, Stream]] = []
+        self._controls: list[dict] = []
+        self._wake = Wake()
+        self._streams: dict[int, Stream] = {}  # row -> stream
+        self._free_rows: list[int] = []
+        self._cap = 0
+        self._held = np.zeros((0, PENDING), np.int32)  # [rows, PENDING] ids not yet handed over
+        self._pending = np.zeros(0, np.int64)  # [rows] how many of them
+        self._hold = np.zeros(0, np.int64)  # [rows] of those, how many to keep back (they may begin a stop)
+        self._got = np.zeros(0, np.int64)  # [rows] characters received
         self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> Mailbox
-        self._pool: ThreadPoolExecutor | None = None
-        self._last_scan = 0.0
-        self._halt: errors.CharrnnError | None = None  # set when the thread ends: streams still running end with it
-        self._worker_failure: Exception | None = None  # set by a pool thread (batching off); raised on this thread
-        self.cancel_mark = 0  # set by Stream.cancel (any thread) to a new number each time
-        self._shown = [0, 0]  # what this engine has added to the active / queued gauges
-        self._m_step = metrics.step.labels(self.label)
-        self._m_batch = metrics.batch_size.labels(self.label)
-        self._m_queue_wait = metrics.queue_wait.labels(self.label)
-        self._m_inter = metrics.inter_char.labels(self.label)
-        self._m_active = metrics.active_streams.labels(self.label)
-        self._m_queued = metrics.queued_streams.labels(self.label)
-        self.scheduler = Scheduler(model, prime_cache=prime_cache, release=self._release,
-                                   cancel_mark=lambda: self.cancel_mark, step_hist=self._m_step,
-                                   batch_hist=self._m_batch, inter_hist=self._m_inter,
-                                   cache_counters=(metrics.prime_cache.labels(self.label, "hit"),
-                                                   metrics.prime_cache.labels(self.label, "miss")))
-        self.prime_cache = self.scheduler.prime_cache  # primes read before (prime_cache=0 turns it off)
+        self._down: errors.CharrnnError | None = None  # set: submit refuses with it
+        self._core_load = (0, 0)  # the core's last report: (slots taken, queued), all front-ends
+        self._sent_since_report = 0
+        self._last_flush = 0.0
+        self._shown = [0, 0]  # what this client added to the active / queued gauges (primary)
+        self.last_heard = time.monotonic()  # when the core last said anything (the watchdog reads it)
+        self.core_busy = False
+        self.on_failed: Callable[[str], None] | None = None  # the core reported its engine failure
+        self._closed = False
+        self._thread: threading.Thread | None = None
 
-    # ---- API (asyncio loop thread) ----
+    # ---- lifecycle ----
 
-    def start(self, on_failure: Callable[[Exception], None] | None = None) -> None:
-        """Starts the engine thread; ``on_failure(error)`` is called on it after a failure ended every stream."""
-        if self._thread is not None:
-            raise RuntimeError("engine already started")
-        self._on_failure = on_failure
-        if not self.batching:
-            self._pool = ThreadPoolExecutor(self.max_active, thread_name_prefix=f"naive-{self.model.label}")
-        self._thread = threading.Thread(target=self._run, name=f"engine-{self.model.label}", daemon=True)
+    def set_metadata(self, metadata: ModelMetadata) -> None:
+        """The model's metadata, once the core has reported it (before the first submit)."""
+        self.metadata = metadata
+        self._index = metadata.index
+        self._codes = np.array([ord(c) for c in metadata.vocab], np.uint32) if "\x00" not in metadata.vocab else None
+
+    def receive_first(self, timeout: float) -> dict | None:
+        """The core's first message (``up`` or ``refused``) before the I/O thread runs, or None."""
+        if self._sock.poll(int(timeout * 1000)):
+            return wire.unpack(self._sock.recv())
+        return None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"engine-io-{self.label}", daemon=True)
         self._thread.start()
-        log.info("engine %s started: %s, %d slots, queue %d", self.model.label,
-                 "continuous batching" if self.batching else "one stream per thread (batching off)",
-                 self.max_active, self.max_queue)
+
+    def control(self, kind: str, **fields) -> None:
+        """Sends a control message (drain, stop, gone) to the core, in order with the streams' messages."""
+        with self._lock:
+            self._controls.append({"t": kind, **fields})
+        self._wake()
+
+    def refuse(self, error: errors.CharrnnError | None) -> None:
+        """From now on submit raises ``error`` (None: takes streams again)."""
+        self._down = error
+
+    def fail_all(self, error: errors.CharrnnError) -> None:
+        """Ends every stream of this client with ``error`` (its core died without saying so)."""
+        with self._lock:
+            streams = list(self._streams.items())
+            self._streams.clear()
+            self._free_rows.extend(row for row, _ in streams)
+        for _, s in streams:
+            s.fail(error)
+        self._post([s for _, s in streams])
+        self._show_load(0, 0)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        self._sock.close()
+
+    @property
+    def live(self) -> int:
+        """Streams of this client not yet ended."""
+        return len(self._streams)
+
+    @property
+    def core_load(self) -> tuple[int, int]:
+        return self._core_load
+
+    # ---- submit (asyncio loop) ----
 
     def submit(self, request: GenerationRequest) -> Stream:
         """Queues a validated request; call from the asyncio loop thread that will read the stream."""
-        if self._thread is None:
-            raise RuntimeError("Engine.submit before Engine.start")
+        if self._down is not None:
+            raise self._down
         loop = asyncio.get_running_loop()
         box = self._mailboxes.get(loop)
         if box is None:
-            box = self._mailboxes[loop] = Mailbox(loop, self.flush_interval)
-        stream = Stream(request, self, box, self.model.label)
-        cached = self.prime_cache.get(stream, count=False) if self.batching else None
-        with self._lock:  # the check, the count and the hand-over are one step against drain/stop
-            if self._draining:
-                raise errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} takes no new streams")
-            if self._closed:  # failed or abandoned: the supervisor refuses for it until a new engine runs
-                raise errors.Unavailable(f"model {self.model.label} is not running; retry in a moment", "engine")
-            if self._n_active + self._n_waiting >= self.max_active + self.max_queue:
+            box = self._mailboxes[loop] = Mailbox(loop)
+        stream = Stream(request, box, self._cancel)
+        p = request.sampling
+        with self._lock:
+            used, queued = self._core_load
+            seen = max(len(self._streams), used + queued + self._sent_since_report)
+            if seen >= self.max_active + self.max_queue:
                 raise errors.Overloaded(
                     "queue_full",
-                    f"model {self.model.label} is at capacity: all {self.max_active} batch slots are busy and "
-                    f"{self._n_waiting} requests are queued (--max-queue {self.max_queue}); retry later, "
-                    f"or raise --max-queue / --max-active-streams",
-                )
-            # A prime read before, a free slot and nobody queued ahead: the first character now.
-            fast = cached is not None and self._n_waiting == 0 and self._n_active < self.max_active
-            stream.queued_at = time.monotonic()
-            if fast:
-                self._n_active += 1
-            else:
-                self._n_waiting += 1
-                self._inbox.append(stream)
-        if fast:
-            self._start_cached(stream, *cached)
-        self._wake.set()
+                    f"model {self.label} is at capacity: all {self.max_active} batch slots are busy and "
+                    f"{max(0, seen - self.max_active)} requests are queued (--max-queue {self.max_queue}); "
+                    f"retry later, or raise --max-queue / --max-active-streams")
+            row = self._take_row()
+            self._streams[row] = stream
+            stream.row = row
+            self._sent_since_report += 1
+            self._adds.append({
+                "row": row, "prime": request.prime_ids.astype(np.int32), "max_chars": request.max_chars,
+                "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "seed": p.seed,
+                "stops": [[self._index.get(ch, -1) for ch in stop] for stop in request.stop],
+                "deadline": request.deadline, "arrived": request.arrived or time.monotonic(),
+            })
+        self._wake()
         return stream
 
-    def _start_cached(self, stream: Stream, state, logits: np.ndarray) -> None:
-        """Event loop: samples the first character from a cached prime's logits; the engine thread joins it.
-
-        Time to first character then does not wait for the batch step in flight.
-        """
-        self.prime_cache.count_hit()
-        now = stream.admitted_at = time.monotonic()
-        self._m_queue_wait.observe(0.0)
-        token = int(sample_next(logits[None, :], [stream])[0])
-        stream.first_char_at = now
-        why = stream.advance(self._vocab[token], now)
-        if why is None:
-            with self._lock:
-                if not self._closed:
-                    self._ready.append((stream, state, token))
-                    return
-            why = errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} stopped")
-        stream.end(why, now)  # max_chars 1, a one-character stop sequence, or the engine just stopped
-        self._release(1)
-
-    def drain(self) -> None:
-        """Refuses new submits; queued and active streams run to the end, then the thread exits."""
-        self._draining = True
-        self._wake.set()
-
-    def stop(self, timeout: float) -> None:
-        """Ends every remaining stream with Unavailable and joins the thread (up to ``timeout`` s)."""
-        self._draining = True
-        self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def active(self) -> int:
-        return self._n_active
-
-    @property
-    def queued(self) -> int:
-        return self._n_waiting
-
-    @property
-    def idle(self) -> bool:
-        return self._n_active == 0 and self._n_waiting == 0
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._abandoned
-
-    def stalled(self, now: float) -> float:
-        """Seconds the engine has held work without finishing a round (0 when idle): the watchdog's measure."""
-        if self._closed or (self.idle and not self.scheduler.busy):
-            return 0.0
-        return max(0.0, now - self.progress_at)
-
-    def abandon(self, error: errors.CharrnnError) -> None:
-        """Gives up on a hung engine thread: ends every stream it holds with ``error``; the thread, if it ever
-        returns, ends without touching anything. A thread cannot be killed: it stays blocked where it is."""
+    def _cancel(self, stream: Stream) -> None:
         with self._lock:
-            self._closed = True
-            self._abandoned = True
-        self._halt = error
-        self._end_all(error)
-        self._show_gauges()
+            if self._streams.get(stream.row) is stream:
+                self._cancels.append((stream.row, stream))
+        self._wake()
 
-    # ---- engine thread ----
+    def _take_row(self) -> int:
+        if not self._free_rows:
+            old, self._cap = self._cap, max(64, 2 * self._cap)
+            self._held = np.concatenate([self._held, np.zeros((self._cap - old, PENDING), np.int32)])
+            for name in ("_pending", "_hold", "_got"):
+                setattr(self, name, np.concatenate([getattr(self, name), np.zeros(self._cap - old, np.int64)]))
+            self._free_rows = list(range(self._cap - 1, old - 1, -1))
+        row = self._free_rows.pop()
+        self._pending[row] = self._hold[row] = self._got[row] = 0
+        return row
+
+    # ---- the I/O thread ----
 
     def _run(self) -> None:
-        try:
-            while True:
-                self._wake.clear()  # before looking: a submit after this line wakes the wait below
-                if self._stopping:
-                    break
-                now = time.monotonic()
-                self._take_ready()
-                self._take_inbox()
-                self._check_queue(now)
-                self._admit(now)
-                self._show_gauges()
-                if self._worker_failure is not None:
-                    raise self._worker_failure
-                if not self.scheduler.busy:
-                    self.progress_at = now
-                    with self._lock:  # decided under the lock: a submit either came first or is refused
-                        self._closed = self._draining and self._n_active == 0 and self._n_waiting == 0
-                    if self._closed:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake.read_fd, zmq.POLLIN)
+        while not self._closed:
+            events = dict(poller.poll(POLL_MS))
+            if self._wake.read_fd in events:
+                self._wake.clear()
+            self._send_work()
+            if self._sock in events:
+                while True:
+                    try:
+                        data = self._sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
                         break
-                    self._wake.wait(QUEUE_SCAN_SECONDS if self._queue else 1.0)
-                    continue
-                self.scheduler.work()
-                if self._abandoned:
-                    return
-                self.progress_at = time.monotonic()
-                if self._worker_failure is not None:
-                    raise self._worker_failure
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises several types; any is an engine failure
-            if self._abandoned:
-                return
-            log.exception("engine %s failed; ending its streams", self.model.label)
-            failure = e
-        else:
-            failure = None
-        finally:
-            if not self._abandoned:
-                with self._lock:
-                    self._closed = True  # from here on submit hands nothing over
-        if failure is not None:
-            self._halt = errors.engine_failed(self.model.label, failure)
-            self._end_all(self._halt)
-        self._halt = self._halt or errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} stopped")
-        self._end_all(self._halt)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        self._show_gauges()
-        log.info("engine %s stopped", self.model.label)
-        if failure is not None and self._on_failure is not None:
-            self._on_failure(failure)
+                    self._handle(wire.unpack(data))
 
-    @property
-    def halt(self) -> errors.CharrnnError | None:
-        """The error that streams still running in pool threads (batching off) end with, once the engine stops."""
-        return self._halt
+    def _send_work(self) -> None:
+        with self._lock:
+            adds, controls = self._adds, self._controls
+            # A row is reused once its stream ended here: a cancel that waited past that is dropped.
+            cancels = [row for row, s in self._cancels if self._streams.get(row) is s]
+            self._adds, self._cancels, self._controls = [], [], []
+        if adds or cancels:
+            self._sock.send(wire.pack({"t": "work", "add": adds, "cancel": cancels}))
+        for c in controls:
+            self._sock.send(wire.pack(c))
 
-    def fail_from_worker(self, error: Exception) -> None:
-        """A pool thread (batching off) hit an engine failure: the engine thread ends everything and reports it."""
-        if self._worker_failure is None:
-            self._worker_failure = error
-        self._wake.set()
-
-    def _take_ready(self) -> None:
-        """Streams that already have their first character (cached prime) join the batch."""
-        ready = []
-        while self._ready:
-            ready.append(self._ready.popleft())
-        if ready:
-            self.scheduler.join_started([r[0] for r in ready], [r[1] for r in ready], [r[2] for r in ready])
-
-    def _take_inbox(self) -> None:
-        inbox = self._inbox
-        while inbox:
-            self._queue.append(inbox.popleft())
-
-    def _check_queue(self, now: float) -> None:
-        """Ends queued streams that waited too long, passed their deadline or were cancelled."""
-        q = self._queue
-        while q and now - q[0].queued_at > self.max_queue_wait:
-            s = q.popleft()
-            self._end_waiting(s, now, errors.Overloaded(
-                "queue_wait",
-                f"waited {now - s.queued_at:.1f}s for a batch slot of model {self.model.label} "
-                f"(limit --max-queue-wait {self.max_queue_wait:g}s; all {self.max_active} slots busy); "
-                f"retry later or raise --max-active-streams",
-            ))
-        if not q or now - self._last_scan < QUEUE_SCAN_SECONDS:
+    def _handle(self, m: dict) -> None:
+        now = self.last_heard = time.monotonic()
+        if m["t"] != "out":
             return
-        self._last_scan = now
-        for s, err in [(s, err) for s in q if (err := s.gone(now)) is not None]:
-            q.remove(s)
-            self._end_waiting(s, now, err)
-
-    def _end_waiting(self, s: Stream, now: float, err: errors.CharrnnError) -> None:
+        self.core_busy = m.get("busy", False)
+        fresh: list[int] = []
+        for rows, ids, hold in m.get("steps", ()):
+            full = rows[self._pending[rows] >= PENDING]
+            if len(full):
+                self._hand_over(full)
+            fresh += rows[self._got[rows] == 0].tolist()
+            self._held[rows, self._pending[rows]] = ids
+            self._pending[rows] += 1
+            self._got[rows] += 1
+            if hold is not None:
+                self._hold[rows] = hold
+        urgent = [self._streams[r] for r in fresh if r in self._streams]
+        for s in urgent:
+            s.first_char_at = now
+        if now - self._last_flush >= self.flush_interval:
+            self._last_flush = now
+            self._hand_over(np.flatnonzero(self._pending > self._hold))
+            self._post(None)
+        elif fresh:
+            self._hand_over(np.array(fresh, np.int64))
+        ended = [self._end(e) for e in m.get("ends", ())]
+        self._post(urgent + [s for s in ended if s is not None])
         with self._lock:
-            self._n_waiting -= 1
-        s.fail(err, now)
-        s._mailbox.post([s])
+            if "load" in m:
+                self._core_load, self._sent_since_report = tuple(m["load"]), 0
+        if self._metrics is not None:
+            if m.get("stats"):
+                apply_core_stats(self._metrics, self.name, m["stats"])
+            self._show_load(*self._core_load)
+        if m.get("failed") and self.on_failed is not None:
+            self.on_failed(m["failed"])
 
-    def _admit(self, now: float) -> None:
-        new: list[Stream] = []
-        while self._queue and self._n_active + len(new) < self.max_active:
-            s = self._queue.popleft()
-            s.admitted_at = now
-            self._m_queue_wait.observe(now - s.queued_at)
-            new.append(s)
-        if not new:
+    def _hand_over(self, rows: np.ndarray, keep: np.ndarray | None = None) -> None:
+        """Gives ``rows`` their collected text, one string each, all but the last ``keep`` (default: hold)."""
+        keep = self._hold[rows] if keep is None else keep
+        counts = self._pending[rows] - keep
+        sel = counts > 0
+        rows, counts, keep = rows[sel], counts[sel], keep[sel]
+        if not len(rows):
             return
+        width = int(counts.max())
+        ids = self._held[rows, :width]  # [m, width]
+        if self._codes is not None:
+            codes = self._codes[ids]
+            codes[np.arange(width)[None, :] >= counts[:, None]] = 0  # NULs past each row's end: dropped
+            texts = codes.view(f"U{width}").ravel().tolist()
+        else:  # a vocabulary with NUL in it: character by character
+            vocab = self.metadata.vocab
+            texts = ["".join(vocab[t] for t in r[:c]) for r, c in zip(ids.tolist(), counts.tolist())]
+        streams = self._streams
+        for r, text in zip(rows.tolist(), texts):
+            s = streams.get(r)
+            if s is not None:
+                s.deliver(text)
+        for r, c, k in zip(rows[keep > 0].tolist(), counts[keep > 0].tolist(), keep[keep > 0].tolist()):
+            self._held[r, :k] = self._held[r, c:c + k]  # the held-back tail moves to the front
+        self._pending[rows] = keep
+
+    def _end(self, record: list) -> Stream | None:
+        row, code, reason, message, stop, generated, admitted, first, last, *rest = record
+        stream = self._streams.get(row)
+        if stream is None:
+            return None
+        stream.steps_after_cancel = rest[0] if rest else 0
+        req = stream.request
+        stop_text = req.stop[stop] if code == "OK" and stop >= 0 else ""
+        keep = len(stop_text) if stop_text else (0 if code == "OK" else int(self._hold[row]))
+        self._hand_over(np.array([row], np.int64), np.array([min(keep, int(self._pending[row]))], np.int64))
         with self._lock:
-            self._n_waiting -= len(new)
-            self._n_active += len(new)
-        if not self.batching:
-            for s in new:
-                self._pool.submit(naive.run_alone, self, s)
+            self._streams.pop(row, None)
+        if code == "OK":
+            arrived = req.arrived or admitted
+            stats = GenerationStats(model=self.label, prime_chars=len(req.prime), generated_chars=generated,
+                                    queue_seconds=admitted - arrived, prefill_seconds=first - admitted,
+                                    decode_seconds=last - first, total_seconds=last - arrived,
+                                    stop_sequence=stop_text, seed=req.sampling.seed)
+            reason_ = FinishReason.STOP_SEQUENCE if stop_text else FinishReason.LENGTH
+            stream.finish(GenerationResult(finish_reason=reason_, stats=stats))
         else:
-            self.scheduler.add(new)
-
-    def _release(self, n: int) -> None:
-        """n streams left their slots."""
+            stream.fail(error_for(code, reason, message))
         with self._lock:
-            self._n_active -= n
+            self._free_rows.append(row)
+        return stream
 
-    def _end_all(self, err: errors.CharrnnError) -> None:
-        """Ends every stream the engine thread still holds (queued, prefilling, decoding)."""
-        now = time.monotonic()
-        self._take_inbox()
-        ready = []
-        while self._ready:
-            ready.append(self._ready.popleft()[0])
-        held = list(self._queue) + self.scheduler.held() + ready
-        n_queued = len(self._queue)
-        self._queue.clear()
-        self.scheduler.clear()
-        with self._lock:
-            self._n_waiting -= n_queued
-            self._n_active -= len(held) - n_queued
-        for s in held:
-            if not s.done:
-                s.fail(err, now)
-            s._mailbox.post([s])
+    def _post(self, streams: list[Stream] | None) -> None:
+        """Wakes readers: ``streams`` (at once), or with None every waiting reader of every loop."""
+        if streams is None:
+            for box in list(self._mailboxes.values()):
+                box.post(None)
+            return
+        by_box: dict[Mailbox, list[Stream]] = {}
+        for s in streams:
+            by_box.setdefault(s.mailbox, []).append(s)
+        for box, group in by_box.items():
+            box.post(group)
 
-    def _show_gauges(self) -> None:
-        """Adds this engine's change to the shared gauges (several versions of a model share the label)."""
-        active, queued = self._n_active, self._n_waiting
-        if active != self._shown[0]:
-            self._m_active.inc(active - self._shown[0])
-            self._shown[0] = active
-        if queued != self._shown[1]:
-            self._m_queued.inc(queued - self._shown[1])
-            self._shown[1] = queued
+    def _show_load(self, active: int, queued: int) -> None:
+        """Adds the core's change to the shared gauges (several versions of a model share the label)."""
+        if self._metrics is None:
+            return
+        m = self._metrics
+        for i, (value, gauge) in enumerate(((active, m.active_streams), (queued, m.queued_streams))):
+            if value != self._shown[i]:
+                gauge.labels(self.name).inc(value - self._shown[i])
+                self._shown[i] = value

@@ -7,7 +7,9 @@ them. Change the three together. Each server (and each test) gets its own
 
 from __future__ import annotations
 
-from charrnn.service import errors
+import threading
+
+import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -17,6 +19,8 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+
+from charrnn.service import errors
 
 # Buckets tuned to the workload (the client library's default 5 ms..10 s misses
 # the sub-millisecond steps of a small model on CPU).
@@ -187,3 +191,77 @@ def observe_many(child, value: float, count: int) -> None:
         if value <= bound:
             buckets[i].inc(count)
             break
+
+
+class CoreStats:
+    """The engine core's own figures, counted in arrays and handed over as deltas.
+
+    The core may run in another process than the registry: it counts here (one
+    ``observe`` per step, whatever the batch) and each of its messages to the
+    primary front-end carries ``take()``, which ``apply_core_stats`` adds to the
+    registry's histograms and counters.
+    """
+
+    HISTOGRAMS = {"step": STEP_BUCKETS, "batch": BATCH_BUCKETS, "queue_wait": QUEUE_WAIT_BUCKETS,
+                  "inter_char": INTER_CHAR_BUCKETS}
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the batching-off threads count here too
+        self._bounds = {name: np.array(b, np.float64) for name, b in self.HISTOGRAMS.items()}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._counts = {name: np.zeros(len(b) + 1, np.int64) for name, b in self.HISTOGRAMS.items()}
+        self._sums = dict.fromkeys(self.HISTOGRAMS, 0.0)
+        self._cache = [0, 0]  # prime cache hits, misses
+
+    def observe(self, name: str, values) -> None:
+        """One observation per value (a float, or an array of them) in histogram ``name``."""
+        values = np.atleast_1d(np.asarray(values, np.float64))
+        if not len(values):
+            return
+        where = np.searchsorted(self._bounds[name], values, side="left")  # first bound >= value; past: +Inf
+        with self._lock:
+            np.add.at(self._counts[name], where, 1)
+            self._sums[name] += float(values.sum())
+
+    def observe_same(self, name: str, value: float, count: int) -> None:
+        """``count`` observations of one value."""
+        if count <= 0:
+            return
+        where = int(np.searchsorted(self._bounds[name], value, side="left"))
+        with self._lock:
+            self._counts[name][where] += count
+            self._sums[name] += value * count
+
+    def cache(self, hit: bool) -> None:
+        with self._lock:
+            self._cache[0 if hit else 1] += 1
+
+    def take(self) -> dict:
+        """What was counted since the last take: {"h": {name: [counts, sum]}, "cache": [hits, misses]}."""
+        with self._lock:
+            delta = {"h": {n: [c, self._sums[n]] for n, c in self._counts.items() if c.any()},
+                     "cache": list(self._cache)}
+            self._reset()
+        return delta
+
+
+def apply_core_stats(metrics: "Metrics", model: str, delta: dict) -> None:
+    """Adds a CoreStats.take() to the registry of ``metrics`` under label ``model``."""
+    families = {"step": metrics.step, "batch": metrics.batch_size, "queue_wait": metrics.queue_wait,
+                "inter_char": metrics.inter_char}
+    for name, (counts, total) in delta.get("h", {}).items():
+        child = families[name].labels(model)
+        buckets, summed = getattr(child, "_buckets", None), getattr(child, "_sum", None)  # see observe_many
+        if buckets is None or summed is None or len(buckets) != len(counts):
+            raise RuntimeError("prometheus_client's Histogram internals changed; see metrics.observe_many")
+        for bucket, n in zip(buckets, counts.tolist()):
+            if n:
+                bucket.inc(n)
+        summed.inc(total)
+    hits, misses = delta.get("cache", (0, 0))
+    if hits:
+        metrics.prime_cache.labels(model, "hit").inc(hits)
+    if misses:
+        metrics.prime_cache.labels(model, "miss").inc(misses)

@@ -20,9 +20,7 @@ from typing import Callable
 
 from charrnn import modelfile as mf
 from charrnn.service import errors
-from charrnn.service.engine import Engine
 from charrnn.service.metrics import Metrics
-from charrnn.service.runtime import LoadedModel, load_model
 from charrnn.service.supervisor import EngineState, EngineSupervisor, RestartPolicy
 
 DEFAULT_NAME = "default"  # the default model when --default-model is not given, if it exists
@@ -38,7 +36,7 @@ class ModelEntry:
     version: int
     latest: bool  # the newest loaded version of `name` (what "name" resolves to)
     is_default: bool  # what "" resolves to
-    model: LoadedModel
+    model: object  # launch.ServedModel (a core process) or runtime.LoadedModel (in-process): metadata, device
     engine: EngineSupervisor
 
     @property
@@ -66,7 +64,7 @@ class ReloadSummary:
 
 @dataclass
 class _Loaded:
-    model: LoadedModel  # as first loaded (a restart reloads the same file: engine.model)
+    model: object  # as first loaded (a restart loads the same file anew: engine.model)
     engine: EngineSupervisor
     signature: tuple  # (inode, size, mtime_ns) of the file when loaded
 
@@ -82,11 +80,10 @@ class ModelRepository:
         root: str | os.PathLike,
         *,
         device: str,
-        engine_factory: Callable[[LoadedModel], Engine],
+        engine_factory: Callable[[Path, str, int], object],
         metrics: Metrics,
         log: logging.Logger,
         default_model: str | None = None,
-        threads: int = 0,
         policy: RestartPolicy = RestartPolicy(),
         on_change: Callable[[], None] = lambda: None,
     ):
@@ -95,7 +92,6 @@ class ModelRepository:
         self.engine_factory = engine_factory
         self.metrics = metrics
         self.log = log
-        self.threads = threads  # onnxruntime intra-op threads per model (0 = one per core)
         self.policy = policy  # restarts after engine failures (supervisor.py)
         self.on_change = on_change  # called (from any thread) when an engine changes state
         self._explicit_default = default_model or None  # --default-model
@@ -212,7 +208,8 @@ class ModelRepository:
         started = time.monotonic()
         try:
             sig = _signature(path)
-            model = load_model(path, name, version, self.device, self.threads)
+            engine = EngineSupervisor(lambda: self.engine_factory(path, name, version), policy=self.policy,
+                                      metrics=self.metrics, on_change=self.on_change)
         except (mf.ModelFormatError, OSError) as e:
             message = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
             self.log.error("refused %s@%d: %s", name, version, message)
@@ -225,10 +222,7 @@ class ModelRepository:
         self._refused.pop(path, None)
         m = self.metrics
         m.init_model(name)
-        engine = EngineSupervisor(
-            model, make_engine=self.engine_factory, policy=self.policy, metrics=m, on_change=self.on_change,
-            reload=lambda: load_model(path, name, version, self.device, self.threads),
-        )
+        model = engine.model
         seconds = time.monotonic() - started
         meta = model.metadata
         m.model_load.labels(name).observe(seconds)
@@ -248,7 +242,7 @@ class ModelRepository:
             except KeyError:
                 pass
 
-    def _info_labels(self, model: LoadedModel) -> tuple[str, ...]:
+    def _info_labels(self, model) -> tuple[str, ...]:
         """Label values of charrnn_model_info: model, version, cell, layers, hidden, device."""
         meta = model.metadata
         return (model.name, str(model.version), meta.cell, str(meta.layers), str(meta.hidden), self.device)

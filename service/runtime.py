@@ -21,13 +21,17 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from charrnn import modelfile as mf
 from charrnn.service import onnxproto
+from charrnn.service.sampler import Controls, Picked, Sampler
+
+if TYPE_CHECKING:  # pragma: no cover
+    from charrnn.service import cudaops
 
 log = logging.getLogger("charrnn.service.runtime")
 
@@ -102,16 +106,26 @@ class LoadedModel:
     metadata: mf.ModelMetadata
     device: str  # "cpu" | "cuda"
     session: ort.InferenceSession
-    _in_names: tuple[str, ...] = field(init=False, repr=False)  # state inputs: ("h",) or ("h", "c")
-    _out_names: tuple[str, ...] = field(init=False, repr=False)  # logits, then state outputs
-    _ops: "_DeviceStateOps | None" = field(init=False, repr=False, default=None)
+    state_inputs: tuple[str, ...] = field(init=False, repr=False)  # state inputs: ("h",) or ("h", "c")
+    outputs: tuple[str, ...] = field(init=False, repr=False)  # logits, then state outputs
+    _ops: "cudaops.DeviceStateOps | None" = field(init=False, repr=False, default=None)
+    _sampler: Sampler | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         pairs = self.metadata.state_names()
-        self._in_names = tuple(i for i, _ in pairs)
-        self._out_names = (mf.OUTPUT_LOGITS, *(o for _, o in pairs))
+        self.state_inputs = tuple(i for i, _ in pairs)
+        self.outputs = (mf.OUTPUT_LOGITS, *(o for _, o in pairs))
         if self.device == "cuda":
-            self._ops = _DeviceStateOps()
+            from charrnn.service import cudaops
+
+            self._ops = cudaops.DeviceStateOps()
+
+    @property
+    def sampler(self) -> Sampler:
+        """The sampler graph on this model's device (created at the first use)."""
+        if self._sampler is None:
+            self._sampler = Sampler([CUDA_PROVIDER, CPU_PROVIDER] if self.device == "cuda" else None)
+        return self._sampler
 
     @property
     def label(self) -> str:
@@ -120,7 +134,7 @@ class LoadedModel:
     def zero_state(self, batch: int) -> State:
         """The state of ``batch`` streams that have read nothing yet."""
         m = self.metadata
-        zeros = [np.zeros((m.layers, batch, m.hidden), np.float32) for _ in self._in_names]
+        zeros = [np.zeros((m.layers, batch, m.hidden), np.float32) for _ in self.state_inputs]
         if self._ops is None:
             return tuple(zeros)
         return tuple(ort.OrtValue.ortvalue_from_numpy(z, "cuda", 0) for z in zeros)
@@ -128,19 +142,54 @@ class LoadedModel:
     def run(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """tokens int64 [B, T], state -> logits float32 [B, T, V] (host memory), new state."""
         if self._ops is None:
-            feeds = {mf.INPUT_TOKENS: tokens, **dict(zip(self._in_names, state))}
-            logits, *new = self.session.run(self._out_names, feeds)
+            feeds = {mf.INPUT_TOKENS: tokens, **dict(zip(self.state_inputs, state))}
+            logits, *new = self.session.run(self.outputs, feeds)
             return logits, tuple(new)
         binding = self.session.io_binding()
         binding.bind_cpu_input(mf.INPUT_TOKENS, np.ascontiguousarray(tokens, np.int64))
-        for name, value in zip(self._in_names, state):
+        for name, value in zip(self.state_inputs, state):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(mf.OUTPUT_LOGITS, "cpu")  # the only tensor that crosses to the host
-        for name in self._out_names[1:]:
+        for name in self.outputs[1:]:
             binding.bind_output(name, "cuda", 0)
         self.session.run_with_iobinding(binding)
         logits, *new = binding.get_outputs()
         return logits.numpy(), tuple(new)
+
+    def decode(self, tokens: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray,
+               top_p: np.ndarray, u: np.ndarray, controls: Controls | None = None) -> tuple[Picked, State]:
+        """One step of every row and its next character: tokens int64 [B, 1] -> (Picked, new state).
+
+        On CUDA the logits stay on the device and go straight into the sampler; only ids (and
+        log-probabilities when asked) come back to the host.
+        """
+        if self._ops is None:
+            logits, state = self.run(tokens, state)
+            return self.sampler.sample(logits, temperature, top_k, top_p, u, controls), state
+        return self._ops.decode(self, tokens, state, (temperature, top_k, top_p, u), controls)
+
+    def sample(self, logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
+               u: np.ndarray, controls: Controls | None = None) -> Picked:
+        """Next characters from host logits float32 [k, V] (a prefill's last step, a cached prime)."""
+        return self.sampler.sample(logits, temperature, top_k, top_p, u, controls)
+
+    def place(self, state: State, slots: np.ndarray, rows: State) -> State:
+        """``state`` with batch rows ``slots`` (int64 [k]) replaced by ``rows`` (batch k); in place on the CPU."""
+        if self._ops is None:
+            for target, source in zip(state, rows):
+                target[:, slots, :] = source
+            return state
+        return tuple(self._ops.place(s, slots, r) for s, r in zip(state, rows))
+
+    def resize(self, state: State, batch: int) -> State:
+        """The first ``batch`` rows of ``state``, or all of them and zero rows after."""
+        have = (state[0].shape() if self._ops is not None else state[0].shape)[1]
+        if batch <= have:
+            rows = np.arange(batch, dtype=np.int64)
+            if self._ops is not None:
+                return self.take(state, rows)
+            return tuple(np.ascontiguousarray(s[:, :batch]) for s in state)
+        return self.concat([state, self.zero_state(batch - have)])
 
     def take(self, state: State, rows: np.ndarray) -> State:
         """The state of batch rows ``rows`` (int64 [n]), in that order."""
@@ -161,31 +210,6 @@ class LoadedModel:
         return tuple(s if isinstance(s, np.ndarray) else s.numpy() for s in state)
 
 
-class _DeviceStateOps:
-    """Gathers and joins state rows on the GPU with two one-node graphs, so the state stays there."""
-
-    def __init__(self) -> None:
-        providers = [CUDA_PROVIDER]
-        self._gather = ort.InferenceSession(onnxproto.gather_rows_model(), providers=providers)
-        self._concat = ort.InferenceSession(onnxproto.concat_rows_model(), providers=providers)
-
-    def gather(self, value: ort.OrtValue, rows: np.ndarray) -> ort.OrtValue:
-        b = self._gather.io_binding()
-        b.bind_ortvalue_input("state", value)
-        b.bind_cpu_input("rows", np.ascontiguousarray(rows, np.int64))
-        b.bind_output("out", "cuda", 0)
-        self._gather.run_with_iobinding(b)
-        return b.get_outputs()[0]
-
-    def concat(self, a: ort.OrtValue, c: ort.OrtValue) -> ort.OrtValue:
-        b = self._concat.io_binding()
-        b.bind_ortvalue_input("a", a)
-        b.bind_ortvalue_input("b", c)
-        b.bind_output("out", "cuda", 0)
-        self._concat.run_with_iobinding(b)
-        return b.get_outputs()[0]
-
-
 def session_options(threads: int = 0) -> ort.SessionOptions:
     """Options of every model session: ``threads`` intra-op threads (0 = one per core)."""
     opts = ort.SessionOptions()
@@ -199,8 +223,12 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
     return opts
 
 
-def load_model(path: str | os.PathLike, name: str, version: int, device: str, threads: int = 0) -> LoadedModel:
-    """Opens and checks one model file; raises ModelFormatError('<path>: <why>') when it breaks the contract."""
+def load_model(path: str | os.PathLike, name: str, version: int, device: str, threads: int = 0,
+               trial: bool = True) -> LoadedModel:
+    """Opens and checks one model file; raises ModelFormatError('<path>: <why>') when it breaks the contract.
+
+    ``trial=False`` leaves out the trial step (``trial_step``), for a caller that times it apart.
+    """
     path = Path(path)
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda (see select_device), got {device!r}")
@@ -223,11 +251,12 @@ def load_model(path: str | os.PathLike, name: str, version: int, device: str, th
     except mf.ModelFormatError as e:
         raise mf.ModelFormatError(f"{path}: {e}") from None
     model = LoadedModel(name=name, version=version, path=path, metadata=meta, device=device, session=session)
-    _check_trial_step(model)
+    if trial:
+        trial_step(model)
     return model
 
 
-def _check_trial_step(model: LoadedModel) -> None:
+def trial_step(model: LoadedModel) -> None:
     """One real step at batch 2: output shapes must match the metadata (catches symbolic dims too)."""
     m = model.metadata
     try:
@@ -239,7 +268,7 @@ def _check_trial_step(model: LoadedModel) -> None:
             f"{model.path}: a trial step gave logits {list(logits.shape)}, expected [2, 1, {m.vocab_size}] "
             f"(vocab_size from the metadata)"
         )
-    for name, s in zip(model._out_names[1:], model.state_numpy(state)):
+    for name, s in zip(model.outputs[1:], model.state_numpy(state)):
         if s.shape != (m.layers, 2, m.hidden):
             raise mf.ModelFormatError(
                 f"{model.path}: a trial step gave {name} {list(s.shape)}, expected "

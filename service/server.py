@@ -14,8 +14,10 @@ import asyncio
 import functools
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 # gRPC's C core writes its own lines to stderr (a refused TLS handshake logs at info) and reads
@@ -30,7 +32,7 @@ from prometheus_client import start_http_server
 
 from charrnn.service import logs, tls
 from charrnn.service.config import ServeConfig, parse_args
-from charrnn.service.engine import Engine
+from charrnn.service.launch import CoreProcess
 from charrnn.service.metrics import Metrics
 from charrnn.service.repository import ModelRepository, RepositoryError
 from charrnn.service.runtime import select_device
@@ -72,6 +74,8 @@ class Server:
         self._poller: asyncio.Task | None = None
         self._model_names: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The engine cores' sockets (ipc://) live here; removed when the server stops.
+        self._workdir = tempfile.mkdtemp(prefix="charrnn-")
         self._watchdog: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -88,14 +92,16 @@ class Server:
         self.repository = ModelRepository(
             c.models,
             device=device,
+            # One engine core process per model version (corerun.py), each loading its own file.
             engine_factory=functools.partial(
-                Engine, metrics=self.metrics, max_active=c.max_active_streams, max_queue=c.max_queue,
-                max_queue_wait=c.max_queue_wait, batching=c.batching, flush_interval=c.flush_interval,
+                CoreProcess, device=device, threads=c.threads, metrics=self.metrics, workdir=self._workdir,
+                max_active=c.max_active_streams, max_queue=c.max_queue, max_queue_wait=c.max_queue_wait,
+                batching=c.batching, flush_interval=c.flush_interval, step_timeout=c.step_timeout,
+                log_format=c.log_format, log_level=c.log_level,
             ),
             metrics=self.metrics,
             log=logging.getLogger("charrnn.service.repository"),
             default_model=c.default_model or None,
-            threads=c.threads,
             policy=RestartPolicy(backoff=c.engine_restart_backoff, max_backoff=c.engine_max_backoff,
                                  max_failures=c.engine_max_failures, window=c.engine_failure_window,
                                  step_timeout=c.step_timeout),
@@ -145,9 +151,10 @@ class Server:
         )
 
     async def _set_health(self) -> None:
-        """Each model SERVING unless its newest version's engine is FAILED; the server SERVING while any model is."""
+        """Each model SERVING while its newest version's engine serves (not while it restarts or has failed);
+        the server SERVING while any model is."""
         latest = {e.name: e for e in self.repository.entries() if e.latest}
-        serving = {name for name, e in latest.items() if e.state is not EngineState.FAILED}
+        serving = {name for name, e in latest.items() if e.state is EngineState.SERVING}
         for name in sorted(latest):
             await self.health.set(name, SERVING if name in serving else NOT_SERVING)
         for gone in sorted(self._model_names - set(latest)):
@@ -218,6 +225,7 @@ class Server:
             await self.grpc_server.stop(STOP_FLUSH_SECONDS)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
+        shutil.rmtree(self._workdir, ignore_errors=True)
         total = time.monotonic() - started
         self.log.info("stopped", extra={"drain_seconds": round(drained, 3), "total_seconds": round(total, 3)})
 
@@ -229,6 +237,7 @@ class Server:
             await self.grpc_server.stop(None)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
+        shutil.rmtree(self._workdir, ignore_errors=True)
 
     def banner(self) -> str:
         c = self.config

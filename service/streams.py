@@ -1,68 +1,42 @@
-"""One generation stream as its asyncio handler sees it, and how text crosses from the engine thread.
+"""One generation stream as its asyncio handler sees it, and how text reaches the handler's event loop.
 
-The engine thread appends characters to a stream's deque and, after each step,
-posts to the ``Mailbox`` of each asyncio loop that has streams in the batch:
-at most one ``call_soon_threadsafe`` per loop per step (and ordinary text at
-most once per flush interval), never one per stream per character. The
-callback wakes the waiting readers. A reader takes everything produced since
-its previous read as one chunk, so a slow reader gets several characters per
-chunk and the engine never waits for it.
+The engine client's I/O thread (engine.py) turns the core's ids into text and
+hands each stream its new text; after each message it posts once to the
+``Mailbox`` of each asyncio loop with streams to wake: at most one
+``call_soon_threadsafe`` per loop per message, never one per stream per
+character. A reader takes everything produced since its previous read as one
+chunk, so a slow reader gets several characters per chunk and nothing ever
+waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import threading
-import time
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from charrnn.service import errors
-from charrnn.service.requests import FinishReason, GenerationRequest, GenerationResult, GenerationStats
-
-if TYPE_CHECKING:  # pragma: no cover
-    from charrnn.service.engine import Engine
-
-
-_CANCELS = itertools.count(1)  # serial number of each cancel, for the engine's cancel mark
+from charrnn.service.requests import GenerationRequest, GenerationResult
 
 
 class Mailbox:
-    """Hands the engine's output to one asyncio loop: at most one pending callback at a time.
+    """Wakes the readers of one asyncio loop: at most one pending callback at a time."""
 
-    Ordinary text is delivered at most once per ``interval`` seconds (every
-    waiting reader then gets all characters since its last chunk); streams
-    named ``urgent`` (a first character, an end) are woken at once, and only
-    they. This bounds the loop's wake-ups and the messages on the wire when
-    steps are fast, without touching time to first character.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.interval = interval  # seconds between deliveries of ordinary text
         self.waiting: set[Stream] = set()  # streams whose reader awaits (touched on the loop thread only)
-        self._lock = threading.Lock()  # guards the three fields below (engine and pool threads post)
-        self._urgent: list[Stream] = []  # to wake with the next callback
-        self._everyone = False  # the next callback wakes every waiting reader
-        self._scheduled = False  # a callback is pending on the loop
-        self._last = 0.0  # time.monotonic() of the last delivery to everyone
+        self._lock = threading.Lock()  # guards the two fields below (the I/O thread posts)
+        self._wake: set[Stream] | None = set()  # to wake with the next callback; None: every waiting one
+        self._scheduled = False
 
-    def due(self, now: float) -> bool:
-        """Whether ordinary text posted at ``now`` would be delivered (the flush interval has passed)."""
-        return now - self._last >= self.interval
-
-    def post(self, urgent: list[Stream] | tuple = ()) -> None:
-        """Engine side, after a step: new text for this loop's streams; ``urgent`` ones are woken at once."""
-        now = time.monotonic()
-        due = now - self._last >= self.interval
-        if not (due or urgent):
-            return  # the engine posts again after its next step; the text waits in the deques
+    def post(self, streams: list["Stream"] | None) -> None:
+        """I/O thread: ``streams`` have news (None: every stream of this loop may have)."""
         with self._lock:
-            if due:
-                self._everyone = True
-                self._last = now
-            self._urgent.extend(urgent)
+            if streams is None:
+                self._wake = None
+            elif self._wake is not None:
+                self._wake.update(streams)
             if self._scheduled:
                 return
             self._scheduled = True
@@ -74,42 +48,29 @@ class Mailbox:
 
     def _deliver(self) -> None:
         with self._lock:  # taken before the scan: what is posted after this gets a new callback
-            everyone, urgent = self._everyone, self._urgent
-            self._everyone, self._urgent, self._scheduled = False, [], False
-        candidates = list(self.waiting) if everyone else [s for s in urgent if s in self.waiting]
+            wake, self._wake, self._scheduled = self._wake, set(), False
+        candidates = list(self.waiting) if wake is None else [s for s in wake if s in self.waiting]
         for s in candidates:
-            if s._chunks or s._done:
+            if s.ready:
                 self.waiting.discard(s)
-                w = s._waiter
-                if w is not None and not w.done():
-                    w.set_result(None)
+                s.wake()
 
 
 class Stream:
-    """Async iterator of text chunks for one request; see Engine.submit."""
+    """Async iterator of text chunks for one request; see EngineClient.submit."""
 
-    def __init__(self, request: GenerationRequest, engine: "Engine", mailbox: Mailbox, label: str):
+    def __init__(self, request: GenerationRequest, mailbox: Mailbox, cancel: Callable[["Stream"], None]):
         self.request = request
         self.result: GenerationResult | None = None  # set when iteration ends normally
-        self.first_char_at: float | None = None  # time.monotonic() of the first generated character
-        self._engine = engine
-        self._mailbox = mailbox
-        self._chunks: collections.deque[str] = collections.deque()  # engine appends, reader pops
-        self._done = False  # engine: no more text will come
+        self.first_char_at: float | None = None  # time.monotonic() its first character reached this process
+        self.mailbox = mailbox
+        self.row = -1  # the stream's row at its engine client (set by EngineClient.submit)
+        self.steps_after_cancel = 0  # decode steps the core ran for it after its cancel arrived (at most 1)
+        self._cancel = cancel
+        self._chunks: collections.deque[str] = collections.deque()  # the I/O thread appends, the reader pops
+        self._done = False  # no more text will come
         self._error: errors.CharrnnError | None = None
         self._waiter: asyncio.Future | None = None
-        self._cancelled = False
-        # Engine-thread bookkeeping.
-        self.arrived = request.arrived or time.monotonic()
-        self.admitted_at: float | None = None
-        self.last_char_at: float | None = None
-        self.generated = 0
-        self._stats = GenerationStats(model=label, prime_chars=len(request.prime), seed=request.sampling.seed)
-        self.queued_at = self.arrived  # engine.submit sets the time it entered the queue
-        self._stops = tuple(sorted(request.stop, key=len, reverse=True))  # longest first: it is the one cut
-        self._longest_stop = max((len(s) for s in request.stop), default=0)
-        self._held = ""  # text that might still begin a stop sequence (held back from the reader)
-        self.matched_stop = ""  # the stop sequence that ended the stream, once one has
 
     # ---- reader side (asyncio loop thread) ----
 
@@ -119,20 +80,21 @@ class Stream:
     async def __anext__(self) -> str:
         while True:
             if self._chunks:
-                return self._take()
+                return self.take()
             if self._done:
                 if self._error is not None:
                     raise self._error
                 raise StopAsyncIteration
-            self._waiter = self._mailbox.loop.create_future()
-            self._mailbox.waiting.add(self)
+            self._waiter = self.mailbox.loop.create_future()
+            self.mailbox.waiting.add(self)
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-                self._mailbox.waiting.discard(self)
+                self.mailbox.waiting.discard(self)
 
-    def _take(self) -> str:
+    def take(self) -> str:
+        """Every character delivered since the last take."""
         parts = []
         chunks = self._chunks
         while chunks:
@@ -140,102 +102,34 @@ class Stream:
         return "".join(parts)
 
     def cancel(self) -> None:
-        """Thread-safe: the engine frees this stream's slot at its next step."""
+        """Thread-safe: the core frees this stream's slot at its next step."""
         if not self._done:
-            self._cancelled = True
-            self._engine.cancel_mark = next(_CANCELS)  # after the flag: the engine scans its rows when this moved
-            self._engine._wake.set()
+            self._cancel(self)
 
     @property
     def done(self) -> bool:
         return self._done
 
-    # ---- engine side (engine thread) ----
+    @property
+    def ready(self) -> bool:
+        """There is text to read, or the end."""
+        return bool(self._chunks) or self._done
 
-    def push(self, ch: str) -> str | None:
-        """Adds one generated character; returns the stop sequence it completes, if any."""
-        self.generated += 1
-        if not self._stops:
-            self._chunks.append(ch)
-            return None
-        held = self._held + ch
-        for stop in self._stops:
-            if held.endswith(stop):
-                if len(held) > len(stop):
-                    self._chunks.append(held[: len(held) - len(stop)])
-                self._held = ""
-                self.matched_stop = stop
-                return stop
-        # Keep the longest tail that could still grow into a stop sequence; release the rest.
-        keep = 0
-        for k in range(min(len(held), self._longest_stop - 1), 0, -1):
-            tail = held[-k:]
-            if any(s.startswith(tail) for s in self._stops):
-                keep = k
-                break
-        if len(held) > keep:
-            self._chunks.append(held[: len(held) - keep])
-        self._held = held[len(held) - keep :] if keep else ""
-        return None
+    def wake(self) -> None:
+        """Loop thread (Mailbox): the reader's wait is over."""
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
-    def advance(self, ch: str, now: float):
-        """Adds one generated character and says whether the stream ends here.
+    # ---- I/O thread side ----
 
-        Returns None (go on), a stop sequence (str) that matched, FinishReason.LENGTH,
-        or the error that ends it (cancelled, deadline passed). Pass the result to ``end``.
-        """
-        stop = self.push(ch)
-        if stop is not None:
-            return stop
-        if self.generated >= self.request.max_chars:
-            return FinishReason.LENGTH
-        return self.gone(now)
+    def deliver(self, text: str) -> None:
+        self._chunks.append(text)
 
-    def end(self, why, now: float) -> None:
-        """Ends the stream for the reason ``advance`` (or the engine) gave."""
-        self.last_char_at = now
-        if why is FinishReason.LENGTH:
-            self.finish(FinishReason.LENGTH, now)
-        elif isinstance(why, str):
-            self.finish(FinishReason.STOP_SEQUENCE, now, stop=why)
-        else:
-            self.fail(why, now)
-
-    def gone(self, now: float) -> errors.CharrnnError | None:
-        """Cancelled or past its deadline (checked before any work is spent on the stream)."""
-        if self._cancelled:
-            return errors.Cancelled("cancelled")
-        deadline = self.request.deadline
-        if deadline is not None and deadline <= now:
-            return errors.DeadlineExceeded(
-                f"deadline passed after {self.generated} of {self.request.max_chars} characters")
-        return None
-
-    def finish(self, reason: FinishReason, now: float, stop: str = "") -> None:
-        """Ends the stream normally: held text is real output unless a stop sequence matched."""
-        if self._held:
-            self._chunks.append(self._held)
-            self._held = ""
-        st = self._stats
-        st.generated_chars = self.generated
-        st.stop_sequence = stop
-        self._fill_times(now)
-        self.result = GenerationResult(finish_reason=reason, stats=st)
+    def finish(self, result: GenerationResult) -> None:
+        self.result = result
         self._done = True
 
-    def fail(self, error: errors.CharrnnError, now: float) -> None:
-        """Ends the stream with an error; text already produced is still delivered first."""
-        self._held = ""
-        self._stats.generated_chars = self.generated
-        self._fill_times(now)
+    def fail(self, error: errors.CharrnnError) -> None:
         self._error = error
         self._done = True
-
-    def _fill_times(self, now: float) -> None:
-        st = self._stats
-        admitted = self.admitted_at if self.admitted_at is not None else now
-        st.queue_seconds = admitted - self.arrived
-        first = self.first_char_at if self.first_char_at is not None else now
-        st.prefill_seconds = first - admitted
-        st.decode_seconds = (self.last_char_at or first) - first
-        st.total_seconds = (self.last_char_at or now) - self.arrived

@@ -12,10 +12,11 @@ model. The supervisor then:
   ``--engine-failure-window`` seconds: its health entry turns NOT_SERVING, so
   load balancers stop sending traffic, and it keeps retrying every
   ``--engine-max-backoff`` seconds, back to SERVING when a restart passes;
-- treats an engine that holds work but finishes no round for ``--step-timeout``
-  seconds as hung: its streams end at once and the model is FAILED. A thread
-  blocked inside onnxruntime cannot be killed, so the server reports itself not
-  live (health service ``liveness``) and the kubelet restarts the pod.
+- treats an engine that goes silent for ``--step-timeout`` seconds (a step that
+  never returns) as hung: its streams end at once. A core process is killed and
+  restarts like any failed one. An engine on a thread of this process cannot be
+  killed: the model is FAILED and the server reports itself not live (health
+  service ``liveness``), so the kubelet restarts the pod.
 
 While the model is not serving, ``submit`` refuses at once with UNAVAILABLE
 and a message that says whether it is restarting or failed.
@@ -32,10 +33,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from charrnn.service import errors
-from charrnn.service.engine import Engine
 from charrnn.service.metrics import Metrics
 from charrnn.service.requests import GenerationRequest
-from charrnn.service.runtime import LoadedModel
 from charrnn.service.streams import Stream
 
 log = logging.getLogger("charrnn.service.supervisor")
@@ -63,18 +62,16 @@ class EngineSupervisor:
 
     def __init__(
         self,
-        model: LoadedModel,
+        launch: Callable[[], object],
         *,
-        make_engine: Callable[[LoadedModel], Engine],
-        reload: Callable[[], LoadedModel],
         policy: RestartPolicy,
         metrics: Metrics,
         on_change: Callable[[], None] = lambda: None,
     ):
-        self.model = model  # the model the current engine runs (a restart loads the file anew)
+        """``launch()`` makes a new, unstarted engine (launch.Engine or launch.CoreProcess) of one model file;
+        the first one starts here, and a refusal (ModelFormatError) propagates."""
         self.policy = policy
-        self._make_engine = make_engine
-        self._reload = reload
+        self._launch_new = launch
         self._on_change = on_change  # told of every state change (the server updates health), any thread
         self._lock = threading.Lock()
         self._state = EngineState.SERVING
@@ -83,13 +80,16 @@ class EngineSupervisor:
         self._last_error = ""
         self._timer: threading.Timer | None = None
         self._retired = False  # drained or stopped: never restarted again
-        self._m_failures = metrics.engine_failures.labels(model.name)
-        self._m_state = {s: metrics.engine_state.labels(model.name, s.value) for s in EngineState}
-        self.engine = self._launch(model)
+        engine = self._launch_new()
+        self.engine = engine
+        engine.start(on_failure=self._failed)  # a refused model file raises here: no series are made for it
+        self.model = engine.model  # the model as the current engine loaded it
+        self._m_failures = metrics.engine_failures.labels(engine.name)
+        self._m_state = {s: metrics.engine_state.labels(engine.name, s.value) for s in EngineState}
         self._m_state[EngineState.SERVING].inc()
 
-    def _launch(self, model: LoadedModel) -> Engine:
-        engine = self._make_engine(model)
+    def _launch(self):
+        engine = self._launch_new()
         engine.start(on_failure=self._failed)
         return engine
 
@@ -97,7 +97,7 @@ class EngineSupervisor:
 
     @property
     def label(self) -> str:
-        return self.model.label
+        return self.engine.label
 
     @property
     def state(self) -> EngineState:
@@ -173,8 +173,7 @@ class EngineSupervisor:
             if self._retired:
                 return
         try:
-            model = self._reload()
-            engine = self._launch(model)
+            engine = self._launch()
         except Exception as e:  # noqa: BLE001 - any reason the model cannot run counts as a failure
             self._failed(e)
             return
@@ -182,18 +181,25 @@ class EngineSupervisor:
             if self._retired:
                 engine.stop(5.0)
                 return
-            self.model, self.engine = model, engine
+            self.model, self.engine = engine.model, engine
             self._set_state(EngineState.SERVING)
         log.info("engine of %s restarted and serving", self.label)
         self._on_change()
 
     def check(self, now: float) -> None:
-        """The watchdog: an engine with work that finished no round for --step-timeout seconds is hung."""
+        """The watchdog: an engine silent for --step-timeout seconds is hung."""
         if self._state is not EngineState.SERVING:
             return
         stalled = self.engine.stalled(now)
         if stalled <= self.policy.step_timeout:
             return
+        error = errors.Unavailable(
+            f"the engine of model {self.label} made no progress for {stalled:.1f}s (--step-timeout "
+            f"{self.policy.step_timeout:g}s); retry on another replica", "engine")
+        log.error("engine of %s made no progress for %.1fs (--step-timeout %gs): its streams end", self.label,
+                  stalled, self.policy.step_timeout)
+        if self.engine.stop_hung(error):
+            return  # killed: it reports its end as a failure and restarts
         with self._lock:
             if self._state is not EngineState.SERVING or self._retired:
                 return
@@ -202,12 +208,8 @@ class EngineSupervisor:
             self._last_error = f"no progress for {stalled:.1f}s"
             self._set_state(EngineState.FAILED)
         self._m_failures.inc()
-        log.error("engine of %s made no progress for %.1fs with work to do (--step-timeout %gs): its streams end, "
-                  "the model is marked failed and the server reports itself not live", self.label, stalled,
-                  self.policy.step_timeout)
-        self.engine.abandon(errors.Unavailable(
-            f"the engine of model {self.label} made no progress for {stalled:.1f}s (--step-timeout "
-            f"{self.policy.step_timeout:g}s); retry on another replica", "engine"))
+        log.error("engine of %s cannot be stopped (a thread): the model is marked failed and the server reports "
+                  "itself not live", self.label)
         self._on_change()
 
     def _set_state(self, state: EngineState) -> None:

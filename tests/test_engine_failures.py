@@ -8,11 +8,20 @@ deadline"; the figures themselves come from ``python -m bench.engine_faults``.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
 import time
 
 import pytest
 
+from charrnn.service import errors
 from charrnn.service.client import GeneratorClient, ServiceError
+from charrnn.service.launch import in_process
+from charrnn.service.metrics import Metrics
+from charrnn.service.repository import ModelRepository
+from charrnn.service.supervisor import EngineState, RestartPolicy
+from testkit.requests import generation_request
 from testkit import probes
 from testkit.ortfault import ENV, set_fault
 from testkit.serve_process import ServeProcess, blocked_env
@@ -78,6 +87,13 @@ def _wait_health(client: GeneratorClient, service: str, status: str, seconds: fl
     return time.monotonic() - start
 
 
+def _wait_state(client: GeneratorClient, state: str, seconds: float = 30.0) -> None:
+    start = time.monotonic()
+    while [m.state for m in client.list_models()] != [state]:
+        assert time.monotonic() - start < seconds, f"the model never became {state}"
+        time.sleep(0.02)
+
+
 def _metric(server: ServeProcess, name: str, **labels) -> float:
     text = probes.scrape(server.metrics_url)
     assert probes.has_series(text, name, **labels), f"{name}{labels} not exposed"
@@ -120,8 +136,9 @@ def test_a_permanent_fault_refuses_at_once_and_turns_health_not_serving(faulty, 
                 client.generate("A", 5, model="tiny", timeout=30).text()
             assert info.value.code.name == "UNAVAILABLE" and "tiny@1" in info.value.details
             assert time.monotonic() - started < 5.0  # refused, not left waiting for its 30 s deadline
+        _wait_state(client, "failed")
         for service in ("tiny", "charrnn.v1.Generator", ""):
-            _wait_health(client, service, "NOT_SERVING")
+            assert client.health(service) == "NOT_SERVING", service
         assert client.health("liveness") == "SERVING"  # a failed call is no hang: the process is fine
         with pytest.raises(ServiceError, match=r"tiny@1 has failed: \d+ engine failures"):
             client.generate("A", 5, model="tiny", timeout=30).text()
@@ -137,7 +154,7 @@ def test_a_failed_model_serves_again_when_the_fault_clears(faulty):
         set_fault(control, "fail")
         with pytest.raises(ServiceError):
             client.generate("A", 5, model="tiny", timeout=30).text()
-        _wait_health(client, "tiny", "NOT_SERVING")
+        _wait_state(client, "failed")
         set_fault(control, "ok")
         _wait_health(client, "tiny", "SERVING")  # the slow retries (--engine-max-backoff) keep going
         assert client.health("") == "SERVING"
@@ -146,19 +163,66 @@ def test_a_failed_model_serves_again_when_the_fault_clears(faulty):
         assert "restarted and serving" in server.log()
 
 
-def test_a_hung_step_ends_its_streams_and_fails_liveness(faulty):
+def test_a_hung_step_kills_its_core_and_a_hang_that_persists_fails_the_model(faulty):
     start, control = faulty
     server = start("--step-timeout", "1")
     with GeneratorClient(server.target) as client:
-        assert client.health("liveness") == "SERVING"
         chunks = _endless(client)
         set_fault(control, "hang")
         err = _ends_with(chunks)
         assert err.code.name == "UNAVAILABLE" and "made no progress" in err.details and "tiny@1" in err.details
-        _wait_health(client, "tiny", "NOT_SERVING")
-        assert client.health("liveness") == "NOT_SERVING"  # the kubelet restarts the pod
-        with pytest.raises(ServiceError, match="no progress"):
-            client.generate("A", 5, model="tiny", timeout=30).text()
-        assert _metric(server, "charrnn_engine_state", model="tiny", state="failed") == 1
-    set_fault(control, "ok")  # the blocked thread returns, touches nothing, and the server still drains
-    assert server.stop() == 0
+        # Each restart's trial step hangs too: killed after --step-timeout, until the model is marked failed.
+        _wait_state(client, "failed")
+        assert client.health("tiny") == "NOT_SERVING"
+        assert client.health("liveness") == "SERVING"  # a core process can always be killed: the pod is fine
+        assert _metric(server, "charrnn_engine_failures_total", model="tiny") >= 3
+        set_fault(control, "ok")
+        _wait_state(client, "serving")
+        _served_within(client, 10.0)
+    assert "trial step: --step-timeout" in server.log()
+
+
+def test_an_engine_on_a_thread_that_hangs_is_abandoned_and_fails_liveness(model_repo):
+    """In-process engines (launch.Engine) cannot be killed: the model fails and `liveness` tells the kubelet."""
+    metrics = Metrics()
+    repo = ModelRepository(model_repo, device="cpu", engine_factory=in_process("cpu", metrics=metrics),
+                           metrics=metrics, log=logging.getLogger("test.hang"), policy=RestartPolicy(step_timeout=0.5))
+    repo.load()
+    entry = repo.resolve("tiny")
+    hang, release = threading.Event(), threading.Event()
+
+    class Hanging:  # the real session, whose run blocks while armed: a call into a wedged device
+        def __init__(self, session):
+            self._session = session
+
+        def run(self, *args, **kwargs):
+            if hang.is_set():
+                release.wait(60)
+            return self._session.run(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self._session, name)
+
+    entry.model.session = Hanging(entry.model.session)
+
+    async def main():
+        stream = entry.engine.submit(generation_request(entry.model.metadata, "A", 10**6, request_id="h"))
+        await stream.__anext__()
+        hang.set()
+        started = time.monotonic()
+        while not stream.done:
+            repo.check_engines(time.monotonic())
+            assert time.monotonic() - started < 20, "the hung engine was never noticed"
+            await asyncio.sleep(0.05)
+        with pytest.raises(errors.Unavailable, match="made no progress"):
+            async for _ in stream:
+                pass
+
+    try:
+        asyncio.run(main())
+        assert entry.engine.state is EngineState.FAILED and entry.engine.hung and repo.hung
+        with pytest.raises(errors.Unavailable, match="made no progress .*the server must be restarted"):
+            entry.engine.submit(generation_request(entry.model.metadata, "A", 5))
+    finally:
+        release.set()
+        repo.close(0)

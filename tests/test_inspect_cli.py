@@ -97,7 +97,7 @@ def test_sweep_is_reproducible_with_a_seed_and_differs_across_temperatures(repo)
 def test_a_sweep_lane_is_the_text_the_service_generates_for_that_seed(repo):
     import asyncio
 
-    from charrnn.service.engine import Engine
+    from charrnn.service.launch import Engine
     from charrnn.service.metrics import Metrics
     from charrnn.service.runtime import load_model
     from testkit.requests import generation_request

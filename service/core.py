@@ -1,0 +1,223 @@
+"""The engine core of one model version: queue, admission, slots, the step, sampling.
+
+It is driven by ``corerun.CoreLoop`` (its own process in the server, a thread
+for in-process use) and knows nothing of sockets: messages from the front-ends
+come in as method calls (``add``, ``cancel``, ``drop_frontend``), each round
+(``round``) does one step of work, and ``outbox.take()`` is what every
+front-end must hear. Two schedulers share one interface (add / cancel /
+drop_frontend / work / busy / used / end_all):
+
+- ``BatchScheduler``: one ``batch.Batch`` over all slots (continuous batching);
+- ``NaiveScheduler`` (``--batching off``, the baseline): every stream is a
+  Batch of one slot whose steps run in pool threads, one onnxruntime call per
+  stream per character.
+
+The core's figures are counted in ``stats`` (metrics.CoreStats) and travel to
+the primary front-end with its messages.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from charrnn.service.batch import Admission, Batch, Outbox
+from charrnn.service.metrics import CoreStats
+from charrnn.service.primecache import PrimeCache
+from charrnn.service.runtime import LoadedModel
+
+log = logging.getLogger("charrnn.service.core")
+
+QUEUE_SCAN_SECONDS = 0.01  # how often queued streams are checked for deadlines
+
+
+class BatchScheduler:
+    def __init__(self, model: LoadedModel, capacity: int, outbox: Outbox, stats: CoreStats, cache: PrimeCache):
+        self.batch = Batch(model, capacity, outbox=outbox, stats=stats, prime_cache=cache)
+
+    @property
+    def free(self) -> int:
+        return self.batch.free
+
+    @property
+    def used(self) -> int:
+        return self.batch.slots.used
+
+    @property
+    def busy(self) -> bool:
+        return self.batch.busy
+
+    def add(self, entries: list[Admission], now: float) -> None:
+        self.batch.add(entries, now)
+
+    def cancel(self, fe: int, row: int) -> None:
+        self.batch.cancel(fe, row)
+
+    def drop_frontend(self, fe: int) -> None:
+        self.batch.drop_frontend(fe)
+
+    def work(self, joining: bool) -> None:
+        self.batch.work(joining)
+
+    def end_all(self, code: str, reason: str, message: str, now: float) -> None:
+        self.batch.end_all(code, reason, message, now)
+
+
+class NaiveScheduler:
+    """Every stream its own Batch of one slot; each round, every stream's step runs in a pool thread of its
+    own, all at once (onnxruntime releases the GIL), and the round ends when all are done: the same code at
+    batch 1, one onnxruntime call per stream per character, cancels seen between any two steps."""
+
+    def __init__(self, model: LoadedModel, capacity: int, outbox: Outbox, stats: CoreStats):
+        self.model, self.capacity, self.outbox, self.stats = model, capacity, outbox, stats
+        self._pool = ThreadPoolExecutor(capacity, thread_name_prefix=f"naive-{model.label}")
+        self._running: dict[tuple[int, int], Batch] = {}
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self._running)
+
+    @property
+    def used(self) -> int:
+        return len(self._running)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    def add(self, entries: list[Admission], now: float) -> None:
+        for e in entries:
+            self._running[(e.fe, e.row)] = batch = Batch(self.model, 1, outbox=self.outbox, stats=self.stats)
+            batch.add([e], now)
+
+    def cancel(self, fe: int, row: int) -> None:
+        batch = self._running.get((fe, row))
+        if batch is not None:
+            batch.cancel(fe, row)
+
+    def drop_frontend(self, fe: int) -> None:
+        for (f, _), b in self._running.items():
+            if f == fe:
+                b.drop_frontend(fe)
+
+    def work(self, joining: bool) -> None:
+        batches = list(self._running.items())
+        for future in [self._pool.submit(b.work, False) for _, b in batches]:
+            future.result()  # a failed call raises here: a failure of the whole engine
+        for key, b in batches:
+            if not b.busy:
+                del self._running[key]
+
+    def end_all(self, code: str, reason: str, message: str, now: float) -> None:
+        for b in self._running.values():
+            b.end_all(code, reason, message, now)
+        self._running.clear()
+
+
+class EngineCore:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        max_active: int = 256,
+        max_queue: int = 1024,
+        max_queue_wait: float = 30.0,
+        batching: bool = True,
+        prime_cache: int = 1024,
+    ):
+        if max_active < 1:
+            raise ValueError(f"max_active must be >= 1, got {max_active}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if not max_queue_wait > 0:
+            raise ValueError(f"max_queue_wait must be > 0 seconds, got {max_queue_wait}")
+        self.model = model
+        self.label = model.label
+        self.max_active = max_active  # batch slots (--max-active-streams)
+        self.max_queue = max_queue  # requests that may wait for a slot (--max-queue)
+        self.max_queue_wait = max_queue_wait  # seconds a request may wait (--max-queue-wait)
+        self.stats = CoreStats()
+        self.outbox = Outbox()
+        self.prime_cache = PrimeCache(prime_cache if batching else 0)
+        self.queue: collections.deque[Admission] = collections.deque()
+        self._last_scan = 0.0
+        if batching:
+            self.scheduler = BatchScheduler(model, max_active, self.outbox, self.stats, self.prime_cache)
+        else:
+            self.scheduler = NaiveScheduler(model, max_active, self.outbox, self.stats)
+
+    # ---- messages from the front-ends ----
+
+    def add(self, fe: int, entries: list[dict], now: float) -> None:
+        for m in entries:
+            e = Admission.from_wire(fe, m, now)
+            if self.scheduler.used + len(self.queue) >= self.max_active + self.max_queue:
+                # Front-ends refuse at once on their own count; two of them can still race past it.
+                self._refuse(e, "RESOURCE_EXHAUSTED", "queue_full", self.full_message(), now)
+            else:
+                self.queue.append(e)
+
+    def full_message(self) -> str:
+        return (f"model {self.label} is at capacity: all {self.max_active} batch slots are busy and "
+                f"{len(self.queue)} requests are queued (--max-queue {self.max_queue}); retry later, "
+                f"or raise --max-queue / --max-active-streams")
+
+    def cancel(self, fe: int, rows: list[int], now: float) -> None:
+        wanted = set(rows)
+        for e in [e for e in self.queue if e.fe == fe and e.row in wanted]:
+            self.queue.remove(e)
+            self._refuse(e, "CANCELLED", "cancelled", "cancelled", now)
+            wanted.discard(e.row)
+        for row in wanted:
+            self.scheduler.cancel(fe, row)
+
+    def drop_frontend(self, fe: int, now: float) -> None:
+        """A front-end is gone: its queued streams leave, its slots free at the next step."""
+        for e in [e for e in self.queue if e.fe == fe]:
+            self.queue.remove(e)
+        self.scheduler.drop_frontend(fe)
+
+    def _refuse(self, e: Admission, code: str, reason: str, message: str, now: float) -> None:
+        self.outbox.end(e.fe, [e.row, code, reason, message, -1, 0, now, now, now])
+
+    # ---- one round ----
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.busy or bool(self.queue)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(slots taken, requests queued)."""
+        return self.scheduler.used, len(self.queue)
+
+    def round(self, now: float) -> None:
+        """Queue limits, admission into free slots, then one round of the scheduler's work."""
+        q = self.queue
+        while q and (now - q[0].queued_at > self.max_queue_wait or q[0].deadline <= now):
+            e = q.popleft()
+            if e.deadline <= now:
+                self._refuse(e, "DEADLINE_EXCEEDED", "deadline", "deadline passed after 0 of "
+                             f"{e.max_chars} characters", now)
+            else:
+                self._refuse(e, "RESOURCE_EXHAUSTED", "queue_wait",
+                             f"waited {now - e.queued_at:.1f}s for a batch slot of model {self.label} "
+                             f"(limit --max-queue-wait {self.max_queue_wait:g}s; all {self.max_active} slots busy); "
+                             f"retry later or raise --max-active-streams", now)
+        if q and now - self._last_scan >= QUEUE_SCAN_SECONDS:  # a short deadline behind a long wait
+            self._last_scan = now
+            for e in [e for e in q if e.deadline <= now]:
+                q.remove(e)
+                self._refuse(e, "DEADLINE_EXCEEDED", "deadline",
+                             f"deadline passed after 0 of {e.max_chars} characters", now)
+        free = self.scheduler.free
+        if q and free:
+            new = [q.popleft() for _ in range(min(free, len(q)))]
+            self.scheduler.add(new, now)
+        self.scheduler.work(joining=bool(q))
+
+    def end_all(self, code: str, reason: str, message: str, now: float) -> None:
+        """Ends every stream, queued or in a slot (the engine stops or failed)."""
+        while self.queue:
+            self._refuse(self.queue.popleft(), code, reason, message, now)
+        self.scheduler.end_all(code, reason, message, now)

@@ -1,0 +1,78 @@
+"""The CUDA side of a model: state rows gathered, joined and replaced on the GPU, and the decode step bound.
+
+The recurrent state lives in ``OrtValue``s on the device between steps. Rows
+are gathered and joined by one-node graphs (Gather, Concat) written by
+onnxproto.py; a row written into a slot is a Concat then a Gather. The decode
+step binds the model's logits output on the device and feeds it to the sampler
+graph (sampler.py) on the same device, so only ids cross to the host.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from charrnn import modelfile as mf
+from charrnn.service import onnxproto
+from charrnn.service.sampler import Controls, Picked
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+class DeviceStateOps:
+    """Gathers and joins state rows on the GPU with two one-node graphs, so the state stays there."""
+
+    def __init__(self) -> None:
+        providers = [CUDA_PROVIDER]
+        self._gather = ort.InferenceSession(onnxproto.gather_rows_model(), providers=providers)
+        self._concat = ort.InferenceSession(onnxproto.concat_rows_model(), providers=providers)
+
+    def gather(self, value: ort.OrtValue, rows: np.ndarray) -> ort.OrtValue:
+        b = self._gather.io_binding()
+        b.bind_ortvalue_input("state", value)
+        b.bind_cpu_input("rows", np.ascontiguousarray(rows, np.int64))
+        b.bind_output("out", "cuda", 0)
+        self._gather.run_with_iobinding(b)
+        return b.get_outputs()[0]
+
+    def concat(self, a: ort.OrtValue, c: ort.OrtValue) -> ort.OrtValue:
+        b = self._concat.io_binding()
+        b.bind_ortvalue_input("a", a)
+        b.bind_ortvalue_input("b", c)
+        b.bind_output("out", "cuda", 0)
+        self._concat.run_with_iobinding(b)
+        return b.get_outputs()[0]
+
+    def place(self, value: ort.OrtValue, slots: np.ndarray, rows: ort.OrtValue) -> ort.OrtValue:
+        """value with batch rows ``slots`` replaced by ``rows``: gather from [value; rows]."""
+        batch = value.shape()[1]
+        index = np.arange(batch, dtype=np.int64)
+        index[slots] = batch + np.arange(len(slots), dtype=np.int64)
+        return self.gather(self.concat(value, rows), index)
+
+    def decode(self, model, tokens: np.ndarray, state: tuple, params: tuple, controls: Controls | None):
+        """One bound step of ``model`` (runtime.LoadedModel) then the sampler, logits kept on the device."""
+        binding = model.session.io_binding()
+        binding.bind_cpu_input(mf.INPUT_TOKENS, np.ascontiguousarray(tokens, np.int64))
+        for name, value in zip(model.state_inputs, state):
+            binding.bind_ortvalue_input(name, value)
+        for name in model.outputs:
+            binding.bind_output(name, "cuda", 0)
+        model.session.run_with_iobinding(binding)
+        logits, *new = binding.get_outputs()
+        sampler = model.sampler.session(controls is not None)
+        b = sampler.io_binding()
+        b.bind_ortvalue_input("logits", logits)
+        temperature, top_k, top_p, u = params
+        for name, value, dtype in (("temperature", temperature, np.float32), ("top_k", top_k, np.int64),
+                                   ("top_p", top_p, np.float32), ("u", u, np.float32)):
+            b.bind_cpu_input(name, np.ascontiguousarray(value, dtype))
+        if controls is not None:
+            for name in ("bias", "counts", "presence", "frequency", "repetition"):
+                b.bind_cpu_input(name, np.ascontiguousarray(getattr(controls, name), np.float32))
+            b.bind_cpu_input("n_top", np.array([controls.n_top], np.int64))
+        for out in sampler.get_outputs():
+            b.bind_output(out.name, "cpu")  # ids (and log-probabilities): the only tensors that cross
+        sampler.run_with_iobinding(b)
+        outs = [o.numpy() for o in b.get_outputs()]
+        return Picked(*outs), tuple(new)

@@ -1,0 +1,293 @@
+"""Where an engine core runs: in a process of its own (the server), or on a thread of this process.
+
+Both give the supervisor (supervisor.py) and the servicer the same interface:
+``start(on_failure)``, ``submit``, ``drain``, ``stop``, ``idle``, ``running``,
+``stalled``, ``stop_hung``, ``model`` (name, version, label, metadata, device)
+and ``max_active``. Both talk to the core through an ``EngineClient`` over
+ZeroMQ (ipc:// between processes, inproc:// within one), so the same messages
+cross either way.
+
+- ``CoreProcess``: ``python -m charrnn.service.corerun`` loads and checks the
+  model file itself and reports its metadata (``up``) or why it refuses it. A
+  core that exits, or goes silent past ``--step-timeout``, is killed and counts
+  as an engine failure; its streams end with UNAVAILABLE at once.
+- ``Engine``: an ``EngineCore`` on a thread, for tests, tools and benchmarks
+  that drive an engine without a server (like vLLM's in-process client). A
+  thread cannot be killed: a hung one is abandoned.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from charrnn import modelfile as mf
+from charrnn.service import errors
+from charrnn.service.core import EngineCore
+from charrnn.service.corerun import EXIT_FAILED, CoreLoop
+from charrnn.service.engine import SHUTDOWN_MESSAGE, EngineClient
+from charrnn.service.metrics import Metrics
+from charrnn.service.requests import GenerationRequest
+from charrnn.service.runtime import LoadedModel
+from charrnn.service.streams import Stream
+
+log = logging.getLogger("charrnn.service.engine")
+
+START_SECONDS = 300.0  # the longest a core process may take to load its model (the trial step: step_timeout)
+_SERIAL = itertools.count()
+_KEPT: list = []  # contexts of abandoned engine threads: never garbage-collected (zmq would wait on them)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the front-ends know of a model version: its place, its metadata, its device."""
+
+    name: str
+    version: int
+    path: Path
+    metadata: mf.ModelMetadata
+    device: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class _Common:
+    """What both kinds share: the client, drain and refusal, and the counts the servicer reads."""
+
+    client: EngineClient
+    model: object
+    max_active: int
+
+    def submit(self, request: GenerationRequest) -> Stream:
+        if self._draining:
+            raise errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} takes no new streams", "draining")
+        return self.client.submit(request)
+
+    def drain(self) -> None:
+        """No new streams; those queued and in flight finish, then the core exits."""
+        self._draining = True
+        self.client.control("drain")
+
+    @property
+    def active(self) -> int:
+        return self.client.core_load[0]
+
+    @property
+    def queued(self) -> int:
+        return self.client.core_load[1]
+
+    @property
+    def idle(self) -> bool:
+        return self.client.live == 0
+
+    def stalled(self, now: float) -> float:
+        """Seconds the core has been silent while alive (it speaks at least every 0.2 s when well)."""
+        return now - self.client.last_heard if self.running else 0.0
+
+
+class Engine(_Common):
+    def __init__(self, model: LoadedModel, *, metrics: Metrics, max_active: int = 256, max_queue: int = 1024,
+                 max_queue_wait: float = 30.0, batching: bool = True, flush_interval: float = 0.05,
+                 prime_cache: int = 1024):
+        self.model = model
+        self.name, self.label = model.name, model.label
+        self.max_active = max_active
+        self._ctx = zmq.Context()
+        address = f"inproc://core-{os.getpid()}-{next(_SERIAL)}"
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.bind(address)
+        self.core = EngineCore(model, max_active=max_active, max_queue=max_queue, max_queue_wait=max_queue_wait,
+                               batching=batching, prime_cache=prime_cache)
+        self._loop = CoreLoop(self.core, sock)
+        self.client = EngineClient(model.label, model.name, model.metadata, ctx=self._ctx, address=address,
+                                   metrics=metrics, max_active=max_active, max_queue=max_queue,
+                                   flush_interval=flush_interval)
+        self.prime_cache = self.core.prime_cache  # primes read before (prime_cache=0 turns it off)
+        self._draining = False
+        self._abandoned = False
+        self._thread: threading.Thread | None = None
+
+    def start(self, on_failure: Callable[[Exception], None] | None = None) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        # The loop learns the client from its hello before the first round.
+        self._thread = threading.Thread(target=self._run, args=(on_failure,), name=f"engine-{self.model.label}",
+                                        daemon=True)
+        self._thread.start()
+        self.client.start()
+
+    def _run(self, on_failure) -> None:
+        status = self._loop.run()
+        if self._abandoned:
+            return
+        if status == EXIT_FAILED:
+            self.client.refuse(errors.Unavailable(f"model {self.model.label} is not running; retry in a moment",
+                                                  "engine"))
+            if on_failure is not None:
+                on_failure(RuntimeError(self._loop.failure))
+
+    def stop(self, timeout: float) -> None:
+        """Ends every remaining stream with UNAVAILABLE and joins the core's thread."""
+        self._draining = True
+        self.client.control("stop")
+        if self._thread is not None:
+            self._thread.join(timeout)
+        _settle(self.client, timeout)
+        self.client.close()
+        if self._thread is None or not self._thread.is_alive():
+            self._loop.sock.close()
+            self._ctx.term()
+        else:  # a thread still inside onnxruntime: its sockets stay open (terminating would wait for it)
+            _KEPT.append(self._ctx)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._abandoned
+
+    def stop_hung(self, error: errors.CharrnnError) -> bool:
+        """A thread cannot be killed: it is abandoned (its streams end with ``error``); returns False."""
+        self._abandoned = True
+        _KEPT.append(self._ctx)
+        self.client.refuse(error)
+        self.client.fail_all(error)
+        return False
+
+
+class CoreProcess(_Common):
+    def __init__(self, path: Path, name: str, version: int, *, device: str, threads: int, metrics: Metrics,
+                 workdir: Path, max_active: int = 256, max_queue: int = 1024, max_queue_wait: float = 30.0,
+                 batching: bool = True, flush_interval: float = 0.05, prime_cache: int = 1024,
+                 step_timeout: float = 30.0, log_format: str = "text", log_level: str = "info"):
+        self.path, self.name, self.version, self.device = Path(path), name, version, device
+        self._step_timeout = step_timeout
+        self.max_active = max_active
+        self._metrics, self._flush, self._max_queue = metrics, flush_interval, max_queue
+        self._address = f"ipc://{workdir}/core-{next(_SERIAL)}.sock"
+        self._argv = [sys.executable, "-m", "charrnn.service.corerun", "--address", self._address,
+                      "--path", str(path), "--name", name, "--version", str(version), "--device", device,
+                      "--threads", str(threads), "--max-active", str(max_active), "--max-queue", str(max_queue),
+                      "--max-queue-wait", str(max_queue_wait), "--batching", "on" if batching else "off",
+                      "--prime-cache", str(prime_cache), "--log-format", log_format, "--log-level", log_level]
+        self._ctx = zmq.Context.instance()
+        self._proc: subprocess.Popen | None = None
+        self.model: ServedModel | None = None
+        self.client: EngineClient | None = None
+        self._draining = False
+        self._stopping = False
+        self.label = f"{name}@{version}"
+
+    def start(self, on_failure: Callable[[Exception], None] | None = None) -> None:
+        """Starts the process and waits until it serves or refuses; raises ModelFormatError('<path>: <why>')."""
+        self._proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL)
+        # A provisional client: the metadata comes with the core's first message.
+        self.client = EngineClient(self.label, self.name, _PLACEHOLDER, ctx=self._ctx, address=self._address,
+                                   metrics=self._metrics, max_active=self.max_active, max_queue=self._max_queue,
+                                   flush_interval=self._flush)
+        first = self._first("loaded", START_SECONDS)
+        if first is not None and first["t"] == "loaded":
+            first = self._first("up", self._step_timeout)
+        if first is None or first["t"] != "up":
+            why = first["reason"] if first else (
+                f"the engine process exited with status {self._proc.poll()}" if self._proc.poll() is not None
+                else "the engine process did not load the model in time (its trial step: --step-timeout "
+                     f"{self._step_timeout:g}s)")
+            self.client.close()
+            self._kill()
+            raise mf.ModelFormatError(why if why.startswith(str(self.path)) else f"{self.path}: {why}")
+        metadata = mf.ModelMetadata.from_props(first["props"])
+        self.model = ServedModel(self.name, self.version, self.path, metadata, self.device)
+        self.client.set_metadata(metadata)
+        self._failed_reason = ""
+        self.client.on_failed = self._note_failure  # the exit (_watch) reports it, with this reason
+        self.client.start()
+        threading.Thread(target=self._watch, args=(on_failure,), name=f"watch-{self.label}", daemon=True).start()
+
+    def _first(self, kind: str, seconds: float) -> dict | None:
+        """The core's next start-up message (``kind``, or ``refused``) within ``seconds``, else None."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and self._proc.poll() is None:
+            m = self.client.receive_first(0.1)
+            if m is not None:
+                return m
+        return None
+
+    def _note_failure(self, reason: str) -> None:
+        self._failed_reason = reason
+
+    def _watch(self, on_failure) -> None:
+        """Waits for the process to end; an end nobody asked for is an engine failure."""
+        status = self._proc.wait()
+        if self._stopping or (self._draining and status == 0):
+            _settle(self.client, 1.0)
+            self.client.close()
+            return
+        reason = self._failed_reason or f"the engine process exited with status {status}"
+        error = errors.engine_failed(self.label, RuntimeError(reason))
+        self.client.refuse(errors.Unavailable(f"model {self.label} is not running; retry in a moment", "engine"))
+        self.client.fail_all(error)  # streams the core could not end itself (it was killed)
+        self.client.close()
+        if on_failure is not None:
+            on_failure(RuntimeError(reason))
+
+    def stop(self, timeout: float) -> None:
+        self._stopping = self._draining = True
+        if self.client is not None:
+            self.client.control("stop")
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._kill()
+            _settle(self.client, 1.0)
+            self.client.close()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop_hung(self, error: errors.CharrnnError) -> bool:
+        """A silent core is killed: its streams end with ``error`` and it restarts; returns True."""
+        self.client.refuse(error)
+        self.client.fail_all(error)
+        self._failed_reason = error.message
+        self._kill()
+        return True
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def _settle(client: EngineClient, timeout: float) -> None:
+    """Waits (up to ``timeout`` s) for the client to hear the ends of its streams."""
+    deadline = time.monotonic() + timeout
+    while client.live and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+# A stand-in until the core reports the real metadata (nothing is submitted before that).
+_PLACEHOLDER = mf.ModelMetadata(vocab=("\n",), cell="lstm", layers=1, hidden=1, val_loss=float("nan"),
+                                train_steps=0, corpus_sha256="")
+
+
+def in_process(device: str, threads: int = 0, **engine_args) -> Callable[[Path, str, int], Engine]:
+    """An engine factory for ModelRepository that runs each core on a thread of this process."""
+    from charrnn.service.runtime import load_model
+
+    def make(path: Path, name: str, version: int) -> Engine:
+        return Engine(load_model(path, name, version, device, threads), **engine_args)
+
+    return make

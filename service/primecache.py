@@ -1,0 +1,65 @@
+"""What reading a prime leaves behind, kept so that the same prime is not read twice.
+
+Reading a prime is deterministic (no sampling), so a stream whose prime was
+read before skips its prefill: its first character is sampled from the cached
+logits of the prime's last character and its state row is copied into its slot.
+Speaker names and the empty prime repeat all the time in char-rnn use, and a
+prefill at batch 1 costs several times what a character in the running batch
+costs. Used by the engine core's thread alone (batching off: under a lock).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import numpy as np
+
+from charrnn.service.runtime import LoadedModel, State
+
+
+class PrimeCache:
+    """(state with batch 1, last logits [V]) by prime, least recently used first out."""
+
+    MAX_PRIME = 1024  # longer primes are not kept (bounds the memory of the keys)
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity  # entries; 0 turns the cache off
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[bytes, tuple[State, np.ndarray]] = collections.OrderedDict()
+
+    @staticmethod
+    def key(prime_ids: np.ndarray) -> bytes:
+        return prime_ids.astype(np.int64, copy=False).tobytes()
+
+    def get(self, prime_ids: np.ndarray) -> tuple[State, np.ndarray] | None:
+        """The entry of a prime read before, counted as a hit or a miss (None when off: not counted)."""
+        if not self.capacity:
+            return None
+        key = self.key(prime_ids)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            self.hits += entry is not None
+            self.misses += entry is None
+        return entry
+
+    def put(self, model: LoadedModel, primes: list[np.ndarray], state: State, logits: np.ndarray) -> None:
+        """Keeps row i of ``state`` and of ``logits`` [k, V] under ``primes[i]``."""
+        if not self.capacity:
+            return
+        for i, ids in enumerate(primes):
+            if len(ids) > self.MAX_PRIME:
+                continue
+            key = self.key(ids)
+            with self._lock:
+                if key in self._entries:
+                    continue
+            entry = (model.take(state, np.array([i], np.int64)), logits[i].copy())
+            with self._lock:
+                self._entries[key] = entry
+                if len(self._entries) > self.capacity:
+                    self._entries.popitem(last=False)

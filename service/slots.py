@@ -1,0 +1,143 @@
+"""The engine core's batch: persistent slots, one row of parallel arrays each, and the recurrent state.
+
+A stream that is admitted takes the lowest free slot and keeps it until it
+ends: a leaving row is freed in place and a joining one fills a free slot, so
+most steps move no state at all. The decode step runs over slots
+[0, ``extent``); free slots inside it compute a row nobody reads. The extent
+grows when a slot past it is taken and shrinks by compaction, which moves the
+highest rows into the lowest holes: on the CPU as soon as holes are left after
+the joins of a round (a hole costs a whole row of compute every step), on CUDA
+once they are a quarter of the extent (a row costs little there, a move a kernel
+launch), with the extent rounded up to a multiple of ``BUCKET``.
+
+Per-slot arrays are indexed by slot; ``State`` is the model's ``(h,)`` or
+``(h, c)``, each [layers, extent, hidden].
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from charrnn.service.runtime import LoadedModel, State
+
+BUCKET = 64  # CUDA extents are multiples of this (fewer shapes, room to join without moving state)
+
+
+class Slots:
+    # name -> dtype of each per-slot array (reset when a slot is taken)
+    FIELDS = {
+        "fe": np.int16,  # front-end that owns the stream
+        "row": np.int32,  # the stream's row at that front-end
+        "active": np.bool_,  # decoding (prefilling streams hold a slot but are not active yet)
+        "token": np.int64,  # next input of the step
+        "temperature": np.float32,
+        "top_k": np.int64,
+        "top_p": np.float32,
+        "seed": np.uint64,
+        "generated": np.int64,  # characters generated so far (= the next draw number)
+        "limit": np.int64,  # max_chars
+        "deadline": np.float64,  # time.monotonic() by which it must end; inf when none
+        "cancelled": np.bool_,
+        "cancelled_at": np.int64,  # the batch's step count when the cancel arrived
+        "stop_state": np.int32,  # global state in the stop automaton table (0: no stop sequences)
+        "arrived": np.float64,
+        "admitted_at": np.float64,
+        "first_at": np.float64,
+        "last_at": np.float64,  # time of the stream's latest character
+    }
+
+    def __init__(self, model: LoadedModel, capacity: int):
+        self.model = model
+        self.capacity = capacity
+        self.arrays = {name: np.zeros(capacity, dtype) for name, dtype in self.FIELDS.items()}
+        self.keys: list = [()] * capacity  # stop automaton key of each slot
+        self._free = list(range(capacity))  # a heap: the lowest free slot first
+        self.used = 0  # slots taken (prefilling + active)
+        self.extent = 0
+        self.state: State | None = None
+        self.on_cuda = model.device == "cuda"
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        try:
+            return self.__dict__["arrays"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    # ---- taking and freeing ----
+
+    def take(self) -> int:
+        """The lowest free slot, reset; raises IndexError when none is free."""
+        slot = heapq.heappop(self._free)
+        for name, array in self.arrays.items():
+            array[slot] = 0
+        self.arrays["deadline"][slot] = np.inf
+        self.keys[slot] = ()
+        self.used += 1
+        return slot
+
+    def free(self, slots: np.ndarray) -> None:
+        """Frees ``slots`` in place (their state rows are left as they are: nobody reads them)."""
+        active = self.arrays["active"]
+        for slot in slots.tolist():
+            active[slot] = False
+            heapq.heappush(self._free, slot)
+        self.used -= len(slots)
+
+    @property
+    def free_count(self) -> int:
+        return self.capacity - self.used
+
+    def active_rows(self) -> np.ndarray:
+        """int64 [n]: the slots decoding now, ascending."""
+        return np.flatnonzero(self.arrays["active"][: self.extent])
+
+    # ---- state ----
+
+    def place(self, slots: np.ndarray, state: State) -> None:
+        """Writes ``state`` (batch k) into ``slots`` (int64 [k]), growing the extent to hold them."""
+        need = int(slots.max()) + 1
+        if need > self.extent:
+            self._resize(self._round(need))
+        self.state = self.model.place(self.state, slots, state)
+
+    def _round(self, extent: int) -> int:
+        return min(self.capacity, -(-extent // BUCKET) * BUCKET) if self.on_cuda else extent
+
+    def _resize(self, extent: int) -> None:
+        if self.state is None:
+            self.state = self.model.zero_state(extent)
+        else:
+            self.state = self.model.resize(self.state, extent)
+        self.extent = extent
+
+    def compact(self) -> tuple[list[int], list[int]]:
+        """Moves the highest used slots into the lowest holes and shrinks the extent, when the holes cost
+        more than the move (see the module docstring). Call it only while no stream is prefilling: the
+        slots it moves must all be decoding ones, whose every record is in these arrays. Returns the
+        slots moved and where to: (from, to)."""
+        if self.used == 0:
+            self.state, self.extent = None, 0
+            return [], []
+        target = self._round(self.used)
+        holes = self.extent - self.used
+        if target >= self.extent or (self.on_cuda and holes * 4 < self.extent):
+            return [], []
+        used = np.zeros(self.capacity, bool)
+        used[: self.extent] = self.arrays["active"][: self.extent]
+        movers = np.flatnonzero(used[target:]) + target  # rows past the new extent...
+        holes_below = np.flatnonzero(~used[:target])[: len(movers)]  # ...into the lowest holes
+        if len(movers):
+            self.state = self.model.place(self.state, holes_below, self.model.take(self.state, movers))
+            for array in self.arrays.values():
+                array[holes_below] = array[movers]
+            for src, dst in zip(movers.tolist(), holes_below.tolist()):
+                self.keys[dst] = self.keys[src]
+            used[holes_below] = True
+            used[movers] = False
+            self.arrays["active"][movers] = False
+        self.state = self.model.resize(self.state, target)
+        self.extent = target
+        self._free = np.flatnonzero(~used).tolist()  # ascending: already a heap
+        return movers.tolist(), holes_below.tolist()
