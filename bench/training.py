@@ -102,7 +102,7 @@ def plain_loop(train: np.ndarray, vocab: int, hidden: int, budget: float, seed: 
 
 
 def charrnn_run(data: str, hidden: int, budget: float, seed: int, threads: int, work: Path) -> dict:
-    cfg = TrainConfig(data=data, out=str(work / f"charrnn-{hidden}"), **{
+    cfg = TrainConfig.from_flat(data=data, out=str(work / f"charrnn-{hidden}"), **{
         **preset("default"), "hidden": hidden, "batch_size": PLAIN_BATCH, "seq_len": SEQ_LEN,
         "lr": PLAIN_LR, "lr_schedule": "constant", "warmup": 0, "dropout": 0.0, "weight_decay": 0.01,
         "max_steps": 0, "max_time": budget, "eval_interval": 10**9, "eval_iters": 1, "sample_chars": 0,

@@ -13,7 +13,7 @@ import torch
 
 from charrnn.training.checkpoint import load_checkpoint
 from charrnn.training.cli import build_parser, config_from_args, main
-from charrnn.training.config import ConfigError, TrainConfig
+from charrnn.training.config import MODEL_FIELDS, ConfigError, TrainConfig
 from charrnn.training.model import CharRNN, ModelConfig
 from charrnn.training.optim import lr_at
 from charrnn.training.presets import PRESETS
@@ -118,16 +118,17 @@ def test_corpus_too_short_for_one_batch_is_a_clear_error(tmp_path, capsys):
 def test_flags_override_the_preset():
     args = build_parser().parse_args(["--data", "d", "--out", "o", "--preset", "shakespeare", "--hidden", "64", "--no-tie-weights"])
     cfg = config_from_args(args)
-    assert cfg.hidden == 64 and cfg.tie_weights is False and cfg.preset == "shakespeare"
-    assert cfg.layers == PRESETS["shakespeare"]["layers"] and cfg.dropout == PRESETS["shakespeare"]["dropout"]
+    assert cfg.model.hidden == 64 and cfg.model.tie_weights is False and cfg.preset == "shakespeare"
+    assert cfg.model.layers == PRESETS["shakespeare"]["layers"] and cfg.model.dropout == PRESETS["shakespeare"]["dropout"]
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_is_a_valid_configuration(name):
     cfg = config_from_args(build_parser().parse_args(["--data", "d", "--out", "o", "--preset", name]))
     assert cfg.preset == name
+    model = ModelConfig(**{k: v for k, v in PRESETS[name].items() if k in MODEL_FIELDS})  # embed_dim 0 resolved
     for field, value in PRESETS[name].items():
-        assert getattr(cfg, field) == value, field
+        assert (getattr(cfg.model, field) == getattr(model, field)) if field in MODEL_FIELDS else getattr(cfg, field) == value, field
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -141,7 +142,7 @@ def test_every_preset_is_a_valid_configuration(name):
 ])
 def test_bad_settings_name_the_flag_the_value_and_the_rule(field, value, message):
     with pytest.raises(ConfigError, match=message):
-        TrainConfig(data="d", out="o", max_steps=10, **{field: value})
+        TrainConfig.from_flat(data="d", out="o", max_steps=10, **{field: value})
 
 
 def test_cosine_schedule_needs_a_budget():

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from charrnn.training.checkpoint import load_checkpoint
 from charrnn.training.cli import main
 from tests.test_training_cli import TINY, losses, make_corpus
@@ -105,3 +107,26 @@ def test_logs_are_cut_back_to_the_checkpoint_step(tmp_path):
     assert [r["step"] for r in log.read("metrics")] == [5]
     text = log.samples.read_text()
     assert "text at 5" in text and "text at 10" not in text and text.count("=== step") == 1
+
+
+def as_written_before_nesting(path):
+    """Rewrites a last.pt the way charrnn wrote it before ModelConfig sat in TrainConfig: flat settings."""
+    ckpt = torch.load(path, weights_only=False)
+    train = dict(ckpt["train_config"])
+    model = train.pop("model")
+    model.pop("vocab_size")
+    ckpt["train_config"] = {**train, **model}
+    torch.save(ckpt, path)
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_to_the_same_losses(tmp_path):
+    data = make_corpus(tmp_path / "c.txt", words=400)
+    run = ["--data", str(data), *RUN, "--max-steps", "20"]
+    assert main([*run, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*run, "--out", str(tmp_path / "old"), "--max-steps", "10"]) == 0
+    as_written_before_nesting(tmp_path / "old" / "last.pt")
+    assert "hidden" in torch.load(tmp_path / "old" / "last.pt", weights_only=False)["train_config"]
+    assert main([*run, "--out", str(tmp_path / "old"), "--resume"]) == 0
+    assert losses(tmp_path / "old") == losses(tmp_path / "whole")
+    whole, old = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("whole", "old"))
+    assert all(torch.equal(whole[k], old[k]) for k in whole)

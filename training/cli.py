@@ -18,7 +18,9 @@ import sys
 # 10x slower; passive waiting costs little when the machine is idle. Read once, at torch's import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .checkpoint import CheckpointError  # noqa: E402 (after OMP_WAIT_POLICY)
+from charrnn.modelfile import CELLS  # noqa: E402 (after OMP_WAIT_POLICY)
+
+from .checkpoint import CheckpointError  # noqa: E402
 from .config import ConfigError, TrainConfig
 from .loop import DivergedError, run_training
 from .presets import PRESETS, preset
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder for checkpoints, logs, curves and samples")
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="settings to start from (default: default)")
     m = p.add_argument_group("model")
-    m.add_argument("--cell", choices=["lstm", "gru", "rnn"])
+    m.add_argument("--cell", choices=list(CELLS))
     m.add_argument("--layers", type=int, help="stacked recurrent layers")
     m.add_argument("--hidden", type=int, help="units per recurrent layer")
     m.add_argument("--embed-dim", type=int, help="embedding width (0: same as --hidden)")
@@ -77,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = preset(args.preset)
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("data", "out", "preset")}
     values.update(given)
-    return TrainConfig(data=args.data, out=args.out, preset=args.preset, **values)
+    return TrainConfig.from_flat(data=args.data, out=args.out, preset=args.preset, **values)
 
 
 def main(argv: list[str] | None = None) -> int:

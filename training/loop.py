@@ -8,6 +8,7 @@ stops, rank 0 evaluates, samples, logs and checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from .batches import Lanes, train_lanes, val_lanes
 from .checkpoint import BEST, LAST, is_better, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .corpus import prepare_corpus
-from .model import CharRNN, ModelConfig
+from .model import CharRNN
 from .optim import lr_at, make_optimizer
 from .runlog import RunLog
 from .runtime import Runtime, any_rank, broadcast_from_main, main_first, seed_everything, start_runtime, stop_runtime
@@ -56,6 +57,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
     say = tqdm.write if rt.is_main else (lambda *_: None)
     ckpt = load_checkpoint(out / LAST) if cfg.resume and (out / LAST).is_file() else None
     if ckpt is not None:
+        ckpt = resume_state.upgrade(ckpt)
         resume_state.check_compatible(cfg, ckpt, rt.world)
     # Rank 0 writes tokens.bin; the other ranks wait, then map the finished file.
     corpus = main_first(rt, lambda: prepare_corpus(cfg.data, out, cfg.errors, vocab=ckpt["vocab"] if ckpt else None))
@@ -67,7 +69,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
         f" train {len(corpus.train):,} / val {len(corpus.val):,}; {lanes.windows} batches per epoch")
 
     seed_everything(cfg.seed + rt.rank)  # ranks draw different dropout masks
-    model_cfg = ModelConfig(vocab_size=len(corpus.vocab), **cfg.model_fields())
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=len(corpus.vocab))
     model = CharRNN(model_cfg).to(rt.device)
     optimizer = make_optimizer(model, cfg, rt.cuda)
     run = resume_state.fresh()

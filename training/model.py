@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from .config import ModelConfig
+
 State = tuple[torch.Tensor, ...]  # (h,) or (h, c), each [layers, B, hidden]
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int  # characters in the vocabulary (output classes)
-    cell: str = "lstm"  # "lstm" | "gru" | "rnn" (tanh)
-    layers: int = 2  # stacked recurrent layers
-    hidden: int = 256  # units per recurrent layer
-    embed_dim: int = 0  # embedding width; 0 means "same as hidden"
-    dropout: float = 0.0  # between recurrent layers and before the output layer
-    embed_dropout: float = 0.0  # on the embedding output
-    tie_weights: bool = False  # share the embedding and output matrices (needs embed_dim == hidden)
-
-    def __post_init__(self) -> None:
-        if self.cell not in ("lstm", "gru", "rnn"):
-            raise ValueError(f"cell must be one of lstm, gru, rnn, got {self.cell!r}")
-        if self.embed_dim == 0:
-            self.embed_dim = self.hidden
-        if self.tie_weights and self.embed_dim != self.hidden:
-            raise ValueError(
-                f"tie_weights needs embed_dim == hidden, got embed_dim={self.embed_dim}, hidden={self.hidden}"
-            )
 
 
 class CharRNN(nn.Module):

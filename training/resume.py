@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import MODEL_FIELDS, ConfigError, ModelConfig, TrainConfig, split_model_fields
 from .corpus import Corpus
-from .model import CharRNN, ModelConfig
+from .model import CharRNN
 from .runtime import Runtime, gather_to_main, rng_state, set_rng_state
 
 
@@ -39,14 +39,27 @@ def fresh() -> RunState:
     return RunState()
 
 
+def upgrade(ckpt: dict) -> dict:
+    """A last.pt written by an earlier charrnn, in today's shape; the one place that knows the old shapes.
+
+    - train_config held the ModelConfig fields (cell, layers, hidden, ...) at its top level;
+      today they sit in train_config["model"].
+    """
+    train = ckpt.get("train_config", {})
+    if "model" not in train:
+        model, rest = split_model_fields(train)
+        ckpt = {**ckpt, "train_config": {**rest, "model": model}}
+    return ckpt
+
+
 def check_compatible(cfg: TrainConfig, ckpt: dict, world: int) -> None:
     """A run resumes only with the model and batch shape it started with."""
     saved = ModelConfig(**ckpt["model_config"])
-    wanted = ModelConfig(vocab_size=saved.vocab_size, **cfg.model_fields())
-    for name in ModelConfig.__dataclass_fields__:
+    wanted = dataclasses.replace(cfg.model, vocab_size=saved.vocab_size)
+    for name in MODEL_FIELDS:
         if getattr(saved, name) != getattr(wanted, name):
             raise ConfigError(name, f"{getattr(saved, name)!r} as in the checkpoint being resumed ({cfg.out}/last.pt)", getattr(wanted, name))
-    train = ckpt.get("train_config", {})
+    train = ckpt["train_config"]
     for name in ("batch_size", "seq_len"):
         if train.get(name) != getattr(cfg, name):
             raise ConfigError(name, f"{train.get(name)!r} as in the checkpoint being resumed", getattr(cfg, name))
