@@ -131,18 +131,33 @@ def test_every_preset_is_a_valid_configuration(name):
         assert (getattr(cfg.model, field) == getattr(model, field)) if field in MODEL_FIELDS else getattr(cfg, field) == value, field
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("cell", "transformer", "--cell must be one of lstm, gru, rnn, got 'transformer'"),
-    ("batch_size", 0, "--batch-size must be an integer >= 1, got 0"),
-    ("dropout", 1.0, r"--dropout must be in \[0, 1\), got 1.0"),
-    ("lr", float("nan"), "--lr must be a finite number > 0, got nan"),
-    ("max_time", -1.0, "--max-time must be a finite number >= 0, got -1.0"),
-    ("device", "tpu", "--device must be one of auto, cpu, cuda, got 'tpu'"),
-    ("patience", -2, "--patience must be an integer >= 0, got -2"),
+@pytest.mark.parametrize("settings,message", [
+    ({"cell": "transformer"}, "--cell must be one of lstm, gru, rnn, got 'transformer'"),
+    ({"batch_size": 0}, "--batch-size must be an integer >= 1, got 0"),
+    ({"dropout": 1.0}, r"--dropout must be in \[0, 1\), got 1.0"),
+    ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
+    ({"max_time": -1.0}, "--max-time must be a finite number >= 0, got -1.0"),
+    ({"device": "tpu"}, "--device must be one of auto, cpu, cuda, got 'tpu'"),
+    ({"patience": -2}, "--patience must be an integer >= 0, got -2"),
+    ({"tie_weights": True, "embed_dim": 64}, r"--embed-dim must be 0 or equal to --hidden \(256\) with --tie-weights, got 64"),
+    ({"weight_drop": 1.0}, r"--weight-drop must be in \[0, 1\), got 1.0"),
+    ({"weight_drop": -0.1}, r"--weight-drop must be in \[0, 1\), got -0.1"),
+    ({"locked_dropout_input": 1.5}, r"--locked-dropout-input must be in \[0, 1\), got 1.5"),
+    ({"locked_dropout_between": -0.5}, r"--locked-dropout-between must be in \[0, 1\), got -0.5"),
+    ({"locked_dropout_output": 1.0}, r"--locked-dropout-output must be in \[0, 1\), got 1.0"),
+    ({"locked_dropout_output": 0.3, "dropout": 0.2}, r"--dropout must be 0 when a --locked-dropout-\* rate is set .*got 0.2"),
+    ({"locked_dropout_input": 0.1, "embed_dropout": 0.1}, r"--embed-dropout must be 0 when a --locked-dropout-\* rate .*got 0.1"),
+    ({"locked_dropout_between": 0.2, "layers": 1}, r"--locked-dropout-between must be 0 with --layers 1 .*got 0.2"),
 ])
-def test_bad_settings_name_the_flag_the_value_and_the_rule(field, value, message):
+def test_bad_settings_name_the_flag_the_value_and_the_rule(settings, message):
     with pytest.raises(ConfigError, match=message):
-        TrainConfig.from_flat(data="d", out="o", max_steps=10, **{field: value})
+        TrainConfig.from_flat(data="d", out="o", max_steps=10, **settings)
+
+
+def test_a_bad_setting_on_the_command_line_exits_2_with_the_rule(tmp_path, capsys):
+    data = make_corpus(tmp_path / "c.txt")
+    assert main(["--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--weight-drop", "1.5"]) == 2
+    assert "charrnn-train: error: --weight-drop must be in [0, 1), got 1.5" in capsys.readouterr().err
 
 
 def test_cosine_schedule_needs_a_budget():

@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--embed-dropout", type=float, help="dropout on the embeddings")
     m.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="share the embedding and output matrices (needs embed dim == hidden)")
+    m.add_argument("--weight-drop", type=float,
+                   help="DropConnect on the hidden-to-hidden weights in training, one mask per step (0: off)")
+    m.add_argument("--locked-dropout-input", type=float, help="dropout on the embeddings, one mask per sequence")
+    m.add_argument("--locked-dropout-between", type=float, help="dropout between layers, one mask per sequence")
+    m.add_argument("--locked-dropout-output", type=float, help="dropout before the output layer, one mask per sequence")
     d = p.add_argument_group("data")
     d.add_argument("--batch-size", type=int, help="parallel lanes of the text per step (per rank under torchrun)")
     d.add_argument("--seq-len", type=int, help="characters per lane per step (backpropagation length)")

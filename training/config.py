@@ -22,6 +22,9 @@ class ConfigError(ValueError):
         super().__init__(f"--{field.replace('_', '-')} must be {rule}, got {value!r}")
 
 
+LOCKED_DROPOUT = ("locked_dropout_input", "locked_dropout_between", "locked_dropout_output")  # ModelConfig fields
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 0  # characters in the vocabulary (output classes); 0 until the corpus is read
@@ -32,12 +35,23 @@ class ModelConfig:
     dropout: float = 0.0  # between recurrent layers and before the output layer
     embed_dropout: float = 0.0  # on the embedding output
     tie_weights: bool = False  # share the embedding and output matrices (needs embed_dim == hidden)
+    # training-only regularisers of AWD-LSTM; identity in evaluation and in the exported graph
+    weight_drop: float = 0.0  # DropConnect on each hidden-to-hidden matrix, one mask per forward pass
+    locked_dropout_input: float = 0.0  # on the embeddings, one mask per sequence (the same at every step)
+    locked_dropout_between: float = 0.0  # between recurrent layers, one mask per sequence
+    locked_dropout_output: float = 0.0  # before the output layer, one mask per sequence
 
     def __post_init__(self) -> None:
         _one_of("cell", self.cell, CELLS)
         _integers(self, ("layers", "hidden"), minimum=1)
         _integers(self, ("vocab_size", "embed_dim"), minimum=0)
-        _rates(self, ("dropout", "embed_dropout"))
+        _rates(self, ("dropout", "embed_dropout", "weight_drop", *LOCKED_DROPOUT))
+        if any(getattr(self, name) for name in LOCKED_DROPOUT):
+            for name in ("dropout", "embed_dropout"):  # same places, one mask per step: locked dropout replaces them
+                if getattr(self, name):
+                    raise ConfigError(name, "0 when a --locked-dropout-* rate is set (locked dropout replaces it)", getattr(self, name))
+        if self.locked_dropout_between and self.layers == 1:
+            raise ConfigError("locked_dropout_between", "0 with --layers 1 (one layer has nothing between)", self.locked_dropout_between)
         if self.tie_weights and self.embed_dim not in (0, self.hidden):
             raise ConfigError("embed_dim", f"0 or equal to --hidden ({self.hidden}) with --tie-weights", self.embed_dim)
         if self.embed_dim == 0:
