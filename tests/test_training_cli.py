@@ -148,6 +148,8 @@ def test_every_preset_is_a_valid_configuration(name):
     ({"locked_dropout_output": 0.3, "dropout": 0.2}, r"--dropout must be 0 when a --locked-dropout-\* rate is set .*got 0.2"),
     ({"locked_dropout_input": 0.1, "embed_dropout": 0.1}, r"--embed-dropout must be 0 when a --locked-dropout-\* rate .*got 0.1"),
     ({"locked_dropout_between": 0.2, "layers": 1}, r"--locked-dropout-between must be 0 with --layers 1 .*got 0.2"),
+    ({"ema_decay": 1.0}, r"--ema-decay must be in \[0, 1\) \(0: no average\), got 1.0"),
+    ({"ema_decay": -0.9}, r"--ema-decay must be in \[0, 1\) \(0: no average\), got -0.9"),
 ])
 def test_bad_settings_name_the_flag_the_value_and_the_rule(settings, message):
     with pytest.raises(ConfigError, match=message):

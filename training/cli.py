@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up")
     o.add_argument("--lr-schedule", choices=["cosine", "constant"])
     o.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
+    o.add_argument("--ema-decay", type=float,
+                   help="also keep an exponential moving average of the weights (e.g. 0.999), evaluated beside them (0: off)")
     s = p.add_argument_group("evaluation and stopping")
     s.add_argument("--eval-interval", type=int, help="steps between evaluations and checkpoints")
     s.add_argument("--eval-iters", type=int, help="validation batches per evaluation (0: the whole split)")

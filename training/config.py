@@ -79,6 +79,7 @@ class TrainConfig:
     warmup: int = 100  # steps of linear warm-up from 0 to lr
     lr_schedule: str = "cosine"  # "cosine" (to min_lr at the end of the run) | "constant"
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.0  # keep an exponential moving average of the weights, this much of it kept per step; 0: none
     # evaluation and stopping
     eval_interval: int = 250  # optimizer steps between evaluations (each one also checkpoints)
     eval_iters: int = 0  # validation batches per evaluation; 0 means the whole validation split
@@ -108,6 +109,8 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "max_time"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(name, "a finite number >= 0", getattr(self, name))
+        if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
+            raise ConfigError("ema_decay", "in [0, 1) (0: no average)", self.ema_decay)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
         if not self.divergence_factor > 1.0:

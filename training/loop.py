@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from . import resume as resume_state
@@ -72,9 +73,10 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
     model_cfg = dataclasses.replace(cfg.model, vocab_size=len(corpus.vocab))
     model = CharRNN(model_cfg).to(rt.device)
     optimizer = make_optimizer(model, cfg, rt.cuda)
+    ema = make_ema(model, cfg.ema_decay)
     run = resume_state.fresh()
     if ckpt is not None:
-        run = resume_state.restore(ckpt, model, optimizer, rt)
+        run = resume_state.restore(ckpt, model, optimizer, ema, rt)
         say(f"resumed from {out / LAST} at step {run.step}")
     log = RunLog(out) if rt.is_main else None
     if log:
@@ -110,6 +112,8 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         run.carried = tuple(s.detach().float() for s in new_state)  # truncated BPTT: no gradient into the past
         run.position += 1
         run.step += 1
@@ -151,18 +155,23 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
         ranks = resume_state.gather(run, model, rt)
         if rt.is_main:
             val_loss = evaluate(model, val, cfg.eval_iters, rt)
-            improved = is_better(val_loss, run.best_val_loss)
-            run.best_val_loss = val_loss if improved else run.best_val_loss
+            ema_loss = evaluate(ema.module, val, cfg.eval_iters, rt) if ema is not None else math.nan
+            # best.pt keeps whichever weights score lower: the average, once it has caught up with training.
+            best_model, best_loss = (ema.module, ema_loss) if is_better(ema_loss, val_loss) else (model, val_loss)
+            improved = is_better(best_loss, run.best_val_loss)
+            run.best_val_loss = best_loss if improved else run.best_val_loss
             run.evals_since_best = 0 if improved else run.evals_since_best + 1
             record = {
                 "step": run.step, "epoch": run.epoch,
                 "train_loss": sum(window_losses) / max(1, len(window_losses)), "val_loss": val_loss,
+                **({"ema_val_loss": ema_loss} if ema is not None else {}),
                 "best_val_loss": run.best_val_loss, "lr": lr,
                 "chars_per_sec": round(window_steps * chars_per_step / max(1e-9, train_seconds), 1),
                 "elapsed": round(time.perf_counter() - started, 3),
             }
             log.add_metrics(record)
-            say(f"step {run.step}: train {record['train_loss']:.4f}  val {val_loss:.4f}  best {run.best_val_loss:.4f}"
+            say(f"step {run.step}: train {record['train_loss']:.4f}  val {val_loss:.4f}"
+                f"{f'  ema {ema_loss:.4f}' if ema is not None else ''}  best {run.best_val_loss:.4f}"
                 f"  lr {lr:.2e}  {record['chars_per_sec']:,.0f} chars/s")
             if cfg.sample_chars:
                 prime = corpus.decode(corpus.val[:1])
@@ -173,8 +182,9 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
             run.elapsed = time.perf_counter() - started
             payload = resume_state.payload(cfg, model_cfg, model, corpus, run, val_loss)
             if improved:
-                save_checkpoint(out / BEST, payload)
-            save_checkpoint(out / LAST, {**payload, **resume_state.extra(optimizer, run, ranks)})
+                save_checkpoint(out / BEST, resume_state.payload(cfg, model_cfg, best_model, corpus, run, best_loss,
+                                                                 weights="ema" if best_model is not model else "raw"))
+            save_checkpoint(out / LAST, {**payload, **resume_state.extra(optimizer, ema, run, ranks)})
             run.checkpoint_step = run.step
             if not stopped_by and cfg.patience and run.evals_since_best >= cfg.patience:
                 stopped_by = "patience"
@@ -184,6 +194,16 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
     bar.close()
     say(f"done at step {run.step} ({stopped_by}): val loss {val_loss:.4f}, best {run.best_val_loss:.4f}; checkpoints in {out}")
     return RunResult(run.step, val_loss, run.best_val_loss, stopped_by)
+
+
+def make_ema(model: CharRNN, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the weights (updated after every step), or None when decay is 0.
+
+    Its step counter stays on the CPU (AveragedModel's default), so updating it costs no host sync on CUDA.
+    """
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 @torch.inference_mode()

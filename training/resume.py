@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from .config import MODEL_FIELDS, ConfigError, ModelConfig, TrainConfig, split_model_fields
 from .corpus import Corpus
@@ -35,6 +36,11 @@ class RunState:
     checkpoint_step: int = 0  # step of the newest last.pt
 
 
+# TrainConfig fields a run keeps from its start, beside the whole ModelConfig: the batch shape and
+# what the resume state is made of. The others (--lr, --patience, ...) may change on resume.
+FIXED_ON_RESUME = ("batch_size", "seq_len", "ema_decay")
+
+
 def fresh() -> RunState:
     return RunState()
 
@@ -44,12 +50,17 @@ def upgrade(ckpt: dict) -> dict:
 
     - train_config held the ModelConfig fields (cell, layers, hidden, ...) at its top level;
       today they sit in train_config["model"].
+    - Settings added since are missing; they take their defaults, which are the behaviour before
+      them (a new setting must default to off for that).
     """
     train = ckpt.get("train_config", {})
     if "model" not in train:
-        model, rest = split_model_fields(train)
-        ckpt = {**ckpt, "train_config": {**rest, "model": model}}
-    return ckpt
+        model, train = split_model_fields(train)
+        train = {**train, "model": model}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    model_defaults = dataclasses.asdict(ModelConfig())
+    train = {**defaults, **train, "model": {**model_defaults, **train["model"]}}
+    return {**ckpt, "train_config": train, "ema": ckpt.get("ema")}
 
 
 def check_compatible(cfg: TrainConfig, ckpt: dict, world: int) -> None:
@@ -60,9 +71,9 @@ def check_compatible(cfg: TrainConfig, ckpt: dict, world: int) -> None:
         if getattr(saved, name) != getattr(wanted, name):
             raise ConfigError(name, f"{getattr(saved, name)!r} as in the checkpoint being resumed ({cfg.out}/last.pt)", getattr(wanted, name))
     train = ckpt["train_config"]
-    for name in ("batch_size", "seq_len"):
-        if train.get(name) != getattr(cfg, name):
-            raise ConfigError(name, f"{train.get(name)!r} as in the checkpoint being resumed", getattr(cfg, name))
+    for name in FIXED_ON_RESUME:
+        if train[name] != getattr(cfg, name):
+            raise ConfigError(name, f"{train[name]!r} as in the checkpoint being resumed", getattr(cfg, name))
     if ckpt["resume"]["world"] != world:
         raise ConfigError("nproc_per_node", f"{ckpt['resume']['world']} (the process count of the run being resumed)", world)
 
@@ -73,9 +84,11 @@ def check_corpus(corpus: Corpus, ckpt: dict) -> None:
                           f"{corpus.info.sources[0]} with sha256 {corpus.info.sha256[:12]}...")
 
 
-def restore(ckpt: dict, model: CharRNN, optimizer: torch.optim.Optimizer, rt: Runtime) -> RunState:
+def restore(ckpt: dict, model: CharRNN, optimizer: torch.optim.Optimizer, ema: AveragedModel | None, rt: Runtime) -> RunState:
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["ema"])
     saved = ckpt["resume"]
     mine = saved["ranks"][rt.rank]
     set_rng_state(mine["rng"])
@@ -109,12 +122,17 @@ def weights_digest(model: CharRNN) -> str:
     return digest.hexdigest()
 
 
-def payload(cfg: TrainConfig, model_cfg: ModelConfig, model: CharRNN, corpus: Corpus, run: RunState, val_loss: float) -> dict:
-    """The documented checkpoint keys (what the exporter reads); best.pt holds only these."""
+def payload(cfg: TrainConfig, model_cfg: ModelConfig, model: CharRNN, corpus: Corpus, run: RunState, val_loss: float,
+            weights: str = "raw") -> dict:
+    """The documented checkpoint keys (what the exporter reads); best.pt holds only these.
+
+    ``model`` is the training weights ("raw") or their moving average ("ema"); val_loss is theirs.
+    """
     return {
         "model_config": dataclasses.asdict(model_cfg),
         "train_config": cfg.as_dict(),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "weights": weights,
         "vocab": list(corpus.vocab),
         "step": run.step,
         "val_loss": val_loss,
@@ -123,10 +141,11 @@ def payload(cfg: TrainConfig, model_cfg: ModelConfig, model: CharRNN, corpus: Co
     }
 
 
-def extra(optimizer: torch.optim.Optimizer, run: RunState, ranks: list[dict]) -> dict:
+def extra(optimizer: torch.optim.Optimizer, ema: AveragedModel | None, run: RunState, ranks: list[dict]) -> dict:
     """What last.pt adds for resuming."""
     return {
         "optimizer": optimizer.state_dict(),
+        "ema": None if ema is None else {k: v.detach().cpu() for k, v in ema.state_dict().items()},
         "resume": {
             "world": len(ranks), "ranks": ranks, "first_loss": run.first_loss,
             "evals_since_best": run.evals_since_best, "elapsed": run.elapsed,
