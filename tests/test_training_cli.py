@@ -150,6 +150,9 @@ def test_every_preset_is_a_valid_configuration(name):
     ({"locked_dropout_between": 0.2, "layers": 1}, r"--locked-dropout-between must be 0 with --layers 1 .*got 0.2"),
     ({"ema_decay": 1.0}, r"--ema-decay must be in \[0, 1\) \(0: no average\), got 1.0"),
     ({"ema_decay": -0.9}, r"--ema-decay must be in \[0, 1\) \(0: no average\), got -0.9"),
+    ({"seq_len_sd": -1.0}, "--seq-len-sd must be a finite number >= 0, got -1.0"),
+    ({"seq_len_sd": float("inf")}, "--seq-len-sd must be a finite number >= 0, got inf"),
+    ({"seq_len_half_prob": 1.5}, r"--seq-len-half-prob must be in \[0, 1\], got 1.5"),
 ])
 def test_bad_settings_name_the_flag_the_value_and_the_rule(settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -10,11 +10,13 @@ from charrnn.training.model import CharRNN, ModelConfig, locked_dropout
 
 V = 20  # vocabulary of the models built here
 
-# Every training-only regulariser at once, on a model small enough to train in seconds.
+# Every training-only regulariser at once, on a model small enough to train in seconds ...
 REGULARISED = [
     "--layers", "2", "--dropout", "0", "--embed-dropout", "0", "--weight-drop", "0.4",
     "--locked-dropout-input", "0.1", "--locked-dropout-between", "0.2", "--locked-dropout-output", "0.3",
 ]
+# ... and with them the moving average of the weights and varied windows.
+EVERY_OPTION = [*REGULARISED, "--ema-decay", "0.9", "--epoch-offset", "--seq-len-sd", "3", "--seq-len-half-prob", "0.1"]
 
 
 def model(**regularisers) -> CharRNN:
@@ -105,7 +107,7 @@ def test_weight_drop_and_locked_dropout_run_the_same_fused_kernel_as_the_plain_l
     assert rnn_kernels(model(weight_drop=0.5, locked_dropout_between=0.3).train()) == plain
 
 
-def test_a_model_trained_with_every_regulariser_exports_as_the_plain_lstm_and_passes_parity(tmp_path):
+def test_a_model_trained_with_every_option_exports_as_the_plain_lstm_and_passes_parity(tmp_path):
     import onnx
 
     from charrnn.exporter.cli import main as export
@@ -114,7 +116,7 @@ def test_a_model_trained_with_every_regulariser_exports_as_the_plain_lstm_and_pa
 
     data = make_corpus(tmp_path / "c.txt", words=400)
     run = tmp_path / "run"
-    assert train(["--data", str(data), "--out", str(run), *TINY, *REGULARISED, "--max-steps", "20", "--eval-interval", "10"]) == 0
+    assert train(["--data", str(data), "--out", str(run), *TINY, *EVERY_OPTION, "--max-steps", "20", "--eval-interval", "10"]) == 0
     assert export([str(run), "--name", "reg", "--repo", str(tmp_path / "models")]) == 0  # 0: parity within 1e-4
     graph = onnx.load(str(tmp_path / "models" / "reg" / "1" / "model.onnx")).graph
     ops = {node.op_type for node in graph.node}

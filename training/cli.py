@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--batch-size", type=int, help="parallel lanes of the text per step (per rank under torchrun)")
     d.add_argument("--seq-len", type=int, help="characters per lane per step (backpropagation length)")
+    d.add_argument("--epoch-offset", action=argparse.BooleanOptionalAction, default=None,
+                   help="start each epoch a random number of characters (below --seq-len) into the lanes")
+    d.add_argument("--seq-len-sd", type=float, help="vary each step's length: drawn from N(seq-len, this) (0: fixed)")
+    d.add_argument("--seq-len-half-prob", type=float, help="the chance that a step's length is drawn around seq-len / 2")
     d.add_argument("--errors", choices=["strict", "replace"], help="undecodable UTF-8: stop with the file and offset, or read U+FFFD")
     o = p.add_argument_group("optimization")
     o.add_argument("--lr", type=float, help="peak learning rate")

@@ -70,7 +70,10 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the network; its vocab_size is set from the corpus
     # data
     batch_size: int = 64  # parallel lanes of the training stream per process (per rank under torchrun)
-    seq_len: int = 128  # characters per lane per step (truncated BPTT length)
+    seq_len: int = 128  # characters per lane per step (truncated BPTT length); the mean when varied
+    epoch_offset: bool = False  # start each epoch a random number of characters, in [0, seq_len), into the lanes
+    seq_len_sd: float = 0.0  # vary each step's window length: drawn from N(seq_len, sd) characters; 0: fixed
+    seq_len_half_prob: float = 0.0  # the chance that a window's length is drawn around seq_len / 2 instead
     errors: str = "strict"  # undecodable bytes: "strict" stops with the file and offset, "replace" reads U+FFFD
     # optimization
     lr: float = 2e-3  # peak learning rate (AdamW)
@@ -104,6 +107,10 @@ class TrainConfig:
         _one_of("precision", self.precision, ("auto", "bf16", "fp32"))
         _integers(self, ("batch_size", "seq_len", "eval_interval", "log_interval"), minimum=1)
         _integers(self, ("warmup", "eval_iters", "max_steps", "patience", "sample_chars", "threads"), minimum=0)
+        if not (isinstance(self.seq_len_sd, (int, float)) and math.isfinite(self.seq_len_sd) and self.seq_len_sd >= 0):
+            raise ConfigError("seq_len_sd", "a finite number >= 0", self.seq_len_sd)
+        if not (isinstance(self.seq_len_half_prob, (int, float)) and 0.0 <= self.seq_len_half_prob <= 1.0):
+            raise ConfigError("seq_len_half_prob", "in [0, 1]", self.seq_len_half_prob)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("lr", "a finite number > 0", self.lr)
         for name in ("weight_decay", "grad_clip", "max_time"):

@@ -1,7 +1,7 @@
 """What a run leaves for people to read, in its run folder.
 
     metrics.jsonl  one JSON object per evaluation: step, train_loss, val_loss (ema_val_loss), lr, chars_per_sec, elapsed
-    steps.jsonl    one JSON object per optimizer step: step, loss, lr
+    steps.jsonl    one JSON object per optimizer step: step, loss, lr, seq_len
     samples.txt    text sampled at each evaluation, at each temperature
     curves.png     train and validation loss against step, redrawn at each evaluation
 
