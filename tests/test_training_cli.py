@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -178,3 +179,14 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert lr_at(cfg, 110, 0) == pytest.approx(0.1)
     timed = TrainConfig(data="d", out="o", lr=1.0, warmup=0, max_steps=0, max_time=100.0)
     assert lr_at(timed, 5, 50.0) == pytest.approx(0.55)
+
+
+def test_docs_flag_table_lists_every_flag_of_the_parser():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text(encoding="utf-8")
+    table = text.split("## Flags", 1)[1].split("\n## ", 1)[0]
+    documented = {flag for row in table.splitlines() if row.startswith("| `--")
+                  for flag in re.findall(r"`(--[a-z-]+)", row.split(" | ")[0])}
+    parser_flags = {s for a in build_parser()._actions for s in a.option_strings} - {"-h", "--help"}
+    assert documented == parser_flags
