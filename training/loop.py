@@ -78,9 +78,9 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
     run = resume_state.fresh()
     if ckpt is not None:
         run = resume_state.restore(ckpt, model, optimizer, ema, windows, rt)
-    else:
-        run.cursor = windows.epoch_start()
         say(f"resumed from {out / LAST} at step {run.step}")
+    else:
+        run.cursor = windows.epoch_start()  # the first epoch starts at its own offset too
     log = RunLog(out) if rt.is_main else None
     if log:
         log.restart_at(run.step)
