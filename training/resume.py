@@ -1,10 +1,12 @@
 """Everything a run needs to continue exactly where its last checkpoint left it.
 
-``last.pt`` holds, beside the documented checkpoint keys, the optimizer state and
-``resume``: the run's counters and, for every rank, its random states, its place
-in the data (epoch, window) and the recurrent state it carries into the next
-window. Restoring all of them makes the resumed steps repeat the uninterrupted
-run's steps (bit for bit on the CPU).
+``last.pt`` holds, beside the documented checkpoint keys, the optimizer state,
+``ema`` (the moving average of the weights, or None) and ``resume``: the run's
+counters, the state of the generator that draws epoch offsets and window lengths
+(``windows``) and, for every rank, its random states, its place in the data
+(epoch, cursor) and the recurrent state it carries into the next window.
+Restoring all of them makes the resumed steps repeat the uninterrupted run's
+steps (bit for bit on the CPU).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from .config import MODEL_FIELDS, ConfigError, ModelConfig, TrainConfig, split_model_fields
 from .batches import Windows
+from .config import MODEL_FIELDS, ConfigError, ModelConfig, TrainConfig, split_model_fields
 from .corpus import Corpus
 from .model import CharRNN
 from .runtime import Runtime, gather_to_main, rng_state, set_rng_state
@@ -71,7 +73,7 @@ def upgrade(ckpt: dict) -> dict:
 
 
 def check_compatible(cfg: TrainConfig, ckpt: dict, world: int) -> None:
-    """A run resumes only with the model and batch shape it started with."""
+    """A run resumes only with the model, the batch shape and the resume-state settings it started with."""
     saved = ModelConfig(**ckpt["model_config"])
     wanted = dataclasses.replace(cfg.model, vocab_size=saved.vocab_size)
     for name in MODEL_FIELDS:
