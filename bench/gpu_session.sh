@@ -10,7 +10,8 @@
 #   code.pt          the source-code model's best weights, slimmed
 #   serving_gpu.json onnxruntime CUDA step rates and engine parity (when the CUDA provider works)
 #
-#   quality/         (quality mode) the shakespeare preset as shipped and four variants: curves, logs, bests
+#   quality/         (quality mode) bests.txt (each run's exit status and best val loss), runs.tar.gz,
+#                    rnn_kernels.txt (the cuDNN kernel under weight-drop, and its cost)
 #
 # Usage: bench/gpu_session.sh [smoke|quality|full]
 #   DATA=path/to/tinyshakespeare.txt   (default ../shared/data/tinyshakespeare.txt)
@@ -18,6 +19,14 @@
 #   TRAIN_SECONDS=300                  wall-clock budget of each training run (full mode)
 #   DEVICE=cuda                        cpu runs the quality mode's logic on a machine without a GPU
 #   QUALITY_FLAGS=                     appended to every quality run, e.g. a tiny model for that dry run
+#   QUALITY_SETS="shipped awd"         the quality mode's waves of runs, one after the other:
+#                                        shipped  the shakespeare preset as shipped and four variants of it
+#                                        awd      the shakespeare-awd recipe (weight-drop, locked dropout,
+#                                                 moving average, varied windows): 2x1024, 3x1024, 2x1024
+#                                                 without weight-drop, 2x1024 with a second seed
+#   PARALLEL=1                         the runs of a wave at once on the GPU; 0 runs them one at a time
+#                                        (a CPU dry run)
+#   KERNEL_FLAGS=                      appended to bench/rnn_kernels.py, e.g. a small model for that dry run
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-bench/results/gpu}
@@ -25,6 +34,9 @@ DATA=${DATA:-../shared/data/tinyshakespeare.txt}
 TRAIN_SECONDS=${TRAIN_SECONDS:-300}
 DEVICE=${DEVICE:-cuda}
 QUALITY_FLAGS=${QUALITY_FLAGS:-}
+QUALITY_SETS=${QUALITY_SETS:-shipped awd}
+PARALLEL=${PARALLEL:-1}
+KERNEL_FLAGS=${KERNEL_FLAGS:-}
 RUNS=${RUNS:-/tmp/charrnn-runs}
 mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1
@@ -59,11 +71,17 @@ EOF
 } | tee "$OUT/env.txt"
 
 STDLIB=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-# One charrnn-train run into $RUNS/NAME (its output in $RUNS/NAME.log); prints its exit status and best val loss.
+# The lowest value of a metrics.jsonl field ("val_loss" does not match "ema_val_loss"); "-" when there is none.
+lowest() {  # field, metrics.jsonl
+  grep -o "\"$1\": [0-9.]*" "$2" 2>/dev/null | cut -d' ' -f2 | sort -n | head -1 | grep . || echo -
+}
+# One charrnn-train run into $RUNS/NAME (its output in $RUNS/NAME.log); prints its exit status and best val
+# losses, of the raw weights and of their moving average (--ema-decay).
 train_run() {  # name, then flags
   local name=$1; shift
   run training.cli charrnn-train --out "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1
-  echo "$name exit $? best $(grep -o '"val_loss": [0-9.]*' "$RUNS/$name/metrics.jsonl" | sort -t' ' -k2 -n | head -1)"
+  local rc=$?
+  echo "$name exit $rc best val_loss $(lowest val_loss "$RUNS/$name/metrics.jsonl") ema_val_loss $(lowest ema_val_loss "$RUNS/$name/metrics.jsonl")"
 }
 
 if [ "$MODE" = smoke ]; then
@@ -76,23 +94,45 @@ if [ "$MODE" = smoke ]; then
 fi
 
 if [ "$MODE" = quality ]; then
-  # The `shakespeare` preset exactly as shipped (1200 steps), next to four variants of it, all at
-  # once on the one GPU (2x1024 at 128 x 256 runs some 10 steps a second alone on an H200).
-  quality() {  # name, then flags
+  mkdir -p "$OUT/quality"
+  # Which recurrent kernel weight-drop and locked dropout reach (cuDNN's, as without them, with its
+  # weights compacted again at every call) and what that costs, at the awd recipe's size.
+  python3 bench/rnn_kernels.py --device "$DEVICE" --hidden 1024 --batch 128 --seq-len 256 --seconds 20 $KERNEL_FLAGS \
+    2>&1 | tee "$OUT/quality/rnn_kernels.txt"
+  quality() {  # name, then flags: one run, its line in bests.txt
     local name=$1; shift
-    train_run "$name" --data "$DATA" --device "$DEVICE" --preset shakespeare "$@" $QUALITY_FLAGS
+    train_run "$name" --data "$DATA" --device "$DEVICE" "$@" $QUALITY_FLAGS | tee -a "$OUT/quality/bests.txt"
   }
   pids=()  # a bare `wait` would also wait for the tee that logs this script
-  quality preset & pids+=($!)
-  quality dropout-0.4 --dropout 0.4 --embed-dropout 0.15 & pids+=($!)
-  quality dropout-0.6 --dropout 0.6 --embed-dropout 0.25 & pids+=($!)
-  quality deeper --layers 3 --hidden 768 & pids+=($!)
-  # shakespeare-cpu's batch (64 x 128, 4000 steps): on tiny-shakespeare more, smaller steps won on the CPU.
-  quality small-batch --batch-size 64 --seq-len 128 --max-steps 4000 --eval-interval 250 & pids+=($!)
-  wait "${pids[@]}"
-  mkdir -p "$OUT/quality"
+  start() {  # name, then flags: at once beside the others of its wave, or alone with PARALLEL=0
+    if [ "$PARALLEL" = 1 ]; then quality "$@" & pids+=($!); else quality "$@"; fi
+  }
+  for set in $QUALITY_SETS; do
+    pids=()
+    case $set in
+      shipped)
+        # The `shakespeare` preset exactly as shipped (1200 steps), next to four variants of it, all at
+        # once on the one GPU (2x1024 at 128 x 256 runs some 10 steps a second alone on an H200).
+        start preset --preset shakespeare
+        start dropout-0.4 --preset shakespeare --dropout 0.4 --embed-dropout 0.15
+        start dropout-0.6 --preset shakespeare --dropout 0.6 --embed-dropout 0.25
+        start deeper --preset shakespeare --layers 3 --hidden 768
+        # shakespeare-cpu's batch (64 x 128, 4000 steps): on tiny-shakespeare more, smaller steps won on the CPU.
+        start small-batch --preset shakespeare --batch-size 64 --seq-len 128 --max-steps 4000 --eval-interval 250
+        ;;
+      awd)
+        # The new recipe: its preset, one layer more, without weight-drop (what weight-drop adds), and
+        # its preset with another seed (how far two runs of one recipe lie apart).
+        start awd-2x1024 --preset shakespeare-awd
+        start awd-3x1024 --preset shakespeare-awd --layers 3
+        start awd-no-weight-drop --preset shakespeare-awd --weight-drop 0
+        start awd-seed-2 --preset shakespeare-awd --seed 1338
+        ;;
+      *) echo "unknown quality set: $set (shipped, awd)"; exit 2 ;;
+    esac
+    [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
+  done
   tar -C "$RUNS" -czf "$OUT/quality/runs.tar.gz" --exclude='*.pt' --exclude='*.bin' --exclude='*.tmp' . 2>/dev/null
-  grep -h "exit" "$OUT/session.log" | tail -5 > "$OUT/quality/bests.txt"
   cat "$OUT/quality/bests.txt"
   exit 0
 fi

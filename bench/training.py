@@ -1,6 +1,6 @@
 """Trainer benchmark: charrnn's trainer against a plain PyTorch loop, same model, same wall time, same CPU.
 
-    python -m bench.training [--data PATH] [--budget SECONDS] [--hidden 256 512] [--threads N] [--out bench/results]
+    python -m bench.training [--data PATH] [--budget SECONDS] [--hidden 256 512] [--threads N] [--weight-drop P] [--out bench/results]
 
 For each model size (2-layer LSTM of ``--hidden`` units) both trainers run for
 ``--budget`` seconds of training on tiny-shakespeare's first 90%, at the same
@@ -17,6 +17,9 @@ both models on the last 10%:
   the recurrent state carried between batches, bf16 autocast where the CPU has
   bf16 units, AdamW foreach, no per-step host sync. (The ``default`` preset's
   warm-up and cosine are tuned for 3000 steps, not for a budget of a minute or two.)
+- charrnn-wd (with ``--weight-drop P``): the same with weight-drop P on the
+  hidden-to-hidden weights, a third process beside the other two, to show what
+  the DropConnect masks and the swapped weights cost.
 
 Validation is reported two ways: with the state carried along 64 contiguous
 lanes (how the model is used to generate) and on independent windows from a
@@ -56,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQ_LEN = 128  # both trainers backpropagate through 128 characters
 PLAIN_BATCH = 32  # windows (lanes) per step, both trainers
 PLAIN_LR = 2e-3  # both trainers, constant
-TRAINERS = ("plain", "charrnn")
+TRAINERS = ("plain", "charrnn", "charrnn-wd")  # charrnn-wd runs only with --weight-drop
 
 
 class PlainLSTM(nn.Module):
@@ -101,8 +104,9 @@ def plain_loop(train: np.ndarray, vocab: int, hidden: int, budget: float, seed: 
                    "batch": PLAIN_BATCH, "final_train_loss": float(np.mean(losses[-20:]))}
 
 
-def charrnn_run(data: str, hidden: int, budget: float, seed: int, threads: int, work: Path) -> dict:
-    cfg = TrainConfig(data=data, out=str(work / f"charrnn-{hidden}"), **{
+def charrnn_run(data: str, hidden: int, budget: float, seed: int, threads: int, work: Path, weight_drop: float = 0.0) -> dict:
+    name = f"charrnn-wd-{hidden}" if weight_drop else f"charrnn-{hidden}"
+    cfg = TrainConfig.from_flat(data=data, out=str(work / name), weight_drop=weight_drop, **{
         **preset("default"), "hidden": hidden, "batch_size": PLAIN_BATCH, "seq_len": SEQ_LEN,
         "lr": PLAIN_LR, "lr_schedule": "constant", "warmup": 0, "dropout": 0.0, "weight_decay": 0.01,
         "max_steps": 0, "max_time": budget, "eval_interval": 10**9, "eval_iters": 1, "sample_chars": 0,
@@ -124,7 +128,8 @@ def worker(args) -> int:
         stats["weights"] = str(work / f"plain-{hidden}.pt")
         torch.save(model.state_dict(), stats["weights"])
     else:
-        stats = charrnn_run(args.data, hidden, args.budget, args.seed, args.threads, work)
+        weight_drop = args.weight_drop if args.worker == "charrnn-wd" else 0.0
+        stats = charrnn_run(args.data, hidden, args.budget, args.seed, args.threads, work, weight_drop)
     (work / f"{args.worker}-{hidden}.json").write_text(json.dumps(stats))
     return 0
 
@@ -159,6 +164,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 512], help="LSTM sizes (2 layers each)")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads of each trainer")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--weight-drop", type=float, default=0.0,
+                   help="also run charrnn with this weight-drop, beside the other two (0: not)")
     p.add_argument("--out", default=str(ROOT / "bench/results"), help="folder for training.md and training.json")
     p.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -168,6 +175,7 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args)
 
+    trainers = TRAINERS if args.weight_drop else TRAINERS[:2]
     rows = []
     fp32 = Runtime(torch.device("cpu"), rank=0, world=1, bf16=False)  # one evaluator, in float32, for both
     with tempfile.TemporaryDirectory(prefix="charrnn-bench-") as tmp:
@@ -175,16 +183,16 @@ def main(argv=None) -> int:
         corpus = prepare_corpus(args.data, work / "corpus")
         val = val_lanes(corpus.val, SEQ_LEN)
         for hidden in args.hidden:
-            print(f"--- 2x{hidden}: both trainers side by side, {args.budget:.0f} s of training each", flush=True)
-            common = ["--data", args.data, "--budget", str(args.budget), "--hidden", str(hidden),
-                      "--seed", str(args.seed), "--threads", str(args.threads), "--work", str(work)]
+            print(f"--- 2x{hidden}: {len(trainers)} trainers side by side, {args.budget:.0f} s of training each", flush=True)
+            common = ["--data", args.data, "--budget", str(args.budget), "--hidden", str(hidden), "--seed", str(args.seed),
+                      "--threads", str(args.threads), "--weight-drop", str(args.weight_drop), "--work", str(work)]
             procs = {name: subprocess.Popen([sys.executable, "-m", "bench.training", "--worker", name, *common],
                                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                     for name in TRAINERS}
+                     for name in trainers}
             for name, proc in procs.items():
                 if proc.wait() != 0:
                     raise SystemExit(f"the {name} trainer failed (exit {proc.returncode})")
-            for name in TRAINERS:
+            for name in trainers:
                 stats = json.loads((work / f"{name}-{hidden}.json").read_text())
                 model = load_model(name, stats.pop("weights"), len(corpus.vocab), hidden)
                 stats["val_carried"] = evaluate(model, val, 0, fp32)
@@ -209,7 +217,8 @@ def machine() -> dict:
 def render(rows: list[dict], args) -> str:
     lines = [
         f"Trainer benchmark: 2-layer LSTM on tiny-shakespeare, {args.budget:.0f} s of training each, CPU"
-        f" ({os.cpu_count()} cores, torch {torch.__version__}); both trainers at once, {args.threads} thread(s) each.",
+        f" ({os.cpu_count()} cores, torch {torch.__version__}); {'all three' if args.weight_drop else 'both'} trainers at once,"
+        f" {args.threads} thread(s) each{f'; charrnn-wd = charrnn with weight-drop {args.weight_drop}' if args.weight_drop else ''}.",
         "Validation: last 10% of the text; 'carried' = 64 lanes with the state carried, 'fresh' = 128-char windows"
         " from a zero state; both in float32.",
         "",

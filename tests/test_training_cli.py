@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import torch
 
 from charrnn.training.checkpoint import load_checkpoint
 from charrnn.training.cli import build_parser, config_from_args, main
-from charrnn.training.config import ConfigError, TrainConfig
+from charrnn.training.config import MODEL_FIELDS, ConfigError, TrainConfig
 from charrnn.training.model import CharRNN, ModelConfig
 from charrnn.training.optim import lr_at
 from charrnn.training.presets import PRESETS
@@ -118,30 +119,51 @@ def test_corpus_too_short_for_one_batch_is_a_clear_error(tmp_path, capsys):
 def test_flags_override_the_preset():
     args = build_parser().parse_args(["--data", "d", "--out", "o", "--preset", "shakespeare", "--hidden", "64", "--no-tie-weights"])
     cfg = config_from_args(args)
-    assert cfg.hidden == 64 and cfg.tie_weights is False and cfg.preset == "shakespeare"
-    assert cfg.layers == PRESETS["shakespeare"]["layers"] and cfg.dropout == PRESETS["shakespeare"]["dropout"]
+    assert cfg.model.hidden == 64 and cfg.model.tie_weights is False and cfg.preset == "shakespeare"
+    assert cfg.model.layers == PRESETS["shakespeare"]["layers"] and cfg.model.dropout == PRESETS["shakespeare"]["dropout"]
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_is_a_valid_configuration(name):
     cfg = config_from_args(build_parser().parse_args(["--data", "d", "--out", "o", "--preset", name]))
     assert cfg.preset == name
+    model = ModelConfig(**{k: v for k, v in PRESETS[name].items() if k in MODEL_FIELDS})  # embed_dim 0 resolved
     for field, value in PRESETS[name].items():
-        assert getattr(cfg, field) == value, field
+        assert (getattr(cfg.model, field) == getattr(model, field)) if field in MODEL_FIELDS else getattr(cfg, field) == value, field
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("cell", "transformer", "--cell must be one of lstm, gru, rnn, got 'transformer'"),
-    ("batch_size", 0, "--batch-size must be an integer >= 1, got 0"),
-    ("dropout", 1.0, r"--dropout must be in \[0, 1\), got 1.0"),
-    ("lr", float("nan"), "--lr must be a finite number > 0, got nan"),
-    ("max_time", -1.0, "--max-time must be a finite number >= 0, got -1.0"),
-    ("device", "tpu", "--device must be one of auto, cpu, cuda, got 'tpu'"),
-    ("patience", -2, "--patience must be an integer >= 0, got -2"),
+@pytest.mark.parametrize("settings,message", [
+    ({"cell": "transformer"}, "--cell must be one of lstm, gru, rnn, got 'transformer'"),
+    ({"batch_size": 0}, "--batch-size must be an integer >= 1, got 0"),
+    ({"dropout": 1.0}, r"--dropout must be in \[0, 1\), got 1.0"),
+    ({"lr": float("nan")}, "--lr must be a finite number > 0, got nan"),
+    ({"max_time": -1.0}, "--max-time must be a finite number >= 0, got -1.0"),
+    ({"device": "tpu"}, "--device must be one of auto, cpu, cuda, got 'tpu'"),
+    ({"patience": -2}, "--patience must be an integer >= 0, got -2"),
+    ({"tie_weights": True, "embed_dim": 64}, r"--embed-dim must be 0 or equal to --hidden \(256\) with --tie-weights, got 64"),
+    ({"weight_drop": 1.0}, r"--weight-drop must be in \[0, 1\), got 1.0"),
+    ({"weight_drop": -0.1}, r"--weight-drop must be in \[0, 1\), got -0.1"),
+    ({"locked_dropout_input": 1.5}, r"--locked-dropout-input must be in \[0, 1\), got 1.5"),
+    ({"locked_dropout_between": -0.5}, r"--locked-dropout-between must be in \[0, 1\), got -0.5"),
+    ({"locked_dropout_output": 1.0}, r"--locked-dropout-output must be in \[0, 1\), got 1.0"),
+    ({"locked_dropout_output": 0.3, "dropout": 0.2}, r"--dropout must be 0 when a --locked-dropout-\* rate is set .*got 0.2"),
+    ({"locked_dropout_input": 0.1, "embed_dropout": 0.1}, r"--embed-dropout must be 0 when a --locked-dropout-\* rate .*got 0.1"),
+    ({"locked_dropout_between": 0.2, "layers": 1}, r"--locked-dropout-between must be 0 with --layers 1 .*got 0.2"),
+    ({"ema_decay": 1.0}, r"--ema-decay must be in \[0, 1\) \(0: no average\), got 1.0"),
+    ({"ema_decay": -0.9}, r"--ema-decay must be in \[0, 1\) \(0: no average\), got -0.9"),
+    ({"seq_len_sd": -1.0}, "--seq-len-sd must be a finite number >= 0, got -1.0"),
+    ({"seq_len_sd": float("inf")}, "--seq-len-sd must be a finite number >= 0, got inf"),
+    ({"seq_len_half_prob": 1.5}, r"--seq-len-half-prob must be in \[0, 1\], got 1.5"),
 ])
-def test_bad_settings_name_the_flag_the_value_and_the_rule(field, value, message):
+def test_bad_settings_name_the_flag_the_value_and_the_rule(settings, message):
     with pytest.raises(ConfigError, match=message):
-        TrainConfig(data="d", out="o", max_steps=10, **{field: value})
+        TrainConfig.from_flat(data="d", out="o", max_steps=10, **settings)
+
+
+def test_a_bad_setting_on_the_command_line_exits_2_with_the_rule(tmp_path, capsys):
+    data = make_corpus(tmp_path / "c.txt")
+    assert main(["--data", str(data), "--out", str(tmp_path / "r"), *TINY, "--weight-drop", "1.5"]) == 2
+    assert "charrnn-train: error: --weight-drop must be in [0, 1), got 1.5" in capsys.readouterr().err
 
 
 def test_cosine_schedule_needs_a_budget():
@@ -157,3 +179,14 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert lr_at(cfg, 110, 0) == pytest.approx(0.1)
     timed = TrainConfig(data="d", out="o", lr=1.0, warmup=0, max_steps=0, max_time=100.0)
     assert lr_at(timed, 5, 50.0) == pytest.approx(0.55)
+
+
+def test_docs_flag_table_lists_every_flag_of_the_parser():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text(encoding="utf-8")
+    table = text.split("## Flags", 1)[1].split("\n## ", 1)[0]
+    documented = {flag for row in table.splitlines() if row.startswith("| `--")
+                  for flag in re.findall(r"`(--[a-z-]+)", row.split(" | ")[0])}
+    parser_flags = {s for a in build_parser()._actions for s in a.option_strings} - {"-h", "--help"}
+    assert documented == parser_flags

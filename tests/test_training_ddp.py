@@ -6,18 +6,22 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from charrnn.training.checkpoint import load_checkpoint
 from tests.test_training_cli import make_corpus
+from tests.test_training_regularisation import EVERY_OPTION
 
 
-def test_two_ranks_train_their_own_lanes_and_end_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("options", [[], EVERY_OPTION], ids=["plain", "every-option"])
+def test_two_ranks_train_their_own_lanes_and_end_with_identical_weights(tmp_path, options):
+    # With varied windows the ranks must draw the same lengths (one learning rate), or their weights part.
     data = make_corpus(tmp_path / "c.txt")
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "charrnn.training.cli", "--data", str(data), "--out", str(run), "--preset", "tiny",
-           "--device", "cpu", "--max-steps", "12", "--eval-interval", "6", "--sample-chars", "0"]
+           "--device", "cpu", "--max-steps", "12", "--eval-interval", "6", "--sample-chars", "0", *options]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = load_checkpoint(run / "last.pt")

@@ -10,9 +10,12 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from charrnn.training.checkpoint import load_checkpoint
 from charrnn.training.cli import main
 from tests.test_training_cli import TINY, losses, make_corpus
+from tests.test_training_regularisation import EVERY_OPTION
 
 # Dropout on, several epochs (the corpus is short), evaluation every 5 steps.
 RUN = [*TINY, "--dropout", "0.3", "--embed-dropout", "0.1", "--eval-interval", "5", "--max-steps", "60"]
@@ -23,12 +26,12 @@ def metrics(run_dir):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def test_run_killed_at_any_moment_resumes_to_the_same_losses(tmp_path):
+def kill_and_resume(tmp_path, run: list[str]) -> tuple:
+    """The run uninterrupted in WHOLE, and in CUT killed after its third evaluation and resumed."""
     data = make_corpus(tmp_path / "c.txt", words=400)  # about 30 batches per epoch: the run crosses epochs
-    assert main(["--data", str(data), "--out", str(tmp_path / "whole"), *RUN]) == 0
-
-    cut = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "charrnn.training.cli", "--data", str(data), "--out", str(cut), *RUN]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["--data", str(data), "--out", str(whole), *run]) == 0
+    cmd = [sys.executable, "-m", "charrnn.training.cli", "--data", str(data), "--out", str(cut), *run]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 60
     while len(metrics(cut)) < 3 and proc.poll() is None and time.monotonic() < deadline:
@@ -38,12 +41,32 @@ def test_run_killed_at_any_moment_resumes_to_the_same_losses(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = load_checkpoint(cut / "last.pt")["step"]
     assert 5 <= killed_at < 60
+    assert main(["--data", str(data), "--out", str(cut), *run, "--resume"]) == 0
+    return whole, cut
 
-    assert main(["--data", str(data), "--out", str(cut), *RUN, "--resume"]) == 0
-    assert losses(cut) == losses(tmp_path / "whole")  # exact: the same floats, step for step
+
+def test_run_killed_at_any_moment_resumes_to_the_same_losses(tmp_path):
+    whole, cut = kill_and_resume(tmp_path, RUN)
+    assert losses(cut) == losses(whole)  # exact: the same floats, step for step
     assert [m["step"] for m in metrics(cut)] == list(range(5, 65, 5))
-    assert [m["val_loss"] for m in metrics(cut)] == [m["val_loss"] for m in metrics(tmp_path / "whole")]
+    assert [m["val_loss"] for m in metrics(cut)] == [m["val_loss"] for m in metrics(whole)]
     assert load_checkpoint(cut / "last.pt")["step"] == 60
+
+
+# Every option for a better model at once: weight-drop, locked dropout, the moving average, varied windows.
+RUN_EVERY_OPTION = [*TINY, *EVERY_OPTION, "--eval-interval", "5", "--max-steps", "60"]
+
+
+def test_a_run_with_every_option_killed_at_any_moment_resumes_exactly(tmp_path):
+    whole, cut = kill_and_resume(tmp_path, RUN_EVERY_OPTION)
+    steps = [(json.loads(line)["loss"], json.loads(line)["seq_len"]) for line in (cut / "steps.jsonl").read_text().splitlines()]
+    assert steps == [(json.loads(line)["loss"], json.loads(line)["seq_len"]) for line in (whole / "steps.jsonl").read_text().splitlines()]
+    assert len({length for _, length in steps}) > 3  # the windows did vary
+    for key in ("val_loss", "ema_val_loss", "epoch"):
+        assert [m[key] for m in metrics(cut)] == [m[key] for m in metrics(whole)], key
+    a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(cut / "last.pt")
+    for weights in ("model", "ema"):
+        assert a[weights].keys() == b[weights].keys() and all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
 
 
 def test_resume_without_a_checkpoint_starts_fresh_and_resuming_a_finished_run_stops_at_once(tmp_path):
@@ -105,3 +128,33 @@ def test_logs_are_cut_back_to_the_checkpoint_step(tmp_path):
     assert [r["step"] for r in log.read("metrics")] == [5]
     text = log.samples.read_text()
     assert "text at 5" in text and "text at 10" not in text and text.count("=== step") == 1
+
+
+def as_an_earlier_version_wrote_it(path):
+    """Rewrites a last.pt of fixed windows the way charrnn wrote it before the options of issue 16 and the
+    nested settings: train_config flat, each rank's place a window index, no average, no window draws."""
+    ckpt = torch.load(path, weights_only=False)
+    train = dict(ckpt["train_config"])
+    model = train.pop("model")
+    for name in ("vocab_size", "weight_drop", "locked_dropout_input", "locked_dropout_between", "locked_dropout_output"):
+        model.pop(name)
+        ckpt["model_config"].pop(name, None)
+    for name in ("ema_decay", "epoch_offset", "seq_len_sd", "seq_len_half_prob"):
+        train.pop(name)
+    ckpt["train_config"] = {**train, **model}
+    for rank in ckpt["resume"]["ranks"]:
+        rank["position"] = rank.pop("cursor") // train["seq_len"]
+    del ckpt["resume"]["windows"], ckpt["ema"], ckpt["weights"]
+    torch.save(ckpt, path)
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_to_the_same_losses(tmp_path):
+    data = make_corpus(tmp_path / "c.txt", words=400)
+    run = ["--data", str(data), *RUN, "--max-steps", "20"]
+    assert main([*run, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*run, "--out", str(tmp_path / "old"), "--max-steps", "10"]) == 0
+    as_an_earlier_version_wrote_it(tmp_path / "old" / "last.pt")
+    assert main([*run, "--out", str(tmp_path / "old"), "--resume"]) == 0
+    assert losses(tmp_path / "old") == losses(tmp_path / "whole")
+    whole, old = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("whole", "old"))
+    assert all(torch.equal(whole[k], old[k]) for k in whole)

@@ -14,7 +14,13 @@ reads only these, the trainer adds its resume state beside them:
     best_val_loss   best validation loss seen in the run so far
     corpus          {"sha256": hex, "chars": int, "sources": [str, ...]}
 
-A run folder holds ``best.pt`` (lowest validation loss) and ``last.pt``.
+and, from the runs that keep a moving average of their weights (``--ema-decay``):
+
+    weights         "raw" (the training weights) or "ema" (their average): which ``model`` holds
+
+A run folder holds ``best.pt`` (lowest validation loss, of the raw or the averaged
+weights, whichever scored it) and ``last.pt`` (the raw weights, with the average
+beside them for resuming).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ import sys
 # 10x slower; passive waiting costs little when the machine is idle. Read once, at torch's import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .checkpoint import CheckpointError  # noqa: E402 (after OMP_WAIT_POLICY)
+from charrnn.modelfile import CELLS  # noqa: E402 (after OMP_WAIT_POLICY)
+
+from .checkpoint import CheckpointError  # noqa: E402
 from .config import ConfigError, TrainConfig
 from .loop import DivergedError, run_training
 from .presets import PRESETS, preset
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder for checkpoints, logs, curves and samples")
     p.add_argument("--preset", default="default", choices=list(PRESETS), help="settings to start from (default: default)")
     m = p.add_argument_group("model")
-    m.add_argument("--cell", choices=["lstm", "gru", "rnn"])
+    m.add_argument("--cell", choices=list(CELLS))
     m.add_argument("--layers", type=int, help="stacked recurrent layers")
     m.add_argument("--hidden", type=int, help="units per recurrent layer")
     m.add_argument("--embed-dim", type=int, help="embedding width (0: same as --hidden)")
@@ -42,9 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--embed-dropout", type=float, help="dropout on the embeddings")
     m.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="share the embedding and output matrices (needs embed dim == hidden)")
+    m.add_argument("--weight-drop", type=float,
+                   help="DropConnect on the hidden-to-hidden weights in training, one mask per step (0: off)")
+    m.add_argument("--locked-dropout-input", type=float, help="dropout on the embeddings, one mask per sequence")
+    m.add_argument("--locked-dropout-between", type=float, help="dropout between layers, one mask per sequence")
+    m.add_argument("--locked-dropout-output", type=float, help="dropout before the output layer, one mask per sequence")
     d = p.add_argument_group("data")
     d.add_argument("--batch-size", type=int, help="parallel lanes of the text per step (per rank under torchrun)")
     d.add_argument("--seq-len", type=int, help="characters per lane per step (backpropagation length)")
+    d.add_argument("--epoch-offset", action=argparse.BooleanOptionalAction, default=None,
+                   help="start each epoch a random number of characters (below --seq-len) into the lanes")
+    d.add_argument("--seq-len-sd", type=float, help="vary each step's length: drawn from N(seq-len, this) (0: fixed)")
+    d.add_argument("--seq-len-half-prob", type=float, help="the chance that a step's length is drawn around seq-len / 2")
     d.add_argument("--errors", choices=["strict", "replace"], help="undecodable UTF-8: stop with the file and offset, or read U+FFFD")
     o = p.add_argument_group("optimization")
     o.add_argument("--lr", type=float, help="peak learning rate")
@@ -53,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up")
     o.add_argument("--lr-schedule", choices=["cosine", "constant"])
     o.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
+    o.add_argument("--ema-decay", type=float,
+                   help="also keep an exponential moving average of the weights (e.g. 0.999), evaluated beside them (0: off)")
     s = p.add_argument_group("evaluation and stopping")
     s.add_argument("--eval-interval", type=int, help="steps between evaluations and checkpoints")
     s.add_argument("--eval-iters", type=int, help="validation batches per evaluation (0: the whole split)")
@@ -77,7 +90,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = preset(args.preset)
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("data", "out", "preset")}
     values.update(given)
-    return TrainConfig(data=args.data, out=args.out, preset=args.preset, **values)
+    return TrainConfig.from_flat(data=args.data, out=args.out, preset=args.preset, **values)
 
 
 def main(argv: list[str] | None = None) -> int:

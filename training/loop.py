@@ -8,6 +8,7 @@ stops, rank 0 evaluates, samples, logs and checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -15,14 +16,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from . import resume as resume_state
-from .batches import Lanes, train_lanes, val_lanes
+from .batches import Lanes, Windows, train_lanes, val_lanes
 from .checkpoint import BEST, LAST, is_better, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .corpus import prepare_corpus
-from .model import CharRNN, ModelConfig
+from .model import CharRNN
 from .optim import lr_at, make_optimizer
 from .runlog import RunLog
 from .runtime import Runtime, any_rank, broadcast_from_main, main_first, seed_everything, start_runtime, stop_runtime
@@ -56,24 +58,29 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
     say = tqdm.write if rt.is_main else (lambda *_: None)
     ckpt = load_checkpoint(out / LAST) if cfg.resume and (out / LAST).is_file() else None
     if ckpt is not None:
+        ckpt = resume_state.upgrade(ckpt)
         resume_state.check_compatible(cfg, ckpt, rt.world)
     # Rank 0 writes tokens.bin; the other ranks wait, then map the finished file.
     corpus = main_first(rt, lambda: prepare_corpus(cfg.data, out, cfg.errors, vocab=ckpt["vocab"] if ckpt else None))
     if ckpt is not None:
         resume_state.check_corpus(corpus, ckpt)
-    lanes = train_lanes(corpus.train, cfg.batch_size, cfg.seq_len, rt.rank, rt.world)
+    windows = Windows(cfg.seq_len, cfg.epoch_offset, cfg.seq_len_sd, cfg.seq_len_half_prob, cfg.seed)
+    lanes = train_lanes(corpus.train, cfg.batch_size, cfg.seq_len, rt.rank, rt.world, reach=windows.reach)
     val = val_lanes(corpus.val, cfg.seq_len)  # checked on every rank, used on rank 0
     say(f"corpus: {corpus.info.chars:,} characters in {len(corpus.info.sources)} file(s), vocabulary {len(corpus.vocab)},"
         f" train {len(corpus.train):,} / val {len(corpus.val):,}; {lanes.windows} batches per epoch")
 
     seed_everything(cfg.seed + rt.rank)  # ranks draw different dropout masks
-    model_cfg = ModelConfig(vocab_size=len(corpus.vocab), **cfg.model_fields())
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=len(corpus.vocab))
     model = CharRNN(model_cfg).to(rt.device)
     optimizer = make_optimizer(model, cfg, rt.cuda)
+    ema = make_ema(model, cfg.ema_decay)
     run = resume_state.fresh()
     if ckpt is not None:
-        run = resume_state.restore(ckpt, model, optimizer, rt)
+        run = resume_state.restore(ckpt, model, optimizer, ema, windows, rt)
         say(f"resumed from {out / LAST} at step {run.step}")
+    else:
+        run.cursor = windows.epoch_start()  # the first epoch starts at its own offset too
     log = RunLog(out) if rt.is_main else None
     if log:
         log.restart_at(run.step)
@@ -84,21 +91,23 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
     if cfg.max_steps and run.step >= cfg.max_steps:
         say(f"nothing to do: the run already took {run.step} of --max-steps {cfg.max_steps} steps")
         return RunResult(run.step, ckpt["val_loss"], run.best_val_loss, "max_steps")
-    chars_per_step = cfg.batch_size * cfg.seq_len * rt.world
     bar = tqdm(total=cfg.max_steps or None, initial=run.step, disable=not rt.is_main, unit="step", dynamic_ncols=True)
     started = time.perf_counter() - run.elapsed  # so elapsed counts the whole run across resumes
-    window_start, window_steps, window_losses = time.perf_counter(), 0, []
-    pending: list[torch.Tensor] = []  # losses not yet read back (reading one is a host-device sync on CUDA)
+    # Since the last evaluation: when it ended, the training losses, the characters trained on (all ranks).
+    period_start, period_losses, period_chars = time.perf_counter(), [], 0
+    pending: list[tuple[torch.Tensor, float, int]] = []  # (loss, lr, length) not yet read back (a sync on CUDA)
     stopped_by = ""
     val_loss = math.nan
     model.train()
     while not stopped_by:
-        lr = lr_at(cfg, run.step, time.perf_counter() - started)
+        length = windows.next_length()  # seq_len, or drawn around it (--seq-len-sd, --seq-len-half-prob)
+        if not lanes.fits(run.cursor, length):  # the lanes are used up: a new epoch starts (at a random offset)
+            run.cursor, run.epoch, run.carried = windows.epoch_start(), run.epoch + 1, None
+        # AWD-LSTM's rule for varied windows: the step size follows the window's length.
+        lr = lr_at(cfg, run.step, time.perf_counter() - started) * length / cfg.seq_len
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if run.position >= lanes.windows:  # every lane used up: a new epoch starts from the lane heads
-            run.position, run.epoch, run.carried = 0, run.epoch + 1, None
-        x, y = (torch.from_numpy(a).to(rt.device, non_blocking=True) for a in lanes.window(run.position))
+        x, y = (torch.from_numpy(a).to(rt.device, non_blocking=True) for a in lanes.read(run.cursor, length))  # [B, length]
         state = run.carried if run.carried is not None else model.init_state(cfg.batch_size, rt.device)
         with rt.autocast():
             logits, new_state = net(x, state)  # (B, T, V)
@@ -108,18 +117,22 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         run.carried = tuple(s.detach().float() for s in new_state)  # truncated BPTT: no gradient into the past
-        run.position += 1
+        run.cursor += length
         run.step += 1
-        pending.append(loss.detach())
+        pending.append((loss.detach(), lr, length))
 
         eval_due = run.step % cfg.eval_interval == 0
         limit = bool(cfg.max_steps and run.step >= cfg.max_steps)
         # On one CPU process reading the loss costs nothing, so every step is checked at once;
         # on CUDA or across ranks, only every log_interval steps.
         if run.step % cfg.log_interval == 0 or eval_due or limit or not (rt.cuda or rt.distributed):
-            losses = torch.stack(pending).tolist()
-            records = [{"step": run.step - len(losses) + i + 1, "loss": v, "lr": lr} for i, v in enumerate(losses)]
+            losses = torch.stack([loss for loss, _, _ in pending]).tolist()
+            records = [{"step": run.step - len(pending) + i + 1, "loss": v, "lr": step_lr, "seq_len": step_len}
+                       for i, (v, (_, step_lr, step_len)) in enumerate(zip(losses, pending))]
+            period_chars += sum(step_len for _, _, step_len in pending) * cfg.batch_size * rt.world
             pending.clear()
             if run.first_loss is None:
                 run.first_loss = losses[0]
@@ -131,12 +144,11 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
                     f"training diverged: {where} (first loss {run.first_loss:.4f}, limit {cfg.divergence_factor}x);"
                     f" {out / LAST} keeps the last good state (step {run.checkpoint_step}); try a smaller --lr"
                 )
-            window_losses += losses
-            window_steps += len(losses)
+            period_losses += losses
             if log:
                 log.add_steps(records)
             if run.step % cfg.log_interval == 0 or eval_due or limit:
-                rate = window_steps * chars_per_step / max(1e-9, time.perf_counter() - window_start)
+                rate = period_chars / max(1e-9, time.perf_counter() - period_start)
                 bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", chars_per_sec=f"{rate:,.0f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(len(losses))
             out_of_time = bool(cfg.max_time and time.perf_counter() - started >= cfg.max_time)
@@ -145,22 +157,27 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
         if not (eval_due or stopped_by):
             continue
         # Evaluate, sample, log and checkpoint. Every rank hands rank 0 its resume state first.
-        train_seconds = time.perf_counter() - window_start
+        train_seconds = time.perf_counter() - period_start
         ranks = resume_state.gather(run, model, rt)
         if rt.is_main:
             val_loss = evaluate(model, val, cfg.eval_iters, rt)
-            improved = is_better(val_loss, run.best_val_loss)
-            run.best_val_loss = val_loss if improved else run.best_val_loss
+            ema_loss = evaluate(ema.module, val, cfg.eval_iters, rt) if ema is not None else math.nan
+            # best.pt keeps whichever weights score lower: the average, once it has caught up with training.
+            best_model, best_loss = (ema.module, ema_loss) if is_better(ema_loss, val_loss) else (model, val_loss)
+            improved = is_better(best_loss, run.best_val_loss)
+            run.best_val_loss = best_loss if improved else run.best_val_loss
             run.evals_since_best = 0 if improved else run.evals_since_best + 1
             record = {
                 "step": run.step, "epoch": run.epoch,
-                "train_loss": sum(window_losses) / max(1, len(window_losses)), "val_loss": val_loss,
+                "train_loss": sum(period_losses) / max(1, len(period_losses)), "val_loss": val_loss,
+                **({"ema_val_loss": ema_loss} if ema is not None else {}),
                 "best_val_loss": run.best_val_loss, "lr": lr,
-                "chars_per_sec": round(window_steps * chars_per_step / max(1e-9, train_seconds), 1),
+                "chars_per_sec": round(period_chars / max(1e-9, train_seconds), 1),
                 "elapsed": round(time.perf_counter() - started, 3),
             }
             log.add_metrics(record)
-            say(f"step {run.step}: train {record['train_loss']:.4f}  val {val_loss:.4f}  best {run.best_val_loss:.4f}"
+            say(f"step {run.step}: train {record['train_loss']:.4f}  val {val_loss:.4f}"
+                f"{f'  ema {ema_loss:.4f}' if ema is not None else ''}  best {run.best_val_loss:.4f}"
                 f"  lr {lr:.2e}  {record['chars_per_sec']:,.0f} chars/s")
             if cfg.sample_chars:
                 prime = corpus.decode(corpus.val[:1])
@@ -171,17 +188,28 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
             run.elapsed = time.perf_counter() - started
             payload = resume_state.payload(cfg, model_cfg, model, corpus, run, val_loss)
             if improved:
-                save_checkpoint(out / BEST, payload)
-            save_checkpoint(out / LAST, {**payload, **resume_state.extra(optimizer, run, ranks)})
+                save_checkpoint(out / BEST, resume_state.payload(cfg, model_cfg, best_model, corpus, run, best_loss,
+                                                                 weights="ema" if best_model is not model else "raw"))
+            save_checkpoint(out / LAST, {**payload, **resume_state.extra(optimizer, ema, windows, run, ranks)})
             run.checkpoint_step = run.step
             if not stopped_by and cfg.patience and run.evals_since_best >= cfg.patience:
                 stopped_by = "patience"
                 say(f"stopping: {cfg.patience} evaluations without a better validation loss")
         stopped_by = broadcast_from_main(rt, stopped_by)
-        window_start, window_steps, window_losses = time.perf_counter(), 0, []
+        period_start, period_losses, period_chars = time.perf_counter(), [], 0
     bar.close()
     say(f"done at step {run.step} ({stopped_by}): val loss {val_loss:.4f}, best {run.best_val_loss:.4f}; checkpoints in {out}")
     return RunResult(run.step, val_loss, run.best_val_loss, stopped_by)
+
+
+def make_ema(model: CharRNN, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the weights (updated after every step), or None when decay is 0.
+
+    Its step counter stays on the CPU (AveragedModel's default), so updating it costs no host sync on CUDA.
+    """
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
 
 
 @torch.inference_mode()

@@ -1,7 +1,7 @@
 """What a run leaves for people to read, in its run folder.
 
-    metrics.jsonl  one JSON object per evaluation: step, train_loss, val_loss, lr, chars_per_sec, elapsed
-    steps.jsonl    one JSON object per optimizer step: step, loss, lr
+    metrics.jsonl  one JSON object per evaluation: step, train_loss, val_loss (ema_val_loss), lr, chars_per_sec, elapsed
+    steps.jsonl    one JSON object per optimizer step: step, loss, lr, seq_len
     samples.txt    text sampled at each evaluation, at each temperature
     curves.png     train and validation loss against step, redrawn at each evaluation
 
@@ -12,6 +12,7 @@ its checkpoint, so they read as if the run had never stopped.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 METRICS = "metrics.jsonl"
@@ -83,9 +84,12 @@ class RunLog:
             ax.plot(xs, smooth, color="tab:blue", alpha=0.6, linewidth=1, label="train (per step, smoothed)")
         if evals:
             ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color="tab:red", label="validation")
+            if "ema_val_loss" in evals[-1]:
+                ax.plot([r["step"] for r in evals], [r["ema_val_loss"] for r in evals], "^-", color="tab:purple",
+                        markersize=4, label="validation, moving average of the weights")
             ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "s--", color="tab:blue", markersize=3, label="train (mean since last eval)")
-            best = min(evals, key=lambda r: r["val_loss"])
-            ax.set_title(f"best val loss {best['val_loss']:.4f} at step {best['step']}")
+            loss, step = min((min(r["val_loss"], r.get("ema_val_loss", math.inf)), r["step"]) for r in evals)
+            ax.set_title(f"best val loss {loss:.4f} at step {step}")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats / character)")
         ax.grid(alpha=0.3)
