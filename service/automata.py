@@ -87,7 +87,7 @@ class AutomatonTable:
         self.vocab_size = vocab_size
         null = Automaton(np.zeros((1, vocab_size), np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32))
         self._parts: dict[Hashable, list] = {}  # key -> [automaton, offset, rows using it]
-        self._live_states = 1
+        self._live_states = 1  # states of the automata some row uses, the null one included
         self._build({(): [null, 0, 1]})
 
     def _build(self, parts: dict) -> None:
@@ -112,6 +112,11 @@ class AutomatonTable:
             self._live_states += automaton.states
         part[2] += 1
         return part[1]
+
+    @property
+    def in_use(self) -> bool:
+        """Some row has stop sequences (else every row is in state 0 and a step changes nothing)."""
+        return self._live_states > 1
 
     def release(self, key: Hashable) -> None:
         """One row of automaton ``key`` left; unused automata are dropped at the next ``collect``."""

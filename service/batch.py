@@ -1,11 +1,15 @@
 """One batch of the engine core: streams read their primes, then every step advances them all at once.
 
-``Batch.work`` is one round: some prefill, then one decode step. Prefill groups
-new streams by how many prime characters they have left (``Cohort``): the one
-with the most left runs until it catches up with the next, and they merge, so k
-new primes cost max(length) sequential calls, bounded per round so that a long
-prime cannot stall the running batch. A stream's first character is sampled
-from its prime's last logits, and a prime read before is not read again
+``Batch.work`` is one round: some prefill, then one decode step. A new stream
+reads all of its prime but the last character in prefill, and joins the batch
+with that last character as its next input: its first character is drawn by
+the batch step like every other, on the device, so the core never samples
+outside the step and no logits ever come to the host. Prefill groups new
+streams by how many prime characters they have left (``Cohort``): the one with
+the most left runs until it catches up with the next, and they merge, so k new
+primes cost max(length) sequential calls, bounded per round so that a long
+prime cannot stall the running batch. A one-character prime (and the empty
+prime) needs no prefill at all, and a prime read before is not read again
 (primecache.py).
 
 The decode step is one call of the model and the sampler for every slot of
@@ -34,6 +38,8 @@ from charrnn.service.primecache import PrimeCache
 from charrnn.service.runtime import LoadedModel, State
 from charrnn.service.slots import Slots
 
+# How a stream ended, in the order of precedence: (code, reason) by kind 0..3.
+_ENDS = (("OK", "stop"), ("OK", "length"), ("CANCELLED", "cancelled"), ("DEADLINE_EXCEEDED", "deadline"))
 MAX_PREFILL_STEPS = 128  # prime characters per prefill call: a long prime takes several rounds
 MIN_PREFILL_SECONDS = 0.002  # prefill time per round while streams decode (at least the last step's time)
 
@@ -71,6 +77,11 @@ class Outbox:
     def __init__(self) -> None:
         self._lock = threading.Lock()  # the batching-off threads write here too
         self._by_fe: dict[int, dict] = {}
+        self._seen: set[int] = set()  # front-ends that ever had a stream: one, in the usual case
+
+    def admit(self, fe: int) -> None:
+        """A stream of front-end ``fe`` takes a slot (with a single front-end, no step needs splitting)."""
+        self._seen.add(fe)
 
     def _box(self, fe: int) -> dict:
         box = self._by_fe.get(fe)
@@ -85,7 +96,7 @@ class Outbox:
             return
         with self._lock:
             first = int(fe[0])
-            if (fe == first).all():  # one front-end, the usual case: no split
+            if len(self._seen) == 1 and first in self._seen or (fe == first).all():  # one front-end: no split
                 self._box(first)["steps"].append((rows.astype(np.int32), ids.astype(np.int32),
                                                   None if hold is None else hold.astype(np.int32)))
                 return
@@ -112,12 +123,12 @@ class Cohort:
     def __init__(self, slots: list[int], primes: list[np.ndarray], state: State, remaining: int):
         self.slots = slots
         self.primes = primes
-        self.state = state  # after reading all but the last ``remaining`` characters of each prime
-        self.remaining = remaining
+        self.state = state  # after reading all but the last ``remaining`` + 1 characters of each prime
+        self.remaining = remaining  # prime characters still to prefill (the last one is read by the batch step)
 
     def tokens(self, steps: int) -> np.ndarray:
-        """int64 [k, steps]: the next ``steps`` prime characters of each member."""
-        return np.stack([p[len(p) - self.remaining: len(p) - self.remaining + steps] for p in self.primes])
+        """int64 [k, steps]: the next ``steps`` prime characters of each member (the last one is not prefilled)."""
+        return np.stack([p[len(p) - 1 - self.remaining: len(p) - 1 - self.remaining + steps] for p in self.primes])
 
 
 class Batch:
@@ -132,6 +143,7 @@ class Batch:
         self.cohorts: list[Cohort] = []
         self.where: dict[tuple[int, int], int] = {}  # (front-end, row) -> slot
         self.steps = 0  # decode steps so far
+        self.prefill_calls = 0  # prefill calls so far
         self._last_step_seconds = 0.0
 
     @property
@@ -143,33 +155,40 @@ class Batch:
         return self.slots.free_count
 
     def add(self, entries: list[Admission], now: float) -> None:
-        """Streams that got a slot: a cached prime starts at once, the rest wait in cohorts."""
+        """Streams that got a slot: short and cached primes join the batch at once, the rest wait in cohorts."""
         s = self.slots
-        cached: list[tuple[int, tuple]] = []
+        ready: list[tuple[int, object]] = []  # (slot, state after all but the last prime character; None: zero)
         by_length: dict[int, list[tuple[int, np.ndarray]]] = {}
-        for e in entries:
-            slot = s.take()
+        taken = s.take(len(entries))
+        for fe in {e.fe for e in entries}:
+            self.outbox.admit(fe)
+        for name, attr in (("fe", "fe"), ("row", "row"), ("temperature", "temperature"), ("top_k", "top_k"),
+                           ("top_p", "top_p"), ("limit", "max_chars"), ("deadline", "deadline"), ("arrived", "arrived")):
+            s.arrays[name][taken] = [getattr(e, attr) for e in entries]
+        s.seed[taken] = np.array([e.seed & 0xFFFFFFFFFFFFFFFF for e in entries], np.uint64)
+        s.admitted_at[taken] = now
+        s.token[taken] = [e.prime[-1] for e in entries]  # read by the batch step that draws the first character
+        self.stats.observe("queue_wait", np.array([now - e.queued_at for e in entries]))
+        for e, slot in zip(entries, taken.tolist()):
             self.where[(e.fe, e.row)] = slot
-            for name, value in (("fe", e.fe), ("row", e.row), ("temperature", e.temperature), ("top_k", e.top_k),
-                                ("top_p", e.top_p), ("seed", e.seed & 0xFFFFFFFFFFFFFFFF), ("limit", e.max_chars),
-                                ("deadline", e.deadline), ("arrived", e.arrived), ("admitted_at", now)):
-                s.arrays[name][slot] = value
-            self.stats.observe("queue_wait", now - e.queued_at)
             if e.stops:
                 s.keys[slot] = e.stops
                 s.stop_state[slot] = self.stops.start(e.stops, lambda e=e: stop_automaton(
                     e.stops, self.model.metadata.vocab_size))
+            if len(e.prime) == 1:
+                ready.append((slot, None))
+                continue
             entry = self.prime_cache.get(e.prime) if self.prime_cache is not None else None
             if self.prime_cache is not None and self.prime_cache.capacity:
                 self.stats.cache(entry is not None)
             if entry is not None:
-                cached.append((slot, entry))
+                ready.append((slot, entry))
             else:
-                by_length.setdefault(len(e.prime), []).append((slot, e.prime))
-        if cached:
-            slots = np.array([c[0] for c in cached], np.int64)
-            state = self.model.concat([c[1][0] for c in cached])
-            self._first_chars(slots, state, np.stack([c[1][1] for c in cached]), now)
+                by_length.setdefault(len(e.prime) - 1, []).append((slot, e.prime))
+        if ready:
+            slots = np.array([r[0] for r in ready], np.int64)
+            zero = self.model.zero_state(1)
+            self._join(slots, self.model.concat([zero if r[1] is None else r[1] for r in ready]))
         for length, group in by_length.items():
             state = self.model.zero_state(len(group))
             same = next((c for c in self.cohorts if c.remaining == length), None)
@@ -214,14 +233,14 @@ class Batch:
             top = cohorts[0]
             target = cohorts[1].remaining if len(cohorts) > 1 else 0
             steps = min(top.remaining - target, MAX_PREFILL_STEPS)
-            logits, top.state = self.model.run(top.tokens(steps), top.state)  # [k, steps, V]
+            _, top.state = self.model.run(top.tokens(steps), top.state)  # logits [k, steps, V] unused
+            self.prefill_calls += 1
             top.remaining -= steps
             if top.remaining == 0:
                 cohorts.pop(0)
-                last = logits[:, -1, :]
                 if self.prime_cache is not None:
-                    self.prime_cache.put(self.model, top.primes, top.state, last)
-                self._first_chars(np.array(top.slots, np.int64), top.state, last, time.monotonic())
+                    self.prime_cache.put(self.model, top.primes, top.state)
+                self._join(np.array(top.slots, np.int64), top.state)
             elif len(cohorts) > 1 and top.remaining == cohorts[1].remaining:
                 nxt = cohorts.pop(1)
                 top.slots += nxt.slots
@@ -242,16 +261,10 @@ class Batch:
             c.state = self.model.take(c.state, keep) if len(keep) else None
         self.cohorts = [c for c in self.cohorts if c.slots]
 
-    def _first_chars(self, slots: np.ndarray, state: State, logits: np.ndarray, now: float) -> None:
-        """Samples each new stream's first character from its prime's last logits [k, V]; joins the batch."""
-        s = self.slots
+    def _join(self, slots: np.ndarray, state: State) -> None:
+        """Streams whose prime is read but for its last character (their next input) join the batch."""
         self.slots.place(slots, state)
-        picked = self.model.sample(logits, s.temperature[slots], s.top_k[slots], s.top_p[slots],
-                                   sampling.uniforms(s.seed[slots], s.generated[slots]))
-        s.first_at[slots] = now
-        s.last_at[slots] = now
-        s.active[slots] = True
-        self._advance(slots, picked.ids[:, 0], now)
+        self.slots.active[slots] = True
 
     # ---- decode ----
 
@@ -265,55 +278,69 @@ class Batch:
         now = time.monotonic()
         self.steps += 1
         self._last_step_seconds = now - t0
-        rows = s.active_rows()
-        self.stats.observe("step", now - t0)
-        self.stats.observe("batch", len(rows))
-        self.stats.observe("inter_char", now - s.last_at[rows])
+        rows = s.active_rows()  # a slice when no hole: every index below is then a view
+        ids = picked.ids[rows, 0]
+        self.stats.observe_same("step", now - t0, 1)
+        self.stats.observe_same("batch", len(ids), 1)
+        first = s.generated[rows] == 0
+        if first.any():  # their first character: the start of their decode, not a gap between two
+            s.first_at[(np.arange(s.extent)[rows])[first]] = now
+            self.stats.observe("inter_char", now - s.last_at[rows][~first])
+        else:
+            self.stats.observe("inter_char", now - s.last_at[rows])
         s.last_at[rows] = now
-        self._advance(rows, picked.ids[rows, 0], now)
+        self._advance(rows, ids, now)
 
-    def _advance(self, slots: np.ndarray, ids: np.ndarray, now: float) -> None:
-        """Each of ``slots`` produced ``ids``: counts, stop automata, ends (stop, length, cancel, deadline)."""
+    def _advance(self, slots: np.ndarray | slice, ids: np.ndarray, now: float) -> None:
+        """Each of ``slots`` (an index array or a slice) produced ``ids``: counts, stop automata, and the ends
+        (stop sequence, length, cancel, deadline)."""
         s = self.slots
         s.token[slots] = ids
-        s.generated[slots] += 1
-        states = self.stops.step(s.stop_state[slots], ids)
-        s.stop_state[slots] = states
-        matched = self.stops.accept[states]  # 1 + stop index, 0 = none
-        hold = self.stops.depth[states] if states.any() else None  # rows without stop sequences sit in state 0
-        self.outbox.chars(s.fe[slots], s.row[slots], ids, hold)
-        ended = (matched > 0) | (s.generated[slots] >= s.limit[slots]) | s.cancelled[slots] | (s.deadline[slots] <= now)
+        generated = s.generated[slots]
+        generated += 1  # in place when ``slots`` is a slice
+        s.generated[slots] = generated
+        stop_state = s.stop_state[slots]
+        if self.stops.in_use:  # rows without stop sequences sit in state 0, which never moves
+            stop_state = self.stops.step(stop_state, ids)
+            s.stop_state[slots] = stop_state
+            matched = self.stops.accept[stop_state]  # 1 + stop index, 0 = none
+            self.outbox.chars(s.fe[slots], s.row[slots], ids, self.stops.depth[stop_state])
+            ended = matched > 0
+        else:
+            matched = None
+            self.outbox.chars(s.fe[slots], s.row[slots], ids, None)
+            ended = np.zeros(len(ids), bool)
+        ended |= generated >= s.limit[slots]
+        ended |= s.cancelled[slots]
+        ended |= s.deadline[slots] <= now
         if ended.any():
-            self._end(slots[ended], now, matched[ended] - 1)
+            index = np.arange(s.extent)[slots] if isinstance(slots, slice) else slots
+            stop = matched[ended] - 1 if matched is not None else np.full(int(ended.sum()), -1)
+            self._end(index[ended], now, stop)
 
     def _end(self, slots: np.ndarray, now: float, stop_index: np.ndarray) -> None:
         """Ends ``slots``: by stop sequence (index >= 0), length, cancel or deadline, in that order."""
         s = self.slots
-        for slot, stop in zip(slots.tolist(), stop_index.tolist()):
-            if stop >= 0:
-                code, reason = "OK", "stop"
-            elif s.generated[slot] >= s.limit[slot]:
-                code, reason = "OK", "length"
-            elif s.cancelled[slot]:
-                code, reason = "CANCELLED", "cancelled"
-            else:
-                code, reason = "DEADLINE_EXCEEDED", "deadline"
-            message = (f"deadline passed after {s.generated[slot]} of {s.limit[slot]} characters"
-                       if reason == "deadline" else "")
-            first = float(s.first_at[slot]) if s.active[slot] else now
-            after_cancel = self.steps - int(s.cancelled_at[slot]) if reason == "cancelled" else 0
-            self.outbox.end(int(s.fe[slot]), [int(s.row[slot]), code, reason, message, int(stop), int(s.generated[slot]),
-                                              float(s.admitted_at[slot]), first, now, after_cancel])
+        generated, limit = s.generated[slots], s.limit[slots]
+        kind = np.where(stop_index >= 0, 0, np.where(generated >= limit, 1, np.where(s.cancelled[slots], 2, 3)))
+        columns = zip(slots.tolist(), kind.tolist(), stop_index.tolist(), s.fe[slots].tolist(), s.row[slots].tolist(),
+                      generated.tolist(), limit.tolist(), s.first_at[slots].tolist(), s.admitted_at[slots].tolist(),
+                      s.cancelled_at[slots].tolist())
+        for slot, k, stop, fe, row, gen, lim, first, admitted, cancelled_at in columns:
+            code, reason = _ENDS[k]
+            message = f"deadline passed after {gen} of {lim} characters" if k == 3 else ""
+            self.outbox.end(fe, [row, code, reason, message, stop, gen, admitted, first if gen else now, now,
+                                 self.steps - cancelled_at if k == 2 else 0])
             if s.keys[slot]:
                 self.stops.release(s.keys[slot])
-            self.where.pop((int(s.fe[slot]), int(s.row[slot])), None)
+            self.where.pop((fe, row), None)
         s.free(slots)
 
     def end_all(self, code: str, reason: str, message: str, now: float) -> None:
         """Ends every stream held (prefilling or decoding) with an error."""
         s = self.slots
         for (fe, row), slot in list(self.where.items()):
-            first = float(s.first_at[slot]) if s.active[slot] else now
+            first = float(s.first_at[slot]) if s.generated[slot] else now
             self.outbox.end(fe, [row, code, reason, message, -1, int(s.generated[slot]),
                                  float(s.admitted_at[slot]), first, now])
             s.free(np.array([slot]))

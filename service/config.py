@@ -52,6 +52,10 @@ class ServeConfig:
         True, "Continuous batching across streams (off: one onnxruntime call per stream per step).", _on_off,
         ("on", "off"),
     )
+    frontends: int = _opt(
+        0, "gRPC front-end processes sharing --port (SO_REUSEPORT spreads connections over them); 0 picks half "
+        "the cores, at most 8 (1 on a machine of 4 cores or fewer).", int,
+    )
     max_active_streams: int = _opt(256, "Batch slots per model: streams generating at once.", int)
     max_queue: int = _opt(
         1024, "Streams that may wait for a slot per model; more are refused with RESOURCE_EXHAUSTED.", int
@@ -108,6 +112,7 @@ class ServeConfig:
             ("models", bool(self.models), "a model repository folder"),
             ("port", 0 <= self.port <= 65535, "in [0, 65535] (0 picks a free port)"),
             ("metrics_port", 0 <= self.metrics_port <= 65535, "in [0, 65535] (0 picks a free port)"),
+            ("frontends", 0 <= self.frontends <= 64, "in [0, 64] (0 picks a number for the machine)"),
             ("max_active_streams", self.max_active_streams >= 1, ">= 1"),
             ("max_queue", self.max_queue >= 0, ">= 0"),
             ("max_queue_wait", math.isfinite(self.max_queue_wait) and self.max_queue_wait > 0, "a number > 0"),
@@ -137,6 +142,14 @@ class ServeConfig:
                 raise ValueError(f"{flag_name(name)} (or {env_name(name)}) must be {rule}, got {value!r}")
         if self.models and not Path(self.models).is_dir():
             raise ValueError(f"--models (or CHARRNN_MODELS) must be a folder, got {self.models!r}")
+
+
+def frontend_count(config: ServeConfig, cores: int | None = None) -> int:
+    """--frontends, or for 0 what fits the machine: one gRPC loop carries about 25k messages a second."""
+    if config.frontends:
+        return config.frontends
+    cores = cores or os.cpu_count() or 1
+    return 1 if cores <= 4 else min(8, cores // 2)
 
 
 def flag_name(field_name: str) -> str:

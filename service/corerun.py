@@ -30,25 +30,32 @@ from charrnn.service.core import EngineCore
 log = logging.getLogger("charrnn.service.core")
 
 HEARTBEAT_SECONDS = 0.2  # the longest silence towards the primary front-end while the core is alive
+FINAL_SEND_MS = 1000  # how long the core's last message may wait for a front-end to take it
+RETRY_SECONDS = 0.01
+# A front-end hears the core at most every MESSAGE_SECONDS while it works (the steps between are one
+# message, in order): on a GPU a step takes a fraction of a millisecond, and a message per step would
+# cost the core more than the step. A step longer than this (a real model on a CPU) is a message each.
+MESSAGE_SECONDS = 0.002  # how often a message that a lagging front-end could not take is offered again
 IDLE_POLL_MS = 100  # how long an idle core sleeps in poll
 QUEUE_POLL_MS = 10  # ... while streams wait in the queue (their deadlines and queue waits are checked)
 EXIT_FAILED = 3  # the status of a core process whose engine failed
 EXIT_REFUSED = 2  # ... whose model file could not be served
 
 
-def _merge(old: dict, new: dict) -> dict:
-    """Two messages to one front-end as one: lists joined in order, the newest load, deltas added."""
-    out = dict(new)
+def _merge(into: dict, new: dict) -> None:
+    """Adds a later message to one front-end to the one still waiting for it: lists extended in order, the
+    newest load, metric deltas added. In place: a front-end that lags for long costs no copying per round."""
     for key in ("steps", "ends"):
-        out[key] = old.get(key, []) + new.get(key, [])
-    if "stats" in old:
-        stats = new.get("stats") or {"h": {}, "cache": [0, 0]}
-        for name, (counts, total) in old["stats"]["h"].items():
+        into.setdefault(key, []).extend(new.get(key, ()))
+    for key in ("load", "busy", "failed"):
+        if key in new:
+            into[key] = new[key]
+    if "stats" in new:
+        stats = into.setdefault("stats", {"h": {}, "cache": [0, 0]})
+        for name, (counts, total) in new["stats"]["h"].items():
             mine = stats["h"].get(name)
             stats["h"][name] = [counts + mine[0], total + mine[1]] if mine else [counts, total]
-        stats["cache"] = [a + b for a, b in zip(old["stats"]["cache"], stats["cache"])]
-        out["stats"] = stats
-    return out
+        stats["cache"] = [a + b for a, b in zip(stats["cache"], new["stats"]["cache"])]
 
 
 class CoreLoop:
@@ -60,6 +67,9 @@ class CoreLoop:
         self.draining = False
         self.stopping = False
         self._waiting: dict[bytes, dict] = {}  # messages a lagging front-end could not take yet
+        self._retry_at = 0.0
+        self._last_send = 0.0
+        self.message_seconds = MESSAGE_SECONDS
         self._last_beat = 0.0
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -83,7 +93,8 @@ class CoreLoop:
                     self._send(final=True)
                     return 0
                 core.round(now)
-                self._send()
+                if not core.busy or time.monotonic() - self._last_send >= self.message_seconds:
+                    self._send()
                 if self.draining and not core.busy:
                     return 0
                 if os.getppid() != self._parent:  # the server is gone: nobody is left to serve
@@ -138,7 +149,7 @@ class CoreLoop:
             self.core.drop_frontend(m["fe"], now)
 
     def _send(self, final: bool = False, extra: dict | None = None) -> None:
-        now = time.monotonic()
+        now = self._last_send = time.monotonic()
         out = self.core.outbox.take()
         load = self.core.load
         by_identity = {ident: out.pop(fe, None) for ident, fe in self.frontends.items()}
@@ -153,17 +164,30 @@ class CoreLoop:
                 message.update(extra or {})
                 self._last_beat = now
             if ident in self._waiting:
-                message = _merge(self._waiting.pop(ident), message)
-            self._deliver(ident, message, block=final)
+                _merge(self._waiting[ident], message)
+                if now < self._retry_at and not final:
+                    continue
+                message = self._waiting.pop(ident)
+            if not self._deliver(ident, message, block=final):
+                self._retry_at = now + RETRY_SECONDS
 
-    def _deliver(self, ident: bytes, message: dict, block: bool) -> None:
+    def _deliver(self, ident: bytes, message: dict, block: bool) -> bool:
+        """Sends one message; False when the front-end lags (it waits, and later ones merge into it).
+
+        ``block``: the last message before the core exits, given FINAL_SEND_MS to go out; a
+        front-end that does not take it by then is not waited for."""
+        if block:
+            self.sock.setsockopt(zmq.SNDTIMEO, FINAL_SEND_MS)
         try:
             self.sock.send_multipart([ident, wire.pack(message)], 0 if block else zmq.NOBLOCK)
         except zmq.Again:
-            self._waiting[ident] = message  # the front-end lags: try again after the next round
+            if not block:
+                self._waiting[ident] = message
+            return False
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:  # a front-end that is gone has nobody to read
                 raise
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -204,7 +204,7 @@ class EngineClient:
             stream.row = row
             self._sent_since_report += 1
             self._adds.append({
-                "row": row, "prime": request.prime_ids.astype(np.int32), "max_chars": request.max_chars,
+                "row": row, "prime": request.prime_ids.tolist(), "max_chars": request.max_chars,
                 "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "seed": p.seed,
                 "stops": [[self._index.get(ch, -1) for ch in stop] for stop in request.stop],
                 "deadline": request.deadline, "arrived": request.arrived or time.monotonic(),

@@ -90,7 +90,8 @@ class _Common:
 
     @property
     def idle(self) -> bool:
-        return self.client.live == 0
+        """No stream of this process, nor of any other front-end, in the core (its last report)."""
+        return self.client.live == 0 and self.client.core_load == (0, 0)
 
     def stalled(self, now: float) -> float:
         """Seconds the core has been silent while alive (it speaks at least every 0.2 s when well)."""
@@ -105,7 +106,8 @@ class Engine(_Common):
         self.name, self.label = model.name, model.label
         self.max_active = max_active
         self._ctx = zmq.Context()
-        address = f"inproc://core-{os.getpid()}-{next(_SERIAL)}"
+        self.context = self._ctx  # another front-end of this core connects in it, to ``address``
+        self.address = address = f"inproc://core-{os.getpid()}-{next(_SERIAL)}"
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.bind(address)
@@ -174,9 +176,9 @@ class CoreProcess(_Common):
         self.path, self.name, self.version, self.device = Path(path), name, version, device
         self._step_timeout = step_timeout
         self.max_active = max_active
-        self._metrics, self._flush, self._max_queue = metrics, flush_interval, max_queue
-        self._address = f"ipc://{workdir}/core-{next(_SERIAL)}.sock"
-        self._argv = [sys.executable, "-m", "charrnn.service.corerun", "--address", self._address,
+        self._metrics, self._flush, self.max_queue = metrics, flush_interval, max_queue
+        self.address = f"ipc://{workdir}/core-{next(_SERIAL)}.sock"  # other front-ends connect here too
+        self._argv = [sys.executable, "-m", "charrnn.service.corerun", "--address", self.address,
                       "--path", str(path), "--name", name, "--version", str(version), "--device", device,
                       "--threads", str(threads), "--max-active", str(max_active), "--max-queue", str(max_queue),
                       "--max-queue-wait", str(max_queue_wait), "--batching", "on" if batching else "off",
@@ -193,8 +195,8 @@ class CoreProcess(_Common):
         """Starts the process and waits until it serves or refuses; raises ModelFormatError('<path>: <why>')."""
         self._proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL)
         # A provisional client: the metadata comes with the core's first message.
-        self.client = EngineClient(self.label, self.name, _PLACEHOLDER, ctx=self._ctx, address=self._address,
-                                   metrics=self._metrics, max_active=self.max_active, max_queue=self._max_queue,
+        self.client = EngineClient(self.label, self.name, _PLACEHOLDER, ctx=self._ctx, address=self.address,
+                                   metrics=self._metrics, max_active=self.max_active, max_queue=self.max_queue,
                                    flush_interval=self._flush)
         first = self._first("loaded", START_SECONDS)
         if first is not None and first["t"] == "loaded":

@@ -217,12 +217,12 @@ class CoreStats:
 
     def observe(self, name: str, values) -> None:
         """One observation per value (a float, or an array of them) in histogram ``name``."""
-        values = np.atleast_1d(np.asarray(values, np.float64))
         if not len(values):
             return
+        counts = self._counts[name]
         where = np.searchsorted(self._bounds[name], values, side="left")  # first bound >= value; past: +Inf
         with self._lock:
-            np.add.at(self._counts[name], where, 1)
+            counts += np.bincount(where, minlength=len(counts))
             self._sums[name] += float(values.sum())
 
     def observe_same(self, name: str, value: float, count: int) -> None:
@@ -265,3 +265,68 @@ def apply_core_stats(metrics: "Metrics", model: str, delta: dict) -> None:
         metrics.prime_cache.labels(model, "hit").inc(hits)
     if misses:
         metrics.prime_cache.labels(model, "miss").inc(misses)
+
+
+# The families a front-end records itself (servicer.py); a front-end process other than the
+# server's own sends their changes to it (frontend.py), which adds them to the one registry.
+FRONTEND_FAMILIES = ("requests", "prime_chars", "generated_chars", "time_to_first_char", "request_duration")
+
+
+def frontend_snapshot(metrics: Metrics) -> dict:
+    """{family: {label values: [count per bucket or [value]], sum]}} of the front-end families, cumulative."""
+    out: dict = {}
+    for family in FRONTEND_FAMILIES:
+        collector = getattr(metrics, family)
+        rows: dict = {}
+        for sample in next(iter(collector.collect())).samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+            row = rows.setdefault(labels, {"buckets": [], "sum": 0.0, "value": 0.0})
+            if sample.name.endswith("_bucket"):
+                row["buckets"].append(sample.value)  # cumulative, in bound order, +Inf last
+            elif sample.name.endswith("_sum"):
+                row["sum"] = sample.value
+            elif not sample.name.endswith("_count"):
+                row["value"] = sample.value
+        out[family] = rows
+    return out
+
+
+def frontend_delta(before: dict, after: dict) -> dict:
+    """What changed between two snapshots: {family: [[labels, per-bucket counts or value, sum], ...]}."""
+    delta: dict = {}
+    for family, rows in after.items():
+        changes = []
+        for labels, row in rows.items():
+            old = before.get(family, {}).get(labels, {"buckets": [0.0] * len(row["buckets"]), "sum": 0.0, "value": 0.0})
+            if row["buckets"]:
+                cum = np.array(row["buckets"]) - np.array(old["buckets"])
+                per_bucket = np.diff(cum, prepend=0.0)
+                if per_bucket.any():
+                    changes.append([dict(labels), per_bucket.tolist(), row["sum"] - old["sum"]])
+            elif row["value"] != old["value"]:
+                changes.append([dict(labels), row["value"] - old["value"], 0.0])
+        if changes:
+            delta[family] = changes
+    return delta
+
+
+def apply_frontend_delta(metrics: Metrics, delta: dict) -> None:
+    """Adds another front-end's changes (frontend_delta) to this registry."""
+    for family, changes in delta.items():
+        if family not in FRONTEND_FAMILIES:
+            continue
+        collector = getattr(metrics, family)
+        for labels, value, total in changes:
+            child = collector.labels(**labels)
+            if isinstance(value, list):
+                buckets, summed = getattr(child, "_buckets", None), getattr(child, "_sum", None)  # see observe_many
+                if buckets is None or summed is None or len(buckets) != len(value):
+                    raise RuntimeError("prometheus_client's Histogram internals changed; see metrics.observe_many")
+                for bucket, n in zip(buckets, value):
+                    if n:
+                        bucket.inc(n)
+                summed.inc(total)
+            elif value:
+                child.inc(value)

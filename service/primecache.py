@@ -1,8 +1,8 @@
 """What reading a prime leaves behind, kept so that the same prime is not read twice.
 
 Reading a prime is deterministic (no sampling), so a stream whose prime was
-read before skips its prefill: its first character is sampled from the cached
-logits of the prime's last character and its state row is copied into its slot.
+read before skips its prefill: the state after all but the prime's last
+character is copied into its slot, and the batch step reads that character.
 Speaker names and the empty prime repeat all the time in char-rnn use, and a
 prefill at batch 1 costs several times what a character in the running batch
 costs. Used by the engine core's thread alone (batching off: under a lock).
@@ -19,7 +19,7 @@ from charrnn.service.runtime import LoadedModel, State
 
 
 class PrimeCache:
-    """(state with batch 1, last logits [V]) by prime, least recently used first out."""
+    """The state (batch 1) after all but the last character of a prime, by prime, least recently used first out."""
 
     MAX_PRIME = 1024  # longer primes are not kept (bounds the memory of the keys)
 
@@ -28,13 +28,13 @@ class PrimeCache:
         self.hits = 0
         self.misses = 0
         self._lock = threading.Lock()
-        self._entries: collections.OrderedDict[bytes, tuple[State, np.ndarray]] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[bytes, State] = collections.OrderedDict()
 
     @staticmethod
     def key(prime_ids: np.ndarray) -> bytes:
         return prime_ids.astype(np.int64, copy=False).tobytes()
 
-    def get(self, prime_ids: np.ndarray) -> tuple[State, np.ndarray] | None:
+    def get(self, prime_ids: np.ndarray) -> State | None:
         """The entry of a prime read before, counted as a hit or a miss (None when off: not counted)."""
         if not self.capacity:
             return None
@@ -47,8 +47,8 @@ class PrimeCache:
             self.misses += entry is None
         return entry
 
-    def put(self, model: LoadedModel, primes: list[np.ndarray], state: State, logits: np.ndarray) -> None:
-        """Keeps row i of ``state`` and of ``logits`` [k, V] under ``primes[i]``."""
+    def put(self, model: LoadedModel, primes: list[np.ndarray], state: State) -> None:
+        """Keeps row i of ``state`` under ``primes[i]``."""
         if not self.capacity:
             return
         for i, ids in enumerate(primes):
@@ -58,7 +58,7 @@ class PrimeCache:
             with self._lock:
                 if key in self._entries:
                     continue
-            entry = (model.take(state, np.array([i], np.int64)), logits[i].copy())
+            entry = model.take(state, np.array([i], np.int64))
             with self._lock:
                 self._entries[key] = entry
                 if len(self._entries) > self.capacity:

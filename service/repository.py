@@ -74,7 +74,80 @@ def _signature(path: Path) -> tuple:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-class ModelRepository:
+class ModelTable:
+    """What "", "name" and "name@version" mean, over a table (name, version) -> something with an ``engine``.
+
+    The repository fills the table from disk; another front-end process fills it
+    from what the repository published (frontend.py). The table is replaced
+    whole, never changed, so lookups on the event loop see a consistent one.
+    """
+
+    _table: dict = {}
+    _explicit_default: str | None = None  # --default-model
+
+    def _names(self) -> set[str]:
+        return {name for name, _ in self._table}
+
+    @property
+    def default_model(self) -> str | None:
+        """--default-model if given; else "default" if it exists; else the alphabetically first name."""
+        if self._explicit_default:
+            return self._explicit_default
+        names = self._names()
+        if DEFAULT_NAME in names:
+            return DEFAULT_NAME
+        return min(names) if names else None
+
+    def resolve(self, model_field: str) -> ModelEntry:
+        """Turns the request's model field ("", "name" or "name@version") into its entry; never opens a path."""
+        table = self._table
+        name, sep, version_text = model_field.partition("@")
+        if model_field == "":
+            name = self.default_model or ""
+            if not name:
+                raise errors.ModelNotFound("no model is loaded")
+        try:
+            mf.check_model_name(name)
+        except mf.ModelFormatError:
+            raise errors.InvalidArgument(
+                "model", model_field, f"'' or 'name' or 'name@version' with a name of {mf.MODEL_NAME_RULE}"
+            ) from None
+        if sep:
+            v = version_text
+            if not mf.is_version(v):
+                raise errors.InvalidArgument("model", model_field, f"'name@version' with a version that is {mf.VERSION_RULE}")
+            version = int(v)
+        else:
+            versions = [ver for n, ver in table if n == name]
+            version = max(versions) if versions else 0
+        if (name, version) not in table:
+            raise errors.ModelNotFound(f"model {errors.shown(model_field)} is not served here; {self._listing(table)}")
+        return self._entry(table, name, version)
+
+    def entries(self) -> list[ModelEntry]:
+        """Every loaded version, sorted by name then version."""
+        table = self._table
+        return [self._entry(table, n, v) for n, v in sorted(table)]
+
+    def _entry(self, table: dict, name: str, version: int) -> ModelEntry:
+        loaded = table[(name, version)]
+        latest = version == max(v for n, v in table if n == name)
+        return ModelEntry(name=name, version=version, latest=latest, is_default=latest and name == self.default_model,
+                          model=loaded.engine.model, engine=loaded.engine)
+
+    @staticmethod
+    def _listing(table: dict) -> str:
+        by_name: dict[str, list[int]] = {}
+        for n, v in sorted(table):
+            by_name.setdefault(n, []).append(v)
+        if not by_name:
+            return "no model is loaded"
+        return "models: " + ", ".join(f"{n} (version{'s' if len(vs) > 1 else ''} {', '.join(map(str, vs))})"
+                                      for n, vs in by_name.items())
+
+
+
+class ModelRepository(ModelTable):
     def __init__(
         self,
         root: str | os.PathLike,
@@ -250,74 +323,19 @@ class ModelRepository:
     def _show_count(self) -> None:
         self.metrics.models_loaded.set(len(self._table))
 
-    # ---- lookups (event loop) ----
-
-    def _names(self) -> set[str]:
-        return {name for name, _ in self._table}
-
-    @property
-    def default_model(self) -> str | None:
-        """--default-model if given; else "default" if it exists; else the alphabetically first name."""
-        if self._explicit_default:
-            return self._explicit_default
-        names = self._names()
-        if DEFAULT_NAME in names:
-            return DEFAULT_NAME
-        return min(names) if names else None
-
-    def resolve(self, model_field: str) -> ModelEntry:
-        """Turns the request's model field ("", "name" or "name@version") into its entry; never opens a path."""
-        table = self._table
-        name, sep, version_text = model_field.partition("@")
-        if model_field == "":
-            name = self.default_model or ""
-            if not name:
-                raise errors.ModelNotFound("no model is loaded")
-        try:
-            mf.check_model_name(name)
-        except mf.ModelFormatError:
-            raise errors.InvalidArgument(
-                "model", model_field, f"'' or 'name' or 'name@version' with a name of {mf.MODEL_NAME_RULE}"
-            ) from None
-        if sep:
-            v = version_text
-            if not mf.is_version(v):
-                raise errors.InvalidArgument("model", model_field, f"'name@version' with a version that is {mf.VERSION_RULE}")
-            version = int(v)
-        else:
-            versions = [ver for n, ver in table if n == name]
-            version = max(versions) if versions else 0
-        if (name, version) not in table:
-            raise errors.ModelNotFound(f"model {errors.shown(model_field)} is not served here; {self._listing(table)}")
-        return self._entry(table, name, version)
-
-    def entries(self) -> list[ModelEntry]:
-        """Every loaded version, sorted by name then version."""
-        table = self._table
-        return [self._entry(table, n, v) for n, v in sorted(table)]
-
-    def _entry(self, table: dict, name: str, version: int) -> ModelEntry:
-        loaded = table[(name, version)]
-        latest = version == max(v for n, v in table if n == name)
-        return ModelEntry(name=name, version=version, latest=latest, is_default=latest and name == self.default_model,
-                          model=loaded.engine.model, engine=loaded.engine)
-
-    @staticmethod
-    def _listing(table: dict) -> str:
-        by_name: dict[str, list[int]] = {}
-        for n, v in sorted(table):
-            by_name.setdefault(n, []).append(v)
-        if not by_name:
-            return "no model is loaded"
-        return "models: " + ", ".join(f"{n} (version{'s' if len(vs) > 1 else ''} {', '.join(map(str, vs))})"
-                                      for n, vs in by_name.items())
-
     # ---- engine health ----
 
     def check_engines(self, now: float) -> None:
         """The watchdog's round: every engine that serves is checked for a hang (supervisor.check)."""
         for loaded in list(self._table.values()):
             loaded.engine.check(now)
+
+    def frontend_gone(self, index: int) -> None:
+        """Front-end process ``index`` died: every core frees its slots."""
+        for loaded in list(self._table.values()):
+            client = getattr(loaded.engine.engine, "client", None)
+            if client is not None:
+                client.control("gone", fe=index)
 
     @property
     def hung(self) -> bool:

@@ -24,6 +24,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _MASK64 = (1 << 64) - 1
+_ONE, _S11, _S27, _S30, _S31 = (np.uint64(k) for k in (1, 11, 27, 30, 31))
 
 
 def seed_array(seeds: list[int]) -> np.ndarray:
@@ -37,12 +38,21 @@ def uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
     seeds uint64 [n], counters int [n] -> float64 [n]. SplitMix64's state after
     k + 1 draws is seed + (k + 1) * golden, so any draw is one mix away.
     """
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2**64 by design
-        z = seeds + (counters.astype(np.uint64) + np.uint64(1)) * _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    # In place on one buffer: this runs every step for the whole batch. Array arithmetic on uint64
+    # wraps modulo 2**64 (as SplitMix64 wants) without a warning.
+    z = counters.astype(np.uint64)
+    z += _ONE
+    z *= _GOLDEN
+    z += seeds
+    z ^= z >> _S30
+    z *= _MIX1
+    z ^= z >> _S27
+    z *= _MIX2
+    z ^= z >> _S31
+    z >>= _S11
+    out = z.astype(np.float64)
+    out *= 1.0 / (1 << 53)
+    return out
 
 
 def sample(

@@ -11,6 +11,7 @@ ended with UNAVAILABLE; only then does the gRPC server stop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -26,34 +27,25 @@ import time
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402 (after the setting above)
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 from prometheus_client import start_http_server
 
 from charrnn.service import logs, tls
-from charrnn.service.config import ServeConfig, parse_args
+from charrnn.service.config import ServeConfig, frontend_count, parse_args
+from charrnn.service.frontend import FrontendHub, HealthState, grpc_server, hostport, table_rows
 from charrnn.service.launch import CoreProcess
 from charrnn.service.metrics import Metrics
 from charrnn.service.repository import ModelRepository, RepositoryError
 from charrnn.service.runtime import select_device
-from charrnn.service.servicer import GeneratorServicer, add_generator_to_server
-from charrnn.service.supervisor import EngineState, RestartPolicy
+from charrnn.service.servicer import GeneratorServicer
+from charrnn.service.supervisor import RestartPolicy
 from charrnn.service.validation import Limits
-from charrnn.v1 import generator_pb2
 
-GENERATOR_SERVICE = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name  # "charrnn.v1.Generator"
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-LIVENESS_SERVICE = "liveness"  # health service the liveness probe asks: NOT_SERVING once an engine thread hung
 STOP_FLUSH_SECONDS = 1.0  # after the drain, time for handlers to send their last message before sockets close
 
 
 class StartupError(Exception):
     """The server cannot start; the message says why and what to change."""
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Server:
@@ -72,7 +64,8 @@ class Server:
         self._metrics_httpd = None
         self._reload_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
-        self._model_names: set[str] = set()
+        self._health_state = HealthState(self.health)
+        self.hub: FrontendHub | None = None  # the other front-end processes (--frontends)
         self._loop: asyncio.AbstractEventLoop | None = None
         # The engine cores' sockets (ipc://) live here; removed when the server stops.
         self._workdir = tempfile.mkdtemp(prefix="charrnn-")
@@ -116,30 +109,24 @@ class Server:
             self.repository, self.metrics, Limits(c.max_chars, c.max_prime_chars),
             logging.getLogger("charrnn.service.servicer"),
         )
-        options = [
-            ("grpc.max_send_message_length", c.max_message_bytes),
-            ("grpc.max_receive_message_length", c.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a port already in use is an error, not a second silent listener
-        ]
-        server = grpc.aio.server(options=options)
-        add_generator_to_server(self.servicer, server)  # undecodable requests get INVALID_ARGUMENT, not UNKNOWN
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (GENERATOR_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        address = _hostport(c.host, c.port)
+        count = frontend_count(c)
         try:
-            self.port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-        except RuntimeError as e:
-            raise StartupError(f"cannot listen on {address} (--host/--port): {e}") from None
+            server, self.port = grpc_server(c, self.servicer, self.health, creds, reuseport=count > 1)
+        except OSError as e:
+            raise StartupError(str(e)) from None
         try:
             self._metrics_httpd, _ = start_http_server(c.metrics_port, addr=c.host, registry=self.metrics.registry)
         except OSError as e:
-            where = _hostport(c.host, c.metrics_port)
+            where = hostport(c.host, c.metrics_port)
             raise StartupError(f"cannot serve metrics on {where} (--host/--metrics-port): {e}") from None
         self.metrics_port = self._metrics_httpd.server_port
         await server.start()
         self.grpc_server = server
+        if count > 1:
+            # The others bind the port now taken (SO_REUSEPORT): a --port 0 server shares the one it got.
+            shared = ServeConfig(**{**dataclasses.asdict(c), "port": self.port})
+            self.hub = FrontendHub(shared, self.metrics, self._workdir, count, self.repository.frontend_gone)
+            self.hub.start()
         await self._set_health()
         if c.reload_interval > 0:
             self._poller = asyncio.create_task(self._poll(c.reload_interval))
@@ -147,23 +134,16 @@ class Server:
         self.log.info(
             "serving",
             extra={"grpc_port": self.port, "metrics_port": self.metrics_port, "device": device, "tls": c.tls,
-                   "mutual_tls": bool(c.tls_client_ca), "models": ",".join(sorted(self._model_names))},
+                   "mutual_tls": bool(c.tls_client_ca), "frontends": count,
+                   "models": ",".join(sorted(self._health_state.names))},
         )
 
     async def _set_health(self) -> None:
-        """Each model SERVING while its newest version's engine serves (not while it restarts or has failed);
-        the server SERVING while any model is."""
-        latest = {e.name: e for e in self.repository.entries() if e.latest}
-        serving = {name for name, e in latest.items() if e.state is EngineState.SERVING}
-        for name in sorted(latest):
-            await self.health.set(name, SERVING if name in serving else NOT_SERVING)
-        for gone in sorted(self._model_names - set(latest)):
-            await self.health.set(gone, NOT_SERVING)
-        status = SERVING if serving else NOT_SERVING
-        await self.health.set("", status)
-        await self.health.set(GENERATOR_SERVICE, status)
-        await self.health.set(LIVENESS_SERVICE, NOT_SERVING if self.repository.hung else SERVING)
-        self._model_names = set(latest)
+        """Health follows the engines (frontend.HealthState); the other front-ends hear the same table."""
+        entries = self.repository.entries()
+        await self._health_state.update(entries, self.repository.hung)
+        if self.hub is not None:
+            self.hub.publish(table_rows(entries), self.repository.default_model, self.repository.hung)
 
     def _engine_changed(self) -> None:
         """An engine changed state (any thread): health follows on the event loop."""
@@ -211,6 +191,9 @@ class Server:
             self.servicer.draining = True
         self.metrics.draining.set(1)
         await self.health.enter_graceful_shutdown()
+        if self.hub is not None:
+            self.hub.publish(table_rows(self.repository.entries()), self.repository.default_model, False,
+                             draining=True)
         for task in (self._poller, self._watchdog):
             if task is not None:
                 task.cancel()
@@ -220,6 +203,9 @@ class Server:
             # with UNAVAILABLE; blocking, so it runs off the event loop while the handlers keep streaming.
             await asyncio.to_thread(self.repository.close, grace)
         drained = time.monotonic() - started
+        if self.hub is not None:
+            self.hub.publish([], None, False, draining=True, stop=True)
+            await asyncio.to_thread(self.hub.close, STOP_FLUSH_SECONDS + 5)
         if self.grpc_server is not None:
             # The shape of grpc's graceful-shutdown example: stop(grace) lets the last messages go out.
             await self.grpc_server.stop(STOP_FLUSH_SECONDS)
@@ -242,7 +228,7 @@ class Server:
     def banner(self) -> str:
         c = self.config
         shown = "localhost" if c.host in ("0.0.0.0", "::", "") else c.host
-        target = _hostport(shown, self.port)
+        target = hostport(shown, self.port)
         tls_args = " --tls-ca CA.pem" if c.tls else ""
         if c.tls_client_ca:
             tls_args += " --tls-cert CLIENT.pem --tls-key CLIENT.key"
@@ -250,7 +236,7 @@ class Server:
         return (
             f"charrnn-serve: serving {models}\n"
             f"  gRPC     {target}{' (TLS)' if c.tls else ''}\n"
-            f"  metrics  http://{_hostport(shown, self.metrics_port)}/metrics\n"
+            f"  metrics  http://{hostport(shown, self.metrics_port)}/metrics\n"
             f"  try      charrnn-generate --server {target}{tls_args}"
             ' --prime "ROMEO:" --max-chars 300 --temperature 0.8\n'
         )

@@ -115,8 +115,9 @@ def stats_to_pb(stats: GenerationStats) -> pb.GenerationStats:
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     """charrnn.v1.Generator over a ModelRepository (service/repository.py)."""
 
-    def __init__(self, repository, metrics: Metrics, limits: Limits, log: logging.Logger):
+    def __init__(self, repository, metrics: Metrics, limits: Limits, log: logging.Logger, frontend: int = 0):
         self.repository = repository
+        self.frontend = frontend  # which front-end process this is (its log lines say so)
         self.metrics = metrics
         self.limits = limits
         self.log = log
@@ -146,7 +147,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             outcome.code, outcome.reason = e.code, e.reason
             message = SHUTTING_DOWN if (self.draining and e.code == "UNAVAILABLE") else e.message
             level = logging.WARNING if e.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else logging.INFO
-            self.log.log(level, "generate refused: %s", message, extra={"code": e.code})
+            self.log.log(level, "generate refused: %s", message, extra={"code": e.code, "frontend": self.frontend})
             await context.abort(STATUS_FOR[e.code], message)
         except Exception:
             outcome.code, outcome.reason = "INTERNAL", "internal"
@@ -201,7 +202,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         if outcome.code in ("OK", "CANCELLED"):
             self.log.info(
                 "generate %s", outcome.code.lower(),
-                extra={"model": model, "chars": outcome.sent_chars, "seconds": round(seconds, 4)},
+                extra={"model": model, "chars": outcome.sent_chars, "seconds": round(seconds, 4),
+                       "frontend": self.frontend},
             )
 
     async def ListModels(

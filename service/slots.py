@@ -52,6 +52,8 @@ class Slots:
         self.model = model
         self.capacity = capacity
         self.arrays = {name: np.zeros(capacity, dtype) for name, dtype in self.FIELDS.items()}
+        for name, array in self.arrays.items():  # s.token is s.arrays["token"]: filled in place, never replaced
+            setattr(self, name, array)
         self.keys: list = [()] * capacity  # stop automaton key of each slot
         self._free = list(range(capacity))  # a heap: the lowest free slot first
         self.used = 0  # slots taken (prefilling + active)
@@ -59,23 +61,20 @@ class Slots:
         self.state: State | None = None
         self.on_cuda = model.device == "cuda"
 
-    def __getattr__(self, name: str) -> np.ndarray:
-        try:
-            return self.__dict__["arrays"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
     # ---- taking and freeing ----
 
-    def take(self) -> int:
-        """The lowest free slot, reset; raises IndexError when none is free."""
-        slot = heapq.heappop(self._free)
-        for name, array in self.arrays.items():
-            array[slot] = 0
-        self.arrays["deadline"][slot] = np.inf
-        self.keys[slot] = ()
-        self.used += 1
-        return slot
+    def take(self, n: int) -> np.ndarray:
+        """The ``n`` lowest free slots, reset: int64 [n]; raises IndexError when fewer are free."""
+        if n > len(self._free):
+            raise IndexError(f"{n} slots wanted, {len(self._free)} free")
+        slots = np.array([heapq.heappop(self._free) for _ in range(n)], np.int64)
+        for array in self.arrays.values():
+            array[slots] = 0
+        self.deadline[slots] = np.inf
+        for slot in slots.tolist():
+            self.keys[slot] = ()
+        self.used += n
+        return slots
 
     def free(self, slots: np.ndarray) -> None:
         """Frees ``slots`` in place (their state rows are left as they are: nobody reads them)."""
@@ -89,9 +88,12 @@ class Slots:
     def free_count(self) -> int:
         return self.capacity - self.used
 
-    def active_rows(self) -> np.ndarray:
-        """int64 [n]: the slots decoding now, ascending."""
-        return np.flatnonzero(self.arrays["active"][: self.extent])
+    def active_rows(self) -> np.ndarray | slice:
+        """The slots decoding now, ascending: int64 [n], or the slice [0, extent) when that is all of them
+        (the usual case, and indexing by a slice is a view, not a gather)."""
+        active = self.active[: self.extent]
+        n = int(np.count_nonzero(active))
+        return slice(0, self.extent) if n == self.extent else np.flatnonzero(active)
 
     # ---- state ----
 

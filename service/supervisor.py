@@ -116,6 +116,12 @@ class EngineSupervisor:
             return engine.submit(request)
         raise errors.Unavailable(self._down_message(state), "engine")
 
+    @property
+    def down_message(self) -> str:
+        """What a request hears while the engine does not serve ("" while it does)."""
+        state = self._state
+        return "" if state is EngineState.SERVING else self._down_message(state)
+
     def _down_message(self, state: EngineState) -> str:
         p = self.policy
         if state is EngineState.RESTARTING:

@@ -114,6 +114,23 @@ def wait_at_most(read, pid: int, target: int, timeout: float) -> tuple[int, floa
         time.sleep(0.1)
 
 
+def children(pid: int) -> dict[int, str]:
+    """The child processes of ``pid``: {pid: command line}."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            if parent == pid:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found[int(entry)] = f.read().replace(b"\0", b" ").decode().strip()
+        except (OSError, ValueError, IndexError):  # gone while we looked
+            continue
+    return found
+
+
 def health_status(target: str, service: str = "", timeout: float = 10.0) -> str:
     """grpc.health.v1 status name of ``service`` at ``target`` (a fresh plaintext channel)."""
     with grpc.insecure_channel(target) as channel:
