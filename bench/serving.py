@@ -29,7 +29,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench import baselines
+from bench import baselines, oldtree
+from testkit import probes
 from charrnn import modelfile as mf
 from charrnn.service.runtime import load_model
 
@@ -63,17 +64,25 @@ def find_or_make_model(models: Path, work: Path) -> Path:
 class ServerProcess:
     """charrnn-serve in a subprocess; the ports are read from its start-up banner."""
 
-    def __init__(self, models: Path, batching: bool, device: str, max_active: int, threads: int):
-        exe = Path(sys.executable).parent / "charrnn-serve"
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "charrnn.service.server"]
+    def __init__(self, models: Path, batching: bool, device: str, max_active: int, threads: int,
+                 rev: str = "", name: str = ""):
+        """``rev``: serve with that earlier revision's charrnn-serve instead (the baseline of the run)."""
+        env, cwd = None, None
+        if rev:
+            env, cwd = oldtree.environment(rev)
+            cmd = [sys.executable, "-c", "import sys; from charrnn.service.server import main; sys.exit(main())"]
+        else:
+            exe = Path(sys.executable).parent / "charrnn-serve"
+            cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "charrnn.service.server"]
         cmd += ["--models", str(models), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
                 "--batching", "on" if batching else "off", "--device", device, "--log-level", "warning",
                 "--max-active-streams", str(max_active), "--max-queue", str(4 * max_active),
                 "--max-chars", "100000", "--drain-grace", "2"]
         if threads:
             cmd += ["--threads", str(threads)]
-        self.name = "batching" if batching else "naive"
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.name = name or ("batching" if batching else "naive")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     cwd=cwd)
         self.target = self.metrics_url = ""
         deadline = time.monotonic() + 120
         lines = []
@@ -100,12 +109,15 @@ class ServerProcess:
         return out
 
     def cpu_seconds(self) -> float:
-        """User + system CPU seconds of the server process so far (Linux /proc), nan elsewhere."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return math.nan
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        """User + system CPU seconds so far of the server and its processes (engine cores, front-ends; Linux)."""
+        total = 0.0
+        for pid in [self.proc.pid, *probes.children(self.proc.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        return total if total else math.nan
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -119,8 +131,11 @@ class ServerProcess:
 def load(server: ServerProcess, concurrency: int, duration: float, warmup: float, max_chars: int, vocab: str) -> dict:
     before = server.engine_totals()
     cpu_before = server.cpu_seconds()
+    # The client in several processes from 32 streams on, so that it does not measure itself.
+    processes = 1 if concurrency < 32 else 2
     cmd = [sys.executable, "-m", "bench.loadgen", "--target", server.target, "--concurrency", str(concurrency),
-           "--duration", str(duration), "--warmup", str(warmup), "--max-chars", str(max_chars), "--vocab", vocab]
+           "--duration", str(duration), "--warmup", str(warmup), "--max-chars", str(max_chars), "--vocab", vocab,
+           "--processes", str(processes)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120,
                           cwd=Path(__file__).parent.parent)
     if done.returncode != 0:
@@ -156,8 +171,8 @@ def markdown(report: dict) -> str:
         "",
         "| streams | server chars/s | TTFC p50 / p99 ms | between chars p50 / p99 ms | mean batch | naive server chars/s "
         "| naive TTFC p99 ms | raw ORT step chars/s | server / raw | server / naive | PyTorch eager chars/s "
-        "| CPU µs/char: server (client) / raw ORT |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| CPU µs/char: server (client) / raw ORT | before chars/s (TTFC p99 ms) | server / before |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in r["rows"]:
         s, n = row["server"], row["naive"]
@@ -166,7 +181,9 @@ def markdown(report: dict) -> str:
             f"| {_ms(s['inter_char_p50'], 2)} / {_ms(s['inter_char_p99'], 2)} | {s['engine_mean_batch']:.1f} "
             f"| {n['chars_per_s']:,.0f} | {_ms(n['ttfc_p99'])} | {row['raw_ort_chars_per_s']:,.0f} "
             f"| {row['server_vs_raw']:.0%} | {row['server_vs_naive']:.1f}x | {row['torch_eager_chars_per_s']:,.0f} "
-            f"| {s['server_cpu_us_per_char']:.0f} ({s['client_cpu_us_per_char']:.0f}) / {row['raw_ort_cpu_us_per_char']:.0f} |"
+            f"| {s['server_cpu_us_per_char']:.0f} ({s['client_cpu_us_per_char']:.0f}) / {row['raw_ort_cpu_us_per_char']:.0f} "
+            + (f"| {row['before']['chars_per_s']:,.0f} ({_ms(row['before']['ttfc_p99'])}) | {row['server_vs_before']:.2f}x |"
+               if "before" in row else "| — | — |")
         )
     lines += ["", "PyTorch eager at 1 stream is the classic one-stream sampling loop; at N it samples a batch of N. "
               "A dash: no request was both sent and answered inside the measured window. "
@@ -175,6 +192,10 @@ def markdown(report: dict) -> str:
               "new stream's prime, which the raw step does not. CPU µs per character (server process, load "
               "generator process, raw loop) is steadier than chars/s on a shared machine.",
               "", "Targets:"]
+    if r.get("baseline_rev"):
+        lines.insert(6, f"Before: charrnn-serve of revision {r['baseline_rev']} (the engine as a thread beside the "
+                        "gRPC loop), on the same model in the same run.")
+        lines.insert(7, "")
     lines += [f"- {t['what']}: {t['value']} -> {'met' if t['met'] else 'MISSED'}" for t in r["targets"]]
     return "\n".join(lines) + "\n"
 
@@ -214,6 +235,15 @@ def targets(rows: dict[int, dict]) -> list[dict]:
             {"what": "128 streams: p99 time to first char <= 50 ms",
              "value": f"{1e3 * r['server']['ttfc_p99']:.1f} ms", "met": r["server"]["ttfc_p99"] <= 0.05},
         ]
+    if 128 in rows and 256 in rows:
+        ratio = rows[256]["server"]["chars_per_s"] / rows[128]["server"]["chars_per_s"]
+        out.append({"what": "256 streams: server >= 90% of its 128-stream rate", "value": f"{ratio:.0%}",
+                    "met": ratio >= 0.9})
+    if all("before" in r for r in rows.values()):
+        worst = min(rows.values(), key=lambda r: r["server_vs_before"])
+        out.append({"what": "no point worse than the engine before", "value":
+                    f"worst {worst['server_vs_before']:.2f}x at {worst['concurrency']} streams",
+                    "met": worst["server_vs_before"] >= 1.0})
     if 1 in rows:
         out.append({"what": "1 stream: server >= 70% of the raw ORT step rate at B=1",
                     "value": f"{rows[1]['server_vs_raw']:.0%}", "met": rows[1]["server_vs_raw"] >= 0.7})
@@ -227,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="", help="comma-separated stream counts (default by device)")
     p.add_argument("--duration", type=float, default=0, help="seconds of load per point (default 12, quick 4)")
     p.add_argument("--models", default="models", help="where to look for a trained 2x512 LSTM first")
+    p.add_argument("--model", default="", help="serve this model file instead (e.g. models/default/1/model.onnx)")
+    p.add_argument("--baseline-rev", default="d91a215",
+                   help="also serve with this earlier revision (the engine before this one); '' to skip")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = one per core)")
     p.add_argument("--max-chars", type=int, default=400, help="longest request, characters")
     p.add_argument("--repeat", type=int, default=1, help="load runs per point and server; the best is kept")
@@ -241,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="charrnn-bench-"))
     servers: list[ServerProcess] = []
     try:
-        src = find_or_make_model(Path(a.models), work)
+        src = Path(a.model) if a.model else find_or_make_model(Path(a.models), work)
         repo = work / "repo"
         (repo / "shakespeare" / "1").mkdir(parents=True)
         shutil.copy(src, repo / "shakespeare" / "1" / mf.MODEL_FILE)
@@ -252,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sgemm {gemm / 1e9:.1f} GFLOP/s; {flops / 1e6:.2f} MFLOP/char", flush=True)
         base_seconds = 1.0 if a.quick else 2.5
         servers = [ServerProcess(repo, b, a.device, max(levels), a.threads) for b in (True, False)]
+        if a.baseline_rev:
+            servers.append(ServerProcess(repo, True, a.device, max(levels), a.threads, rev=a.baseline_rev,
+                                         name="before"))
         rows = {}
         for c in levels:
             row: dict = {"concurrency": c}
@@ -259,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             torch_rates = [baselines.torch_eager_rate(meta, c, base_seconds / 2, a.device)]
             for _ in range(a.repeat):  # the servers take turns; each keeps its best run
                 for s in servers:
-                    key = "server" if s.name == "batching" else "naive"
+                    key = {"batching": "server", "naive": "naive", "before": "before"}[s.name]
                     result = load(s, c, duration, warmup, a.max_chars, "".join(meta.vocab))
                     if key not in row or result["chars_per_s"] > row[key]["chars_per_s"]:
                         row[key] = result
@@ -273,11 +309,14 @@ def main(argv: list[str] | None = None) -> int:
             row["server_vs_raw_cpu"] = row["raw_ort_cpu_us_per_char"] / row["server"]["server_cpu_us_per_char"]
             row["server_vs_raw"] = row["server"]["chars_per_s"] / row["raw_ort_chars_per_s"]
             row["server_vs_naive"] = row["server"]["chars_per_s"] / max(row["naive"]["chars_per_s"], 1e-9)
+            if "before" in row:
+                row["server_vs_before"] = row["server"]["chars_per_s"] / max(row["before"]["chars_per_s"], 1e-9)
             rows[c] = row
             print(f"{c:5d} streams: server {row['server']['chars_per_s']:9,.0f} chars/s "
                   f"(TTFC p99 {1e3 * row['server']['ttfc_p99']:.1f} ms, batch {row['server']['engine_mean_batch']:.1f})"
                   f" | naive {row['naive']['chars_per_s']:8,.0f} | raw ORT {row['raw_ort_chars_per_s']:9,.0f}"
-                  f" | torch {row['torch_eager_chars_per_s']:8,.0f}", flush=True)
+                  f" | torch {row['torch_eager_chars_per_s']:8,.0f}"
+                  + (f" | before {row['before']['chars_per_s']:9,.0f}" if "before" in row else ""), flush=True)
         gemm = max(gemm, baselines.matmul_flops())
     finally:
         for s in servers:
@@ -290,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"), "duration": duration, "warmup": warmup, "max_chars": a.max_chars,
         "repeat": a.repeat,
         "matmul_gflops": gemm / 1e9, "flops_per_char": flops, "roofline_chars_per_s": gemm / flops,
-        "rows": list(rows.values()), "targets": targets(rows),
+        "rows": list(rows.values()), "targets": targets(rows), "baseline_rev": a.baseline_rev,
     }
     (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "serving.md").write_text(markdown(report))

@@ -355,17 +355,11 @@ def legacy_run(streams: int, seconds: float, warmup: float) -> dict:
 
 def calibrate(rev: str, streams: int, seconds: float, warmup: float) -> dict:
     """The engine of ``rev`` on the stand-in's host path, in a process that imports that tree as charrnn."""
-    root = Path(__file__).resolve().parent.parent
-    tree = Path(tempfile.mkdtemp(prefix=f"charrnn-{rev}-"))
-    subprocess.run(f"git -C {root} archive {rev} | tar -x -C {tree}", shell=True, check=True)
-    pkg = tree / "pkg" / "charrnn"
-    pkg.mkdir(parents=True)
-    for name in ("__init__.py", "modelfile.py", "v1"):
-        (pkg / name).symlink_to(tree / "charrnn" / name)
-    (pkg / "service").symlink_to(tree / "service")
-    env = {**os.environ, "PYTHONPATH": f"{tree / 'pkg'}{os.pathsep}{Path(__file__).parent}"}
+    from bench import oldtree
+
+    env, cwd = oldtree.environment(rev, str(Path(__file__).parent))
     code = (f"import json, standin; print(json.dumps(standin.legacy_run({streams}, {seconds}, {warmup})))")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tree / "pkg")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=cwd)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,16 +1,21 @@
 """One batch of the engine core: streams read their primes, then every step advances them all at once.
 
-``Batch.work`` is one round: some prefill, then one decode step. A new stream
-reads all of its prime but the last character in prefill, and joins the batch
-with that last character as its next input: its first character is drawn by
-the batch step like every other, on the device, so the core never samples
-outside the step and no logits ever come to the host. Prefill groups new
+``Batch.work`` is one round: some prefill, then one decode step. Where a new
+stream's first character is drawn depends on the device. On CUDA (a step costs
+a fraction of a millisecond, and another sampler call per round as much) a new
+stream reads all of its prime but the last character in prefill and joins the
+batch with that character as its next input: its first character is drawn by
+the batch step like every other, on the device, and no logits come to the
+host. On the CPU (a step of a real model takes milliseconds) it reads all of its
+prime and its first character is drawn at once from the prefill's last logits,
+by the same sampler graph, so the time to its first character does not wait
+for a step of the whole batch. Prefill groups new
 streams by how many prime characters they have left (``Cohort``): the one with
 the most left runs until it catches up with the next, and they merge, so k new
 primes cost max(length) sequential calls, bounded per round so that a long
 prime cannot stall the running batch. A one-character prime (and the empty
-prime) needs no prefill at all, and a prime read before is not read again
-(primecache.py).
+prime) needs no prefill at all on CUDA, and a prime read before is not read
+again (primecache.py).
 
 The decode step is one call of the model and the sampler for every slot of
 the extent (slots.py), then a few array operations over the batch: counts,
@@ -60,6 +65,8 @@ class Admission:
     deadline: float = float("inf")  # time.monotonic()
     arrived: float = 0.0
     queued_at: float = 0.0
+    cached: tuple | None = None  # its prime's cache entry, when the core's I/O thread drew its first character
+    first: int | None = None  # ... and that character's id (already sent)
 
     @classmethod
     def from_wire(cls, fe: int, m: dict, now: float) -> "Admission":
@@ -68,7 +75,7 @@ class Admission:
         return cls(fe=fe, row=m["row"], prime=np.asarray(m["prime"], np.int64), max_chars=m["max_chars"],
                    temperature=m["temperature"], top_k=m["top_k"], top_p=m["top_p"], seed=m["seed"],
                    stops=stops, deadline=float("inf") if deadline is None else deadline,
-                   arrived=m.get("arrived", now), queued_at=now)
+                   arrived=m.get("arrived", now), queued_at=now, cached=m.get("cached"), first=m.get("first"))
 
 
 class Outbox:
@@ -120,15 +127,17 @@ class Outbox:
 class Cohort:
     """New streams with ``remaining`` prime characters left to read each; prefilled by one call per round."""
 
-    def __init__(self, slots: list[int], primes: list[np.ndarray], state: State, remaining: int):
+    def __init__(self, slots: list[int], primes: list[np.ndarray], state: State, remaining: int, held: int):
         self.slots = slots
         self.primes = primes
-        self.state = state  # after reading all but the last ``remaining`` + 1 characters of each prime
-        self.remaining = remaining  # prime characters still to prefill (the last one is read by the batch step)
+        self.state = state  # after reading all but the last ``remaining`` + ``held`` characters of each prime
+        self.remaining = remaining  # prime characters still to prefill
+        self.held = held  # characters at the end of each prime left to the batch step (0 or 1)
 
     def tokens(self, steps: int) -> np.ndarray:
-        """int64 [k, steps]: the next ``steps`` prime characters of each member (the last one is not prefilled)."""
-        return np.stack([p[len(p) - 1 - self.remaining: len(p) - 1 - self.remaining + steps] for p in self.primes])
+        """int64 [k, steps]: the next ``steps`` prime characters of each member."""
+        end = self.remaining + self.held
+        return np.stack([p[len(p) - end: len(p) - end + steps] for p in self.primes])
 
 
 class Batch:
@@ -142,8 +151,12 @@ class Batch:
         self.stops = AutomatonTable(model.metadata.vocab_size)
         self.cohorts: list[Cohort] = []
         self.where: dict[tuple[int, int], int] = {}  # (front-end, row) -> slot
+        # Prime characters left to the batch step: 1 on CUDA (first characters drawn by the step), 0 on the
+        # CPU (drawn from the prefill's last logits at once); see the module docstring.
+        self.held = 1 if model.device == "cuda" else 0
         self.steps = 0  # decode steps so far
         self.prefill_calls = 0  # prefill calls so far
+        self._started = False  # some stream got its first character outside the step, this round
         self._last_step_seconds = 0.0
 
     @property
@@ -157,7 +170,8 @@ class Batch:
     def add(self, entries: list[Admission], now: float) -> None:
         """Streams that got a slot: short and cached primes join the batch at once, the rest wait in cohorts."""
         s = self.slots
-        ready: list[tuple[int, object]] = []  # (slot, state after all but the last prime character; None: zero)
+        ready: list[tuple[int, object]] = []  # (slot, prime cache entry; None: nothing to read)
+        early: list[tuple[int, object, int]] = []  # (slot, state, first id already sent)
         by_length: dict[int, list[tuple[int, np.ndarray]]] = {}
         taken = s.take(len(entries))
         for fe in {e.fe for e in entries}:
@@ -167,7 +181,8 @@ class Batch:
             s.arrays[name][taken] = [getattr(e, attr) for e in entries]
         s.seed[taken] = np.array([e.seed & 0xFFFFFFFFFFFFFFFF for e in entries], np.uint64)
         s.admitted_at[taken] = now
-        s.token[taken] = [e.prime[-1] for e in entries]  # read by the batch step that draws the first character
+        if self.held:
+            s.token[taken] = [e.prime[-1] for e in entries]  # read by the batch step that draws the first character
         self.stats.observe("queue_wait", np.array([now - e.queued_at for e in entries]))
         for e, slot in zip(entries, taken.tolist()):
             self.where[(e.fe, e.row)] = slot
@@ -175,8 +190,13 @@ class Batch:
                 s.keys[slot] = e.stops
                 s.stop_state[slot] = self.stops.start(e.stops, lambda e=e: stop_automaton(
                     e.stops, self.model.metadata.vocab_size))
-            if len(e.prime) == 1:
+            if len(e.prime) == self.held:
                 ready.append((slot, None))
+                continue
+            if e.first is not None:  # started by the I/O thread from the cache: already counted and sent
+                self.prime_cache.count_hit()
+                self.stats.cache(True)
+                early.append((slot, e.cached[0], e.first))
                 continue
             entry = self.prime_cache.get(e.prime) if self.prime_cache is not None else None
             if self.prime_cache is not None and self.prime_cache.capacity:
@@ -184,16 +204,23 @@ class Batch:
             if entry is not None:
                 ready.append((slot, entry))
             else:
-                by_length.setdefault(len(e.prime) - 1, []).append((slot, e.prime))
+                by_length.setdefault(len(e.prime) - self.held, []).append((slot, e.prime))
+        if early:
+            slots = np.array([r[0] for r in early], np.int64)
+            s.place(slots, self.model.concat([r[1] for r in early]))
+            s.active[slots] = True
+            s.first_at[slots] = s.last_at[slots] = now
+            self._advance(slots, np.array([r[2] for r in early], np.int64), now, emit=False)
         if ready:
             slots = np.array([r[0] for r in ready], np.int64)
             zero = self.model.zero_state(1)
-            self._join(slots, self.model.concat([zero if r[1] is None else r[1] for r in ready]))
+            state = self.model.concat([zero if r[1] is None else r[1][0] for r in ready])
+            self._join(slots, state, np.stack([r[1][1] for r in ready]) if not self.held else None)
         for length, group in by_length.items():
             state = self.model.zero_state(len(group))
             same = next((c for c in self.cohorts if c.remaining == length), None)
             if same is None:
-                self.cohorts.append(Cohort([g[0] for g in group], [g[1] for g in group], state, length))
+                self.cohorts.append(Cohort([g[0] for g in group], [g[1] for g in group], state, length, self.held))
             else:
                 same.slots += [g[0] for g in group]
                 same.primes += [g[1] for g in group]
@@ -211,9 +238,14 @@ class Batch:
             if f == fe:
                 self.slots.cancelled[slot] = True
 
-    def work(self, joining: bool) -> None:
-        """One round; ``joining``: streams wait for slots (the next round's joins would fill holes)."""
+    def work(self, joining: bool, flush=None) -> None:
+        """One round; ``joining``: streams wait for slots (the next round's joins would fill holes);
+        ``flush()``, when given, sends what the outbox holds: it is called before the step when new
+        streams have their first characters, so that those do not wait for the step."""
         self._prefill()
+        if flush is not None and self._started:
+            flush()
+        self._started = False
         if self.slots.active[: self.slots.extent].any():
             self._decode()
         if not self.cohorts and not (joining and self.slots.capacity > 1):
@@ -233,14 +265,15 @@ class Batch:
             top = cohorts[0]
             target = cohorts[1].remaining if len(cohorts) > 1 else 0
             steps = min(top.remaining - target, MAX_PREFILL_STEPS)
-            _, top.state = self.model.run(top.tokens(steps), top.state)  # logits [k, steps, V] unused
+            logits, top.state = self.model.run(top.tokens(steps), top.state)  # [k, steps, V]
             self.prefill_calls += 1
             top.remaining -= steps
             if top.remaining == 0:
                 cohorts.pop(0)
+                last = None if self.held else logits[:, -1, :]
                 if self.prime_cache is not None:
-                    self.prime_cache.put(self.model, top.primes, top.state)
-                self._join(np.array(top.slots, np.int64), top.state)
+                    self.prime_cache.put(self.model, top.primes, top.state, last)
+                self._join(np.array(top.slots, np.int64), top.state, last)
             elif len(cohorts) > 1 and top.remaining == cohorts[1].remaining:
                 nxt = cohorts.pop(1)
                 top.slots += nxt.slots
@@ -261,10 +294,19 @@ class Batch:
             c.state = self.model.take(c.state, keep) if len(keep) else None
         self.cohorts = [c for c in self.cohorts if c.slots]
 
-    def _join(self, slots: np.ndarray, state: State) -> None:
-        """Streams whose prime is read but for its last character (their next input) join the batch."""
-        self.slots.place(slots, state)
-        self.slots.active[slots] = True
+    def _join(self, slots: np.ndarray, state: State, logits: np.ndarray | None) -> None:
+        """New streams join the batch: read but for ``held`` prime characters (their next input), or, with the
+        logits [k, V] of their prime's last character, with their first character drawn from them now."""
+        s = self.slots
+        s.place(slots, state)
+        s.active[slots] = True
+        if logits is not None:
+            picked = self.model.sample(logits, s.temperature[slots], s.top_k[slots], s.top_p[slots],
+                                       sampling.uniforms(s.seed[slots], s.generated[slots]))
+            now = time.monotonic()
+            s.first_at[slots] = s.last_at[slots] = now
+            self._advance(slots, picked.ids[:, 0], now)
+            self._started = True
 
     # ---- decode ----
 
@@ -291,9 +333,9 @@ class Batch:
         s.last_at[rows] = now
         self._advance(rows, ids, now)
 
-    def _advance(self, slots: np.ndarray | slice, ids: np.ndarray, now: float) -> None:
+    def _advance(self, slots: np.ndarray | slice, ids: np.ndarray, now: float, emit: bool = True) -> None:
         """Each of ``slots`` (an index array or a slice) produced ``ids``: counts, stop automata, and the ends
-        (stop sequence, length, cancel, deadline)."""
+        (stop sequence, length, cancel, deadline). ``emit=False``: the front-ends have the characters already."""
         s = self.slots
         s.token[slots] = ids
         generated = s.generated[slots]
@@ -304,11 +346,13 @@ class Batch:
             stop_state = self.stops.step(stop_state, ids)
             s.stop_state[slots] = stop_state
             matched = self.stops.accept[stop_state]  # 1 + stop index, 0 = none
-            self.outbox.chars(s.fe[slots], s.row[slots], ids, self.stops.depth[stop_state])
+            if emit:
+                self.outbox.chars(s.fe[slots], s.row[slots], ids, self.stops.depth[stop_state])
             ended = matched > 0
         else:
             matched = None
-            self.outbox.chars(s.fe[slots], s.row[slots], ids, None)
+            if emit:
+                self.outbox.chars(s.fe[slots], s.row[slots], ids, None)
             ended = np.zeros(len(ids), bool)
         ended |= generated >= s.limit[slots]
         ended |= s.cancelled[slots]

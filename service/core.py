@@ -21,6 +21,9 @@ from __future__ import annotations
 import collections
 import logging
 from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+
+from charrnn.service import sampling
 from charrnn.service.batch import Admission, Batch, Outbox
 from charrnn.service.metrics import CoreStats
 from charrnn.service.primecache import PrimeCache
@@ -56,8 +59,8 @@ class BatchScheduler:
     def drop_frontend(self, fe: int) -> None:
         self.batch.drop_frontend(fe)
 
-    def work(self, joining: bool) -> None:
-        self.batch.work(joining)
+    def work(self, joining: bool, flush=None) -> None:
+        self.batch.work(joining, flush)
 
     def end_all(self, code: str, reason: str, message: str, now: float) -> None:
         self.batch.end_all(code, reason, message, now)
@@ -100,7 +103,7 @@ class NaiveScheduler:
             if f == fe:
                 b.drop_frontend(fe)
 
-    def work(self, joining: bool) -> None:
+    def work(self, joining: bool, flush=None) -> None:
         batches = list(self._running.items())
         for future in [self._pool.submit(b.work, False) for _, b in batches]:
             future.result()  # a failed call raises here: a failure of the whole engine
@@ -157,6 +160,40 @@ class EngineCore:
             else:
                 self.queue.append(e)
 
+    def first_characters(self, adds: list[dict]) -> tuple[np.ndarray, np.ndarray] | None:
+        """I/O thread: the first characters of new streams whose prime was read before, drawn now.
+
+        Only streams without stop sequences, while slots are free, with the CPU's first-character
+        policy (batch.py). Each such admission gets ``cached`` (the prime cache entry) and ``first``
+        (its first id), which Batch.add then uses. Returns (rows int32 [k], ids int32 [k]) or None.
+        """
+        batch = getattr(self.scheduler, "batch", None)
+        if batch is None or batch.held or not self.prime_cache.capacity:
+            return None
+        room = self.max_active - self.scheduler.used - len(self.queue)
+        chosen = []
+        for a in adds:
+            if len(chosen) >= room:
+                break
+            if a.get("stops"):
+                continue
+            entry = self.prime_cache.get(np.asarray(a["prime"], np.int64), count=False)
+            if entry is not None and entry[1] is not None:
+                a["cached"] = entry
+                chosen.append(a)
+        if not chosen:
+            return None
+        seeds = sampling.seed_array([a["seed"] for a in chosen])
+        picked = self.model.sample(np.stack([a["cached"][1] for a in chosen]),
+                                   np.array([a["temperature"] for a in chosen], np.float32),
+                                   np.array([a["top_k"] for a in chosen], np.int64),
+                                   np.array([a["top_p"] for a in chosen], np.float32),
+                                   sampling.uniforms(seeds, np.zeros(len(chosen), np.int64)))
+        ids = picked.ids[:, 0]
+        for a, first in zip(chosen, ids.tolist()):
+            a["first"] = first
+        return np.array([a["row"] for a in chosen], np.int32), ids.astype(np.int32)
+
     def full_message(self) -> str:
         return (f"model {self.label} is at capacity: all {self.max_active} batch slots are busy and "
                 f"{len(self.queue)} requests are queued (--max-queue {self.max_queue}); retry later, "
@@ -191,7 +228,7 @@ class EngineCore:
         """(slots taken, requests queued)."""
         return self.scheduler.used, len(self.queue)
 
-    def round(self, now: float) -> None:
+    def round(self, now: float, flush=None) -> None:
         """Queue limits, admission into free slots, then one round of the scheduler's work."""
         q = self.queue
         while q and (now - q[0].queued_at > self.max_queue_wait or q[0].deadline <= now):
@@ -214,7 +251,7 @@ class EngineCore:
         if q and free:
             new = [q.popleft() for _ in range(min(free, len(q)))]
             self.scheduler.add(new, now)
-        self.scheduler.work(joining=bool(q))
+        self.scheduler.work(bool(q), flush)
 
     def end_all(self, code: str, reason: str, message: str, now: float) -> None:
         """Ends every stream, queued or in a slot (the engine stops or failed)."""

@@ -2,12 +2,20 @@
 
 The core binds one ZeroMQ ROUTER socket. Every front-end connects a DEALER
 (identity ``fe-<n>``); the primary one (the server's own process) also
-supervises. A round: read every message waiting (admissions, cancels, control),
-one round of the core (core.py), then one message per front-end with its rows'
-new ids, ends and the core's load; the primary's also carries the metric deltas
-and serves as the heartbeat the watchdog listens for. Sends never block: when a
-front-end lags and its pipe is full, its messages merge and wait, and the step
-goes on (``a lagging front-end never slows the step``).
+supervises. Two threads: the core's thread runs the rounds (every message
+waiting: admissions, cancels, control; one round of the core, core.py; then one
+message per front-end with its rows' new ids, ends and the core's load; the
+primary's also carries the metric deltas and is the heartbeat the watchdog
+listens for), and an I/O thread owns the socket: it receives and sends while
+the core's thread is inside a step (onnxruntime releases the GIL), so packing
+and sending never add to a step. Sends never block: when a front-end lags and
+its pipe is full, its messages merge and wait, and the step goes on (``a
+lagging front-end never slows the step``).
+
+A stream whose prime was read before and that has no stop sequences gets its
+first character from the I/O thread at once (sampled from the cached logits of
+its prime's last character, on the CPU policy of batch.py), without waiting for
+the step in flight; it joins the batch at the next round.
 
 An exception in a round is an engine failure: every stream ends with
 UNAVAILABLE, the primary is told why, and the process exits with status 3 for
@@ -17,9 +25,11 @@ its supervisor to restart it.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import sys
+import threading
 import time
 
 import zmq
@@ -61,23 +71,39 @@ def _merge(into: dict, new: dict) -> None:
 class CoreLoop:
     def __init__(self, core: EngineCore, sock: zmq.Socket):
         self.core = core
-        self.sock = sock
+        self.sock = sock  # used by the I/O thread alone once run() starts
         self.frontends: dict[bytes, int] = {}  # identity -> front-end number
         self.primary: bytes | None = None
         self.draining = False
         self.stopping = False
-        self._waiting: dict[bytes, dict] = {}  # messages a lagging front-end could not take yet
+        self.message_seconds = MESSAGE_SECONDS
+        self.failure = ""  # why the engine failed, once it has
+        self._inbox: collections.deque = collections.deque()  # I/O thread -> core thread: (identity, message)
+        self._work = threading.Event()  # set when the inbox has something
+        self._outq: collections.deque = collections.deque()  # core thread -> I/O thread: (identity, message, last)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._waiting: dict[bytes, dict] = {}  # I/O thread: messages a lagging front-end could not take yet
         self._retry_at = 0.0
         self._last_send = 0.0
-        self.message_seconds = MESSAGE_SECONDS
         self._last_beat = 0.0
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
+        self._closing = False
+        self._flushed = threading.Event()
         self._parent = os.getppid()
-        self.failure = ""  # why the engine failed, once it has
 
     def run(self) -> int:
         """Rounds until drained or stopped (returns 0) or failed (returns EXIT_FAILED)."""
+        io = threading.Thread(target=self._io, name=f"core-io-{self.core.label}", daemon=True)
+        io.start()
+        try:
+            return self._rounds()
+        finally:
+            self._closing = True
+            os.write(self._wake_w, b"x")
+            self._flushed.wait(FINAL_SEND_MS / 1000 + 2)
+            io.join(5.0)
+
+    def _rounds(self) -> int:
         core = self.core
         try:
             while True:
@@ -92,10 +118,11 @@ class CoreLoop:
                                  f"server shutting down: model {core.label} stopped", now)
                     self._send(final=True)
                     return 0
-                core.round(now)
+                core.round(now, flush=self._send)  # first characters go out before the step
                 if not core.busy or time.monotonic() - self._last_send >= self.message_seconds:
                     self._send()
                 if self.draining and not core.busy:
+                    self._send(final=True)
                     return 0
                 if os.getppid() != self._parent:  # the server is gone: nobody is left to serve
                     return 0
@@ -110,17 +137,16 @@ class CoreLoop:
             self._send(final=True, extra={"failed": errors.reason_of(e)})
             return EXIT_FAILED
 
+    # ---- the core's thread ----
+
     def _receive(self, timeout_ms: int) -> None:
-        events = dict(self._poller.poll(timeout_ms))
-        if self.sock not in events:
-            return
+        if not self._inbox:
+            self._work.wait(timeout_ms / 1000)
+        self._work.clear()
         now = time.monotonic()
-        while True:
-            try:
-                identity, data = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._handle(identity, wire.unpack(data), now)
+        while self._inbox:
+            identity, m = self._inbox.popleft()
+            self._handle(identity, m, now)
 
     def _handle(self, identity: bytes, m: dict, now: float) -> None:
         kind = m["t"]
@@ -149,39 +175,95 @@ class CoreLoop:
             self.core.drop_frontend(m["fe"], now)
 
     def _send(self, final: bool = False, extra: dict | None = None) -> None:
+        """Hands this round's messages to the I/O thread: one per front-end with news, and the primary's beat."""
         now = self._last_send = time.monotonic()
         out = self.core.outbox.take()
         load = self.core.load
-        by_identity = {ident: out.pop(fe, None) for ident, fe in self.frontends.items()}
         beat = self.primary is not None and (now - self._last_beat >= HEARTBEAT_SECONDS or final)
-        for ident, box in by_identity.items():
+        for ident, fe in list(self.frontends.items()):
+            box = out.pop(fe, None)
             primary = ident == self.primary
-            if box is None and ident not in self._waiting and not (primary and (beat or extra)):
+            if box is None and not (primary and (beat or extra)) and not final:
                 continue
             message = {"t": "out", "load": load, "busy": self.core.busy, **(box or {})}
             if primary:
                 message["stats"] = self.core.stats.take()
                 message.update(extra or {})
                 self._last_beat = now
+            self._outq.append((ident, message, final))
+        os.write(self._wake_w, b"x")
+
+    # ---- the I/O thread ----
+
+    def _io(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(RETRY_SECONDS * 1000 if self._waiting else IDLE_POLL_MS))
+            if self._wake_r in events:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            if self.sock in events:
+                self._take_in()
+            self._send_out()
+            if self._closing and not self._outq:
+                self._flushed.set()
+                return
+
+    def _take_in(self) -> None:
+        got = False
+        while True:
+            try:
+                identity, data = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            m = wire.unpack(data)
+            if m["t"] == "work" and m.get("add") and identity in self.frontends and not self.draining:
+                self._start_early(identity, m["add"])
+            self._inbox.append((identity, m))
+            got = True
+        if got:
+            self._work.set()
+
+    def _start_early(self, identity: bytes, adds: list[dict]) -> None:
+        """First characters of streams whose prime was read before, now (see the module docstring)."""
+        core = self.core
+        early = core.first_characters(adds)
+        if early is not None:
+            rows, ids = early
+            self._deliver(identity, {"t": "out", "steps": [(rows, ids, None)]}, final=False)
+
+    def _send_out(self) -> None:
+        now = time.monotonic()
+        while self._outq:
+            ident, message, final = self._outq.popleft()
             if ident in self._waiting:
                 _merge(self._waiting[ident], message)
                 if now < self._retry_at and not final:
                     continue
                 message = self._waiting.pop(ident)
-            if not self._deliver(ident, message, block=final):
+            if not self._deliver(ident, message, final):
                 self._retry_at = now + RETRY_SECONDS
+        if self._waiting and now >= self._retry_at:
+            for ident in list(self._waiting):
+                if not self._deliver(ident, self._waiting.pop(ident), False):
+                    self._retry_at = now + RETRY_SECONDS
 
-    def _deliver(self, ident: bytes, message: dict, block: bool) -> bool:
+    def _deliver(self, ident: bytes, message: dict, final: bool) -> bool:
         """Sends one message; False when the front-end lags (it waits, and later ones merge into it).
 
-        ``block``: the last message before the core exits, given FINAL_SEND_MS to go out; a
+        ``final``: the last message before the core exits, given FINAL_SEND_MS to go out; a
         front-end that does not take it by then is not waited for."""
-        if block:
+        if final:
             self.sock.setsockopt(zmq.SNDTIMEO, FINAL_SEND_MS)
         try:
-            self.sock.send_multipart([ident, wire.pack(message)], 0 if block else zmq.NOBLOCK)
+            self.sock.send_multipart([ident, wire.pack(message)], 0 if final else zmq.NOBLOCK)
         except zmq.Again:
-            if not block:
+            if not final:
                 self._waiting[ident] = message
             return False
         except zmq.ZMQError as e:

@@ -60,10 +60,13 @@ class DeviceStateOps:
             binding.bind_output(name, "cuda", 0)
         model.session.run_with_iobinding(binding)
         logits, *new = binding.get_outputs()
-        sampler = model.sampler.session(controls is not None)
+        from charrnn.service.sampler import filtered
+
+        temperature, top_k, top_p, u = params
+        sampler = model.sampler.session(controls is not None,
+                                        filtered(temperature, top_k, top_p, model.metadata.vocab_size))
         b = sampler.io_binding()
         b.bind_ortvalue_input("logits", logits)
-        temperature, top_k, top_p, u = params
         for name, value, dtype in (("temperature", temperature, np.float32), ("top_k", top_k, np.int64),
                                    ("top_p", top_p, np.float32), ("u", u, np.float32)):
             b.bind_cpu_input(name, np.ascontiguousarray(value, dtype))

@@ -1,8 +1,9 @@
 """What reading a prime leaves behind, kept so that the same prime is not read twice.
 
 Reading a prime is deterministic (no sampling), so a stream whose prime was
-read before skips its prefill: the state after all but the prime's last
-character is copied into its slot, and the batch step reads that character.
+read before skips its prefill: the state it left is copied into its slot, and
+its first character comes from the kept logits of the prime's last character
+(or, on CUDA, where the batch step reads that last character, from the step).
 Speaker names and the empty prime repeat all the time in char-rnn use, and a
 prefill at batch 1 costs several times what a character in the running batch
 costs. Used by the engine core's thread alone (batching off: under a lock).
@@ -19,7 +20,7 @@ from charrnn.service.runtime import LoadedModel, State
 
 
 class PrimeCache:
-    """The state (batch 1) after all but the last character of a prime, by prime, least recently used first out."""
+    """(state with batch 1, last logits [V] or None) after reading a prime, by prime, least recently used first out."""
 
     MAX_PRIME = 1024  # longer primes are not kept (bounds the memory of the keys)
 
@@ -28,14 +29,15 @@ class PrimeCache:
         self.hits = 0
         self.misses = 0
         self._lock = threading.Lock()
-        self._entries: collections.OrderedDict[bytes, State] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[bytes, tuple[State, np.ndarray | None]] = collections.OrderedDict()
 
     @staticmethod
     def key(prime_ids: np.ndarray) -> bytes:
         return prime_ids.astype(np.int64, copy=False).tobytes()
 
-    def get(self, prime_ids: np.ndarray) -> State | None:
-        """The entry of a prime read before, counted as a hit or a miss (None when off: not counted)."""
+    def get(self, prime_ids: np.ndarray, count: bool = True) -> tuple[State, np.ndarray | None] | None:
+        """The entry of a prime read before, counted as a hit or a miss (None when off: not counted).
+        ``count=False``: a look that counts nothing (the core counts the stream when it takes its slot)."""
         if not self.capacity:
             return None
         key = self.key(prime_ids)
@@ -43,12 +45,17 @@ class PrimeCache:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
-            self.hits += entry is not None
-            self.misses += entry is None
+            if count:
+                self.hits += entry is not None
+                self.misses += entry is None
         return entry
 
-    def put(self, model: LoadedModel, primes: list[np.ndarray], state: State) -> None:
-        """Keeps row i of ``state`` under ``primes[i]``."""
+    def count_hit(self) -> None:
+        with self._lock:
+            self.hits += 1
+
+    def put(self, model: LoadedModel, primes: list[np.ndarray], state: State, logits: np.ndarray | None) -> None:
+        """Keeps row i of ``state`` and of ``logits`` [k, V] (when given) under ``primes[i]``."""
         if not self.capacity:
             return
         for i, ids in enumerate(primes):
@@ -58,7 +65,7 @@ class PrimeCache:
             with self._lock:
                 if key in self._entries:
                     continue
-            entry = model.take(state, np.array([i], np.int64))
+            entry = (model.take(state, np.array([i], np.int64)), None if logits is None else logits[i].copy())
             with self._lock:
                 self._entries[key] = entry
                 if len(self._entries) > self.capacity:

@@ -34,8 +34,8 @@ from charrnn.service.onnxproto import FLOAT, INT64, Graph
 CPU = ["CPUExecutionProvider"]
 
 
-def _graph(controlled: bool) -> bytes:
-    g = Graph("charrnn_sampler_controlled" if controlled else "charrnn_sampler")
+def _graph(controlled: bool, filtered: bool) -> bytes:
+    g = Graph("charrnn_sampler" + ("_controlled" if controlled else "") + ("_filtered" if filtered else ""))
     logits = g.input("logits", FLOAT, 3)  # [B, 1, V]
     temperature = g.input("temperature", FLOAT, 1)  # [B], 0 = greedy
     top_k = g.input("top_k", INT64, 1)  # [B], 0 = off
@@ -63,6 +63,11 @@ def _graph(controlled: bool) -> bytes:
     draw = g.node("Where", [greedy, zero, u])
     plain = _pick(g, w, draw, axis=0)  # [B]
 
+    if not filtered:  # no row of this batch has top-k or top-p: the vocabulary-order picks are all
+        g.output(col(plain), "ids", INT64, 2)
+        if controlled:
+            _logprobs(g, raw, col(plain), axis1, col)
+        return g.model()
     # Rows with top-k or top-p pick over the characters sorted by probability: only they are
     # sorted (onnxruntime's TopK costs microseconds a row), then written back.
     k_on = g.node("And", [g.node("Greater", [top_k, i64(0)]), g.node("Less", [top_k, vocab])])
@@ -88,17 +93,21 @@ def _graph(controlled: bool) -> bytes:
     g.output(ids, "ids", INT64, 2)
 
     if controlled:
-        # The model's own distribution: log-softmax of the raw logits, before everything above.
-        top = g.node("ReduceMax", [raw], axes=[1], keepdims=1)
-        shifted = g.node("Sub", [raw, top])
-        logp = g.node("Sub", [shifted, g.node("Log", [g.node("ReduceSum", [g.node("Exp", [shifted]), axis1],
-                                                                    keepdims=1)])])  # [B, V]
-        g.output(g.node("GatherElements", [logp, ids], axis=1), "logprob", FLOAT, 2)  # [B, 1]
-        n_top = g.input("n_top", INT64, 1)  # [1]: alternatives returned per row (>= 1)
-        top_lp, top_id = g.node("TopK", [logp, n_top], outputs=2, axis=1, largest=1, sorted=1)
-        g.output(top_lp, "top_logprobs", FLOAT, 2)  # [B, n_top]
-        g.output(top_id, "top_ids", INT64, 2)
+        _logprobs(g, raw, ids, axis1, col)
     return g.model()
+
+
+def _logprobs(g: Graph, raw: str, ids: str, axis1: str, col) -> None:
+    """The model's own distribution: log-softmax of the raw logits [B, V], before every control."""
+    top = g.node("ReduceMax", [raw], axes=[1], keepdims=1)
+    shifted = g.node("Sub", [raw, top])
+    logp = g.node("Sub", [shifted, g.node("Log", [g.node("ReduceSum", [g.node("Exp", [shifted]), axis1],
+                                                                keepdims=1)])])  # [B, V]
+    g.output(g.node("GatherElements", [logp, ids], axis=1), "logprob", FLOAT, 2)  # [B, 1]
+    n_top = g.input("n_top", INT64, 1)  # [1]: alternatives returned per row (>= 1)
+    top_lp, top_id = g.node("TopK", [logp, n_top], outputs=2, axis=1, largest=1, sorted=1)
+    g.output(top_lp, "top_logprobs", FLOAT, 2)  # [B, n_top]
+    g.output(top_id, "top_ids", INT64, 2)
 
 
 def _penalised(g: Graph, raw: str, col) -> str:
@@ -134,9 +143,10 @@ def _pick(g: Graph, w: str, draw: str, axis: int) -> str:
 
 
 @functools.cache
-def graph(controlled: bool) -> bytes:
-    """The serialized sampler graph (see the module docstring)."""
-    return _graph(controlled)
+def graph(controlled: bool, filtered: bool = True) -> bytes:
+    """The serialized sampler graph (see the module docstring). Without ``filtered`` it has no top-k / top-p
+    path: a batch where no row asks for either runs that smaller graph, and its rows pick the same."""
+    return _graph(controlled, filtered)
 
 
 @dataclass
@@ -177,8 +187,8 @@ class Sampler:
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = providers or CPU
-        self._plain = ort.InferenceSession(graph(False), opts, providers=providers)
-        self._controlled = ort.InferenceSession(graph(True), opts, providers=providers)
+        self._sessions = {(c, f): ort.InferenceSession(graph(c, f), opts, providers=providers)
+                          for c in (False, True) for f in (False, True)}
 
     def sample(self, logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
                u: np.ndarray, controls: Controls | None = None) -> Picked:
@@ -192,14 +202,22 @@ class Sampler:
             "top_p": np.ascontiguousarray(top_p, np.float32),
             "u": np.ascontiguousarray(u, np.float32),
         }
+        session = self.session(controls is not None, filtered(feeds["temperature"], feeds["top_k"], feeds["top_p"],
+                                                              logits.shape[-1]))
         if controls is None:
-            return Picked(self._plain.run(None, feeds)[0])
+            return Picked(session.run(None, feeds)[0])
         feeds.update(bias=controls.bias, counts=controls.counts, presence=controls.presence,
                      frequency=controls.frequency, repetition=controls.repetition,
                      n_top=np.array([controls.n_top], np.int64))
-        ids, logprob, top_lp, top_id = self._controlled.run(None, feeds)
+        ids, logprob, top_lp, top_id = session.run(None, feeds)
         return Picked(ids, logprob, top_lp, top_id)
 
-    def session(self, controlled: bool) -> ort.InferenceSession:
-        """The session of one variant, for callers that bind device memory (runtime.py on CUDA)."""
-        return self._controlled if controlled else self._plain
+    def session(self, controlled: bool, filtered: bool = True) -> ort.InferenceSession:
+        """The session of one variant, for callers that bind device memory (cudaops.py)."""
+        return self._sessions[(controlled, filtered)]
+
+
+def filtered(temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, vocab: int) -> bool:
+    """Whether some row samples with top-k or top-p (and so needs the graph's sorted path)."""
+    on = ((top_k > 0) & (top_k < vocab)) | (top_p < 1.0)
+    return bool((on & (temperature > 0)).any())

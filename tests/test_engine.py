@@ -324,10 +324,10 @@ def test_engine_records_step_batch_queue_and_inter_char_metrics(model):
     run(main())
     assert gauge(metrics, "charrnn_queue_wait_seconds_count") == 12
     assert gauge(metrics, "charrnn_inter_char_seconds_count") == 12 * 24  # one gap between each two characters
-    # Every character, the first included, comes from a batch step: one gap between each two characters.
+    # The first character of each stream comes from its prefill; the other 24 from batch steps.
     steps = gauge(metrics, "charrnn_step_seconds_count")
     assert 24 <= steps < 12 * 24  # batched: far fewer steps than characters
-    assert gauge(metrics, "charrnn_batch_size_sum") == 12 * 25  # each row of each step made one character
+    assert gauge(metrics, "charrnn_batch_size_sum") == 12 * 24
     assert gauge(metrics, "charrnn_active_streams") == 0 and gauge(metrics, "charrnn_queued_streams") == 0
 
 
