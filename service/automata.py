@@ -29,8 +29,9 @@ import numpy as np
 @dataclass(frozen=True)
 class Automaton:
     trans: np.ndarray  # int32 [S, V]: next state, local numbering (0 = the start)
-    accept: np.ndarray  # int32 [S]: 1 + stop index matched on entering the state, 0 = none
+    accept: np.ndarray  # int32 [S]: 1 + stop index matched on entering the state, 0 = none (constraints.py: 1 = done)
     depth: np.ndarray  # int32 [S]: characters that may still begin a stop sequence
+    mask: np.ndarray | None = None  # bool [S, V]: the characters allowed next (constraints.py); None: all
 
     @property
     def states(self) -> int:
@@ -85,7 +86,8 @@ class AutomatonTable:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
-        null = Automaton(np.zeros((1, vocab_size), np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32))
+        null = Automaton(np.zeros((1, vocab_size), np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32),
+                         np.ones((1, vocab_size), bool))
         self._parts: dict[Hashable, list] = {}  # key -> [automaton, offset, rows using it]
         self._live_states = 1  # states of the automata some row uses, the null one included
         self._build({(): [null, 0, 1]})
@@ -99,6 +101,7 @@ class AutomatonTable:
         self.trans = np.concatenate([p[0].trans + p[1] for p in parts.values()])  # [S, V] global states
         self.accept = np.concatenate([p[0].accept for p in parts.values()])
         self.depth = np.concatenate([p[0].depth for p in parts.values()])
+        self.mask = np.concatenate([_mask(p[0], self.vocab_size) for p in parts.values()])  # [S, V] bool
 
     def start(self, key: Hashable, make) -> int:
         """The global start state of automaton ``key`` for one more row; ``make()`` builds it when new."""
@@ -109,6 +112,7 @@ class AutomatonTable:
             self.trans = np.concatenate([self.trans, automaton.trans + part[1]])
             self.accept = np.concatenate([self.accept, automaton.accept])
             self.depth = np.concatenate([self.depth, automaton.depth])
+            self.mask = np.concatenate([self.mask, _mask(automaton, self.vocab_size)])
             self._live_states += automaton.states
         part[2] += 1
         return part[1]
@@ -138,3 +142,7 @@ class AutomatonTable:
     def step(self, states: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Next global state of each row: int32 [n] states, int [n] ids -> int32 [n]."""
         return self.trans[states, ids]
+
+
+def _mask(automaton: Automaton, vocab_size: int) -> np.ndarray:
+    return automaton.mask if automaton.mask is not None else np.ones((automaton.states, vocab_size), bool)

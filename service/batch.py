@@ -38,13 +38,16 @@ import numpy as np
 
 from charrnn.service import sampling
 from charrnn.service.automata import AutomatonTable, stop_automaton
+from charrnn.service.controls import ControlRows
+from charrnn.service.scoring import ScoreRun
 from charrnn.service.metrics import CoreStats
 from charrnn.service.primecache import PrimeCache
 from charrnn.service.runtime import LoadedModel, State
 from charrnn.service.slots import Slots
 
 # How a stream ended, in the order of precedence: (code, reason) by kind 0..3.
-_ENDS = (("OK", "stop"), ("OK", "length"), ("CANCELLED", "cancelled"), ("DEADLINE_EXCEEDED", "deadline"))
+_ENDS = (("OK", "stop"), ("OK", "length"), ("CANCELLED", "cancelled"), ("DEADLINE_EXCEEDED", "deadline"),
+         ("OK", "match"))
 MAX_PREFILL_STEPS = 128  # prime characters per prefill call: a long prime takes several rounds
 MIN_PREFILL_SECONDS = 0.002  # prefill time per round while streams decode (at least the last step's time)
 
@@ -67,6 +70,9 @@ class Admission:
     queued_at: float = 0.0
     cached: tuple | None = None  # its prime's cache entry, when the core's I/O thread drew its first character
     first: int | None = None  # ... and that character's id (already sent)
+    logprobs: int = 0  # alternatives wanted per character (0: no log-probabilities)
+    score: tuple | None = None  # a Score request: (characters of text at the end of ``prime``, alternatives)
+    controls: dict | None = None  # bias, regex, allowed, presence, frequency, repetition (controls.py)
 
     @classmethod
     def from_wire(cls, fe: int, m: dict, now: float) -> "Admission":
@@ -75,11 +81,13 @@ class Admission:
         return cls(fe=fe, row=m["row"], prime=np.asarray(m["prime"], np.int64), max_chars=m["max_chars"],
                    temperature=m["temperature"], top_k=m["top_k"], top_p=m["top_p"], seed=m["seed"],
                    stops=stops, deadline=float("inf") if deadline is None else deadline,
-                   arrived=m.get("arrived", now), queued_at=now, cached=m.get("cached"), first=m.get("first"))
+                   arrived=m.get("arrived", now), queued_at=now, cached=m.get("cached"), first=m.get("first"),
+                   logprobs=m.get("logprobs", 0), controls=m.get("controls"),
+                   score=(m["text_chars"], m["top"]) if m.get("score") else None)
 
 
 class Outbox:
-    """What each front-end hears from this round: {fe: {"steps": [(rows, ids, hold or None)], "ends": [...]}}."""
+    """What each front-end hears from this round: {fe: {"steps": [(rows, ids, hold, logprobs)], "ends": [...]}}."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # the batching-off threads write here too
@@ -96,7 +104,8 @@ class Outbox:
             box = self._by_fe[fe] = {"steps": [], "ends": []}
         return box
 
-    def chars(self, fe: np.ndarray, rows: np.ndarray, ids: np.ndarray, hold: np.ndarray | None) -> None:
+    def chars(self, fe: np.ndarray, rows: np.ndarray, ids: np.ndarray, hold: np.ndarray | None,
+              lp: tuple | None = None) -> None:
         """One step's new character of each of these rows (arrays [n]: front-end, row, id), and when some
         have stop sequences, how many of their latest characters each must hold back (they may begin one)."""
         if not len(rows):
@@ -105,12 +114,13 @@ class Outbox:
             first = int(fe[0])
             if len(self._seen) == 1 and first in self._seen or (fe == first).all():  # one front-end: no split
                 self._box(first)["steps"].append((rows.astype(np.int32), ids.astype(np.int32),
-                                                  None if hold is None else hold.astype(np.int32)))
+                                                  None if hold is None else hold.astype(np.int32), lp))
                 return
             for f in np.unique(fe).tolist():
                 sel = fe == f
+                part = None if lp is None else tuple(a[sel] for a in lp)
                 self._box(f)["steps"].append((rows[sel].astype(np.int32), ids[sel].astype(np.int32),
-                                              None if hold is None else hold[sel].astype(np.int32)))
+                                              None if hold is None else hold[sel].astype(np.int32), part))
 
     def end(self, fe: int, record: list) -> None:
         """[row, code, reason, message, stop index or -1, generated, admitted_at, first_at, last_at,
@@ -149,6 +159,8 @@ class Batch:
         self.stats = stats
         self.prime_cache = prime_cache
         self.stops = AutomatonTable(model.metadata.vocab_size)
+        self.controls = ControlRows(capacity, model.metadata.vocab)
+        self.scores: list[ScoreRun] = []  # Score requests being read (scoring.py)
         self.cohorts: list[Cohort] = []
         self.where: dict[tuple[int, int], int] = {}  # (front-end, row) -> slot
         # Prime characters left to the batch step: 1 on CUDA (first characters drawn by the step), 0 on the
@@ -161,7 +173,7 @@ class Batch:
 
     @property
     def busy(self) -> bool:
-        return bool(self.cohorts) or self.slots.used > 0
+        return bool(self.cohorts) or bool(self.scores) or self.slots.used > 0
 
     @property
     def free(self) -> int:
@@ -186,6 +198,10 @@ class Batch:
         self.stats.observe("queue_wait", np.array([now - e.queued_at for e in entries]))
         for e, slot in zip(entries, taken.tolist()):
             self.where[(e.fe, e.row)] = slot
+            if e.score is not None:
+                self.scores.append(ScoreRun(self.model, slot, e.prime, *e.score))
+                continue
+            self.controls.take(slot, e.logprobs, e.controls)
             if e.stops:
                 s.keys[slot] = e.stops
                 s.stop_state[slot] = self.stops.start(e.stops, lambda e=e: stop_automaton(
@@ -249,7 +265,9 @@ class Batch:
         if self.slots.active[: self.slots.extent].any():
             self._decode()
         if not self.cohorts and not (joining and self.slots.capacity > 1):
-            for src, dst in zip(*self.slots.compact()):
+            moved = self.slots.compact()
+            self.controls.move(*moved)
+            for src, dst in zip(*moved):
                 self.where[(int(self.slots.fe[dst]), int(self.slots.row[dst]))] = dst
 
     # ---- prefill ----
@@ -259,6 +277,7 @@ class Batch:
         decoding = self.slots.active[: self.slots.extent].any()
         budget = max(MIN_PREFILL_SECONDS, self._last_step_seconds) if decoding else float("inf")
         t0 = time.monotonic()
+        self._score(t0, budget)
         cohorts = self.cohorts
         while cohorts and time.monotonic() - t0 < budget:
             cohorts.sort(key=lambda c: c.remaining, reverse=True)
@@ -279,6 +298,29 @@ class Batch:
                 top.slots += nxt.slots
                 top.primes += nxt.primes
                 top.state = self.model.concat([top.state, nxt.state])
+
+    def _score(self, t0: float, budget: float) -> None:
+        """Reads the Score requests a call further each, within the round's prefill budget; ends those done."""
+        s = self.slots
+        now = time.monotonic()
+        for run in list(self.scores):
+            slot = run.slot
+            if s.cancelled[slot] or s.deadline[slot] <= now:
+                self.scores.remove(run)
+                self._end(np.array([slot]), now, np.array([-1]))
+                continue
+            if time.monotonic() - t0 >= budget:
+                break
+            run.advance(self.model, MAX_PREFILL_STEPS)
+            self.prefill_calls += 1
+            if run.done:
+                self.scores.remove(run)
+                now = time.monotonic()
+                fe, row = int(s.fe[slot]), int(s.row[slot])
+                self.outbox.end(fe, [row, "OK", "score", "", -1, 0, float(s.admitted_at[slot]), now, now, 0,
+                                     run.result()])
+                self.where.pop((fe, row), None)
+                s.free(np.array([slot]))
 
     def _drop_gone_from_cohorts(self, now: float) -> None:
         s = self.slots
@@ -302,10 +344,11 @@ class Batch:
         s.active[slots] = True
         if logits is not None:
             picked = self.model.sample(logits, s.temperature[slots], s.top_k[slots], s.top_p[slots],
-                                       sampling.uniforms(s.seed[slots], s.generated[slots]))
+                                       sampling.uniforms(s.seed[slots], s.generated[slots]),
+                                       self.controls.sampler_controls(slots))
             now = time.monotonic()
             s.first_at[slots] = s.last_at[slots] = now
-            self._advance(slots, picked.ids[:, 0], now)
+            self._advance(slots, picked.ids[:, 0], now, lp=_logprobs(picked, slice(None)))
             self._started = True
 
     # ---- decode ----
@@ -316,7 +359,7 @@ class Batch:
         t0 = time.monotonic()
         picked, s.state = self.model.decode(
             s.token[:e, None], s.state, s.temperature[:e], s.top_k[:e], s.top_p[:e],
-            sampling.uniforms(s.seed[:e], s.generated[:e]))
+            sampling.uniforms(s.seed[:e], s.generated[:e]), self.controls.sampler_controls(slice(0, e)))
         now = time.monotonic()
         self.steps += 1
         self._last_step_seconds = now - t0
@@ -331,9 +374,10 @@ class Batch:
         else:
             self.stats.observe("inter_char", now - s.last_at[rows])
         s.last_at[rows] = now
-        self._advance(rows, ids, now)
+        self._advance(rows, ids, now, lp=_logprobs(picked, rows))
 
-    def _advance(self, slots: np.ndarray | slice, ids: np.ndarray, now: float, emit: bool = True) -> None:
+    def _advance(self, slots: np.ndarray | slice, ids: np.ndarray, now: float, emit: bool = True,
+                 lp: tuple | None = None) -> None:
         """Each of ``slots`` (an index array or a slice) produced ``ids``: counts, stop automata, and the ends
         (stop sequence, length, cancel, deadline). ``emit=False``: the front-ends have the characters already."""
         s = self.slots
@@ -347,26 +391,31 @@ class Batch:
             s.stop_state[slots] = stop_state
             matched = self.stops.accept[stop_state]  # 1 + stop index, 0 = none
             if emit:
-                self.outbox.chars(s.fe[slots], s.row[slots], ids, self.stops.depth[stop_state])
+                self.outbox.chars(s.fe[slots], s.row[slots], ids, self.stops.depth[stop_state], lp)
             ended = matched > 0
         else:
             matched = None
             if emit:
-                self.outbox.chars(s.fe[slots], s.row[slots], ids, None)
+                self.outbox.chars(s.fe[slots], s.row[slots], ids, None, lp)
             ended = np.zeros(len(ids), bool)
+        complete = self.controls.advance(slots, ids)  # rows whose regex match is complete
+        if complete is not None:
+            ended |= complete
         ended |= generated >= s.limit[slots]
         ended |= s.cancelled[slots]
         ended |= s.deadline[slots] <= now
         if ended.any():
             index = np.arange(s.extent)[slots] if isinstance(slots, slice) else slots
             stop = matched[ended] - 1 if matched is not None else np.full(int(ended.sum()), -1)
-            self._end(index[ended], now, stop)
+            self._end(index[ended], now, stop, None if complete is None else complete[ended])
 
-    def _end(self, slots: np.ndarray, now: float, stop_index: np.ndarray) -> None:
+    def _end(self, slots: np.ndarray, now: float, stop_index: np.ndarray, complete: np.ndarray | None = None) -> None:
         """Ends ``slots``: by stop sequence (index >= 0), length, cancel or deadline, in that order."""
         s = self.slots
         generated, limit = s.generated[slots], s.limit[slots]
         kind = np.where(stop_index >= 0, 0, np.where(generated >= limit, 1, np.where(s.cancelled[slots], 2, 3)))
+        if complete is not None:  # a complete regex match comes after a stop sequence, before the length
+            kind = np.where((stop_index < 0) & complete, 4, kind)
         columns = zip(slots.tolist(), kind.tolist(), stop_index.tolist(), s.fe[slots].tolist(), s.row[slots].tolist(),
                       generated.tolist(), limit.tolist(), s.first_at[slots].tolist(), s.admitted_at[slots].tolist(),
                       s.cancelled_at[slots].tolist())
@@ -378,6 +427,7 @@ class Batch:
             if s.keys[slot]:
                 self.stops.release(s.keys[slot])
             self.where.pop((fe, row), None)
+        self.controls.free(slots)
         s.free(slots)
 
     def end_all(self, code: str, reason: str, message: str, now: float) -> None:
@@ -388,5 +438,15 @@ class Batch:
             self.outbox.end(fe, [row, code, reason, message, -1, int(s.generated[slot]),
                                  float(s.admitted_at[slot]), first, now])
             s.free(np.array([slot]))
+            self.controls.free(slot)
         self.where.clear()
         self.cohorts.clear()
+        self.scores.clear()
+
+
+def _logprobs(picked, rows) -> tuple | None:
+    """The log-probabilities of ``rows`` of a sampler's answer, as Outbox.chars takes them (None without)."""
+    if picked.logprob is None:
+        return None
+    return (picked.logprob[rows, 0].astype(np.float32), picked.top_ids[rows].astype(np.int32),
+            picked.top_logprobs[rows].astype(np.float32))

@@ -21,7 +21,8 @@ from charrnn.service.tls import channel_credentials
 from charrnn.v1 import generator_pb2 as pb
 from charrnn.v1 import generator_pb2_grpc
 
-FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence"}
+FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+                  pb.FINISH_REASON_MATCH_COMPLETE: "match_complete"}
 
 
 class ServiceError(Exception):
@@ -48,10 +49,20 @@ def build_request(
     seed: int | None = None,
     stop: Sequence[str] = (),
     request_id: str = "",
+    logprobs: int = 0,
+    n: int = 1,
+    logit_bias: dict[str, float] | None = None,
+    allowed_chars: str = "",
+    regex: str = "",
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 0.0,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; None leaves temperature (1.0) and seed (random) to the server."""
     req = pb.GenerateRequest(
-        model=model, prime=prime, max_chars=max_chars, top_k=top_k, top_p=top_p, stop=list(stop), request_id=request_id
+        model=model, prime=prime, max_chars=max_chars, top_k=top_k, top_p=top_p, stop=list(stop), request_id=request_id,
+        logprobs=logprobs, n=n, logit_bias=logit_bias or {}, allowed_chars=allowed_chars, regex=regex,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
     )
     if temperature is not None:
         req.temperature = temperature
@@ -67,17 +78,31 @@ def _credentials(tls: bool, tls_ca: str, tls_cert: str, tls_key: str) -> grpc.Ch
 
 
 class Generation:
-    """One stream: iterate for text chunks; afterwards ``finish_reason`` and ``stats`` are set."""
+    """One call: iterate for text chunks; afterwards ``finish_reason`` and ``stats`` are set.
+
+    With n samples the chunks of all samples come mixed, in the order they arrive; ``texts``,
+    ``finish_reasons``, ``all_stats`` and ``logprobs`` hold each sample's, by index.
+    """
 
     def __init__(self, call):
         self._call = call
-        self.finish_reason: str = ""  # "length" | "stop_sequence", once the stream ended normally
+        self.finish_reason: str = ""  # "length" | "stop_sequence" | "match_complete", once sample 0 ended normally
         self.stats: pb.GenerationStats | None = None
+        self.texts: dict[int, str] = {}  # sample index -> its text so far
+        self.finish_reasons: dict[int, str] = {}
+        self.all_stats: dict[int, pb.GenerationStats] = {}
+        self.logprobs: dict[int, list[pb.CharLogprob]] = {}  # with logprobs: one entry per character
 
     def _take(self, response: pb.GenerateResponse) -> str:
+        i = response.index
         if response.HasField("stats"):
-            self.stats = response.stats
-            self.finish_reason = FINISH_REASONS.get(response.finish_reason, "")
+            self.all_stats[i] = response.stats
+            self.finish_reasons[i] = FINISH_REASONS.get(response.finish_reason, "")
+            if i == 0:
+                self.stats, self.finish_reason = response.stats, self.finish_reasons[i]
+        self.texts[i] = self.texts.get(i, "") + response.text
+        if response.logprobs:
+            self.logprobs.setdefault(i, []).extend(response.logprobs)
         return response.text
 
     def __iter__(self) -> Iterator[str]:
@@ -114,6 +139,15 @@ class GeneratorClient:
     def list_models(self, timeout: float | None = 10.0) -> list[pb.ModelInfo]:
         try:
             return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout).models)
+        except grpc.RpcError as e:
+            raise ServiceError.of(e) from None
+
+    def score(self, text: str, prime: str = "", *, model: str = "", top_logprobs: int = 0,
+              timeout: float | None = 60.0) -> pb.ScoreResponse:
+        """The log-probability of each character of ``text`` after ``prime``, and bits per character."""
+        request = pb.ScoreRequest(model=model, prime=prime, text=text, top_logprobs=top_logprobs)
+        try:
+            return self._stub.Score(request, timeout=timeout)
         except grpc.RpcError as e:
             raise ServiceError.of(e) from None
 
@@ -170,6 +204,14 @@ class AsyncGeneratorClient:
     async def list_models(self, timeout: float | None = 10.0) -> list[pb.ModelInfo]:
         try:
             return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout)).models)
+        except grpc.RpcError as e:
+            raise ServiceError.of(e) from None
+
+    async def score(self, text: str, prime: str = "", *, model: str = "", top_logprobs: int = 0,
+                    timeout: float | None = 60.0) -> pb.ScoreResponse:
+        request = pb.ScoreRequest(model=model, prime=prime, text=text, top_logprobs=top_logprobs)
+        try:
+            return await self._stub.Score(request, timeout=timeout)
         except grpc.RpcError as e:
             raise ServiceError.of(e) from None
 

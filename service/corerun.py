@@ -235,7 +235,7 @@ class CoreLoop:
         early = core.first_characters(adds)
         if early is not None:
             rows, ids = early
-            self._deliver(identity, {"t": "out", "steps": [(rows, ids, None)]}, final=False)
+            self._deliver(identity, {"t": "out", "steps": [(rows, ids, None, None)]}, final=False)
 
     def _send_out(self) -> None:
         now = time.monotonic()

@@ -18,6 +18,7 @@ metric deltas and its load to the registry.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -105,6 +106,7 @@ class EngineClient:
         self._controls: list[dict] = []
         self._wake = Wake()
         self._streams: dict[int, Stream] = {}  # row -> stream
+        self._lps: dict[int, list] = {}  # row -> log-probabilities not yet handed over (rows that asked)
         self._free_rows: list[int] = []
         self._cap = 0
         self._held = np.zeros((0, PENDING), np.int32)  # [rows, PENDING] ids not yet handed over
@@ -181,36 +183,61 @@ class EngineClient:
     # ---- submit (asyncio loop) ----
 
     def submit(self, request: GenerationRequest) -> Stream:
-        """Queues a validated request; call from the asyncio loop thread that will read the stream."""
+        """Queues a validated request of one sample; call from the asyncio loop thread that will read it."""
+        return self.submit_all(request)[0]
+
+    def submit_all(self, request) -> list[Stream]:
+        """Queues a validated request's n samples (sample i seeded seed + i) as n streams, in one message, so
+        the core reads their prime once; or a ScoreJob as one stream whose result holds the scores."""
         if self._down is not None:
             raise self._down
         loop = asyncio.get_running_loop()
         box = self._mailboxes.get(loop)
         if box is None:
             box = self._mailboxes[loop] = Mailbox(loop)
-        stream = Stream(request, box, self._cancel)
-        p = request.sampling
+        n = getattr(request, "n", 1)
         with self._lock:
             used, queued = self._core_load
             seen = max(len(self._streams), used + queued + self._sent_since_report)
-            if seen >= self.max_active + self.max_queue:
+            if seen + n > self.max_active + self.max_queue:
                 raise errors.Overloaded(
                     "queue_full",
                     f"model {self.label} is at capacity: all {self.max_active} batch slots are busy and "
                     f"{max(0, seen - self.max_active)} requests are queued (--max-queue {self.max_queue}); "
                     f"retry later, or raise --max-queue / --max-active-streams")
-            row = self._take_row()
-            self._streams[row] = stream
-            stream.row = row
-            self._sent_since_report += 1
-            self._adds.append({
-                "row": row, "prime": request.prime_ids.tolist(), "max_chars": request.max_chars,
-                "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "seed": p.seed,
-                "stops": [[self._index.get(ch, -1) for ch in stop] for stop in request.stop],
-                "deadline": request.deadline, "arrived": request.arrived or time.monotonic(),
-            })
+            streams = []
+            for i in range(n):
+                sample = request if i == 0 else dataclasses.replace(
+                    request, sampling=dataclasses.replace(request.sampling, seed=request.sampling.seed + i))
+                stream = Stream(sample, box, self._cancel)
+                stream.row = row = self._take_row()
+                stream.index = i
+                self._streams[row] = stream
+                self._adds.append(self._admission(sample, row))
+                if getattr(sample, "logprobs", 0):
+                    self._lps[row] = []
+                streams.append(stream)
+            self._sent_since_report += n
         self._wake()
-        return stream
+        return streams
+
+    def _admission(self, request, row: int) -> dict:
+        """The core's view of a stream (wire.py): a generation, or a score (requests.ScoreJob)."""
+        arrived = request.arrived or time.monotonic()
+        if hasattr(request, "text"):  # a ScoreJob
+            return {"row": row, "score": True, "prime": request.tokens.tolist(),
+                    "text_chars": len(request.text), "top": request.top, "max_chars": 1, "temperature": 0.0,
+                    "top_k": 0, "top_p": 1.0, "seed": 0, "deadline": request.deadline, "arrived": arrived}
+        p, c = request.sampling, request.controls
+        return {
+            "row": row, "prime": request.prime_ids.tolist(), "max_chars": request.max_chars,
+            "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "seed": p.seed,
+            "stops": [[self._index.get(ch, -1) for ch in stop] for stop in request.stop],
+            "deadline": request.deadline, "arrived": arrived, "logprobs": request.logprobs,
+            "controls": None if c is None else {
+                "bias": c.bias, "regex": c.regex, "allowed": c.allowed, "presence": c.presence,
+                "frequency": c.frequency, "repetition": c.repetition},
+        }
 
     def _cancel(self, stream: Stream) -> None:
         with self._lock:
@@ -265,7 +292,7 @@ class EngineClient:
             return
         self.core_busy = m.get("busy", False)
         fresh: list[int] = []
-        for rows, ids, hold in m.get("steps", ()):
+        for rows, ids, hold, lp in m.get("steps", ()):
             full = rows[self._pending[rows] >= PENDING]
             if len(full):
                 self._hand_over(full)
@@ -275,6 +302,8 @@ class EngineClient:
             self._got[rows] += 1
             if hold is not None:
                 self._hold[rows] = hold
+            if lp is not None and self._lps:
+                self._collect_logprobs(rows, ids, lp)
         urgent = [self._streams[r] for r in fresh if r in self._streams]
         for s in urgent:
             s.first_char_at = now
@@ -313,14 +342,31 @@ class EngineClient:
         else:  # a vocabulary with NUL in it: character by character
             vocab = self.metadata.vocab
             texts = ["".join(vocab[t] for t in r[:c]) for r, c in zip(ids.tolist(), counts.tolist())]
-        streams = self._streams
-        for r, text in zip(rows.tolist(), texts):
+        streams, lps = self._streams, self._lps
+        for r, text, c in zip(rows.tolist(), texts, counts.tolist()):
             s = streams.get(r)
             if s is not None:
-                s.deliver(text)
+                entries = lps.get(r)
+                if entries is None:
+                    s.deliver(text)
+                else:
+                    s.deliver(text, entries[:c])
+                    del entries[:c]
         for r, c, k in zip(rows[keep > 0].tolist(), counts[keep > 0].tolist(), keep[keep > 0].tolist()):
             self._held[r, :k] = self._held[r, c:c + k]  # the held-back tail moves to the front
         self._pending[rows] = keep
+
+    def _collect_logprobs(self, rows: np.ndarray, ids: np.ndarray, lp: tuple) -> None:
+        """Keeps each logprobs row's (char, logprob, [(char, logprob)] of its N best) until its text goes out."""
+        vocab = self.metadata.vocab
+        chosen, top_ids, top_lp = lp
+        for i, r in enumerate(rows.tolist()):
+            entries = self._lps.get(r)
+            if entries is None:
+                continue
+            k = self._streams[r].request.logprobs
+            entries.append((vocab[ids[i]], float(chosen[i]),
+                            [(vocab[t], float(v)) for t, v in zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())]))
 
     def _end(self, record: list) -> Stream | None:
         row, code, reason, message, stop, generated, admitted, first, last, *rest = record
@@ -328,20 +374,23 @@ class EngineClient:
         if stream is None:
             return None
         stream.steps_after_cancel = rest[0] if rest else 0
+        score = rest[1] if len(rest) > 1 else None
         req = stream.request
         stop_text = req.stop[stop] if code == "OK" and stop >= 0 else ""
         keep = len(stop_text) if stop_text else (0 if code == "OK" else int(self._hold[row]))
         self._hand_over(np.array([row], np.int64), np.array([min(keep, int(self._pending[row]))], np.int64))
         with self._lock:
             self._streams.pop(row, None)
+            self._lps.pop(row, None)
         if code == "OK":
             arrived = req.arrived or admitted
             stats = GenerationStats(model=self.label, prime_chars=len(req.prime), generated_chars=generated,
                                     queue_seconds=admitted - arrived, prefill_seconds=first - admitted,
                                     decode_seconds=last - first, total_seconds=last - arrived,
                                     stop_sequence=stop_text, seed=req.sampling.seed)
-            reason_ = FinishReason.STOP_SEQUENCE if stop_text else FinishReason.LENGTH
-            stream.finish(GenerationResult(finish_reason=reason_, stats=stats))
+            reason_ = (FinishReason.STOP_SEQUENCE if stop_text else
+                       FinishReason.MATCH_COMPLETE if reason == "match" else FinishReason.LENGTH)
+            stream.finish(GenerationResult(finish_reason=reason_, stats=stats, score=score))
         else:
             stream.fail(error_for(code, reason, message))
         with self._lock:

@@ -32,14 +32,13 @@ from grpc_reflection.v1alpha import reflection
 
 from charrnn import modelfile as mf
 from charrnn.service import errors, wire
-from charrnn.service.config import ServeConfig
+from charrnn.service.config import ServeConfig, limits_of
 from charrnn.service.engine import EngineClient
 from charrnn.service.launch import ServedModel
 from charrnn.service.metrics import Metrics, apply_frontend_delta, frontend_delta, frontend_snapshot
 from charrnn.service.repository import ModelEntry, ModelTable
 from charrnn.service.servicer import GeneratorServicer, add_generator_to_server
 from charrnn.service.supervisor import EngineState
-from charrnn.service.validation import Limits
 from charrnn.v1 import generator_pb2
 
 log = logging.getLogger("charrnn.service.frontend")
@@ -198,10 +197,10 @@ class _RemoteEngine:
     def state(self) -> EngineState:
         return EngineState(self.row["state"])
 
-    def submit(self, request):
+    def submit_all(self, request):
         if self.state is not EngineState.SERVING:
             raise errors.Unavailable(self.row["message"] or "the model is not serving", "engine")
-        return self.client.submit(request)
+        return self.client.submit_all(request)
 
 
 class _Loaded:
@@ -259,7 +258,7 @@ async def serve_frontend(config: ServeConfig, index: int, control: str) -> None:
     await sock.send(wire.pack({"t": "hello", "fe": index}))
     view, metrics = TableView(index, config.flush_interval), Metrics()
     view.update(wire.unpack(await asyncio.wait_for(sock.recv(), 60)))
-    servicer = GeneratorServicer(view, metrics, Limits(config.max_chars, config.max_prime_chars),
+    servicer = GeneratorServicer(view, metrics, limits_of(config),
                                  logging.getLogger("charrnn.service.servicer"), frontend=index)
     health_servicer = health.aio.HealthServicer()
     state = HealthState(health_servicer)

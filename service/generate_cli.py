@@ -1,7 +1,10 @@
-"""`charrnn-generate`: stream text from a charrnn server to stdout, or list its models.
+"""`charrnn-generate`: stream text from a charrnn server to stdout, score a text, or list the models.
 
     charrnn-generate --prime "ROMEO:" --max-chars 300 --temperature 0.8
     charrnn-generate --server host:50051 --tls-ca ca.pem --list
+    charrnn-generate -n 20 --regex '[A-Z][a-z]+\n' --max-chars 20 --seed 1      # 20 names, one request
+    charrnn-generate --score play.txt --prime "ROMEO:"                           # bits per character
+    charrnn-generate --prime "ROMEO:" --max-chars 20 --logprobs 3                # log-probabilities on stderr
 
 Text is written as it arrives (flushed per chunk). A server error prints the
 status and the server's message on stderr and exits 1; bad flags exit 2.
@@ -29,6 +32,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="Seed: the same request gives the same text.")
     p.add_argument("--stop", action="append", default=[], help="Stop sequence (repeat for several).")
     p.add_argument("--request-id", default="", help="Id that appears in the server's logs for this request.")
+    p.add_argument("-n", type=int, default=1, help="Samples from the same prime (sample i seeded seed + i).")
+    p.add_argument("--logprobs", type=int, default=0,
+                   help="With each character its log-probability and the N most likely, printed on stderr.")
+    p.add_argument("--regex", default="", help="The generated text must match this regular expression.")
+    p.add_argument("--allowed-chars", default="", help="Only these characters can be generated.")
+    p.add_argument("--bias", action="append", default=[], metavar="C=V",
+                   help="Add V (in [-100, 100]) to the logit of character C (repeat; \\n for a newline).")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="In [-2, 2]; 0 is off.")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="In [-2, 2]; 0 is off.")
+    p.add_argument("--repetition-penalty", type=float, default=0.0, help="In (0, 10]; 0 or 1 is off.")
+    p.add_argument("--score", metavar="FILE",
+                   help="Score FILE's text (- for stdin) after --prime instead: print bits per character.")
     p.add_argument("--timeout", type=float, default=None, help="Deadline of the whole call, in seconds.")
     p.add_argument("--no-echo", action="store_true", help="Do not print the prime before the generated text.")
     p.add_argument("--stats", action="store_true", help="Print the stream's stats on stderr at the end.")
@@ -51,6 +66,37 @@ def _print_models(client: GeneratorClient) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
 
 
+def _biases(items: list[str]) -> dict[str, float]:
+    """--bias C=V flags as logit_bias (C may be written \\n or \\t)."""
+    out = {}
+    for item in items:
+        char, sep, value = item.rpartition("=")
+        char = {"\\n": "\n", "\\t": "\t"}.get(char, char)
+        if not sep:
+            raise ValueError(f"--bias must be C=V (a character, a number), got {item!r}")
+        try:
+            out[char] = float(value)
+        except ValueError:
+            raise ValueError(f"--bias value must be a number, got {value!r} in {item!r}") from None
+    return out
+
+
+def _print_logprobs(entries, prefix: str = "") -> None:
+    for e in entries:
+        top = "  ".join(f"{a.char!r} {a.logprob:.3f}" for a in e.top)
+        print(f"{prefix}{e.char!r}\t{e.logprob:.4f}\t{top}", file=sys.stderr)
+
+
+def _score(client: GeneratorClient, args, out) -> int:
+    text = sys.stdin.read() if args.score == "-" else open(args.score, encoding="utf-8").read()
+    reply = client.score(text, args.prime, model=args.model, top_logprobs=args.logprobs, timeout=args.timeout)
+    if args.logprobs:
+        _print_logprobs(reply.logprobs)
+    out.write(f"{reply.model}: {reply.bits_per_char:.4f} bits per character ({reply.nats_per_char:.4f} nats, "
+              f"{len(reply.logprobs)} characters, total log-probability {reply.total_logprob:.2f})\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -65,21 +111,38 @@ def main(argv: list[str] | None = None) -> int:
             if args.list:
                 _print_models(client)
                 return 0
+            if args.score:
+                return _score(client, args, out)
+            try:
+                bias = _biases(args.bias)
+            except ValueError as e:
+                print(f"charrnn-generate: {e}", file=sys.stderr)
+                return 2
             stream = client.generate(
                 args.prime, args.max_chars, model=args.model, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed, stop=args.stop, request_id=args.request_id, timeout=args.timeout,
+                n=args.n, logprobs=args.logprobs, regex=args.regex, allowed_chars=args.allowed_chars, logit_bias=bias,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                repetition_penalty=args.repetition_penalty,
             )
-            # The prime is echoed with the first chunk, so a refused request prints nothing on stdout.
             echo = "" if args.no_echo else args.prime
-            for text in stream:
-                out.write(echo + text)
-                out.flush()
-                echo = ""
-            out.write(echo + "\n")
+            if args.n > 1:  # the samples come mixed: each is printed whole at the end
+                for _ in stream:
+                    pass
+                for i in sorted(stream.texts):
+                    out.write(f"--- sample {i} ({stream.finish_reasons.get(i, '')})\n{echo}{stream.texts[i]}\n")
+            else:
+                # The prime is echoed with the first chunk, so a refused request prints nothing on stdout.
+                for text in stream:
+                    out.write(echo + text)
+                    out.flush()
+                    echo = ""
+                out.write(echo + "\n")
             out.flush()
-            if args.stats and stream.stats is not None:
-                s = stream.stats
-                print(f"{s.model}: {s.generated_chars} chars, finish {stream.finish_reason}, seed {s.seed}, "
+            for i in sorted(stream.logprobs):
+                _print_logprobs(stream.logprobs[i], f"sample {i}: " if args.n > 1 else "")
+            for i, s in sorted(stream.all_stats.items()) if args.stats else ():
+                print(f"{s.model}: {s.generated_chars} chars, finish {stream.finish_reasons[i]}, seed {s.seed}, "
                       f"queue {s.queue_seconds:.3f}s prefill {s.prefill_seconds:.3f}s decode {s.decode_seconds:.3f}s "
                       f"total {s.total_seconds:.3f}s", file=sys.stderr)
     except ServiceError as e:

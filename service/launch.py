@@ -71,9 +71,12 @@ class _Common:
     max_active: int
 
     def submit(self, request: GenerationRequest) -> Stream:
+        return self.submit_all(request)[0]
+
+    def submit_all(self, request) -> list[Stream]:
         if self._draining:
             raise errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} takes no new streams", "draining")
-        return self.client.submit(request)
+        return self.client.submit_all(request)
 
     def drain(self) -> None:
         """No new streams; those queued and in flight finish, then the core exits."""

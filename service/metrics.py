@@ -120,6 +120,11 @@ class Metrics:
             "charrnn_model_load_failures", "Model files refused at load or reload.", ["model"], registry=r
         )
         self.draining = Gauge("charrnn_draining", "1 while the server drains after SIGTERM.", registry=r)
+        self.score_requests = Counter(
+            "charrnn_score_requests", "Score requests by final gRPC status code and the reason for it.",
+            ["model", "code", "reason"], registry=r,
+        )
+        self.scored_chars = Counter("charrnn_scored_chars", "Characters of text scored.", ["model"], registry=r)
         self.engine_failures = Counter(
             "charrnn_engine_failures",
             "Engine failures: a failed onnxruntime call, a failed restart, or a step that hung past --step-timeout.",
@@ -144,6 +149,7 @@ class Metrics:
         """Creates every labelled child of ``model`` so series exist (at 0) before traffic."""
         for code, reason in errors.OUTCOMES:
             self.requests.labels(model, code, reason)
+            self.score_requests.labels(model, code, reason)
         for state in ENGINE_STATES:
             self.engine_state.labels(model, state)
         for result in CACHE_RESULTS:
@@ -163,6 +169,7 @@ class Metrics:
             self.model_load,
             self.model_load_failures,
             self.engine_failures,
+            self.scored_chars,
         ):
             family.labels(model)
 
@@ -269,7 +276,8 @@ def apply_core_stats(metrics: "Metrics", model: str, delta: dict) -> None:
 
 # The families a front-end records itself (servicer.py); a front-end process other than the
 # server's own sends their changes to it (frontend.py), which adds them to the one registry.
-FRONTEND_FAMILIES = ("requests", "prime_chars", "generated_chars", "time_to_first_char", "request_duration")
+FRONTEND_FAMILIES = ("requests", "prime_chars", "generated_chars", "time_to_first_char", "request_duration",
+                     "score_requests", "scored_chars")
 
 
 def frontend_snapshot(metrics: Metrics) -> dict:

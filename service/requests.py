@@ -23,6 +23,19 @@ class SamplingParams:
 class FinishReason(enum.Enum):
     LENGTH = "length"
     STOP_SEQUENCE = "stop_sequence"
+    MATCH_COMPLETE = "match_complete"  # the text completely matches the regex; no character extends it
+
+
+@dataclass(frozen=True)
+class Controls:
+    """What a request asks of the sampler beyond temperature, top-k and top-p (validation.py checks it)."""
+
+    bias: np.ndarray | None = None  # float32 [V]: logit_bias, and -inf outside allowed_chars; None: none
+    regex: str = ""  # the generated text must match it (constraints.py)
+    allowed: str = ""  # allowed_chars, also part of the regex's automaton
+    presence: float = 0.0  # presence_penalty
+    frequency: float = 0.0  # frequency_penalty
+    repetition: float = 1.0  # repetition_penalty (1 = off)
 
 
 @dataclass(frozen=True)
@@ -35,6 +48,22 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     deadline: float | None = None  # time.monotonic() by which the stream must end
     arrived: float = 0.0  # time.monotonic() when the request arrived
+    logprobs: int = 0  # alternatives per character in the log-probabilities; 0 = none
+    n: int = 1  # samples; sample i draws with seed + i
+    controls: Controls | None = None
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """A validated Score request: the model reads ``tokens`` and reports the text's log-probabilities."""
+
+    request_id: str
+    prime: str
+    text: str
+    tokens: np.ndarray  # int64 [len(prime) or 1, then len(text)]: the prime's ids (a newline for ""), the text's
+    top: int  # alternatives per character
+    deadline: float | None = None
+    arrived: float = 0.0
 
 
 @dataclass
@@ -54,3 +83,4 @@ class GenerationStats:
 class GenerationResult:
     finish_reason: FinishReason
     stats: GenerationStats
+    score: dict | None = None  # a ScoreJob's answer: {"lp": float32 [n], "top_ids": int32 [n, k], "top_lp": [n, k]}

@@ -31,7 +31,7 @@ from grpc_health.v1 import health
 from prometheus_client import start_http_server
 
 from charrnn.service import logs, tls
-from charrnn.service.config import ServeConfig, frontend_count, parse_args
+from charrnn.service.config import ServeConfig, frontend_count, limits_of, parse_args
 from charrnn.service.frontend import FrontendHub, HealthState, grpc_server, hostport, table_rows
 from charrnn.service.launch import CoreProcess
 from charrnn.service.metrics import Metrics
@@ -39,7 +39,6 @@ from charrnn.service.repository import ModelRepository, RepositoryError
 from charrnn.service.runtime import select_device
 from charrnn.service.servicer import GeneratorServicer
 from charrnn.service.supervisor import RestartPolicy
-from charrnn.service.validation import Limits
 
 STOP_FLUSH_SECONDS = 1.0  # after the drain, time for handlers to send their last message before sockets close
 
@@ -106,7 +105,7 @@ class Server:
             raise StartupError(str(e)) from None
 
         self.servicer = GeneratorServicer(
-            self.repository, self.metrics, Limits(c.max_chars, c.max_prime_chars),
+            self.repository, self.metrics, limits_of(c),
             logging.getLogger("charrnn.service.servicer"),
         )
         count = frontend_count(c)

@@ -8,20 +8,23 @@ imports neither torch nor onnxruntime (tests/test_server.py checks).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from charrnn.service import errors
 from charrnn.service.logs import REQUEST_ID
 from charrnn.service.metrics import Metrics
 from charrnn.service.requests import FinishReason, GenerationStats
-from charrnn.service.validation import Limits, request_id_of, validate_request
+from charrnn.service.validation import Limits, request_id_of, validate_request, validate_score
 from charrnn.v1 import generator_pb2 as pb
 from charrnn.v1 import generator_pb2_grpc
 
@@ -31,6 +34,7 @@ STATUS_FOR: dict[str, grpc.StatusCode] = {code: grpc.StatusCode[code] for code i
 FINISH_REASON_PB = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.MATCH_COMPLETE: pb.FINISH_REASON_MATCH_COMPLETE,
 }
 
 SHUTTING_DOWN = "server shutting down; retry on another replica"
@@ -75,6 +79,10 @@ def add_generator_to_server(servicer: "GeneratorServicer", server) -> None:
             servicer.Generate, request_deserializer=_parser(pb.GenerateRequest),
             response_serializer=pb.GenerateResponse.SerializeToString,
         ),
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score, request_deserializer=_parser(pb.ScoreRequest),
+            response_serializer=pb.ScoreResponse.SerializeToString,
+        ),
         "ListModels": grpc.unary_unary_rpc_method_handler(
             servicer.ListModels, request_deserializer=_parser(pb.ListModelsRequest),
             response_serializer=pb.ListModelsResponse.SerializeToString,
@@ -96,6 +104,65 @@ class _Outcome:
     sent_chars: int = 0
     first_char_at: float | None = None
     deadline: float | None = None  # time.monotonic() of the client's deadline, as it reached the server
+
+
+def _char_logprobs(entries: list) -> list[pb.CharLogprob]:
+    return [pb.CharLogprob(char=c, logprob=lp, top=[pb.Alternative(char=a, logprob=v) for a, v in top])
+            for c, lp, top in entries]
+
+
+def _chunk(text: str, stream) -> pb.GenerateResponse:
+    """One message of new text (with its log-probabilities when asked) of one sample."""
+    if stream.request.logprobs:
+        return pb.GenerateResponse(text=text, index=stream.index, logprobs=_char_logprobs(stream.logprobs))
+    return pb.GenerateResponse(text=text, index=stream.index)
+
+
+def _last(stream) -> pb.GenerateResponse:
+    result = stream.result
+    return pb.GenerateResponse(finish_reason=FINISH_REASON_PB[result.finish_reason], stats=stats_to_pb(result.stats),
+                               index=stream.index)
+
+
+async def _merged(streams: list, outcome: "_Outcome"):
+    """The messages of n samples as they come, each sample's last message with its own stats; the first
+    error ends the call."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(stream) -> None:
+        try:
+            async for text in stream:
+                await queue.put((stream, _chunk(text, stream), len(text)))
+            await queue.put((stream, _last(stream), None))
+        except errors.CharrnnError as e:
+            await queue.put((stream, e, None))
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        left = len(streams)
+        while left:
+            _, item, chars = await queue.get()
+            if isinstance(item, errors.CharrnnError):
+                raise item
+            if chars is None:
+                left -= 1
+            else:
+                outcome.sent_chars += chars
+            yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def score_to_pb(label: str, vocab: tuple[str, ...], job, score: dict) -> pb.ScoreResponse:
+    lp = score["lp"].astype(np.float64)
+    entries = [pb.CharLogprob(char=ch, logprob=float(v),
+                              top=[pb.Alternative(char=vocab[t], logprob=float(a)) for t, a in zip(ids, alts)])
+               for ch, v, ids, alts in zip(job.text, lp.tolist(), score["top_ids"].tolist(), score["top_lp"].tolist())]
+    total = float(lp.sum())
+    nats = -total / len(job.text)
+    return pb.ScoreResponse(model=label, logprobs=entries, total_logprob=total, nats_per_char=nats,
+                            bits_per_char=nats / math.log(2))
 
 
 def stats_to_pb(stats: GenerationStats) -> pb.GenerationStats:
@@ -174,20 +241,67 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             request, entry.model.metadata, self.limits, now=arrived, deadline=deadline, request_id=rid
         )
         self.log.debug("generate", extra={"model": f"{entry.name}@{entry.version}", "max_chars": gen.max_chars})
-        stream = entry.engine.submit(gen)
+        streams = entry.engine.submit_all(gen)
         outcome.prime_chars = len(gen.prime)  # read by the engine from here on
-        # A client that goes away (or whose deadline passes) frees its batch slot within one engine step.
-        context.add_done_callback(lambda _ctx: stream.cancel())
+        # A client that goes away (or whose deadline passes) frees its batch slots within one engine step.
+        context.add_done_callback(lambda _ctx: [s.cancel() for s in streams])
         try:
-            async for chunk in stream:
-                outcome.sent_chars += len(chunk)
-                yield pb.GenerateResponse(text=chunk)
+            if len(streams) == 1:
+                stream = streams[0]
+                async for chunk in stream:
+                    outcome.sent_chars += len(chunk)
+                    yield _chunk(chunk, stream)
+                yield _last(stream)
+            else:
+                async for response in _merged(streams, outcome):
+                    yield response
         finally:
-            outcome.first_char_at = stream.first_char_at
-            if stream.result is None:
-                stream.cancel()
-        result = stream.result
-        yield pb.GenerateResponse(finish_reason=FINISH_REASON_PB[result.finish_reason], stats=stats_to_pb(result.stats))
+            outcome.first_char_at = min((s.first_char_at for s in streams if s.first_char_at is not None),
+                                        default=None)
+            for s in streams:
+                if s.result is None:
+                    s.cancel()
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        arrived = time.monotonic()
+        outcome = _Outcome()
+        try:
+            if isinstance(request, UndecodableRequest):
+                raise request.error()
+            rid = request_id_of(request)
+            REQUEST_ID.set(rid)
+            if self.draining:
+                raise errors.Unavailable(SHUTTING_DOWN)
+            entry = self.repository.resolve(request.model)
+            outcome.model = entry.name
+            remaining = context.time_remaining()
+            outcome.deadline = deadline = arrived + remaining if remaining is not None else None
+            job = validate_score(request, entry.model.metadata, self.limits, now=arrived, deadline=deadline,
+                                 request_id=rid)
+            stream = entry.engine.submit_all(job)[0]
+            context.add_done_callback(lambda _ctx: stream.cancel())
+            async for _ in stream:
+                pass
+            response = score_to_pb(f"{entry.name}@{entry.version}", entry.model.metadata.vocab, job,
+                                   stream.result.score)
+            outcome.code, outcome.reason, outcome.prime_chars = "OK", "ok", len(job.text)
+            return response
+        except errors.CharrnnError as e:
+            outcome.code, outcome.reason = e.code, e.reason
+            message = SHUTTING_DOWN if (self.draining and e.code == "UNAVAILABLE") else e.message
+            self.log.info("score refused: %s", message, extra={"code": e.code, "frontend": self.frontend})
+            await context.abort(STATUS_FOR[e.code], message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            outcome.code, outcome.reason = "INTERNAL", "internal"
+            self.log.exception("score failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        finally:
+            m = self.metrics
+            m.score_requests.labels(outcome.model, outcome.code, outcome.reason).inc()
+            if outcome.code == "OK":
+                m.scored_chars.labels(outcome.model).inc(outcome.prime_chars)
 
     def _record(self, outcome: _Outcome, arrived: float) -> None:
         m, model = self.metrics, outcome.model

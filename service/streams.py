@@ -65,9 +65,13 @@ class Stream:
         self.first_char_at: float | None = None  # time.monotonic() its first character reached this process
         self.mailbox = mailbox
         self.row = -1  # the stream's row at its engine client (set by EngineClient.submit)
+        self.index = 0  # which of its request's n samples it is
         self.steps_after_cancel = 0  # decode steps the core ran for it after its cancel arrived (at most 1)
         self._cancel = cancel
-        self._chunks: collections.deque[str] = collections.deque()  # the I/O thread appends, the reader pops
+        # (text, log-probabilities or None): the I/O thread appends, the reader pops
+        self._chunks: collections.deque[tuple[str, list | None]] = collections.deque()
+        self.logprobs: list = []  # with the request's logprobs: one (char, logprob, [(char, logprob)]) per
+        # character of the text the last take() returned
         self._done = False  # no more text will come
         self._error: errors.CharrnnError | None = None
         self._waiter: asyncio.Future | None = None
@@ -95,10 +99,14 @@ class Stream:
 
     def take(self) -> str:
         """Every character delivered since the last take."""
-        parts = []
+        parts, lps = [], []
         chunks = self._chunks
         while chunks:
-            parts.append(chunks.popleft())
+            text, entries = chunks.popleft()
+            parts.append(text)
+            if entries:
+                lps.extend(entries)
+        self.logprobs = lps
         return "".join(parts)
 
     def cancel(self) -> None:
@@ -123,8 +131,8 @@ class Stream:
 
     # ---- I/O thread side ----
 
-    def deliver(self, text: str) -> None:
-        self._chunks.append(text)
+    def deliver(self, text: str, logprobs: list | None = None) -> None:
+        self._chunks.append((text, logprobs))
 
     def finish(self, result: GenerationResult) -> None:
         self.result = result

@@ -109,11 +109,16 @@ class EngineSupervisor:
         return self._hung
 
     def submit(self, request: GenerationRequest) -> Stream:
-        """Engine.submit while serving; UNAVAILABLE at once, saying why, while restarting or failed."""
+        """One sample's stream (Engine.submit) while serving; UNAVAILABLE at once, saying why, while restarting
+        or failed."""
+        return self.submit_all(request)[0]
+
+    def submit_all(self, request) -> list[Stream]:
+        """Every sample's stream of a request (or a Score job's one), as submit."""
         with self._lock:
             state, engine = self._state, self.engine
         if state is EngineState.SERVING:
-            return engine.submit(request)
+            return engine.submit_all(request)
         raise errors.Unavailable(self._down_message(state), "engine")
 
     @property

@@ -16,7 +16,8 @@ import numpy as np
 
 from charrnn.modelfile import ModelMetadata, describe_char
 from charrnn.service import errors
-from charrnn.service.requests import GenerationRequest, SamplingParams
+from charrnn.service.constraints import RegexError, compile_regex
+from charrnn.service.requests import Controls, GenerationRequest, SamplingParams, ScoreJob
 from charrnn.v1 import generator_pb2
 
 MAX_TEMPERATURE = 100.0
@@ -24,6 +25,10 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 64  # characters per stop sequence
 MAX_REQUEST_ID_CHARS = 128
 MAX_SHOWN_CHARS = 10  # offending prime characters named in one message
+MAX_LOGPROBS = 20  # alternatives per character (logprobs, top_logprobs)
+MAX_BIAS = 100.0  # |logit_bias| per character
+MAX_PENALTY = 2.0  # |presence_penalty|, |frequency_penalty| (OpenAI's and vLLM's range)
+MAX_REPETITION = 10.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,9 @@ class Limits:
 
     max_chars: int = 10000  # largest max_chars a request may ask for (--max-chars)
     max_prime_chars: int = 4096  # longest prime, in characters (--max-prime-chars)
+    max_n: int = 16  # most samples one request may ask for (--max-n)
+    max_regex_states: int = 1000  # largest automaton a regex may make (--max-regex-states)
+    max_score_chars: int = 10000  # longest text a Score request may send (--max-score-chars)
 
 
 class _Shown:
@@ -85,17 +93,7 @@ def validate_request(
             f"at most {limits.max_prime_chars} characters long",
             "the server's --max-prime-chars sets the limit",
         )
-    index = metadata.index
-    outside = list(dict.fromkeys(ch for ch in prime if ch not in index))  # distinct, in order of appearance
-    if outside:
-        shown = ", ".join(describe_char(ch) for ch in outside[:MAX_SHOWN_CHARS])
-        if len(outside) > MAX_SHOWN_CHARS:
-            shown += f" and {len(outside) - MAX_SHOWN_CHARS} more"
-        raise errors.InvalidArgument(
-            "prime",
-            _Shown(f"{len(outside)} character{'s' if len(outside) > 1 else ''} outside it: {shown}"),
-            f"made of characters in the model's vocabulary ({metadata.vocab_size} characters)",
-        )
+    _in_vocabulary("prime", prime, metadata)
     prime_ids = np.array(metadata.encode(prime), dtype=np.int64)  # "" reads a newline (see the proto)
 
     temperature = float(req.temperature) if req.HasField("temperature") else 1.0
@@ -124,6 +122,14 @@ def validate_request(
 
     seed = int(req.seed) if req.HasField("seed") else secrets.randbits(63)
 
+    if req.logprobs > MAX_LOGPROBS:
+        raise errors.InvalidArgument("logprobs", req.logprobs, f"in [0, {MAX_LOGPROBS}] (0 means off)")
+    n = max(1, int(req.n))
+    if n > limits.max_n:
+        raise errors.InvalidArgument("n", req.n, f"in [0, {limits.max_n}] (0 or 1 means one sample)",
+                                     "the server's --max-n sets the upper bound")
+    controls = _controls(req, metadata, limits)
+
     return GenerationRequest(
         request_id=rid,
         prime=prime,
@@ -133,4 +139,88 @@ def validate_request(
         stop=tuple(req.stop),
         deadline=deadline,
         arrived=now,
+        logprobs=int(req.logprobs),
+        n=n,
+        controls=controls,
     )
+
+
+def _controls(req: generator_pb2.GenerateRequest, metadata: ModelMetadata, limits: Limits) -> Controls | None:
+    """The request's logit bias, allowed characters, regex and penalties, checked; None when it has none."""
+    index = metadata.index
+    bias = None
+    for key, value in sorted(req.logit_bias.items()):
+        if len(key) != 1:
+            raise errors.InvalidArgument("logit_bias key", key, "exactly one character")
+        if key not in index:
+            raise errors.InvalidArgument("logit_bias key", _Shown(describe_char(key)),
+                                         f"a character of the model's vocabulary ({metadata.vocab_size} characters)")
+        if not (math.isfinite(value) and -MAX_BIAS <= value <= MAX_BIAS):
+            raise errors.InvalidArgument(f"logit_bias[{key!r}]", float(value), f"in [-{MAX_BIAS:g}, {MAX_BIAS:g}]")
+        if bias is None:
+            bias = np.zeros(metadata.vocab_size, np.float32)
+        bias[index[key]] = value
+    allowed = req.allowed_chars
+    if allowed:
+        _in_vocabulary("allowed_chars", allowed, metadata)
+        bias = np.zeros(metadata.vocab_size, np.float32) if bias is None else bias
+        outside = np.ones(metadata.vocab_size, bool)
+        outside[[index[ch] for ch in allowed]] = False
+        bias[outside] = -np.inf  # never drawn
+    if req.regex:
+        if req.stop:
+            raise errors.InvalidArgument("stop", _Shown(f"{len(req.stop)} sequences"),
+                                         "empty when regex is set (put the end into the regex)")
+        try:
+            compile_regex(req.regex, metadata.vocab, limits.max_regex_states, allowed)
+        except RegexError as e:
+            raise errors.InvalidArgument("regex", req.regex, str(e)) from None
+    penalties = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = float(getattr(req, name))
+        if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+            raise errors.InvalidArgument(name, value, f"in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 means off)")
+        penalties[name] = value
+    repetition = float(req.repetition_penalty) or 1.0
+    if not (math.isfinite(repetition) and 0.0 < repetition <= MAX_REPETITION):
+        raise errors.InvalidArgument("repetition_penalty", float(req.repetition_penalty),
+                                     f"in (0, {MAX_REPETITION:g}] (0 or 1 means off)")
+    if bias is None and not req.regex and not any(penalties.values()) and repetition == 1.0:
+        return None
+    return Controls(bias=bias, regex=req.regex, allowed=allowed, presence=penalties["presence_penalty"],
+                    frequency=penalties["frequency_penalty"], repetition=repetition)
+
+
+def _in_vocabulary(field: str, text: str, metadata: ModelMetadata) -> None:
+    """Refuses ``text`` naming the characters of it outside the vocabulary (the first MAX_SHOWN_CHARS)."""
+    index = metadata.index
+    outside = list(dict.fromkeys(ch for ch in text if ch not in index))  # distinct, in order of appearance
+    if outside:
+        shown = ", ".join(describe_char(ch) for ch in outside[:MAX_SHOWN_CHARS])
+        if len(outside) > MAX_SHOWN_CHARS:
+            shown += f" and {len(outside) - MAX_SHOWN_CHARS} more"
+        raise errors.InvalidArgument(
+            field,
+            _Shown(f"{len(outside)} character{'s' if len(outside) > 1 else ''} outside it: {shown}"),
+            f"made of characters in the model's vocabulary ({metadata.vocab_size} characters)",
+        )
+
+
+def validate_score(req: generator_pb2.ScoreRequest, metadata: ModelMetadata, limits: Limits, *, now: float,
+                   deadline: float | None, request_id: str) -> ScoreJob:
+    """Checks a ScoreRequest: the prime as for Generate, the text's length and characters, top_logprobs."""
+    if len(req.prime) > limits.max_prime_chars:
+        raise errors.InvalidArgument("prime", _Shown(f"{len(req.prime)} characters"),
+                                     f"at most {limits.max_prime_chars} characters long",
+                                     "the server's --max-prime-chars sets the limit")
+    _in_vocabulary("prime", req.prime, metadata)
+    if not 1 <= len(req.text) <= limits.max_score_chars:
+        shown = req.text if not req.text else _Shown(f"{len(req.text)} characters")
+        raise errors.InvalidArgument("text", shown, f"1 to {limits.max_score_chars} characters long",
+                                     "the server's --max-score-chars sets the limit")
+    _in_vocabulary("text", req.text, metadata)
+    if req.top_logprobs > MAX_LOGPROBS:
+        raise errors.InvalidArgument("top_logprobs", req.top_logprobs, f"in [0, {MAX_LOGPROBS}]")
+    tokens = metadata.encode(req.prime) + metadata.encode(req.text)
+    return ScoreJob(request_id=request_id, prime=req.prime, text=req.text,
+                    tokens=np.array(tokens, np.int64), top=int(req.top_logprobs), deadline=deadline, arrived=now)

@@ -51,7 +51,7 @@ VALUES = {
     "batching": "off", "max_active_streams": "8", "max_queue": "3", "max_queue_wait": "1.5", "max_chars": "77",
     "max_prime_chars": "9", "threads": "2", "flush_interval": "0.01", "drain_grace": "3", "reload_interval": "0.5", "tls_cert": "c.pem",
     "tls_key": "k.pem", "tls_client_ca": "ca.pem", "log_format": "json", "log_level": "debug",
-    "max_message_bytes": "65536", "frontends": "3", "step_timeout": "5", "engine_restart_backoff": "0.2", "engine_max_backoff": "4",
+    "max_message_bytes": "65536", "frontends": "3", "max_n": "4", "max_regex_states": "50", "max_score_chars": "500", "step_timeout": "5", "engine_restart_backoff": "0.2", "engine_max_backoff": "4",
     "engine_max_failures": "2", "engine_failure_window": "10",
 }
 

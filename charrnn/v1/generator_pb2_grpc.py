@@ -45,6 +45,11 @@ class GeneratorStub:
                 request_serializer=charrnn_dot_v1_dot_generator__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=charrnn_dot_v1_dot_generator__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/charrnn.v1.Generator/Score',
+                request_serializer=charrnn_dot_v1_dot_generator__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=charrnn_dot_v1_dot_generator__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class GeneratorServicer:
@@ -78,6 +83,18 @@ class GeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """The log-probability the model gives each character of `text` after
+        `prime` (and the text before it): how likely, or how surprising, a text is
+        to the model. Runs through the engine's prefill, beside the streams, under
+        the same admission limits. Errors as for Generate; a `text` over the
+        server's --max-score-chars or with characters outside the vocabulary is
+        INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +107,11 @@ def add_GeneratorServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=charrnn_dot_v1_dot_generator__pb2.ListModelsRequest.FromString,
                     response_serializer=charrnn_dot_v1_dot_generator__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=charrnn_dot_v1_dot_generator__pb2.ScoreRequest.FromString,
+                    response_serializer=charrnn_dot_v1_dot_generator__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -147,6 +169,33 @@ class Generator:
             '/charrnn.v1.Generator/ListModels',
             charrnn_dot_v1_dot_generator__pb2.ListModelsRequest.SerializeToString,
             charrnn_dot_v1_dot_generator__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charrnn.v1.Generator/Score',
+            charrnn_dot_v1_dot_generator__pb2.ScoreRequest.SerializeToString,
+            charrnn_dot_v1_dot_generator__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
