@@ -91,6 +91,11 @@ class CoreLoop:
         self._flushed = threading.Event()
         self._parent = os.getppid()
 
+    def stop(self) -> None:
+        """From another thread: end every stream and return from run() at the next round."""
+        self.stopping = True
+        self._work.set()
+
     def run(self) -> int:
         """Rounds until drained or stopped (returns 0) or failed (returns EXIT_FAILED)."""
         io = threading.Thread(target=self._io, name=f"core-io-{self.core.label}", daemon=True)

@@ -33,7 +33,8 @@ import zmq
 from charrnn.modelfile import ModelMetadata
 from charrnn.service import errors, wire
 from charrnn.service.metrics import Metrics, apply_core_stats
-from charrnn.service.requests import FinishReason, GenerationRequest, GenerationResult, GenerationStats
+from charrnn.service.requests import (FinishReason, GenerationRequest, GenerationResult, GenerationStats,
+                                      ScoreJob)
 from charrnn.service.streams import Mailbox, Stream
 
 log = logging.getLogger("charrnn.service.engine")
@@ -122,6 +123,7 @@ class EngineClient:
         self.last_heard = time.monotonic()  # when the core last said anything (the watchdog reads it)
         self.core_busy = False
         self.on_failed: Callable[[str], None] | None = None  # the core reported its engine failure
+        self.on_broken: Callable[[str], None] | None = None  # this client's I/O thread failed (a bug)
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -259,6 +261,18 @@ class EngineClient:
     # ---- the I/O thread ----
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:  # a bug here must not leave streams waiting: they end, the engine restarts
+            if self._closed:
+                return
+            log.exception("engine client of %s failed", self.label)
+            self.refuse(errors.Unavailable(f"model {self.label} is not running; retry in a moment", "engine"))
+            self.fail_all(errors.engine_failed(self.label, e))
+            if self.on_broken is not None:
+                self.on_broken(f"its front-end I/O thread failed: {errors.reason_of(e)}")
+
+    def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake.read_fd, zmq.POLLIN)
@@ -387,7 +401,7 @@ class EngineClient:
             stats = GenerationStats(model=self.label, prime_chars=len(req.prime), generated_chars=generated,
                                     queue_seconds=admitted - arrived, prefill_seconds=first - admitted,
                                     decode_seconds=last - first, total_seconds=last - arrived,
-                                    stop_sequence=stop_text, seed=req.sampling.seed)
+                                    stop_sequence=stop_text, seed=0 if isinstance(req, ScoreJob) else req.sampling.seed)
             reason_ = (FinishReason.STOP_SEQUENCE if stop_text else
                        FinishReason.MATCH_COMPLETE if reason == "match" else FinishReason.LENGTH)
             stream.finish(GenerationResult(finish_reason=reason_, stats=stats, score=score))

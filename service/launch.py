@@ -132,7 +132,15 @@ class Engine(_Common):
         self._thread = threading.Thread(target=self._run, args=(on_failure,), name=f"engine-{self.model.label}",
                                         daemon=True)
         self._thread.start()
+        self.client.on_broken = lambda why: self._broken(why, on_failure)
         self.client.start()
+
+    def _broken(self, why: str, on_failure) -> None:
+        """The client failed under a running core: the core is left to itself and the engine restarts."""
+        self._abandoned = True
+        self._loop.stop()
+        if on_failure is not None:
+            on_failure(RuntimeError(why))
 
     def _run(self, on_failure) -> None:
         status = self._loop.run()
@@ -217,6 +225,7 @@ class CoreProcess(_Common):
         self.client.set_metadata(metadata)
         self._failed_reason = ""
         self.client.on_failed = self._note_failure  # the exit (_watch) reports it, with this reason
+        self.client.on_broken = self._client_broken
         self.client.start()
         threading.Thread(target=self._watch, args=(on_failure,), name=f"watch-{self.label}", daemon=True).start()
 
@@ -231,6 +240,11 @@ class CoreProcess(_Common):
 
     def _note_failure(self, reason: str) -> None:
         self._failed_reason = reason
+
+    def _client_broken(self, reason: str) -> None:
+        """The client failed under a running core: the core is killed, and _watch reports the failure."""
+        self._failed_reason = reason
+        self._kill()
 
     def _watch(self, on_failure) -> None:
         """Waits for the process to end; an end nobody asked for is an engine failure."""
