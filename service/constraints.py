@@ -66,6 +66,9 @@ def compile_regex(pattern: str, vocab: tuple[str, ...], max_states: int, allowed
         raise RegexError(f"an expression some text over the model's vocabulary ({v} characters) can match")
     mask = live[trans]  # [n, V]: the character leads to a live state
     complete = final & ~mask.any(axis=1)
+    if complete[start]:  # only the empty text matches: nothing could ever be generated
+        raise RegexError(f"an expression some non-empty text over the model's vocabulary ({v} characters) can match; "
+                         f"this one matches only the empty text")
     # Renumber so that the start is state 0, as automata.AutomatonTable expects of every automaton.
     order = np.array([start] + [i for i in range(n) if i != start], np.int64)
     inverse = np.empty(n, np.int64)
