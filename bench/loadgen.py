@@ -63,8 +63,9 @@ class Recorder:
         return self.window[0] <= t <= self.window[1]
 
 
-def _one_request(rec: Recorder, max_chars: int, vocab: set[str] | None):
-    """What one worker does per request: its own prime, temperature, seed and length."""
+def _one_request(rec: Recorder, max_chars: int, vocab: set[str] | None, controls: dict | None = None):
+    """What one worker does per request: its own prime, temperature, seed and length (and ``controls``:
+    more GenerateRequest fields, the same for every request, e.g. {"logprobs": 5, "regex": "..."})."""
     primes = [p for p in PRIMES if vocab is None or set(p) <= vocab] or [""]
 
     async def one(stub, rng: random.Random, index: int, n: int) -> None:
@@ -72,7 +73,8 @@ def _one_request(rec: Recorder, max_chars: int, vocab: set[str] | None):
         # end (and new ones arrive) spread over time from the start, as in steady traffic.
         chars = rng.randint(1, max_chars) if n == 0 else rng.randint(max_chars // 2, max_chars)
         req = pb.GenerateRequest(prime=rng.choice(primes), max_chars=chars,
-                                 temperature=rng.choice((0.5, 0.7, 0.8, 1.0)), seed=rng.getrandbits(63))
+                                 temperature=rng.choice((0.5, 0.7, 0.8, 1.0)), seed=rng.getrandbits(63),
+                                 **(controls or {}))
         sent = time.monotonic()
         prev = None
         try:
@@ -100,13 +102,14 @@ def _one_request(rec: Recorder, max_chars: int, vocab: set[str] | None):
 
 
 async def run_load(target: str, concurrency: int, duration: float, warmup: float, max_chars: int,
-                   vocab: set[str] | None = None, channels: int = 4, seed: int = 0) -> dict:
+                   vocab: set[str] | None = None, channels: int = 4, seed: int = 0,
+                   controls: dict | None = None) -> dict:
     """One process's share of the load; returns its raw samples (see ``summary``)."""
     start = time.monotonic()
     cpu_start = time.process_time()
     rec = Recorder(start, warmup, duration)
     # Workers start spread over the first half of the warm-up, not as one burst.
-    await run_workers(target, concurrency, duration, _one_request(rec, max_chars, vocab), channels=channels,
+    await run_workers(target, concurrency, duration, _one_request(rec, max_chars, vocab, controls), channels=channels,
                       seed=seed, start_spread=warmup / 2 / concurrency, cancel_at_end=True)
     return {
         "concurrency": concurrency,
@@ -152,7 +155,7 @@ def summary(parts: list[dict]) -> dict:
 def _child(args: argparse.Namespace, concurrency: int, seed: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bench.loadgen", "--target", args.target, "--concurrency", str(concurrency),
            "--duration", str(args.duration), "--warmup", str(args.warmup), "--max-chars", str(args.max_chars),
-           "--vocab", args.vocab, "--seed", str(seed), "--raw"]
+           "--vocab", args.vocab, "--seed", str(seed), "--controls", args.controls, "--raw"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
 
 
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", default="", help="characters the model knows (primes outside it are skipped)")
     p.add_argument("--processes", type=int, default=1,
                    help="client processes sharing the streams, so the client does not measure itself")
+    p.add_argument("--controls", default="", help='more GenerateRequest fields as JSON, e.g. \'{"logprobs": 5}\'')
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # a child: print raw samples
     a = p.parse_args(argv)
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     else:
         parts = [asyncio.run(run_load(a.target, a.concurrency, a.duration, a.warmup, a.max_chars,
-                                      set(a.vocab) or None, seed=a.seed))]
+                                      set(a.vocab) or None, seed=a.seed,
+                                      controls=json.loads(a.controls) if a.controls else None))]
     json.dump(parts[0] if a.raw else summary(parts), sys.stdout)
     print()
     return 0

@@ -128,14 +128,16 @@ class ServerProcess:
                 self.proc.kill()
 
 
-def load(server: ServerProcess, concurrency: int, duration: float, warmup: float, max_chars: int, vocab: str) -> dict:
+def load(server: ServerProcess, concurrency: int, duration: float, warmup: float, max_chars: int, vocab: str,
+         controls: dict | None = None) -> dict:
+    """One load point (bench/loadgen.py); ``controls``: more GenerateRequest fields for every request."""
     before = server.engine_totals()
     cpu_before = server.cpu_seconds()
     # The client in several processes from 32 streams on, so that it does not measure itself.
     processes = 1 if concurrency < 32 else 2
     cmd = [sys.executable, "-m", "bench.loadgen", "--target", server.target, "--concurrency", str(concurrency),
            "--duration", str(duration), "--warmup", str(warmup), "--max-chars", str(max_chars), "--vocab", vocab,
-           "--processes", str(processes)]
+           "--processes", str(processes)] + (["--controls", json.dumps(controls)] if controls else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120,
                           cwd=Path(__file__).parent.parent)
     if done.returncode != 0:

@@ -66,7 +66,7 @@ class ServeConfig:
     max_queue_wait: float = _opt(30.0, "Seconds a stream may wait for a slot before RESOURCE_EXHAUSTED.", float)
     max_chars: int = _opt(10000, "Largest max_chars a request may ask for.", int)
     max_prime_chars: int = _opt(4096, "Longest prime a request may send, in characters.", int)
-    max_n: int = _opt(16, "Most samples (n) one Generate request may ask for.", int)
+    max_n: int = _opt(32, "Most samples (n) one Generate request may ask for.", int)
     max_regex_states: int = _opt(
         1000, "Most states the automaton of a request's regex may have; a larger one is INVALID_ARGUMENT.", int
     )

@@ -37,7 +37,7 @@ class Limits:
 
     max_chars: int = 10000  # largest max_chars a request may ask for (--max-chars)
     max_prime_chars: int = 4096  # longest prime, in characters (--max-prime-chars)
-    max_n: int = 16  # most samples one request may ask for (--max-n)
+    max_n: int = 32  # most samples one request may ask for (--max-n)
     max_regex_states: int = 1000  # largest automaton a regex may make (--max-regex-states)
     max_score_chars: int = 10000  # longest text a Score request may send (--max-score-chars)
 
