@@ -137,9 +137,11 @@ class Outbox:
 class Cohort:
     """New streams with ``remaining`` prime characters left to read each; prefilled by one call per round."""
 
-    def __init__(self, slots: list[int], primes: list[np.ndarray], state: State, remaining: int, held: int):
-        self.slots = slots
+    def __init__(self, slots: list[int], primes: list[np.ndarray], state: State, remaining: int, held: int,
+                 copies: list[list[int]] | None = None):
+        self.slots = slots  # one per state row: the stream that row is read for
         self.primes = primes
+        self.copies = copies or [[] for _ in slots]  # per row: more streams of the same prime (n samples)
         self.state = state  # after reading all but the last ``remaining`` + ``held`` characters of each prime
         self.remaining = remaining  # prime characters still to prefill
         self.held = held  # characters at the end of each prime left to the batch step (0 or 1)
@@ -221,6 +223,19 @@ class Batch:
                 ready.append((slot, entry))
             else:
                 by_length.setdefault(len(e.prime) - self.held, []).append((slot, e.prime))
+        copies: dict[int, list[int]] = {}  # the n samples of a request share one prime: it is read once
+        for length, group in by_length.items():
+            first: dict[bytes, int] = {}
+            unique = []
+            for slot, prime in group:
+                key = prime.tobytes()
+                if key in first:
+                    copies[first[key]].append(slot)
+                else:
+                    first[key] = slot
+                    copies[slot] = []
+                    unique.append((slot, prime))
+            by_length[length] = unique
         if early:
             slots = np.array([r[0] for r in early], np.int64)
             s.place(slots, self.model.concat([r[1] for r in early]))
@@ -236,10 +251,12 @@ class Batch:
             state = self.model.zero_state(len(group))
             same = next((c for c in self.cohorts if c.remaining == length), None)
             if same is None:
-                self.cohorts.append(Cohort([g[0] for g in group], [g[1] for g in group], state, length, self.held))
+                self.cohorts.append(Cohort([g[0] for g in group], [g[1] for g in group], state, length, self.held,
+                                           [copies[g[0]] for g in group]))
             else:
                 same.slots += [g[0] for g in group]
                 same.primes += [g[1] for g in group]
+                same.copies += [copies[g[0]] for g in group]
                 same.state = self.model.concat([same.state, state])
 
     def cancel(self, fe: int, row: int) -> None:
@@ -292,11 +309,19 @@ class Batch:
                 last = None if self.held else logits[:, -1, :]
                 if self.prime_cache is not None:
                     self.prime_cache.put(self.model, top.primes, top.state, last)
-                self._join(np.array(top.slots, np.int64), top.state, last)
+                slots, state = np.array(top.slots, np.int64), top.state
+                if any(top.copies):  # each row's state copied to the streams that share its prime
+                    rows = np.array([i for i, extra in enumerate(top.copies) for _ in range(1 + len(extra))], np.int64)
+                    slots = np.array([x for lead, extra in zip(top.slots, top.copies) for x in [lead, *extra]],
+                                     np.int64)
+                    state = self.model.take(state, rows)
+                    last = None if last is None else last[rows]
+                self._join(slots, state, last)
             elif len(cohorts) > 1 and top.remaining == cohorts[1].remaining:
                 nxt = cohorts.pop(1)
                 top.slots += nxt.slots
                 top.primes += nxt.primes
+                top.copies += nxt.copies
                 top.state = self.model.concat([top.state, nxt.state])
 
     def _score(self, t0: float, budget: float) -> None:
@@ -325,15 +350,22 @@ class Batch:
     def _drop_gone_from_cohorts(self, now: float) -> None:
         s = self.slots
         for c in self.cohorts:
-            slots = np.array(c.slots, np.int64)
-            gone = s.cancelled[slots] | (s.deadline[slots] <= now)
+            every = np.array([x for lead, extra in zip(c.slots, c.copies) for x in [lead, *extra]], np.int64)
+            gone = s.cancelled[every] | (s.deadline[every] <= now)
             if not gone.any():
                 continue
-            self._end(slots[gone], now, np.full(int(gone.sum()), -1))
-            keep = np.flatnonzero(~gone)
-            c.slots = [c.slots[i] for i in keep.tolist()]
-            c.primes = [c.primes[i] for i in keep.tolist()]
-            c.state = self.model.take(c.state, keep) if len(keep) else None
+            self._end(every[gone], now, np.full(int(gone.sum()), -1))
+            ended = set(every[gone].tolist())
+            keep, slots, copies = [], [], []
+            for i, (lead, extra) in enumerate(zip(c.slots, c.copies)):
+                live = [x for x in [lead, *extra] if x not in ended]
+                if live:  # the row is still read, for the first stream left of it
+                    keep.append(i)
+                    slots.append(live[0])
+                    copies.append(live[1:])
+            c.primes = [c.primes[i] for i in keep]
+            c.slots, c.copies = slots, copies
+            c.state = self.model.take(c.state, np.array(keep, np.int64)) if keep else None
         self.cohorts = [c for c in self.cohorts if c.slots]
 
     def _join(self, slots: np.ndarray, state: State, logits: np.ndarray | None) -> None:

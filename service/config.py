@@ -78,7 +78,8 @@ class ServeConfig:
     )
     step_timeout: float = _opt(
         30.0, "Seconds an engine with work may go without finishing a step before it counts as hung: its streams "
-        "end, the model turns NOT_SERVING and health service `liveness` fails.", float,
+        "end and its core process is killed and restarted (an engine on a thread of the server, which cannot be "
+        "killed, fails its model and health service `liveness`).", float,
     )
     engine_restart_backoff: float = _opt(
         0.1, "Seconds before an engine that failed is restarted; doubles with each failure in the window.", float

@@ -90,6 +90,12 @@ class CoreLoop:
         self._closing = False
         self._flushed = threading.Event()
         self._parent = os.getppid()
+        self._io_failure = ""  # set by the I/O thread when it fails
+
+    @property
+    def io_failure(self) -> str:
+        """Why the I/O thread failed ("" while it has not): then the streams' ends never left the core."""
+        return self._io_failure
 
     def stop(self) -> None:
         """From another thread: end every stream and return from run() at the next round."""
@@ -117,6 +123,8 @@ class CoreLoop:
                 else:
                     timeout = IDLE_POLL_MS
                 self._receive(timeout)
+                if self._io_failure:  # nothing reaches the front-ends any more: fail, and be restarted
+                    raise RuntimeError(self._io_failure)
                 now = time.monotonic()
                 if self.stopping:
                     core.end_all("UNAVAILABLE", "draining",
@@ -201,6 +209,15 @@ class CoreLoop:
     # ---- the I/O thread ----
 
     def _io(self) -> None:
+        try:
+            self._serve_io()
+        except Exception as e:  # noqa: BLE001 - a bug here must not leave the core silent
+            log.exception("engine %s: the core's I/O thread failed", self.core.label)
+            self._io_failure = f"the core's I/O thread failed: {errors.reason_of(e)}"
+            self._work.set()
+            self._flushed.set()
+
+    def _serve_io(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)

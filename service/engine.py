@@ -189,8 +189,8 @@ class EngineClient:
         return self.submit_all(request)[0]
 
     def submit_all(self, request) -> list[Stream]:
-        """Queues a validated request's n samples (sample i seeded seed + i) as n streams, in one message, so
-        the core reads their prime once; or a ScoreJob as one stream whose result holds the scores."""
+        """Queues a validated request's n samples (sample i seeded seed + i) as n streams, in one message: the
+        core reads their prime once, for one row, and copies its state to the n rows; or a ScoreJob as one stream whose result holds the scores."""
         if self._down is not None:
             raise self._down
         loop = asyncio.get_running_loop()

@@ -42,6 +42,7 @@ from charrnn.service.supervisor import EngineState
 from charrnn.v1 import generator_pb2
 
 log = logging.getLogger("charrnn.service.frontend")
+EXIT_CLIENT_BROKEN = 70  # a front-end whose engine client failed exits with this status, to be restarted
 
 GENERATOR_SERVICE = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name  # "charrnn.v1.Generator"
 LIVENESS_SERVICE = "liveness"  # health service the liveness probe asks: NOT_SERVING once an engine thread hung
@@ -228,6 +229,7 @@ class TableView(ModelTable):
                     f"{row['name']}@{row['version']}", row["name"], meta, ctx=self._ctx, address=row["address"],
                     fe=self.index, primary=False, max_active=row["max_active"], max_queue=row["max_queue"],
                     flush_interval=self.flush_interval)
+                client.on_broken = self._client_broken
                 client.start()
             seen.add(row["address"])
             model = ServedModel(row["name"], row["version"], Path(row["path"]), meta, row["device"])
@@ -241,6 +243,12 @@ class TableView(ModelTable):
         self._explicit_default = message.get("default")
         self.hung = message.get("hung", False)
         self._table = table
+
+    def _client_broken(self, reason: str) -> None:
+        """A client's I/O thread failed (its streams have ended UNAVAILABLE): this front-end exits a moment
+        later, once those statuses are sent; the server restarts it and the cores free its slots."""
+        log.error("front-end %d: the engine client failed (%s); exiting to be restarted", self.index, reason)
+        threading.Timer(1.0, os._exit, (EXIT_CLIENT_BROKEN,)).start()
 
     def close(self) -> None:
         for client in self._clients.values():

@@ -123,6 +123,7 @@ class Engine(_Common):
         self.prime_cache = self.core.prime_cache  # primes read before (prime_cache=0 turns it off)
         self._draining = False
         self._abandoned = False
+        self._client_broken = False  # the client's I/O thread failed (on_broken)
         self._thread: threading.Thread | None = None
 
     def start(self, on_failure: Callable[[Exception], None] | None = None) -> None:
@@ -137,18 +138,24 @@ class Engine(_Common):
 
     def _broken(self, why: str, on_failure) -> None:
         """The client failed under a running core: the core is left to itself and the engine restarts."""
-        self._abandoned = True
+        self._abandoned = self._client_broken = True
         self._loop.stop()
         if on_failure is not None:
             on_failure(RuntimeError(why))
 
     def _run(self, on_failure) -> None:
         status = self._loop.run()
+        if self._client_broken:  # the loop has returned and the client's thread is gone: nothing uses the sockets
+            self.client.close()
+            self._loop.sock.close()
+            self._ctx.term()
         if self._abandoned:
             return
         if status == EXIT_FAILED:
             self.client.refuse(errors.Unavailable(f"model {self.model.label} is not running; retry in a moment",
                                                   "engine"))
+            if self._loop.io_failure:  # the core could not tell its streams: they end here
+                self.client.fail_all(errors.engine_failed(self.model.label, RuntimeError(self._loop.io_failure)))
             if on_failure is not None:
                 on_failure(RuntimeError(self._loop.failure))
 

@@ -13,10 +13,11 @@ front-end -> core
     gone      a front-end process died: free its slots (from the supervisor)
 
 core -> front-end
-    up        the model loaded: its metadata properties (to the supervisor)
+    loaded    the model file loaded; the trial step runs now (to the supervisor, which watches it like any step)
+    up        the trial step passed: the model's metadata properties; the core serves (to the supervisor)
     refused   the model file cannot be served: the reason (to the supervisor)
-    out       per step, this front-end's rows and their new ids; ends; load; metric deltas
-    failed    the engine failed and is exiting: the reason
+    out       per step, this front-end's rows and their new ids (and log-probabilities when asked); ends;
+              load; to the primary, metric deltas; its last one has ``failed``: the reason the engine is exiting
 """
 
 from __future__ import annotations

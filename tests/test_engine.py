@@ -416,3 +416,56 @@ def test_text_is_the_same_whatever_the_flush_interval_and_however_it_is_collecte
     at_once, collected = run(texts(0.0)), run(texts(10.0))
     assert [t for t, _ in at_once] == [t for t, _ in collected]
     assert all(len(t) == 300 == r.stats.generated_chars for t, r in collected)
+
+
+def test_n_samples_read_their_prime_once_and_each_is_its_seeded_stream(model_repo):
+    """n samples of one request: the prime is prefilled for one row whose state is copied to the n rows."""
+    model = load_model(model_repo / "tiny" / "1" / mf.MODEL_FILE, "tiny", 1, "cpu")  # its own: run is wrapped
+    prime = "KING HENRY:\nOnce more unto the breach, dear friends"
+    read = []
+    run_model = model.run
+
+    def counting(tokens, state):
+        if tokens.shape[1] > 1:  # a prefill call (decode steps read one character)
+            read.append(tokens.shape[0] * tokens.shape[1])
+        return run_model(tokens, state)
+
+    model.run = counting
+
+    async def main():
+        with running(model, prime_cache=0) as engine:
+            req = generation_request(model.metadata, prime, 40, seed=21, temperature=0.9, n=6, request_id="n")
+            streams = engine.submit_all(req)
+            texts = await asyncio.gather(*(_read(s) for s in streams))
+            prefilled = sum(read)
+            alone = [(await collect(engine, request(model, prime, 40, seed=21 + i, temperature=0.9)))[0]
+                     for i in range(6)]
+        return texts, prefilled, alone
+
+    texts, prefilled, alone = run(main())
+    assert prefilled == len(prime)  # once, not six times
+    assert texts == alone and len(set(texts)) > 1
+
+
+async def _read(stream) -> str:
+    return "".join([chunk async for chunk in stream])
+
+
+def test_cancelling_one_of_n_samples_while_its_prime_is_read_leaves_the_others_whole(model):
+    prime = ("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 60)[:3000]
+
+    async def main():
+        with running(model, prime_cache=0) as engine:
+            busy = engine.submit(request(model, "A", 1_000_000, seed=3))  # decoding: prefill goes a round at a time
+            await busy.__anext__()
+            req = generation_request(model.metadata, prime, 30, seed=50, temperature=0.9, n=4, request_id="n")
+            streams = engine.submit_all(req)
+            streams[0].cancel()
+            texts = await asyncio.gather(*(_read(s) for s in streams[1:]))
+            busy.cancel()
+            alone = [(await collect(engine, request(model, prime, 30, seed=50 + i, temperature=0.9)))[0]
+                     for i in range(1, 4)]
+        return texts, alone
+
+    texts, alone = run(main())
+    assert texts == alone and all(len(t) == 30 for t in texts)

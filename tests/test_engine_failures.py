@@ -226,3 +226,58 @@ def test_an_engine_on_a_thread_that_hangs_is_abandoned_and_fails_liveness(model_
     finally:
         release.set()
         repo.close(0)
+
+
+@pytest.mark.parametrize("side", ["core", "client"])
+def test_a_failure_on_an_io_thread_ends_the_streams_and_the_engine_restarts(model_repo, monkeypatch, side):
+    """A bug on the core's I/O thread (what it receives) or the front-end client's (what it hears back) must
+    not leave streams waiting: they end UNAVAILABLE at once and the engine restarts and serves again."""
+    from charrnn.service import wire
+
+    metrics = Metrics()
+    repo = ModelRepository(model_repo, device="cpu", engine_factory=in_process("cpu", metrics=metrics),
+                           metrics=metrics, log=logging.getLogger("test.io"),
+                           policy=RestartPolicy(backoff=0.05, max_backoff=0.5, step_timeout=30))
+    repo.load()
+    entry = repo.resolve("tiny")
+    armed = threading.Event()
+    unpack = wire.unpack
+    kind = "work" if side == "core" else "out"
+
+    def broken(data):
+        m = unpack(data)
+        if armed.is_set() and m.get("t") == kind and (side == "client" or m.get("add")):
+            armed.clear()
+            raise ValueError(f"a broken {kind} message")
+        return m
+
+    monkeypatch.setattr(wire, "unpack", broken)
+
+    async def main():
+        meta = entry.model.metadata
+        first = entry.engine.submit(generation_request(meta, "A", 10**6, request_id="first"))
+        await first.__anext__()
+        armed.set()
+        second = entry.engine.submit(generation_request(meta, "B", 10**6, request_id="second"))
+        started = time.monotonic()
+
+        async def drain(stream):
+            async for _ in stream:
+                pass
+
+        for stream in (first, second):
+            with pytest.raises(errors.Unavailable):
+                await asyncio.wait_for(drain(stream), 20)  # TimeoutError: the stream was left waiting
+        while True:  # restarted: served again
+            try:
+                text = "".join([c async for c in repo.resolve("tiny").engine.submit(generation_request(meta, "A", 5))])
+                return text
+            except errors.Unavailable:
+                assert time.monotonic() - started < 20, "the engine never served again"
+                await asyncio.sleep(0.05)
+
+    try:
+        assert len(asyncio.run(main())) == 5
+        assert not armed.is_set()  # the fault did fire
+    finally:
+        repo.close(0)
