@@ -1,6 +1,6 @@
 """Serving on a GPU: onnxruntime's CUDA provider under the engine, against the CPU and PyTorch.
 
-    python bench/gpu_serving.py [--quick] [--out results.json]
+    python -m bench.gpu_serving [--quick | --dry-run] [--out results.json]
 
 Needs a CUDA GPU, torch (to build the 2x512 LSTM with random weights) and an
 onnxruntime with the CUDA provider. For each batch size it reports:
@@ -15,7 +15,16 @@ onnxruntime with the CUDA provider. For each batch size it reports:
 - ``ort_cpu_step``: the same raw step on this machine's CPU cores;
 
 and the largest |logits| difference between the CUDA and CPU sessions, and how many of
-16 greedy streams give the same text through the engine on both devices.
+16 greedy streams give the same text through the engine on both devices. At 1024
+and 4096 rows it also times one decode step two ways: the logits brought to the
+host and sampled there (the sampler graph on the CPU provider), against the
+sampler graph on the device with only ids coming back (``step_ms``). And it counts
+how many of 32 seeded streams give a different text among 4,064 other streams
+(their own temperatures, top-k, top-p) than alone (``seeded_isolation``): cuBLAS
+picks its kernels by shape, so a row's arithmetic may differ with the batch.
+
+``--dry-run`` runs the same code on the CPU with small sizes (no GPU needed), so
+that the script is known to work before a GPU machine's minutes are spent.
 """
 
 from __future__ import annotations
@@ -104,6 +113,60 @@ async def read_stream(engine, i: int, prime: str, chars: int) -> tuple[float, in
     return stream.first_char_at - req.arrived, got
 
 
+def step_ms(model, batch: int, seconds: float, on_device: bool) -> float:
+    """Milliseconds per decode step at ``batch`` (temperature 0.8, no filters): the sampler on the model's device
+    (only ids return), or the logits copied to the host and sampled there."""
+    from charrnn.service import sampling
+
+    tokens = np.zeros((batch, 1), np.int64)
+    state = model.zero_state(batch)
+    temperature = np.full(batch, 0.8, np.float32)
+    top_k, top_p = np.zeros(batch, np.int64), np.ones(batch, np.float32)
+    seeds = sampling.seed_array(list(range(batch)))
+    n, start, warm = 0, time.perf_counter(), False
+    while not warm or time.perf_counter() - start < seconds:
+        if not warm and n == 3:  # three steps of warm-up, not counted
+            n, start, warm = 0, time.perf_counter(), True
+        u = sampling.uniforms(seeds, np.full(batch, n)).astype(np.float32)
+        if on_device:
+            picked, state = model.decode(tokens, state, temperature, top_k, top_p, u)
+            tokens = picked.ids
+        else:
+            logits, state = model.run(tokens, state)
+            tokens = sampling.sample(logits[:, -1], temperature, top_k, top_p, u)[:, None]
+        n += 1
+    return 1000 * (time.perf_counter() - start) / n
+
+
+async def seeded_isolation(model, targets: int, total: int, chars: int) -> dict:
+    """How many of ``targets`` seeded streams differ alone and among ``total`` - ``targets`` others."""
+    from charrnn.service.launch import Engine
+    from charrnn.service.metrics import Metrics
+    from charrnn.modelfile import ModelMetadata
+    from testkit.requests import generation_request
+
+    meta = ModelMetadata(vocab=tuple(VOCAB), cell="lstm", layers=1, hidden=1, val_loss=float("nan"), train_steps=0,
+                         corpus_sha256="")
+    mine = [dict(prime=PRIMES[i % 4], temperature=0.9, seed=1000 + i) for i in range(targets)]
+    rng = np.random.default_rng(7)
+    others = [dict(prime=PRIMES[i % 4], temperature=float(rng.choice([0.0, 0.5, 1.0, 1.3])),
+                   top_k=int(rng.choice([0, 0, 5, 40])), top_p=float(rng.choice([0.0, 0.0, 0.9])), seed=i)
+              for i in range(total - targets)]
+    engine = Engine(model, metrics=Metrics(), max_active=total, max_queue=total)
+    engine.start()
+
+    async def text(fields: dict) -> str:
+        fields = dict(fields)
+        req = generation_request(meta, fields.pop("prime"), chars, **fields)
+        return "".join([chunk async for chunk in engine.submit(req)])
+
+    alone = [await text(f) for f in mine]
+    together = await asyncio.gather(*(text(f) for f in mine + others))
+    engine.stop(5.0)
+    differ = sum(a != b for a, b in zip(alone, together[:targets]))
+    return {"targets": targets, "batch": total, "chars": chars, "differ": differ}
+
+
 async def engine_run(model, streams: int, chars: int) -> dict:
     from charrnn.service.launch import Engine
     from charrnn.service.metrics import Metrics
@@ -147,10 +210,11 @@ def main() -> int:
     p.add_argument("--out", default="bench/results/serving_gpu.json")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--dry-run", action="store_true", help="the same code on the CPU, small sizes (no GPU)")
     args = p.parse_args()
-    batches = (1, 64) if args.quick else (1, 64, 1024, 4096)
-    seconds = 0.5 if args.quick else 2.0
-    chars = 100 if args.quick else 400
+    batches = (1, 64) if args.quick or args.dry_run else (1, 64, 1024, 4096)
+    seconds = 0.5 if args.quick or args.dry_run else 2.0
+    chars = 100 if args.quick or args.dry_run else 400
 
     import onnxruntime as ort
 
@@ -159,19 +223,37 @@ def main() -> int:
     report: dict = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
     reason = cuda_unusable_reason()
     report["cuda_unusable"] = reason
+    device = "cpu" if args.dry_run else "cuda"
+    if args.dry_run:
+        reason = None
+    try:
+        import torch
+
+        report["card"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - the card's name is a label
+        report["card"] = None
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         build_model(path, args.layers, args.hidden)
         cpu = load_model(path, "bench", 1, "cpu")
-        gpu = None if reason else load_model(path, "bench", 1, "cuda")
+        gpu = None if reason else load_model(path, "bench", 1, device)
+        if gpu is not None:
+            for b in (64, 256) if args.dry_run else (1024, 4096):
+                report.setdefault("step_ms", []).append({"batch": b, "host_sampling": step_ms(gpu, b, seconds, False),
+                                                         "device_sampler": step_ms(gpu, b, seconds, True)})
+                print(json.dumps(report["step_ms"][-1]), flush=True)
+            report["seeded_isolation"] = asyncio.run(seeded_isolation(gpu, 8 if args.dry_run else 32,
+                                                                      128 if args.dry_run else 4096, chars))
+            print("seeded isolation", report["seeded_isolation"], flush=True)
         if gpu is not None:
             rng = np.random.default_rng(1)
             tokens = rng.integers(0, len(VOCAB), (8, 64), dtype=np.int64)
             h = rng.standard_normal((args.layers, 8, args.hidden)).astype(np.float32)
             c = rng.standard_normal((args.layers, 8, args.hidden)).astype(np.float32)
             ref, _ = cpu.run(tokens, (h, c))
-            state = tuple(ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in (h, c))
+            state = ((h, c) if device == "cpu" else
+                     tuple(ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in (h, c)))
             got, _ = gpu.run(tokens, state)
             report["parity_max_abs_logits"] = float(np.abs(got - ref).max())
             # The same greedy streams through the engine on both devices (state gathered and
@@ -187,6 +269,8 @@ def main() -> int:
                 row.update({f"engine_cuda_{k}": v for k, v in asyncio.run(engine_run(gpu, b, chars)).items()
                             if k != "streams"})
             try:
+                if args.dry_run:
+                    raise RuntimeError("not in a dry run (CUDA only)")
                 row["torch_eager_cuda_chars_per_sec"] = torch_eager(args.layers, args.hidden, b, seconds)
             except Exception as e:  # noqa: BLE001 - report, keep measuring the rest
                 row["torch_eager_error"] = str(e)[:200]
@@ -202,7 +286,13 @@ def main() -> int:
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.0f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols) + " |")
     print("cuda:", "usable" if reason is None else reason, "| parity", report.get("parity_max_abs_logits"),
-          "| greedy texts identical", report.get("engine_greedy_texts_identical"))
+          "| greedy texts identical", report.get("engine_greedy_texts_identical"), "| card", report.get("card"))
+    for r in report.get("step_ms", []):
+        print(f"step at B={r['batch']}: host sampling {r['host_sampling']:.3f} ms, device sampler "
+              f"{r['device_sampler']:.3f} ms ({r['host_sampling'] / r['device_sampler']:.2f}x)")
+    if "seeded_isolation" in report:
+        si = report["seeded_isolation"]
+        print(f"seeded isolation: {si['differ']}/{si['targets']} streams differ alone vs among {si['batch']}")
     return 0
 
 

@@ -13,7 +13,14 @@
 #   quality/         (quality mode) bests.txt (each run's exit status and best val loss), runs.tar.gz,
 #                    rnn_kernels.txt (the cuDNN kernel under weight-drop, and its cost)
 #
-# Usage: bench/gpu_session.sh [smoke|quality|full]
+#   serving/         (serving mode) serving.md, serving.json: the end-to-end table through real gRPC at
+#                    1, 64, 1024, 4096 streams (the load generator in 8 processes), against the raw step
+#                    and PyTorch eager; serving_gpu.json: the host-sampling against the device-sampler step
+#                    at 1024 and 4096 rows, seeded isolation among 4,096 streams, the card's name
+#
+# Usage: bench/gpu_session.sh [smoke|serving|quality|full]
+#   CONCURRENCY=1,64,1024,4096         the serving mode's stream counts; DURATION=8 seconds per point
+#   (onnxruntime without the CUDA provider: bench/ort_gpu_wheel.sh brings onnxruntime-gpu in parts)
 #   DATA=path/to/tinyshakespeare.txt   (default ../shared/data/tinyshakespeare.txt)
 #   ORT_SITE=dir                       a folder holding an onnxruntime-gpu install to use
 #   TRAIN_SECONDS=300                  wall-clock budget of each training run (full mode)
@@ -89,7 +96,17 @@ if [ "$MODE" = smoke ]; then
   run training.cli charrnn-train --data "$DATA" --out "$RUNS/smoke" --preset tiny --device cuda --max-steps 60 \
     && run exporter.cli charrnn-export "$RUNS/smoke" --name smoke --repo "$RUNS/models" \
     && echo "SMOKE OK"
-  python3 bench/gpu_serving.py --quick --out "$OUT/serving_gpu.json" || echo "gpu_serving failed"
+  python3 -m bench.gpu_serving --quick --out "$OUT/serving_gpu.json" || echo "gpu_serving failed"
+  exit 0
+fi
+
+if [ "$MODE" = serving ]; then
+  # DEVICE=cpu: the same steps on the CPU with small sizes, a dry run of this mode without a GPU.
+  DRY=$([ "$DEVICE" = cpu ] && echo --dry-run || true)
+  python3 -m bench.gpu_serving $DRY --out "$OUT/serving_gpu.json" || echo "gpu_serving failed"
+  python3 -m bench.serving --device "$DEVICE" --concurrency "${CONCURRENCY:-1,64,1024,4096}" \
+    --duration "${DURATION:-8}" --client-processes 8 --baseline-rev '' --no-naive --out "$OUT/serving" \
+    || echo "bench.serving failed"
   exit 0
 fi
 
@@ -166,7 +183,7 @@ for run, name in (("default-gpu", "default.pt"), ("code", "code.pt")):
 EOF
 
 # onnxruntime on the GPU: the batched step with I/O binding, and engine parity against CPU.
-python3 bench/gpu_serving.py --out "$OUT/serving_gpu.json" || echo "gpu_serving failed"
+python3 -m bench.gpu_serving --out "$OUT/serving_gpu.json" || echo "gpu_serving failed"
 
 tar -C "$RUNS" -czf "$OUT/runs.tar.gz" --exclude='*.pt' --exclude='*.bin' --exclude='*.tmp' . 2>/dev/null
 ls -la "$OUT"

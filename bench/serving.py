@@ -129,12 +129,13 @@ class ServerProcess:
 
 
 def load(server: ServerProcess, concurrency: int, duration: float, warmup: float, max_chars: int, vocab: str,
-         controls: dict | None = None) -> dict:
-    """One load point (bench/loadgen.py); ``controls``: more GenerateRequest fields for every request."""
+         controls: dict | None = None, client_processes: int = 0) -> dict:
+    """One load point (bench/loadgen.py); ``controls``: more GenerateRequest fields for every request;
+    ``client_processes``: load generator processes (0: 1 below 32 streams, else 2)."""
     before = server.engine_totals()
     cpu_before = server.cpu_seconds()
     # The client in several processes from 32 streams on, so that it does not measure itself.
-    processes = 1 if concurrency < 32 else 2
+    processes = min(client_processes, concurrency) if client_processes else (1 if concurrency < 32 else 2)
     cmd = [sys.executable, "-m", "bench.loadgen", "--target", server.target, "--concurrency", str(concurrency),
            "--duration", str(duration), "--warmup", str(warmup), "--max-chars", str(max_chars), "--vocab", vocab,
            "--processes", str(processes)] + (["--controls", json.dumps(controls)] if controls else [])
@@ -264,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also serve with this earlier revision (the engine before this one); '' to skip")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = one per core)")
     p.add_argument("--max-chars", type=int, default=400, help="longest request, characters")
+    p.add_argument("--client-processes", type=int, default=0,
+                   help="load generator processes from 32 streams on (0: 2 on the CPU, 8 with --device cuda)")
+    p.add_argument("--no-naive", action="store_true", help="skip the --batching off server")
     p.add_argument("--repeat", type=int, default=1, help="load runs per point and server; the best is kept")
     p.add_argument("--out", default=str(RESULTS), help="folder for serving.md, serving.json, serving.png")
     a = p.parse_args(argv)
@@ -286,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         gemm = baselines.matmul_flops()  # measured again after each point; the best is the roofline
         print(f"sgemm {gemm / 1e9:.1f} GFLOP/s; {flops / 1e6:.2f} MFLOP/char", flush=True)
         base_seconds = 1.0 if a.quick else 2.5
-        servers = [ServerProcess(repo, b, a.device, max(levels), a.threads) for b in (True, False)]
+        servers = [ServerProcess(repo, b, a.device, max(levels), a.threads) for b in (True, False)
+                   if b or not a.no_naive]
         if a.baseline_rev:
             servers.append(ServerProcess(repo, True, a.device, max(levels), a.threads, rev=a.baseline_rev,
                                          name="before"))
@@ -298,9 +303,12 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(a.repeat):  # the servers take turns; each keeps its best run
                 for s in servers:
                     key = {"batching": "server", "naive": "naive", "before": "before"}[s.name]
-                    result = load(s, c, duration, warmup, a.max_chars, "".join(meta.vocab))
+                    clients = a.client_processes or (8 if a.device == "cuda" else 0)
+                    result = load(s, c, duration, warmup, a.max_chars, "".join(meta.vocab),
+                                  client_processes=clients if c >= 32 else 1)
                     if key not in row or result["chars_per_s"] > row[key]["chars_per_s"]:
                         row[key] = result
+            row.setdefault("naive", {"chars_per_s": math.nan, "ttfc_p99": math.nan})  # --no-naive
             # Measured before and after the load, best of the two: the ceiling should not be a victim of noise.
             raw.append(baselines.raw_ort_rate(src, c, base_seconds / 2, a.device, a.threads))
             torch_rates.append(baselines.torch_eager_rate(meta, c, base_seconds / 2, a.device))

@@ -9,7 +9,7 @@ onnxruntime CUDA step at that batch (bench/results/gpu/, interpolated): busy,
 not asleep, because onnxruntime's synchronous CUDA copy spins a host core too.
 
 - **Host path** (the old engine, which samples on the host): the step returns
-  fixed logits [B, T, V]. ``--calibrate REV`` runs the engine of commit REV
+  fixed logits [B, T, V]. Mode ``calibrate`` (and ``all``) runs the engine of commit ``--rev``
   (default f486fcc, the engine the H200 figures were measured with) on it, in
   its own process, with asyncio readers and no gRPC, the way the H200 run did:
   it must reproduce 390k / 311k characters per second at 1024 / 4096 streams
@@ -32,6 +32,7 @@ import argparse
 import ctypes
 import json
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -400,7 +401,13 @@ def main(argv: list[str] | None = None) -> int:
                 results["core"].append(r)
                 print(json.dumps(r), flush=True)
     Path(a.out).write_text(json.dumps(results, indent=1))
-    print(table(results))
+    command = "python -m bench.standin " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = (f"# The engine core on the GPU stand-in\n\n`{command}` on {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; stand-in step scale {SCALE:g} (bench/standin.py): "
+              f"{a.seconds:g} s per point, first {a.warmup:g} s not counted. Figures are H200-equivalent (divided by "
+              f"the scale).\n\n{table(results)}\n")
+    Path(a.out).with_suffix(".md").write_text(report)
+    print(report)
     return 0
 
 
