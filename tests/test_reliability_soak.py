@@ -5,6 +5,11 @@ fresh connections; afterwards the server has answered only documented
 statuses, its memory grew by under 5%, its descriptors and stream gauges are
 back where they started, and it still reports SERVING.
 `python -m bench.reliability --long` runs the same soak for 10 minutes.
+
+The warm-up is 15 s: the server's RSS climbs for its first 15 to 20 s of such
+load (allocator arenas, gRPC's buffers) and then stays flat (91 -> 95 MB over a
+60 s soak with twice the requests of this one); measured from a 5 s warm-up,
+that climb alone is 4 to 7%, which is not a leak.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ pytestmark = pytest.mark.slow
 def report(model_repo, no_torch_env):
     with ServeProcess(model_repo, *SERVER_ARGS, env=no_torch_env) as server:
         figures = asyncio.run(soak(server.target, server.proc.pid, server.metrics_url,
-                                   SoakConfig(streams=256, seconds=30.0, warmup_seconds=5.0)))
+                                   SoakConfig(streams=256, seconds=30.0, warmup_seconds=15.0)))
         figures["server_alive"] = server.proc.poll() is None
         figures["server_log"] = server.log()
         yield figures
