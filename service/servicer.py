@@ -154,6 +154,20 @@ async def _merged(streams: list, outcome: "_Outcome"):
             t.cancel()
 
 
+def _identify(request) -> tuple[str, errors.InvalidArgument | None]:
+    """The request's id (set for its log lines), or a made-up one and the error that the call ends with when
+    the request cannot be read or its request_id breaks the rules."""
+    try:
+        if isinstance(request, UndecodableRequest):
+            raise request.error()
+        rid, error = request_id_of(request), None
+    except errors.InvalidArgument as e:
+        rid, error = uuid.uuid4().hex[:16], e
+    # Each gRPC call runs in its own task, with its own copy of the context: no reset needed.
+    REQUEST_ID.set(rid)
+    return rid, error
+
+
 def score_to_pb(label: str, vocab: tuple[str, ...], job, score: dict) -> pb.ScoreResponse:
     lp = score["lp"].astype(np.float64)
     entries = [pb.CharLogprob(char=ch, logprob=float(v),
@@ -195,15 +209,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         arrived = time.monotonic()
         outcome = _Outcome()
-        try:
-            if isinstance(request, UndecodableRequest):
-                raise request.error()
-            rid = request_id_of(request)
-            rid_error = None
-        except errors.InvalidArgument as e:
-            rid, rid_error = uuid.uuid4().hex[:16], e
-        # Each gRPC call runs in its own task, with its own copy of the context: no reset needed.
-        REQUEST_ID.set(rid)
+        rid, rid_error = _identify(request)
         try:
             if rid_error is not None:
                 raise rid_error
@@ -265,11 +271,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         arrived = time.monotonic()
         outcome = _Outcome()
+        rid, rid_error = _identify(request)
         try:
-            if isinstance(request, UndecodableRequest):
-                raise request.error()
-            rid = request_id_of(request)
-            REQUEST_ID.set(rid)
+            if rid_error is not None:
+                raise rid_error
             if self.draining:
                 raise errors.Unavailable(SHUTTING_DOWN)
             entry = self.repository.resolve(request.model)
