@@ -90,6 +90,8 @@ class ControlRows:
 
     def move(self, src: list[int], dst: list[int]) -> None:
         """Slots compacted from ``src`` to ``dst`` (slots.py): their controls follow."""
+        if not len(src):  # the usual round: nothing moved
+            return
         for name in ("used", "logprobs", "presence", "frequency", "repetition", "penalised", "regex_state"):
             array = getattr(self, name)
             array[dst] = array[src]
