@@ -146,6 +146,12 @@ class Cohort:
         self.remaining = remaining  # prime characters still to prefill
         self.held = held  # characters at the end of each prime left to the batch step (0 or 1)
 
+    def members(self) -> tuple[np.ndarray, np.ndarray]:
+        """(row, slot) int64 [n] of every stream of the cohort: a row's own stream, then its copies."""
+        pairs = [(i, x) for i, (lead, extra) in enumerate(zip(self.slots, self.copies)) for x in (lead, *extra)]
+        rows, slots = zip(*pairs) if pairs else ((), ())
+        return np.array(rows, np.int64), np.array(slots, np.int64)
+
     def tokens(self, steps: int) -> np.ndarray:
         """int64 [k, steps]: the next ``steps`` prime characters of each member."""
         end = self.remaining + self.held
@@ -187,6 +193,8 @@ class Batch:
         ready: list[tuple[int, object]] = []  # (slot, prime cache entry; None: nothing to read)
         early: list[tuple[int, object, int]] = []  # (slot, state, first id already sent)
         by_length: dict[int, list[tuple[int, np.ndarray]]] = {}
+        reading: dict[bytes, int] = {}  # prime -> the slot it is read for
+        copies: dict[int, list[int]] = {}  # that slot -> the other slots of the same prime
         taken = s.take(len(entries))
         for fe in {e.fe for e in entries}:
             self.outbox.admit(fe)
@@ -221,21 +229,11 @@ class Batch:
                 self.stats.cache(entry is not None)
             if entry is not None:
                 ready.append((slot, entry))
+            elif (key := e.prime.tobytes()) in reading:  # the n samples of a request: their prime is read once
+                copies[reading[key]].append(slot)
             else:
+                reading[key], copies[slot] = slot, []
                 by_length.setdefault(len(e.prime) - self.held, []).append((slot, e.prime))
-        copies: dict[int, list[int]] = {}  # the n samples of a request share one prime: it is read once
-        for length, group in by_length.items():
-            first: dict[bytes, int] = {}
-            unique = []
-            for slot, prime in group:
-                key = prime.tobytes()
-                if key in first:
-                    copies[first[key]].append(slot)
-                else:
-                    first[key] = slot
-                    copies[slot] = []
-                    unique.append((slot, prime))
-            by_length[length] = unique
         if early:
             slots = np.array([r[0] for r in early], np.int64)
             s.place(slots, self.model.concat([r[1] for r in early]))
@@ -309,11 +307,9 @@ class Batch:
                 last = None if self.held else logits[:, -1, :]
                 if self.prime_cache is not None:
                     self.prime_cache.put(self.model, top.primes, top.state, last)
-                slots, state = np.array(top.slots, np.int64), top.state
-                if any(top.copies):  # each row's state copied to the streams that share its prime
-                    rows = np.array([i for i, extra in enumerate(top.copies) for _ in range(1 + len(extra))], np.int64)
-                    slots = np.array([x for lead, extra in zip(top.slots, top.copies) for x in [lead, *extra]],
-                                     np.int64)
+                rows, slots = top.members()
+                state = top.state
+                if len(slots) > len(top.slots):  # each row's state copied to the streams that share its prime
                     state = self.model.take(state, rows)
                     last = None if last is None else last[rows]
                 self._join(slots, state, last)
@@ -350,7 +346,7 @@ class Batch:
     def _drop_gone_from_cohorts(self, now: float) -> None:
         s = self.slots
         for c in self.cohorts:
-            every = np.array([x for lead, extra in zip(c.slots, c.copies) for x in [lead, *extra]], np.int64)
+            _, every = c.members()
             gone = s.cancelled[every] | (s.deadline[every] <= now)
             if not gone.any():
                 continue

@@ -48,9 +48,13 @@ def running(model, **kw):
         engine.stop(5.0)
 
 
+async def _read(stream) -> str:
+    return "".join([chunk async for chunk in stream])
+
+
 async def collect(engine, req) -> tuple[str, object]:
     stream = engine.submit(req)
-    text = "".join([chunk async for chunk in stream])
+    text = await _read(stream)
     return text, stream.result
 
 
@@ -445,10 +449,6 @@ def test_n_samples_read_their_prime_once_and_each_is_its_seeded_stream(model_rep
     texts, prefilled, alone = run(main())
     assert prefilled == len(prime)  # once, not six times
     assert texts == alone and len(set(texts)) > 1
-
-
-async def _read(stream) -> str:
-    return "".join([chunk async for chunk in stream])
 
 
 def test_cancelling_one_of_n_samples_while_its_prime_is_read_leaves_the_others_whole(model):
