@@ -93,14 +93,19 @@ def torch_eager(layers: int, hidden: int, batch: int, seconds: float) -> float:
 PRIMES = ("ROMEO:\n", "JULIET:\n", "First Citizen:\n", "KING HENRY:\n")  # stream i primes with PRIMES[i % 4]
 
 
-def _request(i: int, prime: str, chars: int, temperature: float):
-    """Stream ``i``'s request (its own seed) for the engine, skipping gRPC."""
+def _engine_request(prime: str, chars: int, **fields):
+    """A validated request for the engine, skipping gRPC (``fields``: temperature, seed, top_k, ...)."""
     from charrnn.modelfile import ModelMetadata
     from testkit.requests import generation_request
 
     meta = ModelMetadata(vocab=tuple(VOCAB), cell="lstm", layers=1, hidden=1, val_loss=float("nan"), train_steps=0,
                          corpus_sha256="")  # validation reads only the vocabulary
-    return generation_request(meta, prime, chars, temperature=temperature, seed=i, request_id=f"bench-{i}")
+    return generation_request(meta, prime, chars, **fields)
+
+
+def _request(i: int, prime: str, chars: int, temperature: float):
+    """Stream ``i``'s request (its own seed) for the engine."""
+    return _engine_request(prime, chars, temperature=temperature, seed=i, request_id=f"bench-{i}")
 
 
 async def read_stream(engine, i: int, prime: str, chars: int) -> tuple[float, int]:
@@ -142,11 +147,7 @@ async def seeded_isolation(model, targets: int, total: int, chars: int) -> dict:
     """How many of ``targets`` seeded streams differ alone and among ``total`` - ``targets`` others."""
     from charrnn.service.launch import Engine
     from charrnn.service.metrics import Metrics
-    from charrnn.modelfile import ModelMetadata
-    from testkit.requests import generation_request
 
-    meta = ModelMetadata(vocab=tuple(VOCAB), cell="lstm", layers=1, hidden=1, val_loss=float("nan"), train_steps=0,
-                         corpus_sha256="")
     mine = [dict(prime=PRIMES[i % 4], temperature=0.9, seed=1000 + i) for i in range(targets)]
     rng = np.random.default_rng(7)
     others = [dict(prime=PRIMES[i % 4], temperature=float(rng.choice([0.0, 0.5, 1.0, 1.3])),
@@ -157,7 +158,7 @@ async def seeded_isolation(model, targets: int, total: int, chars: int) -> dict:
 
     async def text(fields: dict) -> str:
         fields = dict(fields)
-        req = generation_request(meta, fields.pop("prime"), chars, **fields)
+        req = _engine_request(fields.pop("prime"), chars, **fields)
         return "".join([chunk async for chunk in engine.submit(req)])
 
     alone = [await text(f) for f in mine]
