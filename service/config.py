@@ -42,9 +42,13 @@ def _opt(default, help: str, parse: Callable[[str], object] = str, choices: Sequ
 class ServeConfig:
     # Each field: default, help (also the docs table), how to parse a string, allowed values.
     models: str = _opt("", "Model repository folder: MODELS/<name>/<version>/model.onnx. Required.", metavar="DIR")
-    host: str = _opt("0.0.0.0", "Address the gRPC and metrics servers bind to.")
+    host: str = _opt("0.0.0.0", "Address the gRPC, HTTP and metrics servers bind to.")
     port: int = _opt(50051, "gRPC port; 0 picks a free port (printed and logged at start).", int)
     metrics_port: int = _opt(8000, "Prometheus /metrics port; 0 picks a free port.", int)
+    http_port: int = _opt(
+        -1, "HTTP port of the OpenAI-compatible API (/v1/completions), health and the playground page; -1 turns "
+        "HTTP off, 0 picks a free port.", int,
+    )
     device: str = _opt(
         "auto", "Where models run: auto takes CUDA when onnxruntime can use it.", choices=("auto", "cpu", "cuda")
     )
@@ -121,6 +125,7 @@ class ServeConfig:
             ("models", bool(self.models), "a model repository folder"),
             ("port", 0 <= self.port <= 65535, "in [0, 65535] (0 picks a free port)"),
             ("metrics_port", 0 <= self.metrics_port <= 65535, "in [0, 65535] (0 picks a free port)"),
+            ("http_port", -1 <= self.http_port <= 65535, "in [-1, 65535] (-1 is off, 0 picks a free port)"),
             ("frontends", 0 <= self.frontends <= 64, "in [0, 64] (0 picks a number for the machine)"),
             ("max_active_streams", self.max_active_streams >= 1, ">= 1"),
             ("max_queue", self.max_queue >= 0, ">= 0"),

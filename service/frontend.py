@@ -273,6 +273,13 @@ async def serve_frontend(config: ServeConfig, index: int, control: str) -> None:
     creds = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls else None
     server, _ = grpc_server(config, servicer, health_servicer, creds, reuseport=True)
     await server.start()
+    http = None
+    if config.http_port >= 0:  # the server bound it first: this is the port it got
+        from charrnn.service import http_api
+
+        http = http_api.HttpServer(http_api.HttpFrontend(servicer, view),
+                                   http_api.listen(config.host, config.http_port, reuseport=True))
+        await http.start()
     await state.update(view.entries(), view.hung)
     parent, last = os.getppid(), frontend_snapshot(metrics)
     try:
@@ -295,6 +302,8 @@ async def serve_frontend(config: ServeConfig, index: int, control: str) -> None:
             if os.getppid() != parent:  # the server is gone
                 break
     finally:
+        if http is not None:
+            await http.stop()
         await server.stop(1.0)
         view.close()
         sock.close()

@@ -60,6 +60,8 @@ class Server:
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0  # bound gRPC port
         self.metrics_port = 0  # bound metrics port
+        self.http_port = -1  # bound HTTP port (-1: no HTTP)
+        self.http = None  # http_api.HttpServer with --http-port
         self._metrics_httpd = None
         self._reload_lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
@@ -121,9 +123,19 @@ class Server:
         self.metrics_port = self._metrics_httpd.server_port
         await server.start()
         self.grpc_server = server
+        if c.http_port >= 0:
+            from charrnn.service import http_api  # FastAPI and uvicorn: imported only when HTTP is on
+
+            try:
+                sock = http_api.listen(c.host, c.http_port, reuseport=count > 1)
+            except OSError as e:
+                raise StartupError(str(e)) from None
+            self.http = http_api.HttpServer(http_api.HttpFrontend(self.servicer, self.repository), sock)
+            await self.http.start()
+            self.http_port = self.http.port
         if count > 1:
-            # The others bind the port now taken (SO_REUSEPORT): a --port 0 server shares the one it got.
-            shared = ServeConfig(**{**dataclasses.asdict(c), "port": self.port})
+            # The others bind the ports now taken (SO_REUSEPORT): a --port 0 server shares the one it got.
+            shared = ServeConfig(**{**dataclasses.asdict(c), "port": self.port, "http_port": self.http_port})
             self.hub = FrontendHub(shared, self.metrics, self._workdir, count, self.repository.frontend_gone)
             self.hub.start()
         await self._set_health()
@@ -132,7 +144,8 @@ class Server:
         self._watchdog = asyncio.create_task(self._watch(min(1.0, c.step_timeout / 4)))
         self.log.info(
             "serving",
-            extra={"grpc_port": self.port, "metrics_port": self.metrics_port, "device": device, "tls": c.tls,
+            extra={"grpc_port": self.port, "metrics_port": self.metrics_port, "http_port": self.http_port,
+                   "device": device, "tls": c.tls,
                    "mutual_tls": bool(c.tls_client_ca), "frontends": count,
                    "models": ",".join(sorted(self._health_state.names))},
         )
@@ -205,6 +218,8 @@ class Server:
         if self.hub is not None:
             self.hub.publish([], None, False, draining=True, stop=True)
             await asyncio.to_thread(self.hub.close, STOP_FLUSH_SECONDS + 5)
+        if self.http is not None:
+            await self.http.stop()
         if self.grpc_server is not None:
             # The shape of grpc's graceful-shutdown example: stop(grace) lets the last messages go out.
             await self.grpc_server.stop(STOP_FLUSH_SECONDS)
@@ -218,6 +233,8 @@ class Server:
         """Releases what a failed start had already opened (engines, ports); nothing was served yet."""
         if self.repository is not None:
             await asyncio.to_thread(self.repository.close, 0)
+        if self.http is not None:
+            await self.http.stop()
         if self.grpc_server is not None:
             await self.grpc_server.stop(None)
         if self._metrics_httpd is not None:
@@ -232,9 +249,13 @@ class Server:
         if c.tls_client_ca:
             tls_args += " --tls-cert CLIENT.pem --tls-key CLIENT.key"
         models = ", ".join(sorted(f"{e.name}@{e.version}" for e in self.repository.entries() if e.latest))
+        http = ""
+        if self.http_port >= 0:
+            http = f"  HTTP     http://{hostport(shown, self.http_port)}/  (playground; OpenAI API at /v1)\n"
         return (
             f"charrnn-serve: serving {models}\n"
             f"  gRPC     {target}{' (TLS)' if c.tls else ''}\n"
+            f"{http}"
             f"  metrics  http://{hostport(shown, self.metrics_port)}/metrics\n"
             f"  try      charrnn-generate --server {target}{tls_args}"
             ' --prime "ROMEO:" --max-chars 300 --temperature 0.8\n'

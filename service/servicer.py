@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 import grpc
 import numpy as np
@@ -91,6 +91,20 @@ def add_generator_to_server(servicer: "GeneratorServicer", server) -> None:
     service = pb.DESCRIPTOR.services_by_name["Generator"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
+
+
+class Call(Protocol):
+    """What the servicer needs of a call, whichever front-end carries it: grpc.aio.ServicerContext has it, and
+    so does service/http.py's HttpCall."""
+
+    def time_remaining(self) -> float | None:
+        """Seconds left before the caller's deadline, or None when it set none."""
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        """Runs ``callback(call)`` when the call ends: finished, failed, or its client gone."""
+
+    def invocation_metadata(self) -> Sequence[tuple[str, str]]:
+        """The caller's metadata (gRPC) or headers (HTTP): where a W3C traceparent arrives."""
 
 
 @dataclass
@@ -207,25 +221,35 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            async for response in self.generate(request, context):
+                yield response
+        except errors.CharrnnError as e:
+            await context.abort(STATUS_FOR[e.code], e.message)
+
+    async def generate(self, request: pb.GenerateRequest, call: Call) -> AsyncIterator[pb.GenerateResponse]:
+        """Generate for any front-end (gRPC here, HTTP in service/http.py): the responses, or a CharrnnError
+        (logged and counted already) whose code and message are what the client is told."""
         arrived = time.monotonic()
         outcome = _Outcome()
         rid, rid_error = _identify(request)
         try:
             if rid_error is not None:
                 raise rid_error
-            async for response in self._generate(request, context, arrived, rid, outcome):
+            async for response in self._generate(request, call, arrived, rid, outcome):
                 yield response
             outcome.code, outcome.reason = "OK", "ok"
         except errors.CharrnnError as e:
             outcome.code, outcome.reason = e.code, e.reason
-            message = SHUTTING_DOWN if (self.draining and e.code == "UNAVAILABLE") else e.message
             level = logging.WARNING if e.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else logging.INFO
-            self.log.log(level, "generate refused: %s", message, extra={"code": e.code, "frontend": self.frontend})
-            await context.abort(STATUS_FOR[e.code], message)
+            if self.draining and e.code == "UNAVAILABLE":
+                e = errors.Unavailable(SHUTTING_DOWN, e.reason)
+            self.log.log(level, "generate refused: %s", e.message, extra={"code": e.code, "frontend": self.frontend})
+            raise e from None
         except Exception:
             outcome.code, outcome.reason = "INTERNAL", "internal"
             self.log.exception("generate failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id {rid}); see the server log")
+            raise errors.CharrnnError(f"internal error (request_id {rid}); see the server log") from None
         finally:
             # A call that just stops (a CancelledError, or gRPC closing this generator) was
             # cancelled by the client. Its own deadline timer usually fires a moment before our
@@ -235,12 +259,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 outcome.code, outcome.reason = "DEADLINE_EXCEEDED", "deadline"
             self._record(outcome, arrived)
 
-    async def _generate(self, request, context, arrived: float, rid: str, outcome: _Outcome):
+    async def _generate(self, request, call: Call, arrived: float, rid: str, outcome: _Outcome):
         if self.draining:
             raise errors.Unavailable(SHUTTING_DOWN)
         entry = self.repository.resolve(request.model)
         outcome.model = entry.name
-        remaining = context.time_remaining()
+        remaining = call.time_remaining()
         deadline = arrived + remaining if remaining is not None else None
         outcome.deadline = deadline
         gen = validate_request(
@@ -250,7 +274,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         streams = entry.engine.submit_all(gen)
         outcome.prime_chars = len(gen.prime)  # read by the engine from here on
         # A client that goes away (or whose deadline passes) frees its batch slots within one engine step.
-        context.add_done_callback(lambda _ctx: [s.cancel() for s in streams])
+        call.add_done_callback(lambda _call: [s.cancel() for s in streams])
         try:
             if len(streams) == 1:
                 stream = streams[0]
@@ -269,6 +293,13 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                     s.cancel()
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        try:
+            return await self.score(request, context)
+        except errors.CharrnnError as e:
+            await context.abort(STATUS_FOR[e.code], e.message)
+
+    async def score(self, request: pb.ScoreRequest, call: Call) -> pb.ScoreResponse:
+        """Score for any front-end: the response, or a CharrnnError (logged and counted already)."""
         arrived = time.monotonic()
         outcome = _Outcome()
         rid, rid_error = _identify(request)
@@ -279,12 +310,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 raise errors.Unavailable(SHUTTING_DOWN)
             entry = self.repository.resolve(request.model)
             outcome.model = entry.name
-            remaining = context.time_remaining()
+            remaining = call.time_remaining()
             outcome.deadline = deadline = arrived + remaining if remaining is not None else None
             job = validate_score(request, entry.model.metadata, self.limits, now=arrived, deadline=deadline,
                                  request_id=rid)
             stream = entry.engine.submit_all(job)[0]
-            context.add_done_callback(lambda _ctx: stream.cancel())
+            call.add_done_callback(lambda _call: stream.cancel())
             async for _ in stream:
                 pass
             response = score_to_pb(f"{entry.name}@{entry.version}", entry.model.metadata.vocab, job,
@@ -293,15 +324,16 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             return response
         except errors.CharrnnError as e:
             outcome.code, outcome.reason = e.code, e.reason
-            message = SHUTTING_DOWN if (self.draining and e.code == "UNAVAILABLE") else e.message
-            self.log.info("score refused: %s", message, extra={"code": e.code, "frontend": self.frontend})
-            await context.abort(STATUS_FOR[e.code], message)
+            if self.draining and e.code == "UNAVAILABLE":
+                e = errors.Unavailable(SHUTTING_DOWN, e.reason)
+            self.log.info("score refused: %s", e.message, extra={"code": e.code, "frontend": self.frontend})
+            raise e from None
         except asyncio.CancelledError:
             raise
         except Exception:
             outcome.code, outcome.reason = "INTERNAL", "internal"
             self.log.exception("score failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            raise errors.CharrnnError(f"internal error (request_id {rid}); see the server log") from None
         finally:
             m = self.metrics
             m.score_requests.labels(outcome.model, outcome.code, outcome.reason).inc()

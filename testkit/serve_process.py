@@ -54,12 +54,17 @@ class ServeProcess:
         self.stderr: list[str] = []
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0  # with --http-port
         self.proc: subprocess.Popen | None = None
         self._ready = threading.Event()
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
@@ -70,6 +75,8 @@ class ServeProcess:
             lines.append(line)
             if m := re.match(r"\s+gRPC\s+\S+:(\d+)", line):
                 self.port = int(m.group(1))
+            if m := re.match(r"\s+HTTP\s+http://\S+:(\d+)/", line):
+                self.http_port = int(m.group(1))
             if m := re.match(r"\s+metrics\s+http://\S+:(\d+)/metrics", line):
                 self.metrics_port = int(m.group(1))
             if line.lstrip().startswith("try "):
