@@ -1,10 +1,11 @@
 # Two commands do all set-up on a fresh machine:
-#   make run    creates .venv with what the service needs (no torch) and serves models/
+#   make run    creates .venv with what the service needs (no torch) and serves models/ (gRPC and HTTP)
 #   make test   adds the training, export and test tools and runs the whole suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 MODELS ?= models
+HTTP_PORT ?= 8080
 ARGS ?=
 
 .PHONY: run test proto bench bench-train clean help
@@ -27,7 +28,7 @@ $(VENV)/.dev-installed: pyproject.toml requirements/cpu-dev.txt | $(BIN)/python
 	touch $@ $(VENV)/.serve-installed
 
 run: $(VENV)/.serve-installed
-	$(BIN)/charrnn-serve --models $(MODELS) $(ARGS)
+	$(BIN)/charrnn-serve --models $(MODELS) --http-port $(HTTP_PORT) $(ARGS)
 
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from charrnn import modelfile as mf
-from charrnn.service import errors, wire
+from charrnn.service import errors, tracing, wire
 from charrnn.service.config import ServeConfig, limits_of
 from charrnn.service.engine import EngineClient
 from charrnn.service.launch import ServedModel
@@ -267,7 +267,8 @@ async def serve_frontend(config: ServeConfig, index: int, control: str) -> None:
     view, metrics = TableView(index, config.flush_interval), Metrics()
     view.update(wire.unpack(await asyncio.wait_for(sock.recv(), 60)))
     servicer = GeneratorServicer(view, metrics, limits_of(config),
-                                 logging.getLogger("charrnn.service.servicer"), frontend=index)
+                                 logging.getLogger("charrnn.service.servicer"), frontend=index,
+                                 tracing=tracing.from_env())
     health_servicer = health.aio.HealthServicer()
     state = HealthState(health_servicer)
     creds = tls.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls else None
@@ -305,6 +306,8 @@ async def serve_frontend(config: ServeConfig, index: int, control: str) -> None:
         if http is not None:
             await http.stop()
         await server.stop(1.0)
+        if servicer.tracing is not None:
+            await asyncio.to_thread(servicer.tracing.close)
         view.close()
         sock.close()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import math
 import socket
@@ -63,6 +64,16 @@ FINISH_REASON = {
 }
 UINT32 = 2**32 - 1
 PLAYGROUND = "playground.html"
+
+
+# FastAPI (0.165 on) wraps each request in its own OpenTelemetry instrumentation. The servicer's spans
+# (service/tracing.py) already cover each call, over gRPC and HTTP alike: turn FastAPI's off, so that an
+# untraced server pays nothing for it either.
+_NO_FASTAPI_TELEMETRY = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False, "operation_spans": False,
+                   "auto_configure": False}}
+    if "telemetry" in inspect.signature(FastAPI).parameters else {}
+)
 
 
 class StreamOptions(BaseModel):
@@ -206,19 +217,27 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _unless_gone(request: Request, awaitable):
-    """``await awaitable``, cancelled (and ClientGone raised) as soon as the client disconnects."""
-    task = asyncio.ensure_future(awaitable)
-    gone = asyncio.ensure_future(_disconnected(request))
+    """``await awaitable`` in this task (so what it sets in the context, the request's trace ids, stays for the
+    response), cancelled and ClientGone raised as soon as the client disconnects."""
+    me = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(request)
+        gone = True
+        me.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return await awaitable
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        me.uncancel()
+        raise ClientGone from None
     finally:
-        gone.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
-    raise ClientGone
+        watcher.cancel()
 
 
 def _logprobs_json(entries, offset: int, wanted: int) -> dict:
@@ -241,6 +260,7 @@ class HttpFrontend:
             title="charrnn", version="1",
             description="Character-level language models: OpenAI's Completions API with Server-Sent Events, "
             "scoring, and a playground page at /.",
+            **_NO_FASTAPI_TELEMETRY,
         )
         app.add_exception_handler(RequestValidationError, _invalid_body)
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])

@@ -2,7 +2,8 @@
 
 Every line logged while a request is handled carries that request's id: the
 servicer sets ``REQUEST_ID`` (a context variable, so each gRPC call's task has
-its own) and a filter copies it onto each record. Extra fields given with
+its own) and a filter copies it onto each record; with tracing on, ``TRACE``
+adds the ``trace_id`` and ``span_id`` of the request's span the same way. Extra fields given with
 ``log.info("...", extra={"port": 50051})`` appear as keys in JSON and as
 key=value pairs in text.
 """
@@ -18,6 +19,8 @@ from typing import TextIO
 
 LOGGER_NAME = "charrnn"  # every module of the service logs below this name
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("charrnn_request_id", default="")
+# (trace_id, span_id) of the request's span when tracing is on (service/tracing.py), in W3C hex.
+TRACE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("charrnn_trace", default=None)
 
 # Attributes every LogRecord has; anything else on a record came from `extra`.
 _RECORD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
@@ -27,6 +30,9 @@ class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", ""):
             record.request_id = REQUEST_ID.get()
+        trace = TRACE.get()
+        if trace is not None and not hasattr(record, "trace_id"):
+            record.trace_id, record.span_id = trace
         return True
 
 

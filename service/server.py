@@ -30,7 +30,7 @@ import grpc  # noqa: E402 (after the setting above)
 from grpc_health.v1 import health
 from prometheus_client import start_http_server
 
-from charrnn.service import logs, tls
+from charrnn.service import logs, tls, tracing
 from charrnn.service.config import ServeConfig, frontend_count, limits_of, parse_args
 from charrnn.service.frontend import FrontendHub, HealthState, grpc_server, hostport, table_rows
 from charrnn.service.launch import CoreProcess
@@ -108,7 +108,7 @@ class Server:
 
         self.servicer = GeneratorServicer(
             self.repository, self.metrics, limits_of(c),
-            logging.getLogger("charrnn.service.servicer"),
+            logging.getLogger("charrnn.service.servicer"), tracing=tracing.from_env(),
         )
         count = frontend_count(c)
         try:
@@ -225,6 +225,8 @@ class Server:
             await self.grpc_server.stop(STOP_FLUSH_SECONDS)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
+        if self.servicer is not None and self.servicer.tracing is not None:
+            await asyncio.to_thread(self.servicer.tracing.close)  # the last spans leave
         shutil.rmtree(self._workdir, ignore_errors=True)
         total = time.monotonic() - started
         self.log.info("stopped", extra={"drain_seconds": round(drained, 3), "total_seconds": round(total, 3)})

@@ -24,6 +24,7 @@ from charrnn.service import errors
 from charrnn.service.logs import REQUEST_ID
 from charrnn.service.metrics import Metrics
 from charrnn.service.requests import FinishReason, GenerationStats
+from charrnn.service.tracing import Tracing
 from charrnn.service.validation import Limits, request_id_of, validate_request, validate_score
 from charrnn.v1 import generator_pb2 as pb
 from charrnn.v1 import generator_pb2_grpc
@@ -118,6 +119,18 @@ class _Outcome:
     sent_chars: int = 0
     first_char_at: float | None = None
     deadline: float | None = None  # time.monotonic() of the client's deadline, as it reached the server
+    # for its span (service/tracing.py)
+    label: str | None = None  # name@version
+    seed: int | None = None
+    n: int | None = None
+    max_chars: int | None = None
+    finish_reason: str | None = None  # of sample 0
+    stats: GenerationStats | None = None  # of sample 0
+
+    def span_attributes(self) -> dict:
+        return {"charrnn.model": self.label, "charrnn.prime_chars": self.prime_chars,
+                "charrnn.generated_chars": self.sent_chars, "charrnn.seed": self.seed, "charrnn.n": self.n,
+                "charrnn.max_chars": self.max_chars, "charrnn.finish_reason": self.finish_reason}
 
 
 def _char_logprobs(entries: list) -> list[pb.CharLogprob]:
@@ -210,8 +223,10 @@ def stats_to_pb(stats: GenerationStats) -> pb.GenerationStats:
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     """charrnn.v1.Generator over a ModelRepository (service/repository.py)."""
 
-    def __init__(self, repository, metrics: Metrics, limits: Limits, log: logging.Logger, frontend: int = 0):
+    def __init__(self, repository, metrics: Metrics, limits: Limits, log: logging.Logger, frontend: int = 0,
+                 tracing: Tracing | None = None):
         self.repository = repository
+        self.tracing = tracing  # OpenTelemetry spans of each call, when OTEL_* asks (tracing.from_env)
         self.frontend = frontend  # which front-end process this is (its log lines say so)
         self.metrics = metrics
         self.limits = limits
@@ -233,6 +248,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         arrived = time.monotonic()
         outcome = _Outcome()
         rid, rid_error = _identify(request)
+        span = None
+        if self.tracing is not None:
+            span = self.tracing.start("charrnn.v1.Generator/Generate", call.invocation_metadata(), arrived,
+                                      {"charrnn.request_id": rid, "charrnn.frontend": self.frontend})
         try:
             if rid_error is not None:
                 raise rid_error
@@ -258,6 +277,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             if outcome.code == "CANCELLED" and near:
                 outcome.code, outcome.reason = "DEADLINE_EXCEEDED", "deadline"
             self._record(outcome, arrived)
+            if span is not None:
+                self.tracing.end(span, outcome.code, outcome.span_attributes(), outcome.stats)
 
     async def _generate(self, request, call: Call, arrived: float, rid: str, outcome: _Outcome):
         if self.draining:
@@ -267,9 +288,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         remaining = call.time_remaining()
         deadline = arrived + remaining if remaining is not None else None
         outcome.deadline = deadline
+        outcome.label = f"{entry.name}@{entry.version}"
         gen = validate_request(
             request, entry.model.metadata, self.limits, now=arrived, deadline=deadline, request_id=rid
         )
+        outcome.seed, outcome.n, outcome.max_chars = gen.sampling.seed, gen.n, gen.max_chars
         self.log.debug("generate", extra={"model": f"{entry.name}@{entry.version}", "max_chars": gen.max_chars})
         streams = entry.engine.submit_all(gen)
         outcome.prime_chars = len(gen.prime)  # read by the engine from here on
@@ -288,6 +311,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         finally:
             outcome.first_char_at = min((s.first_char_at for s in streams if s.first_char_at is not None),
                                         default=None)
+            if streams[0].result is not None:
+                outcome.stats = streams[0].result.stats
+                outcome.finish_reason = streams[0].result.finish_reason.value
             for s in streams:
                 if s.result is None:
                     s.cancel()
@@ -303,13 +329,17 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         arrived = time.monotonic()
         outcome = _Outcome()
         rid, rid_error = _identify(request)
+        span = None
+        if self.tracing is not None:
+            span = self.tracing.start("charrnn.v1.Generator/Score", call.invocation_metadata(), arrived,
+                                      {"charrnn.request_id": rid, "charrnn.frontend": self.frontend})
         try:
             if rid_error is not None:
                 raise rid_error
             if self.draining:
                 raise errors.Unavailable(SHUTTING_DOWN)
             entry = self.repository.resolve(request.model)
-            outcome.model = entry.name
+            outcome.model, outcome.label = entry.name, f"{entry.name}@{entry.version}"
             remaining = call.time_remaining()
             outcome.deadline = deadline = arrived + remaining if remaining is not None else None
             job = validate_score(request, entry.model.metadata, self.limits, now=arrived, deadline=deadline,
@@ -339,6 +369,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             m.score_requests.labels(outcome.model, outcome.code, outcome.reason).inc()
             if outcome.code == "OK":
                 m.scored_chars.labels(outcome.model).inc(outcome.prime_chars)
+            if span is not None:
+                self.tracing.end(span, outcome.code, {"charrnn.model": outcome.label,
+                                                      "charrnn.scored_chars": outcome.prime_chars})
 
     def _record(self, outcome: _Outcome, arrived: float) -> None:
         m, model = self.metrics, outcome.model
