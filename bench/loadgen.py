@@ -28,6 +28,7 @@ import sys
 import time
 
 import grpc
+import httpx
 import numpy as np
 
 from charrnn.v1 import generator_pb2 as pb
@@ -63,6 +64,39 @@ class Recorder:
         return self.window[0] <= t <= self.window[1]
 
 
+class HttpRefused(Exception):
+    def __init__(self, code: str):
+        self.code = code
+
+
+async def _texts(stub, req: pb.GenerateRequest):
+    async for resp in stub.Generate(req):
+        if resp.text:
+            yield resp.text
+
+
+# GenerateRequest field -> the OpenAI Completions field the HTTP front-end reads it from
+HTTP_FIELD = {"prime": "prompt", "max_chars": "max_tokens"}
+
+
+async def _sse_texts(client, req: pb.GenerateRequest):
+    """The same request over POST /v1/completions with stream: the text of each Server-Sent Event."""
+    body = {HTTP_FIELD.get(f.name, f.name): v for f, v in req.ListFields()}
+    body["stream"] = True
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            raise HttpRefused(r.json()["error"]["code"])
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise HttpRefused(event["error"]["code"])
+                text = event["choices"][0]["text"]
+                if text:
+                    yield text
+
+
 def _one_request(rec: Recorder, max_chars: int, vocab: set[str] | None, controls: dict | None = None):
     """What one worker does per request: its own prime, temperature, seed and length (and ``controls``:
     more GenerateRequest fields, the same for every request, e.g. {"logprobs": 5, "regex": "..."})."""
@@ -78,24 +112,25 @@ def _one_request(rec: Recorder, max_chars: int, vocab: set[str] | None, controls
         sent = time.monotonic()
         prev = None
         try:
-            async for resp in stub.Generate(req):
-                if not resp.text:
-                    continue
+            async for text in (_sse_texts(stub, req) if isinstance(stub, httpx.AsyncClient) else _texts(stub, req)):
                 now = time.monotonic()
-                rec.chars_total += len(resp.text)
+                rec.chars_total += len(text)
                 if rec.measured(now):
-                    rec.chars += len(resp.text)
+                    rec.chars += len(text)
                     if prev is None:
                         if sent >= rec.window[0]:
                             rec.ttfc.append(now - sent)
                     else:
-                        rec.gaps.append((now - prev) / len(resp.text))
-                        rec.gap_weights.append(len(resp.text))
+                        rec.gaps.append((now - prev) / len(text))
+                        rec.gap_weights.append(len(text))
                 prev = now
             rec.codes["OK"] += 1
         except grpc.aio.AioRpcError as e:
             rec.codes[e.code().name] += 1
             await asyncio.sleep(0.01)  # an overloaded server is not hammered in a tight loop
+        except HttpRefused as e:
+            rec.codes[e.code] += 1
+            await asyncio.sleep(0.01)
         rec.requests += 1
 
     return one
@@ -161,7 +196,8 @@ def _child(args: argparse.Namespace, concurrency: int, seed: int) -> subprocess.
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--target", required=True, help="host:port of the server")
+    p.add_argument("--target", required=True,
+                   help="host:port of the server's gRPC port, or http://host:port of its HTTP port (SSE streams)")
     p.add_argument("--concurrency", type=int, required=True, help="concurrent streams")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load, warmup included")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds not counted at the start")

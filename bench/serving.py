@@ -65,8 +65,9 @@ class ServerProcess:
     """charrnn-serve in a subprocess; the ports are read from its start-up banner."""
 
     def __init__(self, models: Path, batching: bool, device: str, max_active: int, threads: int,
-                 rev: str = "", name: str = ""):
-        """``rev``: serve with that earlier revision's charrnn-serve instead (the baseline of the run)."""
+                 rev: str = "", name: str = "", extra: tuple[str, ...] = ()):
+        """``rev``: serve with that earlier revision's charrnn-serve instead (the baseline of the run);
+        ``extra``: more flags (``--http-port 0`` also sets ``http_url``)."""
         env, cwd = None, None
         if rev:
             env, cwd = oldtree.environment(rev)
@@ -80,6 +81,8 @@ class ServerProcess:
                 "--max-chars", "100000", "--drain-grace", "2"]
         if threads:
             cmd += ["--threads", str(threads)]
+        cmd += list(extra)
+        self.http_url = ""
         self.name = name or ("batching" if batching else "naive")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                      cwd=cwd)
@@ -93,6 +96,8 @@ class ServerProcess:
             lines.append(line)
             if m := re.search(r"gRPC\s+\S+:(\d+)", line):
                 self.target = f"127.0.0.1:{m.group(1)}"
+            if m := re.search(r"HTTP\s+http://\S+:(\d+)/", line):
+                self.http_url = f"http://127.0.0.1:{m.group(1)}"
             if m := re.search(r"metrics\s+http://\S+:(\d+)/metrics", line):
                 self.metrics_url = f"http://127.0.0.1:{m.group(1)}/metrics"
         if not (self.target and self.metrics_url):
@@ -129,14 +134,16 @@ class ServerProcess:
 
 
 def load(server: ServerProcess, concurrency: int, duration: float, warmup: float, max_chars: int, vocab: str,
-         controls: dict | None = None, client_processes: int = 0) -> dict:
+         controls: dict | None = None, client_processes: int = 0, http: bool = False) -> dict:
     """One load point (bench/loadgen.py); ``controls``: more GenerateRequest fields for every request;
-    ``client_processes``: load generator processes (0: 1 below 32 streams, else 2)."""
+    ``client_processes``: load generator processes (0: 1 below 32 streams, else 2); ``http``: over the
+    server's HTTP port (SSE) instead of gRPC."""
     before = server.engine_totals()
     cpu_before = server.cpu_seconds()
     # The client in several processes from 32 streams on, so that it does not measure itself.
     processes = min(client_processes, concurrency) if client_processes else (1 if concurrency < 32 else 2)
-    cmd = [sys.executable, "-m", "bench.loadgen", "--target", server.target, "--concurrency", str(concurrency),
+    target = server.http_url if http else server.target
+    cmd = [sys.executable, "-m", "bench.loadgen", "--target", target, "--concurrency", str(concurrency),
            "--duration", str(duration), "--warmup", str(warmup), "--max-chars", str(max_chars), "--vocab", vocab,
            "--processes", str(processes)] + (["--controls", json.dumps(controls)] if controls else [])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120,

@@ -483,7 +483,9 @@ class _Uvicorn(uvicorn.Server):
 def listen(host: str, port: int, reuseport: bool) -> socket.socket:
     """The HTTP port's socket, bound (SO_REUSEPORT when several front-ends share it); OSError names the flag."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on accepted sockets that say TCP, and
+    # with Nagle on, an event written after the headers waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuseport:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -38,12 +38,24 @@ async def run_workers(
     Worker ``i`` has its own ``random.Random`` (from ``seed`` and ``i``), uses
     channel ``i % channels`` and starts ``i * start_spread`` seconds late. At the
     end, requests in flight finish (``cancel_at_end`` False) or are cancelled.
+    A ``target`` of "http://host:port" gives each worker an httpx.AsyncClient of that base URL instead of a
+    stub (the HTTP front-end).
     """
-    chans = [grpc.aio.insecure_channel(target, OWN_CONNECTION) for _ in range(max(1, min(channels, workers)))]
+    count = max(1, min(channels, workers))
+    if target.startswith("http://"):
+        import httpx
+
+        clients = [httpx.AsyncClient(base_url=target, timeout=None,
+                                     limits=httpx.Limits(max_connections=None, max_keepalive_connections=workers))
+                   for _ in range(count)]
+        chans = []
+    else:
+        chans = [grpc.aio.insecure_channel(target, OWN_CONNECTION) for _ in range(count)]
+        clients = []
     try:
         for ch in chans:
             await asyncio.wait_for(ch.channel_ready(), 30)
-        stubs = [generator_pb2_grpc.GeneratorStub(ch) for ch in chans]
+        stubs = clients or [generator_pb2_grpc.GeneratorStub(ch) for ch in chans]
         end = time.monotonic() + seconds
 
         async def worker(i: int) -> None:
@@ -65,3 +77,5 @@ async def run_workers(
     finally:
         for ch in chans:
             await ch.close()
+        for client in clients:
+            await client.aclose()

@@ -308,3 +308,29 @@ def test_several_frontends_share_the_http_port(model_repo, no_torch_env):
         assert len(seen) == 1  # the same seeded sample whichever process answered
         served_by = set(re.findall(r"generate ok .*frontend=(\d+)", "".join(proc.stderr)))
         assert served_by == {"0", "1"}, served_by
+
+
+def test_accepted_connections_have_nagle_off():
+    """Without TCP_NODELAY an SSE event or a JSON body written after the headers waits for the client's delayed
+    ACK (about 40 ms on Linux): the listening socket must be one asyncio turns Nagle off on."""
+    import asyncio
+    import socket
+
+    from charrnn.service.http_api import listen
+
+    async def accepted_nodelay() -> int:
+        sock = listen("127.0.0.1", 0, reuseport=False)
+        seen = asyncio.get_running_loop().create_future()
+
+        def connected(reader, writer):
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(connected, sock=sock)
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        value = await asyncio.wait_for(seen, 10)
+        writer.close()
+        server.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0
