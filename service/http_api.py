@@ -24,6 +24,7 @@ import inspect
 import json
 import math
 import socket
+import ssl
 import time
 import uuid
 from importlib import resources
@@ -501,13 +502,21 @@ def listen(host: str, port: int, reuseport: bool) -> socket.socket:
 
 
 class HttpServer:
-    """uvicorn on a socket bound by ``listen``, as a task of the running loop."""
+    """uvicorn on a socket bound by ``listen``, as a task of the running loop; HTTPS with the gRPC port's
+    certificate when ``tls`` (cert, key, client CA or "") is given, client certificates required with a CA."""
 
-    def __init__(self, frontend: HttpFrontend, sock: socket.socket):
+    def __init__(self, frontend: HttpFrontend, sock: socket.socket, tls: tuple[str, str, str] | None = None):
         self.sock = sock
         self.port = sock.getsockname()[1]
+        self.scheme = "https" if tls else "http"
+        ssl_args = {}
+        if tls:
+            cert, key, client_ca = tls
+            ssl_args = {"ssl_certfile": cert, "ssl_keyfile": key}
+            if client_ca:
+                ssl_args.update(ssl_ca_certs=client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
         config = uvicorn.Config(frontend.app, log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=1)
+                                timeout_graceful_shutdown=1, **ssl_args)
         self._server = _Uvicorn(config)
         self._task: asyncio.Task | None = None
 

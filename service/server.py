@@ -130,7 +130,8 @@ class Server:
                 sock = http_api.listen(c.host, c.http_port, reuseport=count > 1)
             except OSError as e:
                 raise StartupError(str(e)) from None
-            self.http = http_api.HttpServer(http_api.HttpFrontend(self.servicer, self.repository), sock)
+            self.http = http_api.HttpServer(http_api.HttpFrontend(self.servicer, self.repository), sock,
+                                            (c.tls_cert, c.tls_key, c.tls_client_ca) if c.tls else None)
             await self.http.start()
             self.http_port = self.http.port
         if count > 1:
@@ -253,7 +254,8 @@ class Server:
         models = ", ".join(sorted(f"{e.name}@{e.version}" for e in self.repository.entries() if e.latest))
         http = ""
         if self.http_port >= 0:
-            http = f"  HTTP     http://{hostport(shown, self.http_port)}/  (playground; OpenAI API at /v1)\n"
+            http = (f"  HTTP     {self.http.scheme}://{hostport(shown, self.http_port)}/  "
+                    "(playground; OpenAI API at /v1)\n")
         return (
             f"charrnn-serve: serving {models}\n"
             f"  gRPC     {target}{' (TLS)' if c.tls else ''}\n"

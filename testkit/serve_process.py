@@ -75,7 +75,7 @@ class ServeProcess:
             lines.append(line)
             if m := re.match(r"\s+gRPC\s+\S+:(\d+)", line):
                 self.port = int(m.group(1))
-            if m := re.match(r"\s+HTTP\s+http://\S+:(\d+)/", line):
+            if m := re.match(r"\s+HTTP\s+https?://\S+:(\d+)/", line):
                 self.http_port = int(m.group(1))
             if m := re.match(r"\s+metrics\s+http://\S+:(\d+)/metrics", line):
                 self.metrics_port = int(m.group(1))

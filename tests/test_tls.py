@@ -26,7 +26,8 @@ def pki(tmp_path_factory):
 def mtls_server(pki, model_repo, no_torch_env):
     ours, _ = pki
     with ServeProcess(model_repo, "--tls-cert", str(ours.server_cert), "--tls-key", str(ours.server_key),
-                      "--tls-client-ca", str(ours.ca), "--log-format", "json", env=no_torch_env) as server:
+                      "--tls-client-ca", str(ours.ca), "--log-format", "json", "--http-port", "0",
+                      env=no_torch_env) as server:
         yield server
 
 
@@ -53,6 +54,30 @@ def test_clients_without_a_valid_certificate_are_refused(mtls_server, pki, who):
         with pytest.raises(ServiceError) as info:
             client.list_models(timeout=10)
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_http_port_is_https_with_the_same_certificates(mtls_server, pki):
+    import ssl
+
+    import httpx
+
+    ours, stranger = pki
+
+    def context(who):
+        ctx = ssl.create_default_context(cafile=str(ours.ca))
+        if who is not None:
+            ctx.load_cert_chain(str(who.client_cert), str(who.client_key))
+        return ctx
+
+    url = f"https://127.0.0.1:{mtls_server.http_port}/v1/completions"
+    body = {"model": "tiny", "prompt": "A", "max_tokens": 7, "seed": 2}
+    reply = httpx.post(url, json=body, verify=context(ours), timeout=30)
+    assert reply.status_code == 200 and len(reply.json()["choices"][0]["text"]) == 7
+    for who in (None, stranger):
+        with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+            httpx.post(url, json=body, verify=context(who), timeout=30)
+    with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+        httpx.post(url.replace("https", "http"), json=body, timeout=30).raise_for_status()
 
 
 def test_charrnn_generate_takes_tls_flags(mtls_server, pki):
