@@ -150,7 +150,9 @@ def test_server_settings_agree_with_the_pod_spec(overlay, tmp_path):
     container = server_container(docs)
     pod = one(docs, "Deployment", "charrnn")["spec"]["template"]["spec"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    assert ports == {"grpc": config.port, "metrics": config.metrics_port, "http": config.http_port}
+    service = {p["name"]: p["targetPort"] for p in one(docs, "Service", "charrnn")["spec"]["ports"]}
+    assert service == {"grpc": "grpc", "metrics": "metrics", "http": "http"}
     assert config.device == {"cpu": "cpu", "gpu": "cuda"}[overlay]
     assert container["envFrom"][0]["configMapRef"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
     # The drain (after the preStop pause) must end before the kubelet's SIGKILL.
