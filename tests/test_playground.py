@@ -1,0 +1,241 @@
+"""The playground page at GET /: self-contained, and in a headless Chromium against a real server it shows the
+same seeded sample and the same scores as the HTTP API, one shaded span per character.
+
+The browser is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: JSON messages ended by
+a NUL byte on file descriptors 3 and 4), so a test waits for the page's own ``data-state="done"`` rather than
+for a guessed virtual-time budget, which a streamed response does not hold open.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import select
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from testkit.serve_process import ServeProcess
+
+BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+needs_browser = pytest.mark.skipif(BROWSER is None, reason="needs a headless Chromium (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def server(model_repo, no_torch_env):
+    with ServeProcess(model_repo, "--http-port", "0", env=no_torch_env) as proc:
+        yield proc
+
+
+def post(server, path: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(server.http_url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+class Chromium:
+    """A headless Chromium and its DevTools protocol over a pipe: one page target per ``open``."""
+
+    def __init__(self, profile):
+        to_child, self._out = os.pipe()  # the browser reads commands on its fd 3
+        self._in, from_child = os.pipe()  # and writes answers and events on its fd 4
+
+        def wire():
+            os.dup2(to_child, 3)
+            os.dup2(from_child, 4)
+
+        self.proc = subprocess.Popen(
+            [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
+             f"--user-data-dir={profile}", "--window-size=1200,800", "about:blank"],
+            pass_fds=(3, 4), preexec_fn=wire, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_child)
+        os.close(from_child)
+        self._next_id = 0
+        self._buf = b""
+
+    def call(self, method: str, session: str | None = None, timeout: float = 20.0, **params):
+        self._next_id += 1
+        msg = {"id": self._next_id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._out, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buf:
+                raw, self._buf = self._buf.split(b"\0", 1)
+                answer = json.loads(raw)
+                if answer.get("id") == self._next_id:
+                    if "error" in answer:
+                        raise RuntimeError(f"{method}: {answer['error']}")
+                    return answer["result"]
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._in], [], [], left)[0]:
+                raise TimeoutError(f"no answer to {method} in {timeout}s")
+            chunk = os.read(self._in, 1 << 20)
+            if not chunk:
+                raise RuntimeError("the browser closed its DevTools pipe")
+            self._buf += chunk
+
+    def open(self, url: str) -> "Page":
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        return Page(self, session)
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=5)
+        except Exception:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._out)
+        os.close(self._in)
+
+
+class Page:
+    def __init__(self, browser: Chromium, session: str):
+        self.browser, self.session = browser, session
+
+    def eval(self, expression: str):
+        result = self.browser.call("Runtime.evaluate", self.session, expression=expression, returnByValue=True,
+                                   awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_state(self, output: str = "output", timeout: float = 20.0) -> str:
+        """Waits until the output's data-state leaves idle and running; returns it."""
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            state = self.eval(f"document.getElementById({output!r})?.dataset.state")
+            if state not in (None, "idle", "running"):
+                return state
+            time.sleep(0.05)
+        raise AssertionError(f"#{output} still {state!r} after {timeout}s")
+
+    def spans(self, output: str = "output") -> list[dict]:
+        return self.eval(f"""[...document.querySelectorAll('#{output} .ch')].map(s => ({{
+            char: s.textContent, lp: Number(s.dataset.lp), p: Number(s.dataset.p), bg: s.style.backgroundColor}}))""")
+
+    def hover(self, selector: str) -> None:
+        box = self.eval(f"(() => {{ const r = document.querySelector({selector!r}).getBoundingClientRect();"
+                        " return [r.left + r.width / 2, r.top + r.height / 2]; })()")
+        self.browser.call("Input.dispatchMouseEvent", self.session, type="mouseMoved", x=box[0], y=box[1])
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if BROWSER is None:
+        pytest.skip("needs a headless Chromium (apt-get install chromium)")
+    b = Chromium(tmp_path_factory.mktemp("chromium-profile"))
+    yield b
+    b.close()
+
+
+def test_page_is_self_contained_and_needs_no_network(server):
+    with urllib.request.urlopen(server.http_url + "/", timeout=30) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/html")
+        html = resp.read().decode()
+    assert 'id="output"' in html and 'id="score-output"' in html and "<script>" in html
+    assert re.search(r"https?://", html) is None  # no script, style, font, image or link from elsewhere
+    assert re.search(r"""(src|href)\s*=\s*["']?//""", html) is None  # nor a protocol-relative one
+    assert "@import" not in html and "url(" not in html and "<link" not in html and "<script src" not in html
+
+
+@needs_browser
+def test_seeded_link_streams_the_apis_sample_one_shaded_span_per_character(server, browser):
+    page = browser.open(server.http_url + "/?prime=A&max_chars=40&temperature=0.8&seed=7")
+    assert page.wait_state() == "done"
+    model = page.eval("document.getElementById('output').dataset.model")
+    status, api = post(server, "/v1/completions", {"model": model, "prompt": "A", "max_tokens": 40, "temperature": 0.8,
+                                                   "top_k": 0, "top_p": 1, "seed": 7, "logprobs": 5})
+    assert status == 200
+    choice = api["choices"][0]
+    spans = page.spans()
+    assert len(choice["text"]) == 40
+    assert "".join(s["char"] for s in spans) == choice["text"]
+    assert [s["char"] for s in spans] == choice["logprobs"]["tokens"]
+    for s, lp in zip(spans, choice["logprobs"]["token_logprobs"]):
+        assert s["lp"] == pytest.approx(lp, abs=1e-3)
+        assert s["p"] == pytest.approx(math.exp(lp), abs=1e-3)
+        assert s["bg"].startswith("rgb")  # shaded
+    assert page.eval("document.querySelector('#output .prime').textContent") == "A"  # the prime, unshaded
+    query = urllib.parse.parse_qs(page.eval("location.search")[1:])
+    assert query["prime"] == ["A"] and query["seed"] == ["7"] and query["max_chars"] == ["40"]
+
+    page.hover("#output .ch:nth-of-type(4)")  # the third generated character (the prime's span is first)
+    tip = page.eval("(() => { const t = document.getElementById('tip'); return {hidden: t.hidden,"
+                    " rows: [...t.querySelectorAll('.row')].map(r => r.textContent)}; })()")
+    top = sorted(choice["logprobs"]["top_logprobs"][2].items(), key=lambda kv: -kv[1])
+    assert not tip["hidden"] and len(tip["rows"]) == 5
+    for row, (char, lp) in zip(tip["rows"], top):
+        assert row.endswith(f"{math.exp(lp) * 100:.1f}%")
+
+
+@needs_browser
+def test_a_random_seed_is_written_into_the_link_so_it_reproduces_the_sample(server, browser):
+    page = browser.open(server.http_url + "/?prime=AB&max_chars=12")
+    assert page.wait_state() == "done"
+    query = urllib.parse.parse_qs(page.eval("location.search")[1:])
+    seed = int(query["seed"][0])
+    _, api = post(server, "/v1/completions", {"prompt": "AB", "max_tokens": 12, "temperature": 0.8, "seed": seed,
+                                              "top_p": 1})
+    assert "".join(s["char"] for s in page.spans()) == api["choices"][0]["text"]
+
+
+@needs_browser
+def test_text_streams_in_and_stop_aborts_it(server, browser):
+    page = browser.open(server.http_url + "/?prime=A&max_chars=10000&seed=1")
+    deadline = time.monotonic() + 20
+    while page.eval("document.querySelectorAll('#output .ch').length") == 0:  # the first characters are shown...
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert page.eval("document.getElementById('output').dataset.state") == "running"  # ...before the stream ends
+    page.eval("document.getElementById('stop').click()")
+    assert page.wait_state() == "stopped"
+    shown = page.eval("document.querySelectorAll('#output .ch').length")
+    time.sleep(0.3)
+    assert page.eval("document.querySelectorAll('#output .ch').length") == shown < 10000  # nothing after the stop
+
+
+@needs_browser
+def test_a_server_error_is_shown_with_its_message(server, browser):
+    page = browser.open(server.http_url + "/?prime=A&model=nope@9")
+    assert page.wait_state() == "error"
+    status, api = post(server, "/v1/completions", {"prompt": "A", "model": "nope@9"})
+    assert status == 404
+    shown = page.eval("(() => { const e = document.getElementById('error'); return [e.hidden, e.textContent]; })()")
+    assert shown == [False, api["error"]["message"]]
+
+
+@needs_browser
+def test_score_link_shows_the_apis_bits_per_character(server, browser):
+    prime, text = "RO", "MEO:\nBut, soft!"
+    q = urllib.parse.urlencode({"tab": "score", "prime": prime, "text": text})
+    page = browser.open(f"{server.http_url}/?{q}")
+    assert page.wait_state("score-output") == "done"
+    model = page.eval("document.getElementById('score-output').dataset.model")
+    status, api = post(server, "/v1/score", {"model": model, "prime": prime, "text": text, "top_logprobs": 5})
+    assert status == 200
+    bpc = page.eval("(() => { const e = document.getElementById('score-bpc'); return [e.textContent, e.dataset.bpc]; })()")
+    assert bpc[0] == f"{api['bits_per_char']:.3f}"
+    assert float(bpc[1]) == pytest.approx(api["bits_per_char"], rel=1e-9)
+    spans = page.spans("score-output")
+    assert "".join(s["char"] for s in spans) == text
+    assert [s["lp"] for s in spans] == pytest.approx([e["logprob"] for e in api["logprobs"]], abs=1e-6)
+    assert all(s["bg"].startswith("rgb") for s in spans)
