@@ -16,8 +16,10 @@ from charrnn.training.model import CharRNN, ModelConfig
 from charrnn.training.runtime import Runtime
 from tests.test_training_cli import TINY, make_corpus
 
-# A learning rate high enough that the weights jitter around their plateau: there the average wins.
-NOISY = [*TINY, "--lr", "0.1", "--ema-decay", "0.9", "--eval-interval", "5", "--max-steps", "40", "--sample-chars", "0"]
+# A learning rate high enough that the weights jitter around their plateau: there the average wins. fp32, so
+# that the losses the run records are the ones val_loss_of measures again on a CPU with bf16 units too.
+NOISY = [*TINY, "--lr", "0.1", "--ema-decay", "0.9", "--eval-interval", "5", "--max-steps", "40", "--sample-chars", "0",
+         "--precision", "fp32"]
 
 
 def val_loss_of(ckpt: dict, data, run_dir) -> float:
