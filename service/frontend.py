@@ -278,10 +278,7 @@ async def serve_frontend(config: ServeConfig, index: int, control: str) -> None:
     if config.http_port >= 0:  # the server bound it first: this is the port it got
         from charrnn.service import http_api
 
-        http = http_api.HttpServer(http_api.HttpFrontend(servicer, view),
-                                   http_api.listen(config.host, config.http_port, reuseport=True),
-                                   (config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls else None)
-        await http.start()
+        http = await http_api.start(config, servicer, view, reuseport=True)
     await state.update(view.entries(), view.hung)
     parent, last = os.getppid(), frontend_snapshot(metrics)
     try:

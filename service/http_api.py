@@ -122,6 +122,21 @@ class ScoreBody(BaseModel):
     top_logprobs: int = Field(0, ge=0, le=UINT32)
 
 
+def _bias_by_char(entry, bias: dict[str, float]) -> dict[str, float]:
+    """OpenAI's logit_bias is keyed by token id: here a character's index in the model's vocabulary."""
+    if entry is None:
+        return {}  # generate() refuses the model field
+    vocab = entry.model.metadata.vocab
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and int(key) < len(vocab)):
+            raise errors.InvalidArgument("logit_bias key", key,
+                                         f"a token id in [0, {len(vocab)}) (a character's index in the vocabulary "
+                                         "GET /v1/models lists)")
+        out[vocab[int(key)]] = value
+    return out
+
+
 class ClientGone(Exception):
     """The HTTP client disconnected before its answer was ready."""
 
@@ -273,7 +288,7 @@ class HttpFrontend:
 
     # -- completions -------------------------------------------------------------------------------------------
 
-    def _to_pb(self, body: CompletionRequest, request_id: str) -> pb.GenerateRequest:
+    def _to_pb(self, body: CompletionRequest, request_id: str, entry) -> pb.GenerateRequest:
         if isinstance(body.prompt, list):
             if len(body.prompt) != 1:
                 raise errors.InvalidArgument("prompt", f"a list of {len(body.prompt)} prompts",
@@ -299,7 +314,7 @@ class HttpFrontend:
         if body.seed is not None:
             fields["seed"] = body.seed
         if body.logit_bias:
-            fields["logit_bias"] = self._bias_by_char(body.model, body.logit_bias)
+            fields["logit_bias"] = _bias_by_char(entry, body.logit_bias)
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = fields.get(name)
             # float32 on the wire: a value past its range would arrive as inf; refuse it here as validation would
@@ -307,30 +322,16 @@ class HttpFrontend:
                 raise errors.InvalidArgument(name, value, "a finite 32-bit float")
         return pb.GenerateRequest(**fields)
 
-    def _bias_by_char(self, model: str, bias: dict[str, float]) -> dict[str, float]:
-        """OpenAI's logit_bias is keyed by token id: here a character's index in the model's vocabulary."""
-        try:
-            vocab = self.repository.resolve(model).model.metadata.vocab
-        except errors.CharrnnError:
-            return {}  # generate() refuses the model field with the same error
-        out = {}
-        for key, value in bias.items():
-            if not (key.isascii() and key.isdigit() and int(key) < len(vocab)):
-                raise errors.InvalidArgument("logit_bias key", key,
-                                             f"a token id in [0, {len(vocab)}) (a character's index in the vocabulary "
-                                             "GET /v1/models lists)")
-            out[vocab[int(key)]] = value
-        return out
-
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         rid = _request_id_of(request)
         REQUEST_ID.set(rid)  # the tasks below copy it: every log line of this request carries it
         try:
             call = HttpCall(request.headers, _timeout_of(request))
-            req = self._to_pb(body, rid)
-            label = self._label(body.model)
+            entry = self._entry(body.model)
+            req = self._to_pb(body, rid, entry)
         except errors.CharrnnError as e:
             return error_response(e, rid)
+        label = f"{entry.name}@{entry.version}" if entry is not None else body.model
         head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": label}
         wanted = body.logprobs or 0
         gen = self.servicer.generate(req, call)
@@ -346,12 +347,13 @@ class HttpFrontend:
             call.done()
         return JSONResponse(result, headers={"X-Request-Id": rid})
 
-    def _label(self, model: str) -> str:
+    def _entry(self, model: str):
+        """The model's entry (for the answer's label and logit_bias's vocabulary), or None: generate() then
+        refuses the model field, counted and logged as any refusal is."""
         try:
-            entry = self.repository.resolve(model)
+            return self.repository.resolve(model)
         except errors.CharrnnError:
-            return model  # generate() answers with the error
-        return f"{entry.name}@{entry.version}"
+            return None
 
     async def _collect(self, gen: AsyncIterator[pb.GenerateResponse], req, head: dict, wanted: int) -> dict:
         n = max(1, req.n)
@@ -494,8 +496,9 @@ def listen(host: str, port: int, reuseport: bool) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise OSError(f"cannot listen on {shown} (--host/--http-port): {e}") from None
+        from charrnn.service.frontend import hostport
+
+        raise OSError(f"cannot listen on {hostport(host, port)} (--host/--http-port): {e}") from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock
@@ -535,3 +538,12 @@ class HttpServer:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._task, 5)
         self.sock.close()
+
+
+async def start(config, servicer, table, reuseport: bool) -> HttpServer:
+    """The HTTP front-end of one front-end process on --host/--http-port (HTTPS with --tls-cert), started;
+    OSError naming the flags when the port cannot be had."""
+    tls = (config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls else None
+    server = HttpServer(HttpFrontend(servicer, table), listen(config.host, config.http_port, reuseport), tls)
+    await server.start()
+    return server

@@ -127,12 +127,9 @@ class Server:
             from charrnn.service import http_api  # FastAPI and uvicorn: imported only when HTTP is on
 
             try:
-                sock = http_api.listen(c.host, c.http_port, reuseport=count > 1)
+                self.http = await http_api.start(c, self.servicer, self.repository, reuseport=count > 1)
             except OSError as e:
                 raise StartupError(str(e)) from None
-            self.http = http_api.HttpServer(http_api.HttpFrontend(self.servicer, self.repository), sock,
-                                            (c.tls_cert, c.tls_key, c.tls_client_ca) if c.tls else None)
-            await self.http.start()
             self.http_port = self.http.port
         if count > 1:
             # The others bind the ports now taken (SO_REUSEPORT): a --port 0 server shares the one it got.

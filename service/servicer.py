@@ -96,7 +96,7 @@ def add_generator_to_server(servicer: "GeneratorServicer", server) -> None:
 
 class Call(Protocol):
     """What the servicer needs of a call, whichever front-end carries it: grpc.aio.ServicerContext has it, and
-    so does service/http.py's HttpCall."""
+    so does service/http_api.py's HttpCall."""
 
     def time_remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or None when it set none."""
@@ -243,7 +243,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             await context.abort(STATUS_FOR[e.code], e.message)
 
     async def generate(self, request: pb.GenerateRequest, call: Call) -> AsyncIterator[pb.GenerateResponse]:
-        """Generate for any front-end (gRPC here, HTTP in service/http.py): the responses, or a CharrnnError
+        """Generate for any front-end (gRPC here, HTTP in service/http_api.py): the responses, or a CharrnnError
         (logged and counted already) whose code and message are what the client is told."""
         arrived = time.monotonic()
         outcome = _Outcome()
