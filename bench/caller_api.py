@@ -54,13 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="charrnn-caller-bench-"))
-    model = Path(a.model) if a.model else serving.find_or_make_model(Path("models"), work / "made")
-    repo = work / "repo" / "shakespeare" / "1"
-    repo.mkdir(parents=True)
-    (repo / model.name).symlink_to(model.resolve())
+    repo = serving.one_model_repo(work, a.model)
     servers = {
-        "now": serving.ServerProcess(work / "repo", True, "cpu", 2 * a.streams, 0, name="now"),
-        "before": serving.ServerProcess(work / "repo", True, "cpu", 2 * a.streams, 0, rev=a.baseline_rev,
+        "now": serving.ServerProcess(repo, True, "cpu", 2 * a.streams, 0, name="now"),
+        "before": serving.ServerProcess(repo, True, "cpu", 2 * a.streams, 0, rev=a.baseline_rev,
                                         name="before"),
     }
     best: dict[str, dict] = {}
@@ -89,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                   "vs_none": best[name]["chars_per_s"] / none,
                   "vs_before": best[name]["chars_per_s"] / best["before"]["chars_per_s"]} for name, _, _ in ROWS],
     }
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "caller_api.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "caller_api.md").write_text(markdown(report))
-    print(markdown(report))
+    serving.write_report(Path(a.out), "caller_api", report, markdown(report))
     return 0
 
 

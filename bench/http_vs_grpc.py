@@ -21,7 +21,6 @@ Writes bench/results/http_vs_grpc.md and http_vs_grpc.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -68,11 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(x) for x in a.streams.split(",")]
 
     work = Path(tempfile.mkdtemp(prefix="charrnn-http-bench-"))
-    model = Path(a.model) if a.model else serving.find_or_make_model(Path("models"), work / "made")
-    repo = work / "repo" / "shakespeare" / "1"
-    repo.mkdir(parents=True)
-    (repo / model.name).symlink_to(model.resolve())
-    servers = {"plain": serving.ServerProcess(work / "repo", True, "cpu", 2 * max(levels), 0, name="plain",
+    repo = serving.one_model_repo(work, a.model)
+    servers = {"plain": serving.ServerProcess(repo, True, "cpu", 2 * max(levels), 0, name="plain",
                                               extra=("--http-port", "0"))}
     receiver = None
     if a.tracing:
@@ -80,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = dict(os.environ)
         os.environ.update({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true"})
         try:
-            servers["traced"] = serving.ServerProcess(work / "repo", True, "cpu", 2 * max(levels), 0, name="traced",
+            servers["traced"] = serving.ServerProcess(repo, True, "cpu", 2 * max(levels), 0, name="traced",
                                                       extra=("--http-port", "0"))
         finally:
             os.environ.clear()
@@ -118,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"), "duration": a.duration, "warmup": a.warmup, "rounds": a.rounds,
         "spans_received": counter.spans if receiver is not None else None, "rows": out_rows,
     }
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "http_vs_grpc.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "http_vs_grpc.md").write_text(markdown(report))
-    print(markdown(report))
+    serving.write_report(Path(a.out), "http_vs_grpc", report, markdown(report))
     return 0
 
 

@@ -61,6 +61,23 @@ def find_or_make_model(models: Path, work: Path) -> Path:
     return path
 
 
+def one_model_repo(work: Path, model: str) -> Path:
+    """A repository of one version, shakespeare/1, linking ``model`` (or the 2x512 LSTM found or made)."""
+    path = Path(model) if model else find_or_make_model(Path("models"), work / "made")
+    version = work / "repo" / "shakespeare" / "1"
+    version.mkdir(parents=True)
+    (version / path.name).symlink_to(path.resolve())
+    return work / "repo"
+
+
+def write_report(out: Path, stem: str, report: dict, markdown: str) -> None:
+    """OUT/STEM.json and OUT/STEM.md, and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)
+
+
 class ServerProcess:
     """charrnn-serve in a subprocess; the ports are read from its start-up banner."""
 
