@@ -2,14 +2,20 @@
 
 Clients cancel at random moments, set short deadlines, read slowly and open
 fresh connections; afterwards the server has answered only documented
-statuses, its memory grew by under 5%, its descriptors and stream gauges are
+statuses, its memory under load grew by under 3%, its descriptors and stream gauges are
 back where they started, and it still reports SERVING.
 `python -m bench.reliability --long` runs the same soak for 10 minutes.
 
 The warm-up is 15 s: the server's RSS climbs for its first 15 to 20 s of such
-load (allocator arenas, gRPC's buffers) and then stays flat (91 -> 95 MB over a
-60 s soak with twice the requests of this one); measured from a 5 s warm-up,
-that climb alone is 4 to 7%, which is not a leak.
+load (allocator arenas, gRPC's buffers). The growth compares the median RSS of
+the soak's first and last 6 s, both under the same load (testkit/soak.py):
+0.4 to 0.8% in four runs of this test's ~35,000 requests, of which grpc.aio's
+own leak of ~90 bytes per cancelled call (docs/reliability.md) is about half.
+Comparing idle readings instead failed one run in three at 5%: after the load
+stops, the same server's idle RSS lands anywhere between 108 and 113 MB.
+Keeping a bytearray(100) per request (about 160 bytes) measured 3.8% and 5.2%,
+and once passed: the smallest leak this test catches is a few hundred bytes a
+request.
 """
 
 from __future__ import annotations
@@ -50,8 +56,8 @@ def test_the_misbehaviours_really_happened(report):
     assert report["fds_peak"] > report["fds_start"] + 4, "clients never held several connections"
 
 
-def test_memory_grows_by_less_than_5_percent(report):
-    assert report["rss_growth"] < 0.05, (report["rss_start_bytes"], report["rss_end_bytes"])
+def test_memory_under_load_grows_by_less_than_3_percent(report):
+    assert report["rss_growth"] < 0.03, (report["rss_start_bytes"], report["rss_end_bytes"], report["requests"])
 
 
 def test_descriptors_return_to_the_starting_count(report):
