@@ -2,6 +2,7 @@
 
     python -m bench.quality_cpu ablation [--max-steps N | --budget-minutes M] [--data PATH] [--out DIR] [--flags "..."]
     python -m bench.quality_cpu retrain-default [--max-steps N | --budget-minutes M] [--data PATH] [--out DIR]
+    python -m bench.quality_cpu retrain-default --run RUN    # export and compare a run trained already
 
 ``ablation`` trains, one after another on tiny-shakespeare:
 
@@ -41,6 +42,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from charrnn.training.config import LOCKED_DROPOUT
 from charrnn.training.presets import PRESETS
 
@@ -66,12 +69,17 @@ def flags_of(fields: tuple[str, ...], preset: str) -> list[str]:
     return out
 
 
-def configurations() -> dict[str, list[str]]:
+# --shape: which pair of presets the ablation compares (a baseline and the same shape with the recipe).
+SHAPES = {"shakespeare-cpu": (BASELINE, RECIPE), "default": ("default", DEFAULT_RECIPE)}
+
+
+def configurations(shape: str = "shakespeare-cpu") -> dict[str, list[str]]:
     """Name -> flags of the six ablation runs (the winner's second seed is added once they are done)."""
-    runs = {"baseline": ["--preset", BASELINE]}
+    baseline, recipe = SHAPES[shape]
+    runs = {"baseline": ["--preset", baseline]}
     for technique, fields in TECHNIQUES.items():
-        runs[f"+ {technique}"] = ["--preset", BASELINE, *flags_of(fields, RECIPE)]
-    runs["all together"] = ["--preset", RECIPE]
+        runs[f"+ {technique}"] = ["--preset", baseline, *flags_of(fields, recipe)]
+    runs["all together"] = ["--preset", recipe]
     return runs
 
 
@@ -110,7 +118,7 @@ def render(results: list[dict], args) -> str:
     budget = (f"{args.budget_minutes:g} minutes each" if args.budget_minutes else
               f"{args.max_steps} steps each" if args.max_steps else "each preset's own steps")
     lines = [
-        f"# Ablation on a CPU: {budget}",
+        f"# Ablation on a CPU: {' vs '.join(SHAPES[args.shape])}, {budget}",
         "",
         f"tiny-shakespeare, validation = the last 10% (contiguous), whole split at every evaluation."
         f" {os.cpu_count()} cores ({platform.processor() or platform.machine()}), load average"
@@ -129,7 +137,7 @@ def render(results: list[dict], args) -> str:
 
 
 def ablation(args) -> int:
-    results = [train(name, flags, args) for name, flags in configurations().items()]
+    results = [train(name, flags, args) for name, flags in configurations(args.shape).items()]
     winner = min((r for r in results if r["exit"] == 0), key=lambda r: r["best"], default=None)
     if winner is not None:
         results.append(train(f"{winner['name']}, seed 2", [*winner["flags"], "--seed", str(args.seed + 1)], args))
@@ -139,13 +147,31 @@ def ablation(args) -> int:
     return 0 if all(r["exit"] == 0 for r in results) else 1
 
 
+def replay_val_loss(path: Path, data: str) -> float:
+    """Mean nats per character of a model file on the validation split (the last 10% of ``data``, as the
+    trainer cuts it), read as one sequence from a zero state by onnxruntime on the file alone
+    (testkit/replay.py). Independent of the trainer's own figure, which its evaluation lanes and, in a bf16
+    run, its autocast shape."""
+    from charrnn.training.corpus import VAL_FRACTION
+    from testkit.replay import Replay
+
+    text = Path(data).read_text(encoding="utf-8")
+    val = text[len(text) - int(len(text) * VAL_FRACTION):]
+    replay = Replay(path)
+    lp = replay.logprobs(val[0], val[1:])
+    return float(-lp[np.arange(len(val) - 1), [replay.index[c] for c in val[1:]]].mean())
+
+
 def retrain_default(args) -> int:
     import onnxruntime as ort
 
     from charrnn.exporter.cli import main as export
     from charrnn.modelfile import MODEL_FILE, ModelMetadata
 
-    result = train("default-awd", ["--preset", DEFAULT_RECIPE], args)
+    if args.run:  # a run trained already (by charrnn-train with the recipe, or an earlier retrain-default)
+        result = {"exit": 0, "run": args.run}
+    else:
+        result = train("default-awd", ["--preset", DEFAULT_RECIPE], args)
     repo = Path(args.out) / "default-awd-models"
     shutil.rmtree(repo, ignore_errors=True)
     if result["exit"] != 0 or export([result["run"], "--name", "default", "--repo", str(repo)]) != 0:
@@ -161,10 +187,15 @@ def retrain_default(args) -> int:
     lines = [
         "# The bundled model's shape retrained with the new recipe",
         "",
-        "| model | file | bytes | val loss |",
-        "| --- | --- | ---: | ---: |",
-        f"| bundled (`--preset default`) | `{BUNDLED.relative_to(ROOT)}` | {BUNDLED.stat().st_size:,} | {val_loss(BUNDLED):.4f} |",
-        f"| candidate (`--preset {DEFAULT_RECIPE}`) | `{candidate}` | {size:,}{'' if fits else ' (over 5 MB)'} | {val_loss(candidate):.4f} |",
+        "Validation loss in nats per character: the trainer's own figure (from the file's metadata), and a replay",
+        "of the file on the whole split as one sequence (onnxruntime, float32; `replay_val_loss`).",
+        "",
+        "| model | file | bytes | val loss (trainer) | val loss (replay) |",
+        "| --- | --- | ---: | ---: | ---: |",
+        f"| bundled | `{BUNDLED.relative_to(ROOT)}` | {BUNDLED.stat().st_size:,} | {val_loss(BUNDLED):.4f} |"
+        f" {replay_val_loss(BUNDLED, args.data):.4f} |",
+        f"| candidate (`{result['run']}`) | `{candidate}` | {size:,}{'' if fits else ' (over 5 MB)'} |"
+        f" {val_loss(candidate):.4f} | {replay_val_loss(candidate, args.data):.4f} |",
         "",
         f"To publish it as the next version of the bundled model: `charrnn-export {result['run']} --name default --repo models`",
         "(then update docs/model-card.md).",
@@ -185,6 +216,9 @@ def main(argv=None) -> int:
     budget.add_argument("--budget-minutes", type=float, default=0.0, help="wall-clock minutes of every run instead")
     p.add_argument("--seed", type=int, default=1337, help="seed of the runs; the winner's second run takes seed + 1")
     p.add_argument("--flags", default="", help="charrnn-train flags added to every run, last")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="shakespeare-cpu",
+                   help="ablation: the 2x512 recipe (shakespeare-cpu vs -awd) or the bundled model's 2x256 (default vs default-awd)")
+    p.add_argument("--run", default="", help="retrain-default: export and compare this run folder instead of training")
     args = p.parse_args(argv)
     if not Path(args.data).is_file():
         p.error(f"--data {args.data}: no such file (pass the path of tinyshakespeare.txt)")
