@@ -18,7 +18,7 @@ and writes ``OUT/ablation.md``: the best validation loss of each run, of its raw
 weights and of their moving average. ``retrain-default`` trains the bundled
 model's shape (2x256) with the new recipe (the default-awd preset), exports it
 beside the results, checks the file stays within 5 MB and compares it with
-``models/default/1``; it publishes nothing (the command to do so is printed).
+``models/default/2``; it publishes nothing (the command to do so is printed).
 
 Every run gets ``--resume``, so the same command continues an interrupted
 ablation where it stopped, and a finished run is not trained again. Each run's
@@ -57,7 +57,7 @@ TECHNIQUES = {
     "varied windows": ("epoch_offset", "seq_len_sd", "seq_len_half_prob"),
 }
 MAX_ONNX_BYTES = 5_000_000  # the bundled model's budget
-BUNDLED = ROOT / "models" / "default" / "1" / "model.onnx"
+BUNDLED = ROOT / "models" / "default" / "2" / "model.onnx"
 
 
 def flags_of(fields: tuple[str, ...], preset: str) -> list[str]:

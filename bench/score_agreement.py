@@ -32,7 +32,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Score and logprobs against an independent replay.")
-    p.add_argument("--model", default=str(ROOT / "models" / "default" / "1" / "model.onnx"))
+    p.add_argument("--model", default=str(ROOT / "models" / "default" / "2" / "model.onnx"))
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)

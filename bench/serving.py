@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="", help="comma-separated stream counts (default by device)")
     p.add_argument("--duration", type=float, default=0, help="seconds of load per point (default 12, quick 4)")
     p.add_argument("--models", default="models", help="where to look for a trained 2x512 LSTM first")
-    p.add_argument("--model", default="", help="serve this model file instead (e.g. models/default/1/model.onnx)")
+    p.add_argument("--model", default="", help="serve this model file instead (e.g. models/default/2/model.onnx)")
     p.add_argument("--baseline-rev", default="d91a215",
                    help="also serve with this earlier revision (the engine before this one); '' to skip")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = one per core)")
