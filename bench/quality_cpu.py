@@ -42,8 +42,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from charrnn.training.config import LOCKED_DROPOUT
 from charrnn.training.presets import PRESETS
 
@@ -147,19 +145,21 @@ def ablation(args) -> int:
     return 0 if all(r["exit"] == 0 for r in results) else 1
 
 
-def replay_val_loss(path: Path, data: str) -> float:
-    """Mean nats per character of a model file on the validation split (the last 10% of ``data``, as the
-    trainer cuts it), read as one sequence from a zero state by onnxruntime on the file alone
-    (testkit/replay.py). Independent of the trainer's own figure, which its evaluation lanes and, in a bf16
-    run, its autocast shape."""
-    from charrnn.training.corpus import VAL_FRACTION
-    from testkit.replay import Replay
+def validation_text(data: str) -> str:
+    """The validation split of the text file ``data``, cut where the trainer cuts it."""
+    from charrnn.training.corpus import validation_start
 
     text = Path(data).read_text(encoding="utf-8")
-    val = text[len(text) - int(len(text) * VAL_FRACTION):]
-    replay = Replay(path)
-    lp = replay.logprobs(val[0], val[1:])
-    return float(-lp[np.arange(len(val) - 1), [replay.index[c] for c in val[1:]]].mean())
+    return text[validation_start(len(text)):]
+
+
+def replay_val_loss(path: Path, val: str) -> float:
+    """Mean nats per character of a model file on the validation text ``val``, read as one sequence from a zero
+    state by onnxruntime on the file alone (testkit/replay.py). Independent of the trainer's own figure, which
+    depends on its evaluation lanes and, in a bf16 run, on autocast."""
+    from testkit.replay import Replay
+
+    return float(-Replay(path).text_logprobs(val[0], val[1:]).mean())
 
 
 def retrain_default(args) -> int:
@@ -183,6 +183,7 @@ def retrain_default(args) -> int:
         return ModelMetadata.from_props(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                                         .get_modelmeta().custom_metadata_map).val_loss
 
+    val = validation_text(args.data)
     size, fits = candidate.stat().st_size, candidate.stat().st_size <= MAX_ONNX_BYTES
     lines = [
         "# The bundled model's shape retrained with the new recipe",
@@ -193,9 +194,9 @@ def retrain_default(args) -> int:
         "| model | file | bytes | val loss (trainer) | val loss (replay) |",
         "| --- | --- | ---: | ---: | ---: |",
         f"| bundled | `{BUNDLED.relative_to(ROOT)}` | {BUNDLED.stat().st_size:,} | {val_loss(BUNDLED):.4f} |"
-        f" {replay_val_loss(BUNDLED, args.data):.4f} |",
+        f" {replay_val_loss(BUNDLED, val):.4f} |",
         f"| candidate (`{result['run']}`) | `{candidate}` | {size:,}{'' if fits else ' (over 5 MB)'} |"
-        f" {val_loss(candidate):.4f} | {replay_val_loss(candidate, args.data):.4f} |",
+        f" {val_loss(candidate):.4f} | {replay_val_loss(candidate, val):.4f} |",
         "",
         f"To publish it as the next version of the bundled model: `charrnn-export {result['run']} --name default --repo models`",
         "(then update docs/model-card.md).",

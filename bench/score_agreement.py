@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             prime, text = corpus[start:start + prime_len], corpus[start + prime_len:start + prime_len + length]
             reply = client.score(text, prime=prime, model="m", timeout=600)
             got = np.array([e.logprob for e in reply.logprobs], np.float64)
-            want = replay.logprobs(prime, text)[np.arange(len(text)), [replay.index[c] for c in text]]
+            want = replay.text_logprobs(prime, text)
             rows.append((f"Score, text {length}, prime {prime_len}", len(text), float(np.abs(got - want).max()),
                          abs(reply.total_logprob - want.sum()), reply.bits_per_char))
         for prime in ("ROMEO:", "First Citizen:\n", ""):

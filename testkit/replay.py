@@ -2,6 +2,7 @@
 
     replay = Replay(repo / "tiny" / "1" / "model.onnx")
     lp = replay.logprobs("ROMEO:", "text")        # float64 [len(text), V]: log-softmax of the raw logits
+    nll = -replay.text_logprobs("ROMEO:", "text")  # float64 [len(text)]: of the text's own characters
     text = replay.greedy("ROMEO:", 50, adjust)     # argmax decoding with logits adjusted per step
 
 It reads the prime and text as one sequence from a zero state (the model's
@@ -61,6 +62,10 @@ class Replay:
         """log p(text[i] | prime, text[:i]) for every i, and for every character: float64 [len(text), V]."""
         logits, _ = self._run((prime or self.start) + text[:-1])
         return log_softmax(logits[-len(text):])
+
+    def text_logprobs(self, prime: str, text: str) -> np.ndarray:
+        """log p(text[i] | prime, text[:i]) of the characters of ``text`` themselves: float64 [len(text)]."""
+        return self.logprobs(prime, text)[np.arange(len(text)), [self.index[c] for c in text]]
 
     def greedy(self, prime: str, n: int,
                adjust: Callable[[np.ndarray, np.ndarray], np.ndarray] = lambda z, counts: z) -> str:

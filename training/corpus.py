@@ -191,6 +191,11 @@ class Corpus:
         return "".join(self.vocab[int(i)] for i in ids)
 
 
+def validation_start(chars: int) -> int:
+    """Index of the first validation character of a corpus of ``chars`` characters: the last VAL_FRACTION."""
+    return chars - int(chars * VAL_FRACTION)
+
+
 def prepare_corpus(spec: str | os.PathLike, run_dir: Path, errors: str = "strict", vocab: list[str] | None = None) -> Corpus:
     """Scans ``spec``, writes (or reuses) RUNDIR/tokens.bin, and maps it.
 
@@ -208,5 +213,4 @@ def prepare_corpus(spec: str | os.PathLike, run_dir: Path, errors: str = "strict
         encode_corpus(sources, found, info, tokens_path, errors)
         meta_path.write_text(json.dumps(meta) + "\n")
     tokens = map_tokens(tokens_path, np.dtype(meta["dtype"]))
-    split = info.chars - int(info.chars * VAL_FRACTION)
-    return Corpus(found, info, tokens, split)
+    return Corpus(found, info, tokens, validation_start(info.chars))
