@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -50,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(() => { const p = [...document.querySelectorAll('#output .ch')].slice(0, 150)"
                     ".map(s => Number(s.dataset.p)); return p.indexOf(Math.min(...p)); })()")
                 page.hover(f"#output .ch:nth-of-type({hover + 1})")  # the prime's span comes first
-                time.sleep(0.3)  # the tooltip's fade-in
+                if page.eval("document.getElementById('tip').hidden"):  # the page shows it as it handles the event
+                    print(f"hovering character {hover} showed no tooltip", file=sys.stderr)
+                    return 1
                 Path(a.out).write_bytes(page.screenshot())
             finally:
                 browser.close()
