@@ -37,7 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field
 
-from charrnn.service import errors
+from charrnn.service import errors, validation
 from charrnn.service.logs import REQUEST_ID
 from charrnn.service.supervisor import EngineState
 from charrnn.v1 import generator_pb2 as pb
@@ -89,7 +89,8 @@ class CompletionRequest(BaseModel):
 
     model: str = Field("", description='"name" or "name@version"; empty means the default model')
     prompt: str | list[str] = Field("", description="The prime: the text the model continues")
-    max_tokens: int | None = Field(None, ge=0, le=UINT32, description="Characters to generate (default 16)")
+    # No bounds here: validation.check_max_chars owns the range, and says it the same for -5, 0 and 10**9.
+    max_tokens: int | None = Field(None, description="Characters to generate (default 16), at most --max-chars")
     temperature: float | None = Field(None, description="0 is greedy; default 1")
     top_p: float | None = Field(None, description="Nucleus sampling; 1 (default) is off")
     seed: int | None = Field(None, ge=0, lt=2**64, description="Same seed and settings, same text")
@@ -291,17 +292,20 @@ class HttpFrontend:
     def _to_pb(self, body: CompletionRequest, request_id: str, entry) -> pb.GenerateRequest:
         if isinstance(body.prompt, list):
             if len(body.prompt) != 1:
-                raise errors.InvalidArgument("prompt", f"a list of {len(body.prompt)} prompts",
-                                             "one string (or a list of exactly one)")
+                count = len(body.prompt)
+                shown = validation.Shown(f"a list of {count} prompts" if count else "an empty list")
+                raise errors.InvalidArgument("prompt", shown, "one string (or a list of exactly one)")
             prime = body.prompt[0]
         else:
             prime = body.prompt
         if body.echo:
             raise errors.InvalidArgument("echo", True, "false (POST /v1/score gives a text's log-probabilities)")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        max_chars = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        if not 0 <= max_chars <= UINT32:  # the wire's uint32 cannot carry it: the rule refuses it here
+            validation.check_max_chars(max_chars, self.servicer.limits)
         fields: dict[str, Any] = dict(
-            model=body.model, prime=prime,
-            max_chars=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
+            model=body.model, prime=prime, max_chars=max_chars,
             top_k=body.top_k, top_p=1.0 if body.top_p is None else body.top_p, stop=stop, request_id=request_id,
             n=body.n, allowed_chars=body.allowed_chars, regex=body.regex,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,

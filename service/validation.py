@@ -42,8 +42,9 @@ class Limits:
     max_score_chars: int = 10000  # longest text a Score request may send (--max-score-chars)
 
 
-class _Shown:
-    """A value that an error message shows as written (InvalidArgument shows other values with repr)."""
+class Shown:
+    """A value that an error message shows as written, a description rather than the value itself ("a list of 2
+    prompts"); InvalidArgument shows other values with repr."""
 
     def __init__(self, text: str):
         self.text = text
@@ -64,6 +65,14 @@ def request_id_of(req: generator_pb2.GenerateRequest) -> str:
     return rid
 
 
+def check_max_chars(max_chars: int, limits: Limits) -> None:
+    """The rule of max_chars, for any integer: a front-end whose field is wider than the proto's uint32 (HTTP's
+    max_tokens, which may be -5) refuses a value the wire cannot carry with the message of one it can."""
+    if not 1 <= max_chars <= limits.max_chars:
+        hint = "the server's --max-chars sets the upper bound" if max_chars > limits.max_chars else ""
+        raise errors.InvalidArgument("max_chars", max_chars, f"in [1, {limits.max_chars}]", hint)
+
+
 def validate_request(
     req: generator_pb2.GenerateRequest,
     metadata: ModelMetadata,
@@ -81,15 +90,13 @@ def validate_request(
     """
     rid = request_id if request_id is not None else request_id_of(req)
 
-    if not 1 <= req.max_chars <= limits.max_chars:
-        hint = "the server's --max-chars sets the upper bound" if req.max_chars > limits.max_chars else ""
-        raise errors.InvalidArgument("max_chars", req.max_chars, f"in [1, {limits.max_chars}]", hint)
+    check_max_chars(req.max_chars, limits)
 
     prime = req.prime
     if len(prime) > limits.max_prime_chars:
         raise errors.InvalidArgument(
             "prime",
-            _Shown(f"{len(prime)} characters"),
+            Shown(f"{len(prime)} characters"),
             f"at most {limits.max_prime_chars} characters long",
             "the server's --max-prime-chars sets the limit",
         )
@@ -112,11 +119,11 @@ def validate_request(
     top_k = int(req.top_k) if req.top_k < metadata.vocab_size else 0
 
     if len(req.stop) > MAX_STOP_SEQUENCES:
-        shown = _Shown(f"{len(req.stop)} sequences")
+        shown = Shown(f"{len(req.stop)} sequences")
         raise errors.InvalidArgument("stop", shown, f"at most {MAX_STOP_SEQUENCES} sequences")
     for i, seq in enumerate(req.stop):
         if not 1 <= len(seq) <= MAX_STOP_CHARS:
-            shown = seq if not seq else _Shown(f"{len(seq)} characters")
+            shown = seq if not seq else Shown(f"{len(seq)} characters")
             rule = f"a non-empty string of at most {MAX_STOP_CHARS} characters"
             raise errors.InvalidArgument(f"stop[{i}]", shown, rule)
 
@@ -153,7 +160,7 @@ def _controls(req: generator_pb2.GenerateRequest, metadata: ModelMetadata, limit
         if len(key) != 1:
             raise errors.InvalidArgument("logit_bias key", key, "exactly one character")
         if key not in index:
-            raise errors.InvalidArgument("logit_bias key", _Shown(describe_char(key)),
+            raise errors.InvalidArgument("logit_bias key", Shown(describe_char(key)),
                                          f"a character of the model's vocabulary ({metadata.vocab_size} characters)")
         if not (math.isfinite(value) and -MAX_BIAS <= value <= MAX_BIAS):
             raise errors.InvalidArgument(f"logit_bias[{key!r}]", float(value), f"in [-{MAX_BIAS:g}, {MAX_BIAS:g}]")
@@ -169,7 +176,7 @@ def _controls(req: generator_pb2.GenerateRequest, metadata: ModelMetadata, limit
         bias[outside] = -np.inf  # never drawn
     if req.regex:
         if req.stop:
-            raise errors.InvalidArgument("stop", _Shown(f"{len(req.stop)} sequences"),
+            raise errors.InvalidArgument("stop", Shown(f"{len(req.stop)} sequences"),
                                          "empty when regex is set (put the end into the regex)")
         try:
             compile_regex(req.regex, metadata.vocab, limits.max_regex_states, allowed)
@@ -201,7 +208,7 @@ def _in_vocabulary(field: str, text: str, metadata: ModelMetadata) -> None:
             shown += f" and {len(outside) - MAX_SHOWN_CHARS} more"
         raise errors.InvalidArgument(
             field,
-            _Shown(f"{len(outside)} character{'s' if len(outside) > 1 else ''} outside it: {shown}"),
+            Shown(f"{len(outside)} character{'s' if len(outside) > 1 else ''} outside it: {shown}"),
             f"made of characters in the model's vocabulary ({metadata.vocab_size} characters)",
         )
 
@@ -210,12 +217,12 @@ def validate_score(req: generator_pb2.ScoreRequest, metadata: ModelMetadata, lim
                    deadline: float | None, request_id: str) -> ScoreJob:
     """Checks a ScoreRequest: the prime as for Generate, the text's length and characters, top_logprobs."""
     if len(req.prime) > limits.max_prime_chars:
-        raise errors.InvalidArgument("prime", _Shown(f"{len(req.prime)} characters"),
+        raise errors.InvalidArgument("prime", Shown(f"{len(req.prime)} characters"),
                                      f"at most {limits.max_prime_chars} characters long",
                                      "the server's --max-prime-chars sets the limit")
     _in_vocabulary("prime", req.prime, metadata)
     if not 1 <= len(req.text) <= limits.max_score_chars:
-        shown = req.text if not req.text else _Shown(f"{len(req.text)} characters")
+        shown = req.text if not req.text else Shown(f"{len(req.text)} characters")
         raise errors.InvalidArgument("text", shown, f"1 to {limits.max_score_chars} characters long",
                                      "the server's --max-score-chars sets the limit")
     _in_vocabulary("text", req.text, metadata)

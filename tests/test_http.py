@@ -50,6 +50,15 @@ def _post(server, body: dict, path: str = "/v1/completions", **headers) -> httpx
     return httpx.post(server.http_url + path, json=body, headers=headers, timeout=30)
 
 
+def _openai_error(r: httpx.Response, status: int) -> dict:
+    """The response's error object, checked to be OpenAI's shape and nothing else: message, type, param, code."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json", r.headers
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
 def _requests(server, code: str) -> float:
     return probes.metric_sum(probes.scrape(server.metrics_url), "charrnn_requests_total", code=code)
 
@@ -206,21 +215,46 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     ({"prompt": "A", "top_p": 2}, "top_p", "top_p must be in [0, 1]"),
     ({"prompt": "A", "n": 99}, "n", "n must be in [0, 32]"),
     ({"prompt": "A", "logprobs": 50}, "logprobs", "logprobs must be in [0, 20]"),
-    ({"prompt": "A", "max_tokens": -3}, "max_tokens", "max_tokens: Input should be greater than or equal to 0, got -3"),
+    ({"prompt": "A", "max_tokens": -3}, "max_tokens", "max_tokens must be in [1, 1000000], got -3"),
     ({"prompt": "A", "stop": [""]}, "stop[0]", "stop[0] must be a non-empty string"),
     ({"prompt": "A", "regex": "("}, "regex", "regex must be"),
     ({"prompt": "A", "logit_bias": {"999": 1}}, "logit_bias key", "logit_bias key must be a token id in [0, 61)"),
-    ({"prompt": ["A", "B"]}, "prompt", "prompt must be one string (or a list of exactly one)"),
+    ({"prompt": ["A", "B"]}, "prompt", "prompt must be one string (or a list of exactly one), got a list of 2 prompts"),
     ({"prompt": "A", "echo": True}, "echo", "echo must be false"),
     ({"prompt": "A", "temprature": 0.5}, "temprature", "temprature is not a field of this request"),
     ({"model": "tiny@x", "prompt": "A"}, "model", "model must be"),
 ])
 def test_bad_fields_are_400_naming_field_value_and_rule(server, sdk, body, param, words):
-    r = _post(server, {"model": "tiny", **body})
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
+    error = _openai_error(_post(server, {"model": "tiny", **body}), 400)
     assert error["param"] == param and error["code"] == "INVALID_ARGUMENT" and error["type"] == "invalid_request_error"
     assert words in error["message"], error["message"]
+
+
+UNDER = "must be in [1, 1000000]"  # the test server's --max-chars
+
+
+@pytest.mark.parametrize("max_tokens, message", [
+    (-5, f"max_tokens {UNDER}, got -5"),
+    (0, f"max_tokens {UNDER}, got 0"),
+    (1_000_001, f"max_tokens {UNDER}, got 1000001 (the server's --max-chars sets the upper bound)"),
+    (2**32, f"max_tokens {UNDER}, got 4294967296 (the server's --max-chars sets the upper bound)"),
+    (10**30, f"max_tokens {UNDER}, got {10**30} (the server's --max-chars sets the upper bound)"),
+])
+def test_max_tokens_has_one_rule_and_one_message_on_both_sides_of_the_range(server, max_tokens, message):
+    """-5 and 2**32 do not fit the proto's uint32, 0 and 1000001 do: the same rule (validation.py) refuses all."""
+    error = _openai_error(_post(server, {"model": "tiny", "prompt": "A", "max_tokens": max_tokens}), 400)
+    assert error == {"message": message, "type": "invalid_request_error", "param": "max_tokens",
+                     "code": "INVALID_ARGUMENT"}
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (["A", "B"], "prompt must be one string (or a list of exactly one), got a list of 2 prompts"),
+    ([], "prompt must be one string (or a list of exactly one), got an empty list"),
+])
+def test_a_list_of_prompts_other_than_one_is_refused_in_plain_words(server, prompt, message):
+    error = _openai_error(_post(server, {"model": "tiny", "prompt": prompt}), 400)
+    assert error == {"message": message, "type": "invalid_request_error", "param": "prompt",
+                     "code": "INVALID_ARGUMENT"}
 
 
 def test_the_sdk_raises_its_own_error_types(sdk):
