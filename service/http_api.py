@@ -9,7 +9,8 @@ model of the OpenAI request (types and shape; FastAPI answers a bad one with 400
 naming the field) becomes a ``charrnn.v1.GenerateRequest``; the responses
 become OpenAI's JSON or its stream of ``data:`` events ending with ``data:
 [DONE]``; an error's gRPC code becomes an HTTP status (``HTTP_STATUS``) with
-OpenAI's error body.
+OpenAI's error body. Every error this port answers has that body (``error_body``):
+refusals, bad JSON, unknown paths, wrong methods, and a crash.
 
 FastAPI and uvicorn, as vLLM uses them: an asyncio stack, so a stream is a
 coroutine on the loop that already carries the gRPC calls, pydantic request
@@ -34,8 +35,10 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from charrnn.service import errors, validation
 from charrnn.service.logs import REQUEST_ID
@@ -52,7 +55,11 @@ HTTP_STATUS = {
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
 }
-ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error"}
+ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+              429: "rate_limit_error"}
+# The gRPC name (an error's `code`) of what the router answers by itself: no such path, a path without that method.
+ROUTER_CODE = {404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
+CHAT_PATH = "/v1/chat/completions"  # what OpenAI's chat clients call: named in its 404, which points to ours
 RETRY_AFTER_SECONDS = 1  # what a 429 tells the client to wait (a slot frees as soon as any stream ends)
 # The proto's field names that OpenAI's API calls something else: an error names the field the client sent.
 OPENAI_FIELD = {"max_chars": "max_tokens", "prime": "prompt", "request_id": "X-Request-Id header"}
@@ -169,6 +176,7 @@ class HttpCall:
 
 
 def error_body(status: int, message: str, code: str, param: str | None = None) -> dict:
+    """OpenAI's error object, the body of every error this port answers (and of an error event mid-stream)."""
     return {"error": {"message": message, "type": ERROR_TYPE.get(status, "server_error"), "param": param,
                       "code": code}}
 
@@ -206,6 +214,35 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
     else:
         message = f"{field}: {first.get('msg')}, got {_shown_input(first.get('input'))}"
     return JSONResponse(error_body(400, message, "INVALID_ARGUMENT", field), status_code=400)
+
+
+def _routes(app: FastAPI) -> str:
+    """The API's routes, as a 404 lists them: "POST /v1/completions, ..." (the schema pages left out)."""
+    return ", ".join(f"{method} {route.path}" for route in app.routes if isinstance(route, APIRoute)
+                     for method in sorted(route.methods))
+
+
+async def _router_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """What the router answers by itself (an unknown path, a wrong method) in OpenAI's shape, saying what exists."""
+    status, method, path = exc.status_code, request.method, request.url.path
+    if status == 404 and path.rstrip("/") == CHAT_PATH:
+        message = (f"{method} {CHAT_PATH} is not served here: this server offers the completions API, "
+                   "POST /v1/completions (a prompt the model continues), not chat completions")
+    elif status == 404:
+        message = f"no route {method} {path}; this server has {_routes(request.app)} (and /docs)"
+    elif status == 405:
+        message = f"{path} does not take {method}; it takes {(exc.headers or {}).get('Allow', 'another method')}"
+    else:
+        message = f"{method} {path}: {exc.detail}"
+    return JSONResponse(error_body(status, message, ROUTER_CODE.get(status, "UNKNOWN")), status_code=status,
+                        headers=exc.headers)
+
+
+async def _crashed(request: Request, exc: Exception) -> JSONResponse:
+    """A bug outside the servicer (which answers its own as INTERNAL): OpenAI's shape, not a text/plain 500.
+    Starlette logs the traceback after this answer is sent."""
+    message = f"internal error on {request.method} {request.url.path}; see the server log"
+    return JSONResponse(error_body(500, message, "INTERNAL"), status_code=500)
 
 
 def _timeout_of(request: Request) -> float | None:
@@ -280,6 +317,8 @@ class HttpFrontend:
             **_NO_FASTAPI_TELEMETRY,
         )
         app.add_exception_handler(RequestValidationError, _invalid_body)
+        app.add_exception_handler(HTTPException, _router_error)
+        app.add_exception_handler(Exception, _crashed)
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/score", self.score, methods=["POST"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])

@@ -257,6 +257,64 @@ def test_a_list_of_prompts_other_than_one_is_refused_in_plain_words(server, prom
                      "code": "INVALID_ARGUMENT"}
 
 
+ROUTES = ("POST /v1/completions, POST /v1/score, GET /v1/models, GET /health/live, GET /health/ready, GET / "
+          "(and /docs)")
+CHAT = ("POST /v1/chat/completions is not served here: this server offers the completions API, "
+        "POST /v1/completions (a prompt the model continues), not chat completions")
+
+
+def _no_route(method: str, path: str) -> str:
+    return f"no route {method} {path}; this server has {ROUTES}"
+
+
+ROUTER_ERRORS = {404: ("not_found_error", "NOT_FOUND"), 405: ("invalid_request_error", "UNIMPLEMENTED")}
+
+
+@pytest.mark.parametrize("method, path, status, message", [
+    ("POST", "/v1/chat/completions", 404, CHAT),
+    ("POST", "/v1/chat/completions/", 404, CHAT),
+    ("POST", "/v1/embeddings", 404, _no_route("POST", "/v1/embeddings")),
+    ("GET", "/v1/engines", 404, _no_route("GET", "/v1/engines")),
+    ("GET", "/nothing/here", 404, _no_route("GET", "/nothing/here")),
+    ("GET", "/v1/completions", 405, "/v1/completions does not take GET; it takes POST"),
+    ("DELETE", "/v1/models", 405, "/v1/models does not take DELETE; it takes GET"),
+])
+def test_unknown_paths_and_methods_answer_in_openai_error_shape(server, method, path, status, message):
+    r = httpx.request(method, server.http_url + path, json={"model": "tiny", "prompt": "A"}, timeout=10)
+    kind, code = ROUTER_ERRORS[status]
+    assert _openai_error(r, status) == {"message": message, "type": kind, "param": None, "code": code}
+    if status == 405:
+        assert r.headers["Allow"] == message.rpartition(" ")[2]
+
+
+def test_the_sdks_chat_completions_is_not_found_pointing_to_completions(sdk):
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    error = missing.value
+    assert error.status_code == 404 and error.body["message"] == CHAT and CHAT in error.message
+    assert (error.type, error.param, error.code) == ("not_found_error", None, "NOT_FOUND")
+
+
+def test_a_crash_outside_the_servicer_is_a_500_in_openai_error_shape():
+    """The servicer answers its own bugs as INTERNAL; a route around it (/v1/models here) that raises must too."""
+    import asyncio
+
+    from charrnn.service.http_api import HttpFrontend
+
+    class BrokenRepository:
+        def entries(self):
+            raise RuntimeError("the model table is broken")
+
+    async def get_models() -> httpx.Response:
+        transport = httpx.ASGITransport(HttpFrontend(None, BrokenRepository()).app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://charrnn") as client:
+            return await client.get("/v1/models")
+
+    error = _openai_error(asyncio.run(get_models()), 500)
+    assert error == {"message": "internal error on GET /v1/models; see the server log", "type": "server_error",
+                     "param": None, "code": "INTERNAL"}
+
+
 def test_the_sdk_raises_its_own_error_types(sdk):
     with pytest.raises(openai.BadRequestError) as bad:
         sdk.completions.create(model="tiny", prompt="A", max_tokens=0)
