@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import re
 
 import interegular
 import numpy as np
@@ -41,7 +42,16 @@ def compile_regex(pattern: str, vocab: tuple[str, ...], max_states: int, allowed
     try:
         fsm = interegular.parse_pattern(pattern).to_fsm()
     except Exception as e:  # noqa: BLE001 - interegular raises its own types for what it cannot parse
-        raise RegexError(f"a regular expression interegular can parse ({type(e).__name__}: {e})") from None
+        # interegular's InvalidSyntax often carries no message; Python's re names what is wrong and where.
+        try:
+            re.compile(pattern)
+        except re.error as r:
+            why = f"{r.msg} at position {r.pos}"
+        else:  # re takes it: a feature interegular lacks (its message says which), or its stricter syntax
+            where = getattr(e.__context__, "index", None)  # where interegular's parser stopped
+            why = str(e) or (f"cannot be read at position {where}" if where is not None else "")
+            why = f"{type(e).__name__}: {why}" if why else type(e).__name__
+        raise RegexError(f"a regular expression interegular can parse ({why})") from None
     states = sorted(fsm.states)
     if len(states) > max_states:
         raise RegexError(f"an expression whose automaton has at most {max_states} states (--max-regex-states); "
