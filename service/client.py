@@ -7,7 +7,8 @@
             print(text, end="", flush=True)
         print(stream.finish_reason, stream.stats.generated_chars)
 
-Errors from the server raise ServiceError with the gRPC status and the server's message.
+Errors from the server raise ServiceError with the gRPC status and the server's message; a value that
+a request field cannot carry (a negative max_chars or seed) raises FieldError before anything is sent.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from charrnn.service.tls import channel_credentials
@@ -23,6 +25,9 @@ from charrnn.v1 import generator_pb2_grpc
 
 FINISH_REASONS = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
                   pb.FINISH_REASON_MATCH_COMPLETE: "match_complete"}
+# The largest value of each unsigned field type of the proto. protobuf's own error for a value
+# outside it ("Value out of range: -5") names neither the field nor the range.
+UNSIGNED_MAX = {FieldDescriptor.TYPE_UINT32: 2**32 - 1, FieldDescriptor.TYPE_UINT64: 2**64 - 1}
 
 
 class ServiceError(Exception):
@@ -36,6 +41,26 @@ class ServiceError(Exception):
     @classmethod
     def of(cls, e: grpc.RpcError) -> "ServiceError":
         return cls(e.code(), e.details() or "")
+
+
+class FieldError(ValueError):
+    """A value that a request field cannot carry: ``field``, ``value`` and the ``rule`` it breaks.
+
+    Only what the message type itself refuses; what the server accepts (ranges, the model's
+    vocabulary, limits) is the server's to say, as INVALID_ARGUMENT."""
+
+    def __init__(self, field: str, value, rule: str):
+        super().__init__(f"{field} must be {rule}, got {value!r}")
+        self.field, self.value, self.rule = field, value, rule
+
+
+def check_unsigned(message: type, **values) -> None:
+    """Raises FieldError for a value outside the range of its unsigned field of ``message`` (None: unset)."""
+    fields = message.DESCRIPTOR.fields_by_name
+    for name, value in values.items():
+        top = UNSIGNED_MAX.get(fields[name].type)
+        if top is not None and value is not None and not 0 <= value <= top:
+            raise FieldError(name, value, f"a whole number in [0, {top}]")
 
 
 def build_request(
@@ -58,7 +83,8 @@ def build_request(
     frequency_penalty: float = 0.0,
     repetition_penalty: float = 0.0,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest; None leaves temperature (1.0) and seed (random) to the server."""
+    """A GenerateRequest; None leaves temperature (1.0) and seed (random) to the server. Raises FieldError."""
+    check_unsigned(pb.GenerateRequest, max_chars=max_chars, top_k=top_k, seed=seed, logprobs=logprobs, n=n)
     req = pb.GenerateRequest(
         model=model, prime=prime, max_chars=max_chars, top_k=top_k, top_p=top_p, stop=list(stop), request_id=request_id,
         logprobs=logprobs, n=n, logit_bias=logit_bias or {}, allowed_chars=allowed_chars, regex=regex,
@@ -145,6 +171,7 @@ class GeneratorClient:
     def score(self, text: str, prime: str = "", *, model: str = "", top_logprobs: int = 0,
               timeout: float | None = 60.0) -> pb.ScoreResponse:
         """The log-probability of each character of ``text`` after ``prime``, and bits per character."""
+        check_unsigned(pb.ScoreRequest, top_logprobs=top_logprobs)
         request = pb.ScoreRequest(model=model, prime=prime, text=text, top_logprobs=top_logprobs)
         try:
             return self._stub.Score(request, timeout=timeout)
@@ -209,6 +236,7 @@ class AsyncGeneratorClient:
 
     async def score(self, text: str, prime: str = "", *, model: str = "", top_logprobs: int = 0,
                     timeout: float | None = 60.0) -> pb.ScoreResponse:
+        check_unsigned(pb.ScoreRequest, top_logprobs=top_logprobs)
         request = pb.ScoreRequest(model=model, prime=prime, text=text, top_logprobs=top_logprobs)
         try:
             return await self._stub.Score(request, timeout=timeout)

@@ -6,17 +6,25 @@
     charrnn-generate --score play.txt --prime "ROMEO:"                           # bits per character
     charrnn-generate --prime "ROMEO:" --max-chars 20 --logprobs 3                # log-probabilities on stderr
 
-Text is written as it arrives (flushed per chunk). A server error prints the
-status and the server's message on stderr and exits 1; bad flags exit 2.
+Text is written as it arrives (flushed per chunk). Exit status: 0 done; 1 the
+server refused or ended the call (the gRPC status and the server's message on
+stderr: INVALID_ARGUMENT names the request field and the rule); 2 a flag this
+command refuses before it connects (a value the request cannot carry, an
+unreadable --score file, --timeout <= 0, a --bias that is not C=V): the usage,
+then "charrnn-generate: error: <flag> must be <rule>, got <value>".
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from pathlib import Path
 
-from charrnn.service.client import GeneratorClient, ServiceError
+from charrnn.service.client import FieldError, GeneratorClient, ServiceError, build_request
+
+FLAGS = {"n": "-n"}  # request fields whose flag is not --<field-with-dashes>
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,8 +95,41 @@ def _print_logprobs(entries, prefix: str = "") -> None:
         print(f"{prefix}{e.char!r}\t{e.logprob:.4f}\t{top}", file=sys.stderr)
 
 
-def _score(client: GeneratorClient, args, out) -> int:
-    text = sys.stdin.read() if args.score == "-" else open(args.score, encoding="utf-8").read()
+def _score_text(parser: argparse.ArgumentParser, path: str) -> str:
+    """The text of --score FILE (- for stdin); a file that cannot be read is a usage error."""
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        parser.error(f"--score must be a UTF-8 text file, got {path!r}: an undecodable byte at {e.start}")
+    except OSError as e:
+        parser.error(f"--score must be a readable text file (or - for stdin), got {path!r}: {e.strerror}")
+
+
+def _request_fields(parser: argparse.ArgumentParser, args) -> dict:
+    """The flags as GenerateRequest fields, refused before connecting when the request cannot carry them.
+
+    Whether the server accepts them (ranges, the model's vocabulary, the regex) is the server's
+    to say: it answers INVALID_ARGUMENT naming the field."""
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        parser.error(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    try:
+        bias = _biases(args.bias)
+    except ValueError as e:
+        parser.error(str(e))
+    fields = dict(prime=args.prime, max_chars=args.max_chars, model=args.model, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, request_id=args.request_id,
+                  n=args.n, logprobs=args.logprobs, regex=args.regex, allowed_chars=args.allowed_chars,
+                  logit_bias=bias, presence_penalty=args.presence_penalty,
+                  frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty)
+    try:
+        build_request(**fields)
+    except FieldError as e:
+        flag = FLAGS.get(e.field, "--" + e.field.replace("_", "-"))
+        parser.error(f"{flag} must be {e.rule}, got {e.value}")
+    return fields
+
+
+def _score(client: GeneratorClient, args, text: str, out) -> int:
     reply = client.score(text, args.prime, model=args.model, top_logprobs=args.logprobs, timeout=args.timeout)
     if args.logprobs:
         _print_logprobs(reply.logprobs)
@@ -98,7 +139,10 @@ def _score(client: GeneratorClient, args, out) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    fields = _request_fields(parser, args)
+    text = _score_text(parser, args.score) if args.score else ""
     try:
         client = GeneratorClient(args.server, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                                  tls_key=args.tls_key)
@@ -112,19 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 _print_models(client)
                 return 0
             if args.score:
-                return _score(client, args, out)
-            try:
-                bias = _biases(args.bias)
-            except ValueError as e:
-                print(f"charrnn-generate: {e}", file=sys.stderr)
-                return 2
-            stream = client.generate(
-                args.prime, args.max_chars, model=args.model, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, stop=args.stop, request_id=args.request_id, timeout=args.timeout,
-                n=args.n, logprobs=args.logprobs, regex=args.regex, allowed_chars=args.allowed_chars, logit_bias=bias,
-                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                repetition_penalty=args.repetition_penalty,
-            )
+                return _score(client, args, text, out)
+            stream = client.generate(timeout=args.timeout, **fields)
             echo = "" if args.no_echo else args.prime
             if args.n > 1:  # the samples come mixed: each is printed whole at the end
                 for _ in stream:
