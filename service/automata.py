@@ -13,15 +13,17 @@ comes from arrays indexed by its state:
   cannot.
 
 State 0 is a one-state automaton that never matches: rows without stop
-sequences sit there. Tables of automata that no row uses any more are dropped
-when they outweigh the live ones.
+sequences sit there. The table also keeps each row's state and which
+automaton it uses, so that one object counts the rows of every automaton and
+drops those no row uses once they outweigh the live ones (the memory of a
+server that sees a new stop set or regex with every request stays flat).
 """
 
 from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -81,67 +83,111 @@ def stop_automaton(stops: Sequence[Sequence[int | None]], vocab_size: int) -> Au
     return Automaton(trans=trans, accept=accept, depth=np.array(depth, np.int32))
 
 
-class AutomatonTable:
-    """Every automaton in use by a batch in one array, so a step of all rows is one gather."""
+@dataclass
+class _Part:
+    automaton: Automaton
+    offset: int  # its start state in the table
+    rows: int  # rows using it
 
-    def __init__(self, vocab_size: int):
+
+class AutomatonTable:
+    """Every automaton the rows of a batch use, in one array, and each row's state in it.
+
+    The table owns both, so that it alone counts which automata are in use and
+    renumbers the rows when it drops the others. ``state[row]`` is the global
+    state of a row (0: the row has no automaton; it never moves). Automata no
+    row uses stay in the table (a request that repeats a stop set or a regex
+    pays nothing) until they hold more states than ``max(live states, slack)``:
+    then they are dropped at once, so the table's memory is bounded by the
+    automata in use, whatever the number of distinct sets a server sees.
+    """
+
+    def __init__(self, vocab_size: int, capacity: int, slack: int = 4096):
         self.vocab_size = vocab_size
+        self.slack = slack  # states of unused automata kept for reuse, beyond as many as are live
+        self.state = np.zeros(capacity, np.int32)  # [capacity] global state of each row
+        self._key: list[Hashable | None] = [None] * capacity  # [capacity] each row's automaton, None: none
         null = Automaton(np.zeros((1, vocab_size), np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32),
                          np.ones((1, vocab_size), bool))
-        self._parts: dict[Hashable, list] = {}  # key -> [automaton, offset, rows using it]
+        self._parts: dict[Hashable, _Part] = {None: _Part(null, 0, 0)}
+        self._rows = 0  # rows with an automaton
         self._live_states = 1  # states of the automata some row uses, the null one included
-        self._build({(): [null, 0, 1]})
+        self._build()
 
-    def _build(self, parts: dict) -> None:
+    def _build(self) -> None:
         offset = 0
-        for part in parts.values():
-            part[1] = offset
-            offset += part[0].states
-        self._parts = parts
-        self.trans = np.concatenate([p[0].trans + p[1] for p in parts.values()])  # [S, V] global states
-        self.accept = np.concatenate([p[0].accept for p in parts.values()])
-        self.depth = np.concatenate([p[0].depth for p in parts.values()])
-        self.mask = np.concatenate([_mask(p[0], self.vocab_size) for p in parts.values()])  # [S, V] bool
+        for part in self._parts.values():
+            part.offset = offset
+            offset += part.automaton.states
+        parts = list(self._parts.values())
+        self.trans = np.concatenate([p.automaton.trans + p.offset for p in parts])  # [S, V] global states
+        self.accept = np.concatenate([p.automaton.accept for p in parts])  # [S]
+        self.depth = np.concatenate([p.automaton.depth for p in parts])  # [S]
+        self.mask = np.concatenate([_mask(p.automaton, self.vocab_size) for p in parts])  # [S, V] bool
 
-    def start(self, key: Hashable, make) -> int:
-        """The global start state of automaton ``key`` for one more row; ``make()`` builds it when new."""
-        part = self._parts.get(key)
-        if part is None:
-            automaton = make()
-            part = self._parts[key] = [automaton, len(self.accept), 0]
-            self.trans = np.concatenate([self.trans, automaton.trans + part[1]])
-            self.accept = np.concatenate([self.accept, automaton.accept])
-            self.depth = np.concatenate([self.depth, automaton.depth])
-            self.mask = np.concatenate([self.mask, _mask(automaton, self.vocab_size)])
-            self._live_states += automaton.states
-        part[2] += 1
-        return part[1]
+    @property
+    def states(self) -> int:
+        """States in the table, used or not (its memory is this times V times 9 bytes)."""
+        return len(self.accept)
 
     @property
     def in_use(self) -> bool:
-        """Some row has stop sequences (else every row is in state 0 and a step changes nothing)."""
-        return self._live_states > 1
+        """Some row has an automaton (else every row is in state 0 and a step changes nothing)."""
+        return self._rows > 0
 
-    def release(self, key: Hashable) -> None:
-        """One row of automaton ``key`` left; unused automata are dropped at the next ``collect``."""
-        part = self._parts[key]
-        part[2] -= 1
-        if part[2] == 0 and key != ():
-            self._live_states -= part[0].states
+    def start(self, row: int, key: Hashable, make: Callable[[], Automaton]) -> None:
+        """Row ``row`` (which has none) starts automaton ``key``; ``make()`` builds it when the table lacks it."""
+        part = self._parts.get(key)
+        if part is None:
+            automaton = make()
+            part = self._parts[key] = _Part(automaton, self.states, 0)
+            self.trans = np.concatenate([self.trans, automaton.trans + part.offset])
+            self.accept = np.concatenate([self.accept, automaton.accept])
+            self.depth = np.concatenate([self.depth, automaton.depth])
+            self.mask = np.concatenate([self.mask, _mask(automaton, self.vocab_size)])
+        if part.rows == 0:
+            self._live_states += part.automaton.states
+        part.rows += 1
+        self._rows += 1
+        self._key[row] = key
+        self.state[row] = part.offset
 
-    def collect(self, states: np.ndarray, keys: Sequence[Hashable]) -> np.ndarray:
-        """Drops unused automata once they hold more states than the live ones; returns the rows' states
-        (``states`` [n] of rows using ``keys`` [n]) renumbered for the new table."""
-        if len(self.accept) - self._live_states <= max(self._live_states, 4096):
-            return states
-        old = {key: part[1] for key, part in self._parts.items()}
-        self._build({key: part for key, part in self._parts.items() if part[2] > 0 or key == ()})
-        moved = np.array([self._parts[k][1] - old[k] for k in keys], np.int32)
-        return states + moved
+    def release(self, rows) -> None:
+        """``rows`` (ints) ended: back to state 0; automata that none uses are dropped when they outweigh the rest."""
+        for row in np.atleast_1d(rows).tolist():
+            key = self._key[row]
+            if key is None:
+                continue
+            part = self._parts[key]
+            part.rows -= 1
+            if part.rows == 0:
+                self._live_states -= part.automaton.states
+            self._rows -= 1
+            self._key[row] = None
+            self.state[row] = 0
+        if self.states - self._live_states > max(self._live_states, self.slack):
+            self._collect()
 
-    def step(self, states: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Next global state of each row: int32 [n] states, int [n] ids -> int32 [n]."""
-        return self.trans[states, ids]
+    def _collect(self) -> None:
+        """Drops the automata no row uses and renumbers the rows' states for the smaller table."""
+        old = {key: part.offset for key, part in self._parts.items()}
+        self._parts = {key: part for key, part in self._parts.items() if part.rows > 0 or key is None}
+        self._build()
+        for row, key in enumerate(self._key):
+            if key is not None:
+                self.state[row] += self._parts[key].offset - old[key]
+
+    def move(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Rows compacted from ``src`` to ``dst`` (slots.py): their automata and states follow."""
+        for a, b in zip(src, dst):
+            self._key[b], self._key[a] = self._key[a], None
+            self.state[b], self.state[a] = self.state[a], 0
+
+    def step(self, rows, ids: np.ndarray) -> np.ndarray:
+        """``rows`` (a slice or int64 [n]) drew ``ids`` [n]: their next global states, kept and returned (int32 [n])."""
+        states = self.trans[self.state[rows], ids]
+        self.state[rows] = states
+        return states
 
 
 def _mask(automaton: Automaton, vocab_size: int) -> np.ndarray:

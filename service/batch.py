@@ -166,7 +166,7 @@ class Batch:
         self.outbox = outbox
         self.stats = stats
         self.prime_cache = prime_cache
-        self.stops = AutomatonTable(model.metadata.vocab_size)
+        self.stops = AutomatonTable(model.metadata.vocab_size, capacity)  # each slot's stop automaton and state
         self.controls = ControlRows(capacity, model.metadata.vocab)
         self.scores: list[ScoreRun] = []  # Score requests being read (scoring.py)
         self.cohorts: list[Cohort] = []
@@ -213,9 +213,7 @@ class Batch:
                 continue
             self.controls.take(slot, e.logprobs, e.controls)
             if e.stops:
-                s.keys[slot] = e.stops
-                s.stop_state[slot] = self.stops.start(e.stops, lambda e=e: stop_automaton(
-                    e.stops, self.model.metadata.vocab_size))
+                self.stops.start(slot, e.stops, lambda e=e: stop_automaton(e.stops, self.model.metadata.vocab_size))
             if len(e.prime) == self.held:
                 ready.append((slot, None))
                 continue
@@ -282,6 +280,7 @@ class Batch:
         if not self.cohorts and not (joining and self.slots.capacity > 1):
             moved = self.slots.compact()
             self.controls.move(*moved)
+            self.stops.move(*moved)
             for src, dst in zip(*moved):
                 self.where[(int(self.slots.fe[dst]), int(self.slots.row[dst]))] = dst
 
@@ -413,10 +412,8 @@ class Batch:
         generated = s.generated[slots]
         generated += 1  # in place when ``slots`` is a slice
         s.generated[slots] = generated
-        stop_state = s.stop_state[slots]
         if self.stops.in_use:  # rows without stop sequences sit in state 0, which never moves
-            stop_state = self.stops.step(stop_state, ids)
-            s.stop_state[slots] = stop_state
+            stop_state = self.stops.step(slots, ids)
             matched = self.stops.accept[stop_state]  # 1 + stop index, 0 = none
             if emit:
                 self.outbox.chars(s.fe[slots], s.row[slots], ids, self.stops.depth[stop_state], lp)
@@ -452,9 +449,8 @@ class Batch:
             message = f"deadline passed after {gen} of {lim} characters" if k == 3 else ""
             self.outbox.end(fe, [row, code, reason, message, stop, gen, admitted, first if gen else now, now,
                                  self.steps - cancelled_at if k == 2 else 0])
-            if s.keys[slot]:
-                self.stops.release(s.keys[slot])
             self.where.pop((fe, row), None)
+        self.stops.release(slots)
         self.controls.free(slots)
         s.free(slots)
 
@@ -466,6 +462,7 @@ class Batch:
             self.outbox.end(fe, [row, code, reason, message, -1, int(s.generated[slot]),
                                  float(s.admitted_at[slot]), first, now])
             s.free(np.array([slot]))
+            self.stops.release(slot)
             self.controls.free(slot)
         self.where.clear()
         self.cohorts.clear()

@@ -34,9 +34,7 @@ class ControlRows:
         self.frequency = np.zeros(capacity, np.float32)
         self.repetition = np.ones(capacity, np.float32)
         self.penalised = np.zeros(capacity, bool)
-        self.regex_state = np.zeros(capacity, np.int32)  # global state in ``regexes`` (0: no regex)
-        self.regex_keys: list = [None] * capacity
-        self.regexes = AutomatonTable(v)
+        self.regexes = AutomatonTable(v, capacity)  # each row's regex automaton and state (0: no regex)
         self._bias: np.ndarray | None = None  # float32 [capacity, V]
         self._counts: np.ndarray | None = None  # float32 [capacity, V]
         self._active = 0  # rows holding a control
@@ -69,11 +67,7 @@ class ControlRows:
             self._matrix("_counts")[slot] = 0.0
         if regex:
             key = (regex, get("allowed", "") or "")
-            self.regex_keys[slot] = key
-            self.regex_state[slot] = self.regexes.start(key, lambda: compile_regex(
-                key[0], self.vocab, self.max_regex_states, key[1]))
-        else:
-            self.regex_keys[slot], self.regex_state[slot] = None, 0
+            self.regexes.start(slot, key, lambda: compile_regex(key[0], self.vocab, self.max_regex_states, key[1]))
         used = bool(logprobs or bias is not None or regex or self.penalised[slot])
         self.used[slot] = used
         self._active += used
@@ -83,23 +77,20 @@ class ControlRows:
             if self.used[slot]:
                 self._active -= 1
                 self.used[slot] = False
-            key = self.regex_keys[slot]
-            if key is not None:
-                self.regexes.release(key)
-                self.regex_keys[slot], self.regex_state[slot] = None, 0
+        self.regexes.release(slots)
 
     def move(self, src: list[int], dst: list[int]) -> None:
         """Slots compacted from ``src`` to ``dst`` (slots.py): their controls follow."""
         if not len(src):  # the usual round: nothing moved
             return
-        for name in ("used", "logprobs", "presence", "frequency", "repetition", "penalised", "regex_state"):
+        for name in ("used", "logprobs", "presence", "frequency", "repetition", "penalised"):
             array = getattr(self, name)
             array[dst] = array[src]
         for matrix in (self._bias, self._counts):
             if matrix is not None:
                 matrix[dst] = matrix[src]
-        for a, b in zip(src, dst):
-            self.regex_keys[b], self.regex_keys[a] = self.regex_keys[a], None
+        self.regexes.move(src, dst)
+        for a in src:
             self.used[a] = False
 
     def sampler_controls(self, rows) -> SamplerControls | None:
@@ -108,7 +99,7 @@ class ControlRows:
             return None
         n = len(self.used[rows])
         bias = self._bias[rows].copy() if self._bias is not None else np.zeros((n, len(self.vocab)), np.float32)
-        states = self.regex_state[rows]
+        states = self.regexes.state[rows]
         if states.any():
             bias[~self.regexes.mask[states]] = -np.inf
         counts = self._counts[rows] if self._counts is not None else np.zeros((n, len(self.vocab)), np.float32)
@@ -124,9 +115,7 @@ class ControlRows:
         if self._counts is not None and self.penalised[rows].any():
             index = np.arange(self.capacity)[rows]
             self._counts[index, ids] += self.penalised[index]
-        states = self.regex_state[rows]
-        if not states.any():
+        if not self.regexes.in_use or not self.regexes.state[rows].any():
             return None
-        states = self.regexes.step(states, ids)
-        self.regex_state[rows] = states
+        states = self.regexes.step(rows, ids)
         return self.regexes.accept[states] > 0

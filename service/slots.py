@@ -41,7 +41,6 @@ class Slots:
         "deadline": np.float64,  # time.monotonic() by which it must end; inf when none
         "cancelled": np.bool_,
         "cancelled_at": np.int64,  # the batch's step count when the cancel arrived
-        "stop_state": np.int32,  # global state in the stop automaton table (0: no stop sequences)
         "arrived": np.float64,
         "admitted_at": np.float64,
         "first_at": np.float64,
@@ -54,7 +53,6 @@ class Slots:
         self.arrays = {name: np.zeros(capacity, dtype) for name, dtype in self.FIELDS.items()}
         for name, array in self.arrays.items():  # s.token is s.arrays["token"]: filled in place, never replaced
             setattr(self, name, array)
-        self.keys: list = [()] * capacity  # stop automaton key of each slot
         self._free = list(range(capacity))  # a heap: the lowest free slot first
         self.used = 0  # slots taken (prefilling + active)
         self.extent = 0
@@ -71,8 +69,6 @@ class Slots:
         for array in self.arrays.values():
             array[slots] = 0
         self.deadline[slots] = np.inf
-        for slot in slots.tolist():
-            self.keys[slot] = ()
         self.used += n
         return slots
 
@@ -134,8 +130,6 @@ class Slots:
             self.state = self.model.place(self.state, holes_below, self.model.take(self.state, movers))
             for array in self.arrays.values():
                 array[holes_below] = array[movers]
-            for src, dst in zip(movers.tolist(), holes_below.tolist()):
-                self.keys[dst] = self.keys[src]
             used[holes_below] = True
             used[movers] = False
             self.arrays["active"][movers] = False
