@@ -4,7 +4,8 @@
 
 A preset fills every setting the command line leaves out. Exit status: 0 when
 the run ends by its limits or patience, 1 when the loss diverged, 2 for a bad
-argument or corpus, 130 when interrupted.
+argument or corpus, or when torch (the `train` extra) is not installed, 130
+when interrupted.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 # torch's OpenMP threads spin while they wait for work by default. On a machine whose cores are
 # shared with other jobs, the spinning threads starve each other and an LSTM step runs up to
 # 10x slower; passive waiting costs little when the machine is idle. Read once, at torch's import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from charrnn.modelfile import CELLS  # noqa: E402 (after OMP_WAIT_POLICY)
+from charrnn.extras import missing_extra  # noqa: E402 (after OMP_WAIT_POLICY)
+from charrnn.modelfile import CELLS  # noqa: E402
 
-from .checkpoint import CheckpointError  # noqa: E402
-from .config import ConfigError, TrainConfig
-from .loop import DivergedError, run_training
-from .presets import PRESETS, preset
+from .config import ConfigError, TrainConfig  # noqa: E402
+from .presets import PRESETS, preset  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +99,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"charrnn-train: error: {e}", file=sys.stderr)
+        return 2
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        print(f"charrnn-train: error: --out must be a run folder (new or existing), got {cfg.out!r}: a file",
+              file=sys.stderr)
+        return 2
+    try:  # torch and the rest of the train extra, which the service's install (make run) leaves out
+        from .checkpoint import CheckpointError
+        from .loop import DivergedError, run_training
+    except ModuleNotFoundError as e:
+        print(missing_extra("charrnn-train", "train", e), file=sys.stderr)
+        return 2
+    try:
         result = run_training(cfg)
     except DivergedError as e:
         print(f"charrnn-train: {e}", file=sys.stderr)

@@ -111,6 +111,8 @@ class TrainConfig:
             raise ConfigError("seq_len_sd", "a finite number >= 0", self.seq_len_sd)
         if not (isinstance(self.seq_len_half_prob, (int, float)) and 0.0 <= self.seq_len_half_prob <= 1.0):
             raise ConfigError("seq_len_half_prob", "in [0, 1]", self.seq_len_half_prob)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ConfigError("seed", f"an integer in [0, {2**32 - 1}] (numpy's seed range)", self.seed)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError("lr", "a finite number > 0", self.lr)
         for name in ("weight_decay", "grad_clip", "max_time"):
