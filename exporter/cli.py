@@ -4,7 +4,8 @@
     # models/shakespeare/<next version>/model.onnx
 
 Exit status: 0 published; 1 the exported graph failed a check (nothing
-published); 2 the input was refused (checkpoint, name, version).
+published); 2 the input was refused (checkpoint, name, version, repository),
+or torch and onnx (the `export` extra) are not installed.
 """
 
 from __future__ import annotations
@@ -15,12 +16,19 @@ import math
 import sys
 from pathlib import Path
 
-from charrnn.exporter.export import ExportError, ExportReport, export_model
-from charrnn.exporter.parity import DEFAULT_TOLERANCE
-from charrnn.exporter.repository import RepositoryError, publish
-from charrnn.modelfile import MODEL_NAME_RULE
-from charrnn.training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-from charrnn.training.model import CharRNN, ModelConfig
+from charrnn import modelfile as mf
+from charrnn.exporter import DEFAULT_TOLERANCE
+from charrnn.extras import missing_extra
+
+try:  # torch and onnx: the export extra, which the service's install (make run) leaves out; main says so
+    from charrnn.exporter.export import ExportError, ExportReport, export_model
+    from charrnn.exporter.repository import RepositoryError, publish
+    from charrnn.training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+    from charrnn.training.model import CharRNN, ModelConfig
+except ModuleNotFoundError as e:
+    MISSING: ModuleNotFoundError | None = e
+else:
+    MISSING = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "checkpoint", metavar="RUN_OR_CKPT", help="a checkpoint file, or a run folder (its best.pt, else last.pt)"
     )
-    p.add_argument("--name", required=True, help=f"model name: {MODEL_NAME_RULE}")
+    p.add_argument("--name", required=True, help=f"model name: {mf.MODEL_NAME_RULE}")
     p.add_argument("--repo", default="models", help="model repository folder (default: models)")
     p.add_argument("--version", type=int, default=None, help="version to publish (default: highest existing + 1)")
     p.add_argument("--force", action="store_true", help="replace the model file of an existing version")
@@ -82,6 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.tolerance >= 0:  # also refuses nan
         parser.error(f"--tolerance must be >= 0, got {args.tolerance}")
+    if args.version is not None and not mf.is_version(str(args.version)):
+        parser.error(f"--version must be a positive integer of at most {mf.MAX_VERSION_DIGITS} digits, "
+                     f"got {args.version}")
+    try:  # before the checkpoint is read: a typo in the name costs nothing
+        mf.check_model_name(args.name)
+    except ValueError as e:
+        print(f"charrnn-export: error: --name: {e}", file=sys.stderr)
+        return 2
+    if MISSING is not None:
+        print(missing_extra("charrnn-export", "export", MISSING), file=sys.stderr)
+        return 2
     ck_path = Path(args.checkpoint)
     try:
         ck_path = resolve_checkpoint(args.checkpoint)
@@ -103,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"charrnn-export: nothing published under {Path(args.repo) / args.name}: {e.reason}", file=sys.stderr)
         return 1
+    except OSError as e:  # the repository folder cannot be made or written
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"charrnn-export: nothing published under {Path(args.repo) / args.name}: {where}{e.strerror or e}",
+              file=sys.stderr)
+        return 2
     report = dataclasses.replace(report, path=final)
     print(f"checkpoint  {ck_path}")
     print(describe(report))

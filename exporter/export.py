@@ -25,7 +25,8 @@ from torch import nn
 
 import charrnn
 from charrnn import modelfile as mf
-from charrnn.exporter.parity import DEFAULT_SHAPES, DEFAULT_TOLERANCE, ParityResult, check_parity, cpu_session
+from charrnn.exporter import DEFAULT_TOLERANCE
+from charrnn.exporter.parity import DEFAULT_SHAPES, ParityResult, check_parity, cpu_session
 from charrnn.training.model import CharRNN
 
 PRODUCER_NAME = "charrnn-export"

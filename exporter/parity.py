@@ -24,10 +24,6 @@ from charrnn.training.model import CharRNN
 
 # (batch, steps) pairs: a single decode step, an odd prefill, and a wider, longer one.
 DEFAULT_SHAPES = ((1, 1), (3, 17), (8, 64))
-# Largest error accepted, |onnx - torch| / max(1, |torch|), on logits and state. float32
-# recurrences drift ~1e-6 over a few hundred steps; a wrong gate order or activation is
-# off by 1e-1 or more.
-DEFAULT_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def publish(
         raise RepositoryError(str(e)) from None
     repo = Path(repo)
     if repo.exists() and not repo.is_dir():
-        raise RepositoryError(f"model repository {repo} is not a folder")
+        raise RepositoryError(f"--repo must be a model repository folder, got {str(repo)!r}: a file")
     model_dir = repo / name
     if version is None:
         version = next_version(model_dir)
