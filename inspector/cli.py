@@ -101,6 +101,11 @@ def run_cells(args: argparse.Namespace) -> int:
             raise InspectError(
                 f"--png-dir needs matplotlib and Pillow ({e}); install them with pip install 'charrnn[inspect]'"
             ) from None
+    out = Path(args.out) if args.out else Path(f"inspect-{Path(args.textfile).stem}.html")
+    # The output folders are made before any work, so that a path that cannot be written fails at once.
+    _make_folder(out.parent, "--out", str(out), "a file in a folder that can be made")
+    if args.png_dir:
+        _make_folder(Path(args.png_dir), "--png-dir", args.png_dir, "a folder that can be made")
     model = open_model(args.model)
     raw, offset = read_text(args.textfile, args.start, args.max_chars)
     text, ids = encode(raw, model.meta, unknown=args.unknown)
@@ -108,10 +113,12 @@ def run_cells(args: argparse.Namespace) -> int:
     trace = trace_text(model, text, ids)
     rankings = rank_cells(trace, features_for(syntax), top=args.top)
     samples = sweep(model, args.prime, temperatures, seed=args.seed, chars=args.chars) if temperatures else ()
-    out = Path(args.out) if args.out else Path(f"inspect-{Path(args.textfile).stem}.html")
     source = PageSource(args.textfile, offset, syntax.name, dropped=len(raw) - len(text))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_page(model, trace, rankings, source, samples, args.prime), encoding="utf-8")
+    page = render_page(model, trace, rankings, source, samples, args.prime)
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as e:
+        raise InspectError(f"--out must be a file that can be written, got {str(out)!r}: {e.strerror}") from None
     print(model.describe())
     print(f"{len(text)} characters from {args.textfile} (offset {offset}, syntax {syntax.name})")
     print(f"{'feature':<44} {'best cell':<22} {'r':>7}")
@@ -122,9 +129,23 @@ def run_cells(args: argparse.Namespace) -> int:
             print(f"{r.feature.label if k == 0 else '':<44} {unit.describe():<22} {rv:+7.3f}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     if args.png_dir:
-        for path in draw_rankings(trace, rankings, Path(args.png_dir), model_label=model.label):
+        try:
+            paths = draw_rankings(trace, rankings, Path(args.png_dir), model_label=model.label)
+        except OSError as e:
+            raise InspectError(f"--png-dir must be a folder that can be written, got {args.png_dir!r}: "
+                               f"{e.strerror}") from None
+        for path in paths:
             print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} KB)")
     return 0
+
+
+def _make_folder(folder: Path, flag: str, value: str, rule: str) -> None:
+    """Makes ``folder`` and its parents; else InspectError "<flag> must be <rule>, got <value>: <why>"."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # FileExistsError: a file where a folder has to be
+        why = f"{e.filename} is a file" if isinstance(e, FileExistsError) else e.strerror
+        raise InspectError(f"{flag} must be {rule}, got {value!r}: {why}") from None
 
 
 def run_sweep(args: argparse.Namespace) -> int:
