@@ -352,4 +352,6 @@ def _await_primary(sock: zmq.Socket) -> bytes:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from charrnn.service.logs import exit_now
+
+    exit_now(main())  # everything is closed: no interpreter finalization

@@ -327,4 +327,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from charrnn.service.logs import exit_now
+
+    exit_now(main())  # everything is closed: no interpreter finalization

@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import sys
 import time
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 LOGGER_NAME = "charrnn"  # every module of the service logs below this name
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("charrnn_request_id", default="")
@@ -73,6 +74,20 @@ class TextFormatter(logging.Formatter):
             first, sep, rest = line.partition("\n")  # keep a traceback below the pairs
             line = first + "".join(f" {k}={v}" for k, v in pairs.items()) + sep + rest
         return line
+
+
+def exit_now(status: int) -> NoReturn:
+    """Ends a service process that has closed everything it opened: logs and standard streams flushed, then
+    ``os._exit``, without the interpreter's finalization. That finalization only garbage-collects the
+    heap of every imported module (gRPC, onnxruntime, FastAPI, pydantic), and takes 0.5 to 2 seconds
+    after the server has logged "stopped", time Kubernetes counts against the pod's grace period."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or a broken pipe: nothing left to say
+            pass
+    os._exit(status)
 
 
 def configure(log_format: str = "text", level: str = "info", stream: TextIO | None = None) -> logging.Logger:

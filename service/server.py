@@ -295,5 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> None:
+    """The `charrnn-serve` command: ``main``, then the process ends at once (logs.exit_now)."""
+    logs.exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
