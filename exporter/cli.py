@@ -16,6 +16,7 @@ import math
 import sys
 from pathlib import Path
 
+from charrnn import commandline
 from charrnn import modelfile as mf
 from charrnn.exporter import DEFAULT_TOLERANCE
 from charrnn.extras import missing_extra
@@ -32,7 +33,7 @@ else:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = commandline.ArgumentParser(
         prog="charrnn-export",
         description="Export a charrnn checkpoint to MODELS/<name>/<version>/model.onnx (docs/model-format.md).",
     )

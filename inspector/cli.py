@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from charrnn import commandline
 from charrnn.inspector.features import SYNTAXES, features_for, syntax_for
 from charrnn.inspector.ranking import rank_cells
 from charrnn.inspector.sweep import format_sweep, parse_temperatures, sweep
@@ -27,7 +28,7 @@ MODEL_HELP = "model.onnx, a version folder, MODELS/<name> (its newest version), 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = commandline.ArgumentParser(
         prog="charrnn-inspect",
         description="Look inside a charrnn model: cells against a text (default command), or a temperature sweep.",
         epilog="charrnn-inspect MODEL TEXTFILE [options] is short for charrnn-inspect cells MODEL TEXTFILE [options]. "

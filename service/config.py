@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from charrnn import commandline
 
 if TYPE_CHECKING:  # pragma: no cover
     from charrnn.service.validation import Limits
@@ -198,7 +199,7 @@ def _shown_default(f: dataclasses.Field) -> str:
 def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; defaults come from ``env`` (os.environ) where a CHARRNN_* variable is set."""
     env = os.environ if env is None else env
-    parser = argparse.ArgumentParser(
+    parser = commandline.ArgumentParser(
         prog="charrnn-serve",
         description="Serve character-level language models over gRPC (streaming) with Prometheus metrics. "
         "Every flag can also be set through the environment variable shown in its help.",

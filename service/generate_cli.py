@@ -22,13 +22,14 @@ import os
 import sys
 from pathlib import Path
 
+from charrnn import commandline
 from charrnn.service.client import FieldError, GeneratorClient, ServiceError, build_request
 
 FLAGS = {"n": "-n"}  # request fields whose flag is not --<field-with-dashes>
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="charrnn-generate", description="Sample text from a charrnn server.")
+    p = commandline.ArgumentParser(prog="charrnn-generate", description="Sample text from a charrnn server.")
     p.add_argument("--server", default=os.environ.get("CHARRNN_SERVER", "localhost:50051"),
                    help="host:port of the server (env CHARRNN_SERVER). Default: localhost:50051.")
     p.add_argument("--model", default="", help='"name" or "name@version"; empty means the server\'s default model.')

@@ -1,8 +1,9 @@
 """Bad input on every command line: one error line naming the flag, the value and what is allowed; no traceback.
 
 Each row runs the installed entry point as a subprocess. A usage error exits 2
-with argparse's "<prog>: error: <flag> must be <rule>, got <value>" (after the
-usage lines, where argparse prints them). A request the server refuses exits 1
+with the one line "<prog>: error: <flag> must be <rule>, got <value>", followed,
+where argparse reports it, by " (see <prog> --help)" (charrnn/commandline.py), and
+nothing else on stderr. A request the server refuses exits 1
 with the gRPC status and the server's message, which names the request field.
 A command whose extra is not installed (charrnn-train: train, charrnn-export:
 export) exits 2 with the line that says how to install it.
@@ -106,6 +107,6 @@ def test_bad_input_exits_with_one_line_naming_flag_and_value(command, argv, inst
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == code, done.stderr
     assert done.stdout == ""  # nothing done halfway
-    errors = [err for err in done.stderr.splitlines() if err.startswith(f"{command}: ")]
-    assert len(errors) == 1, done.stderr  # the lines before it, if any, are argparse's usage
-    assert re.search(line, errors[0]), errors[0]
+    errors = done.stderr.splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"{command}: "), done.stderr
+    assert re.search(line, errors[0].removesuffix(f" (see {command} --help)")), errors[0]

@@ -20,6 +20,7 @@ from pathlib import Path
 # 10x slower; passive waiting costs little when the machine is idle. Read once, at torch's import.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from charrnn import commandline  # noqa: E402
 from charrnn.extras import missing_extra  # noqa: E402 (after OMP_WAIT_POLICY)
 from charrnn.modelfile import CELLS  # noqa: E402
 
@@ -28,7 +29,7 @@ from .presets import PRESETS, preset  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = commandline.ArgumentParser(
         prog="charrnn-train",
         description="Train a character-level recurrent language model (LSTM/GRU/RNN) on UTF-8 text.",
         epilog="Presets: " + ", ".join(PRESETS) + ". Flags given on the command line override the preset.",
