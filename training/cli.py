@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("charrnn-train: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
-    print(f"best val loss {result.best_val_loss:.4f} (final {result.val_loss:.4f}) after {result.step} steps")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone evaluates and knows the losses
+        print(f"best val loss {result.best_val_loss:.4f} (final {result.val_loss:.4f}) after {result.step} steps")
     return 0
 
 

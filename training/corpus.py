@@ -196,13 +196,20 @@ def validation_start(chars: int) -> int:
     return chars - int(chars * VAL_FRACTION)
 
 
-def prepare_corpus(spec: str | os.PathLike, run_dir: Path, errors: str = "strict", vocab: list[str] | None = None) -> Corpus:
+def scan_spec(spec: str | os.PathLike, run_dir: Path, errors: str = "strict") -> tuple[list[Path], list[str], CorpusInfo]:
+    """The files of ``spec`` (outside the run folder), then their vocabulary and info (``scan_corpus``)."""
+    sources = list_sources(spec, exclude=run_dir)
+    return (sources, *scan_corpus(sources, errors))
+
+
+def prepare_corpus(spec: str | os.PathLike, run_dir: Path, errors: str = "strict", vocab: list[str] | None = None,
+                   scanned: tuple[list[Path], list[str], CorpusInfo] | None = None) -> Corpus:
     """Scans ``spec``, writes (or reuses) RUNDIR/tokens.bin, and maps it.
 
-    ``vocab`` (from a checkpoint being resumed) must then match the corpus's own.
+    ``vocab`` (from a checkpoint being resumed) must then match the corpus's own. ``scanned`` is what
+    ``scan_spec`` returned to a caller that scanned first (the scan is not repeated).
     """
-    sources = list_sources(spec, exclude=run_dir)
-    found, info = scan_corpus(sources, errors)
+    sources, found, info = scanned or scan_spec(spec, run_dir, errors)
     if vocab is not None and vocab != found:
         raise CorpusError(f"--data {spec}: its vocabulary ({len(found)} characters) differs from the checkpoint's ({len(vocab)})")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -19,15 +19,15 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from . import nodes
 from . import resume as resume_state
 from .batches import Lanes, Windows, train_lanes, val_lanes
 from .checkpoint import BEST, LAST, is_better, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .corpus import prepare_corpus
 from .model import CharRNN
 from .optim import lr_at, make_optimizer
 from .runlog import RunLog
-from .runtime import Runtime, any_rank, broadcast_from_main, main_first, seed_everything, start_runtime, stop_runtime
+from .runtime import Runtime, any_rank, broadcast_from_main, seed_everything, start_runtime, stop_runtime
 from .sampling import sample_text
 
 SAMPLE_TEMPERATURES = (0.5, 1.0)
@@ -57,11 +57,14 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
     out = Path(cfg.out)
     say = tqdm.write if rt.is_main else (lambda *_: None)
     ckpt = load_checkpoint(out / LAST) if cfg.resume and (out / LAST).is_file() else None
+    nodes.check_same_checkpoint(rt, out, ckpt["step"] if ckpt else None)  # one --out for every node
+    for warning in nodes.launch_warnings(rt, cfg.resume):
+        say(f"warning: {warning}")
     if ckpt is not None:
         ckpt = resume_state.upgrade(ckpt)
         resume_state.check_compatible(cfg, ckpt, rt.world)
-    # Rank 0 writes tokens.bin; the other ranks wait, then map the finished file.
-    corpus = main_first(rt, lambda: prepare_corpus(cfg.data, out, cfg.errors, vocab=ckpt["vocab"] if ckpt else None))
+    # Every rank must have read rank 0's corpus; tokens.bin is written once per run folder, then mapped.
+    corpus = nodes.prepare_corpus_on_every_rank(rt, cfg.data, out, cfg.errors, ckpt["vocab"] if ckpt else None)
     if ckpt is not None:
         resume_state.check_corpus(corpus, ckpt)
     windows = Windows(cfg.seq_len, cfg.epoch_offset, cfg.seq_len_sd, cfg.seq_len_half_prob, cfg.seed)

@@ -83,8 +83,11 @@ def check_compatible(cfg: TrainConfig, ckpt: dict, world: int) -> None:
     for name in FIXED_ON_RESUME:
         if train[name] != getattr(cfg, name):
             raise ConfigError(name, f"{train[name]!r} as in the checkpoint being resumed", getattr(cfg, name))
-    if ckpt["resume"]["world"] != world:
-        raise ConfigError("nproc_per_node", f"{ckpt['resume']['world']} (the process count of the run being resumed)", world)
+    if ckpt["resume"]["world"] != world:  # each rank resumes its own lanes: another count would cut the text anew
+        raise ConfigError(
+            "nproc_per_node", f"such that --nnodes x --nproc-per-node = {ckpt['resume']['world']} ranks, as in the run being"
+            f" resumed ({cfg.out}/last.pt holds each rank's place in its own lanes of the text; another count cuts"
+            " other lanes, so it cannot continue that run)", world)
 
 
 def check_corpus(corpus: Corpus, ckpt: dict) -> None:
@@ -127,8 +130,13 @@ def gather(run: RunState, model: CharRNN, rt: Runtime) -> list[dict] | None:
 
 
 def weights_digest(model: CharRNN) -> str:
+    return state_digest(model.state_dict())
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state_dict (a checkpoint's ``model``): every tensor's name and bytes, in name order."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

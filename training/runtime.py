@@ -1,6 +1,7 @@
 """Where a run executes: the device, CPU threads, and the process group under torchrun.
 
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them the run is a single
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE (and, after an
+elastic restart, TORCHELASTIC_RESTART_COUNT); without them the run is a single
 process and none of the collectives below do anything.
 """
 
@@ -22,8 +23,10 @@ from .config import ConfigError
 class Runtime:
     device: torch.device  # where the model and batches live
     rank: int  # this process's index under torchrun; 0 alone
-    world: int  # processes under torchrun; 1 alone
+    world: int  # processes under torchrun, on all nodes; 1 alone
     bf16: bool = False  # matrix math under bfloat16 autocast (weights and optimizer stay float32)
+    local_rank: int = 0  # this process's index on its own node
+    restarts: int = 0  # times torchrun has restarted the workers of this launch (--max-restarts)
 
     def autocast(self):
         """The context each forward pass runs in."""
@@ -57,7 +60,7 @@ def cpu_has_bf16_units() -> bool:
 
 def start_runtime(device: str, threads: int = 0, precision: str = "auto") -> Runtime:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "auto or cpu on this machine (torch sees no CUDA device)", device)
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -71,13 +74,13 @@ def start_runtime(device: str, threads: int = 0, precision: str = "auto") -> Run
         dev = torch.device("cpu")
         if threads:
             torch.set_num_threads(threads)
-        elif world > 1:  # ranks on one machine share its cores
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        elif local_world > 1:  # the ranks on one machine share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         torch.set_flush_denormal(True)  # denormal floats are very slow on x86 and change no result that matters
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     bf16 = precision == "bf16" or (precision == "auto" and (use_cuda or cpu_has_bf16_units()))
-    return Runtime(dev, rank, world, bf16)
+    return Runtime(dev, rank, world, bf16, local_rank, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
 
 
 def stop_runtime(rt: Runtime) -> None:
@@ -124,13 +127,31 @@ def gather_to_main(rt: Runtime, obj):
     return out
 
 
-def main_first(rt: Runtime, work):
-    """Runs ``work()`` on rank 0, then on the other ranks (which then find what rank 0 wrote)."""
+def gather_to_all(rt: Runtime, obj) -> list:
+    """Every rank's ``obj`` as a list, on every rank; ``[obj]`` alone."""
+    if not rt.distributed:
+        return [obj]
+    out = [None] * rt.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def in_turn(rt: Runtime, work):
+    """Runs ``work()`` on rank 0; then on the first rank of every other node; then on the remaining ranks.
+
+    Each group starts once the one before has finished, so a file that ``work`` writes into a
+    folder is written once per folder: by rank 0 into a folder every node shares, or by the first
+    rank of each node into a folder of the node's own; later ranks find it finished.
+    """
     if not rt.distributed:
         return work()
-    result = work() if rt.is_main else None
-    dist.barrier()
-    return result if rt.is_main else work()
+    turn = 0 if rt.is_main else 1 if rt.local_rank == 0 else 2
+    result = None
+    for group in range(3):
+        if group == turn:
+            result = work()
+        dist.barrier()
+    return result
 
 
 def broadcast_from_main(rt: Runtime, obj):
