@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 # gRPC's C core writes its own lines to stderr (a refused TLS handshake logs at info) and reads
 # this once, at import: keep it to errors so that, with --log-format json, the log stays one JSON
@@ -258,9 +259,23 @@ class Server:
             f"  gRPC     {target}{' (TLS)' if c.tls else ''}\n"
             f"{http}"
             f"  metrics  http://{hostport(shown, self.metrics_port)}/metrics\n"
-            f"  try      charrnn-generate --server {target}{tls_args}"
+            f"  try      {generate_command()} --server {target}{tls_args}"
             ' --prime "ROMEO:" --max-chars 300 --temperature 0.8\n'
         )
+
+
+def generate_command() -> str:
+    """How to run this install's `charrnn-generate` from the shell that started the server: its bare name when
+    PATH finds it, else its path, relative to the working directory when under it (`.venv/bin/...` after
+    `make run`)."""
+    beside = Path(sys.executable).parent / "charrnn-generate"  # the interpreter's own bin/, symlinks kept
+    found = shutil.which("charrnn-generate")
+    if found and Path(found).resolve() == beside.resolve():
+        return "charrnn-generate"
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)
 
 
 async def serve(config: ServeConfig, log: logging.Logger) -> None:
