@@ -138,12 +138,16 @@ def test_every_runnable_example_was_run():
 
 
 def test_make_run_prints_a_command_that_works_from_where_it_was_typed(tmp_path, no_torch_env):
-    """`make run` starts .venv/bin/charrnn-serve from the checkout, without the venv on PATH: the "try" line it
-    prints must run as it is, from there."""
+    """`make run` starts .venv/bin/charrnn-serve from the checkout, without the venv on PATH: it prints what the
+    README shows, and the "try" line runs as it is, from there."""
     env = dict(no_torch_env)
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != BIN) or "/usr/bin"
-    with ServeProcess(REPO / "models", env=env) as proc:
-        banner = "\n".join(proc.stdout)
+    with ServeProcess(REPO / "models", "--http-port", "0", env=env) as proc:
+        banner = "".join(proc.stdout)
+        shown = (banner.replace(f"127.0.0.1:{proc.port}", GRPC_DEFAULT).replace(f"127.0.0.1:{proc.http_port}", HTTP_DEFAULT)
+                 .replace(f"127.0.0.1:{proc.metrics_port}", "localhost:8000"))
+        readme = (REPO / "README.md").read_text()
+        assert BIN != REPO / ".venv" / "bin" or "```\n" + shown + "```" in readme, f"README.md should show what make run prints:\n{shown}"
         line = next(ln for ln in banner.splitlines() if ln.strip().startswith("try"))
         command = line.strip().removeprefix("try").strip()
         if BIN.is_relative_to(REPO):
