@@ -24,7 +24,7 @@ from charrnn import commandline  # noqa: E402
 from charrnn.extras import missing_extra  # noqa: E402 (after OMP_WAIT_POLICY)
 from charrnn.modelfile import CELLS  # noqa: E402
 
-from .config import ConfigError, TrainConfig  # noqa: E402
+from .config import TIME_BUDGET_PATIENCE, ConfigError, TrainConfig  # noqa: E402
 from .presets import PRESETS, preset  # noqa: E402
 
 
@@ -72,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-interval", type=int, help="steps between evaluations and checkpoints")
     s.add_argument("--eval-iters", type=int, help="validation batches per evaluation (0: the whole split)")
     s.add_argument("--max-steps", type=int, help="steps of the whole run, across resumes (0: no limit)")
-    s.add_argument("--max-time", type=float, help="seconds of the whole run, across resumes (0: no limit)")
-    s.add_argument("--patience", type=int, help="stop after N evaluations without improvement (0: never)")
+    s.add_argument("--max-time", type=float,
+                   help="seconds of the whole run, across resumes (0: no limit); a ceiling: it turns --patience on")
+    s.add_argument("--patience", type=int,
+                   help="stop after N evaluations without a better validation loss (0: never; "
+                        f"default {TIME_BUDGET_PATIENCE} with --max-time, else 0)")
     s.add_argument("--divergence-factor", type=float, help="stop when the loss exceeds this times the first loss")
     r = p.add_argument_group("reporting and runtime")
     r.add_argument("--sample-chars", type=int, help="characters sampled per temperature at each evaluation (0: none)")

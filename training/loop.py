@@ -94,6 +94,13 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
     if cfg.max_steps and run.step >= cfg.max_steps:
         say(f"nothing to do: the run already took {run.step} of --max-steps {cfg.max_steps} steps")
         return RunResult(run.step, ckpt["val_loss"], run.best_val_loss, "max_steps")
+    if cfg.patience and run.evals_since_best >= cfg.patience:  # it stopped by patience before it was killed or rerun
+        say(f"nothing to do: the run already had {run.evals_since_best} evaluations without a better validation loss"
+            f" (--patience {cfg.patience}; a larger --patience, or 0, continues it)")
+        return RunResult(run.step, ckpt["val_loss"], run.best_val_loss, "patience")
+    if cfg.patience:
+        say(f"early stop: after {cfg.patience} evaluations (every {cfg.eval_interval} steps) without a better validation loss"
+            " (--patience; 0 trains to the budget)")
     bar = tqdm(total=cfg.max_steps or None, initial=run.step, disable=not rt.is_main, unit="step", dynamic_ncols=True)
     started = time.perf_counter() - run.elapsed  # so elapsed counts the whole run across resumes
     # Since the last evaluation: when it ended, the training losses, the characters trained on (all ranks).
@@ -170,6 +177,8 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
             improved = is_better(best_loss, run.best_val_loss)
             run.best_val_loss = best_loss if improved else run.best_val_loss
             run.evals_since_best = 0 if improved else run.evals_since_best + 1
+            if not stopped_by and cfg.patience and run.evals_since_best >= cfg.patience:
+                stopped_by = "patience"
             record = {
                 "step": run.step, "epoch": run.epoch,
                 "train_loss": sum(period_losses) / max(1, len(period_losses)), "val_loss": val_loss,
@@ -177,6 +186,7 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
                 "best_val_loss": run.best_val_loss, "lr": lr,
                 "chars_per_sec": round(period_chars / max(1e-9, train_seconds), 1),
                 "elapsed": round(time.perf_counter() - started, 3),
+                **({"stopped_by": stopped_by} if stopped_by else {}),  # the last line says why the run ended
             }
             log.add_metrics(record)
             say(f"step {run.step}: train {record['train_loss']:.4f}  val {val_loss:.4f}"
@@ -195,9 +205,9 @@ def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:
                                                                  weights="ema" if best_model is not model else "raw"))
             save_checkpoint(out / LAST, {**payload, **resume_state.extra(optimizer, ema, windows, run, ranks)})
             run.checkpoint_step = run.step
-            if not stopped_by and cfg.patience and run.evals_since_best >= cfg.patience:
-                stopped_by = "patience"
-                say(f"stopping: {cfg.patience} evaluations without a better validation loss")
+            if stopped_by == "patience":
+                say(f"stopping: {cfg.patience} evaluations without a better validation loss than {run.best_val_loss:.4f}"
+                    f" (--patience {cfg.patience}); best.pt holds that model")
         stopped_by = broadcast_from_main(rt, stopped_by)
         period_start, period_losses, period_chars = time.perf_counter(), [], 0
     bar.close()
