@@ -3,13 +3,15 @@
 Built-in kinds go through kubernetes-validate --strict for Kubernetes 1.30 and
 the newest version it knows; the Prometheus Operator's custom resources are not
 in its schemas, so their structure is checked here. Server settings are read
-back through the real charrnn-serve argument parser.
+back through the real charrnn-serve argument parser; the multi-node training
+Job's command line through torchrun's and charrnn-train's own parsers.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import os
 import re
 import subprocess
 import sys
@@ -24,7 +26,9 @@ from tests.deployqueries import contract_series, rule_queries, selectors
 from tests.deploytools import REPO, require_tool
 
 K8S = REPO / "deploy" / "k8s"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "cpu-multinode", "gpu-multinode")
+MULTINODE = ("cpu-multinode", "gpu-multinode")  # the training Job across pods (components/multinode-training)
+DEVICE = {"cpu": "cpu", "gpu": "cuda", "cpu-multinode": "cpu", "gpu-multinode": "cuda"}
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 CUSTOM_GROUP = "monitoring.coreos.com/v1"
 GENERATOR_SERVICE = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
@@ -153,7 +157,7 @@ def test_server_settings_agree_with_the_pod_spec(overlay, tmp_path):
     assert ports == {"grpc": config.port, "metrics": config.metrics_port, "http": config.http_port}
     service = {p["name"]: p["targetPort"] for p in one(docs, "Service", "charrnn")["spec"]["ports"]}
     assert service == {"grpc": "grpc", "metrics": "metrics", "http": "http"}
-    assert config.device == {"cpu": "cpu", "gpu": "cuda"}[overlay]
+    assert config.device == DEVICE[overlay]
     assert container["envFrom"][0]["configMapRef"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
     # The drain (after the preStop pause) must end before the kubelet's SIGKILL.
     pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -217,16 +221,29 @@ def test_training_job_exports_into_the_volume_the_servers_read(overlay):
     assert "ReadWriteMany" in claims[served]["spec"]["accessModes"]  # many server pods and the Job
     job_pod = one(docs, "Job", "charrnn-train")["spec"]["template"]["spec"]
     train, export = job_pod["initContainers"][0], job_pod["containers"][0]
-    assert train["command"] == ["charrnn-train"] and export["command"] == ["charrnn-export"]
+    assert _program(train) == "charrnn-train" and _program(export) == "charrnn-export"
     out = next(a.split("=", 1)[1] for a in train["args"] if a.startswith("--out="))
     assert export["args"][-1] == out, "export reads the run folder training wrote"
     repo = next(a.split("=", 1)[1] for a in export["args"] if a.startswith("--repo="))
     assert _claim(job_pod, export, repo) == (served, False)
     device = next(a for a in train["args"] if a.startswith("--device="))
-    assert device == {"cpu": "--device=cpu", "gpu": "--device=cuda"}[overlay]
+    assert device == f"--device={DEVICE[overlay]}"
     presets = [a for a in train["args"] if a.startswith("--preset=")]
     # The 2x1024 quality preset is for a GPU; CPU nodes train the bundled model's 2x256 preset.
-    assert presets == [{"cpu": "--preset=default", "gpu": "--preset=shakespeare"}[overlay]]
+    assert presets == [{"cpu": "--preset=default", "cuda": "--preset=shakespeare"}[DEVICE[overlay]]]
+
+
+def _program(container: dict) -> str:
+    """The charrnn command a container runs: itself, under torchrun (-m its module), or behind sh -c (as $0)."""
+    command = container["command"]
+    if command[0] == "torchrun":
+        assert command[-2] == "-m", command
+        return {"charrnn.training.cli": "charrnn-train"}[command[-1]]
+    if command[:2] == ["sh", "-c"]:
+        assert len(command) == 4 and f'exec {command[3]} "$@"' in command[2], command
+        return command[3]
+    assert len(command) == 1, command
+    return command[0]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -235,7 +252,7 @@ def test_gpu_only_in_the_gpu_overlay(overlay):
     pods = [one(docs, kind)["spec"]["template"]["spec"] for kind in ("Deployment", "Job")]
     gpus = [c["resources"].get("limits", {}).get("nvidia.com/gpu") for c in
             (pods[0]["containers"][0], pods[1]["initContainers"][0])]
-    assert gpus == ([1, 1] if overlay == "gpu" else [None, None])
+    assert gpus == ([1, 1] if DEVICE[overlay] == "cuda" else [None, None])
     for pod in pods:
         for container in _containers(pod):
             assert container["resources"]["requests"] and container["resources"]["limits"], container["name"]
@@ -273,3 +290,51 @@ def test_prometheus_adapter_serves_the_hpa_metric():
     assert [r["name"]["as"] for r in rules] == [metric]
     assert rules[0]["seriesQuery"].startswith(metric + "{")
     assert set(rules[0]["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+@pytest.mark.parametrize("overlay", MULTINODE)
+def test_multinode_training_runs_torchrun_in_indexed_pods_that_meet_at_pod_0(overlay):
+    from torch.distributed.run import get_args_parser  # torchrun's own parser: only flags torchrun knows
+
+    from charrnn.training.cli import build_parser
+
+    docs = rendered(overlay)
+    job = one(docs, "Job", "charrnn-train")
+    pod = job["spec"]["template"]["spec"]
+    train = pod["initContainers"][0]
+    launch = get_args_parser().parse_args(train["command"][1:] + train["args"])
+    assert launch.module and launch.training_script == "charrnn.training.cli"
+    # One number of nodes: as many pods as --nnodes, all running at once (the rendezvous waits for all).
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == int(launch.nnodes)
+    assert int(launch.nnodes) >= 2 and launch.rdzv_backend == "c10d" and launch.max_restarts >= 1
+    # Pod 0 is reachable by name: <job>-0.<subdomain>, a headless Service publishing pods before they are Ready.
+    service = one(docs, "Service", pod["subdomain"])
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    port = next(p for p in service["spec"]["ports"] if p["name"] == "rendezvous")
+    assert launch.rdzv_endpoint == f"{job['metadata']['name']}-0.{pod['subdomain']}:{port['port']}"
+    assert {"name": port["targetPort"], "containerPort": port["port"]} in train["ports"]
+    env = {e["name"]: e for e in train["env"]}
+    assert launch.local_addr == "$(POD_IP)" and env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]["value"] == "1"  # every restart gets a store of its own
+    # Every (re)started rank continues the run from the folder all pods share.
+    flags = build_parser().parse_args(launch.training_script_args)
+    assert flags.resume is True
+    claim, _ = _claim(pod, train, "/training")
+    assert one(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
+    # Ranks per pod: one per GPU the pod asks for (one on the CPU).
+    gpus = train["resources"]["limits"].get("nvidia.com/gpu", 1)
+    assert int(launch.nproc_per_node) == gpus
+
+
+@pytest.mark.parametrize("index, exports", [("0", True), ("1", False)])
+def test_only_pod_0_of_the_multinode_job_publishes_the_model(index, exports, tmp_path):
+    export = one(rendered("gpu-multinode"), "Job", "charrnn-train")["spec"]["template"]["spec"]["containers"][0]
+    fake = tmp_path / "charrnn-export"
+    fake.write_text('#!/bin/sh\necho "exported $*"\n')
+    fake.chmod(0o755)
+    done = subprocess.run(export["command"] + export["args"], capture_output=True, text=True, timeout=10,
+                          env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "JOB_COMPLETION_INDEX": index})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (f"exported {' '.join(export['args'])}\n" if exports else "")
