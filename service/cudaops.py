@@ -1,8 +1,8 @@
 """The CUDA side of a model: state rows gathered, joined and replaced on the GPU, and the decode step bound.
 
 The recurrent state lives in ``OrtValue``s on the device between steps. Rows
-are gathered and joined by one-node graphs (Gather, Concat) written by
-onnxproto.py; a row written into a slot is a Concat then a Gather. The decode
+are gathered and joined by one-node graphs (Gather, Concat) built in
+graphs.py; a row written into a slot is a Concat then a Gather. The decode
 step binds the model's logits output on the device and feeds it to the sampler
 graph (sampler.py) on the same device, so only ids cross to the host.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from charrnn import modelfile as mf
-from charrnn.service import onnxproto
+from charrnn.service import graphs
 from charrnn.service.sampler import Controls, Picked
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -24,8 +24,8 @@ class DeviceStateOps:
 
     def __init__(self) -> None:
         providers = [CUDA_PROVIDER]
-        self._gather = ort.InferenceSession(onnxproto.gather_rows_model(), providers=providers)
-        self._concat = ort.InferenceSession(onnxproto.concat_rows_model(), providers=providers)
+        self._gather = ort.InferenceSession(graphs.gather_rows_model(), providers=providers)
+        self._concat = ort.InferenceSession(graphs.concat_rows_model(), providers=providers)
 
     def gather(self, value: ort.OrtValue, rows: np.ndarray) -> ort.OrtValue:
         b = self._gather.io_binding()

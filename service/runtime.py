@@ -27,7 +27,6 @@ import numpy as np
 import onnxruntime as ort
 
 from charrnn import modelfile as mf
-from charrnn.service import onnxproto
 from charrnn.service.sampler import Controls, Picked, Sampler
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,10 +63,12 @@ def _cuda_probe() -> str | None:
         missing = str(e).split(":")[0]
         return f"{missing} missing" if "cannot open shared object" in str(e) else str(e)
     # The libraries load; a session on a real GPU is the final proof (no GPU, driver too old).
+    from charrnn.service.graphs import identity_model  # onnx: only where that session is tried (graphs.py)
+
     try:
         opts = ort.SessionOptions()
         opts.log_severity_level = 4  # fatal only: the reason is reported below, in one line
-        sess = ort.InferenceSession(onnxproto.identity_model(), opts, providers=[CUDA_PROVIDER, CPU_PROVIDER])
+        sess = ort.InferenceSession(identity_model(), opts, providers=[CUDA_PROVIDER, CPU_PROVIDER])
     except Exception as e:  # noqa: BLE001 - any failure means "not usable"; the message says why
         return str(e).strip().splitlines()[0][:200]
     if sess.get_providers()[0] != CUDA_PROVIDER:

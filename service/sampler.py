@@ -25,22 +25,26 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
-from charrnn.service.onnxproto import FLOAT, INT64, Graph
+if TYPE_CHECKING:  # pragma: no cover
+    from charrnn.service.graphs import Graph
 
 CPU = ["CPUExecutionProvider"]
 
 
 def _graph(controlled: bool, filtered: bool) -> bytes:
+    from charrnn.service.graphs import Graph  # onnx: imported by the processes that build a sampler (graphs.py)
+
     g = Graph("charrnn_sampler" + ("_controlled" if controlled else "") + ("_filtered" if filtered else ""))
-    logits = g.input("logits", FLOAT, 3)  # [B, 1, V]
-    temperature = g.input("temperature", FLOAT, 1)  # [B], 0 = greedy
-    top_k = g.input("top_k", INT64, 1)  # [B], 0 = off
-    top_p = g.input("top_p", FLOAT, 1)  # [B], 1 = off
-    u = g.input("u", FLOAT, 1)  # [B] in [0, 1]
+    logits = g.input("logits", np.float32, 3)  # [B, 1, V]
+    temperature = g.input("temperature", np.float32, 1)  # [B], 0 = greedy
+    top_k = g.input("top_k", np.int64, 1)  # [B], 0 = off
+    top_p = g.input("top_p", np.float32, 1)  # [B], 1 = off
+    u = g.input("u", np.float32, 1)  # [B] in [0, 1]
     i64 = lambda v: g.const(v, np.int64)  # noqa: E731
     axis0, axis1 = i64([0]), i64([1])
     col = lambda x: g.node("Unsqueeze", [x, axis1])  # noqa: E731 - [B] -> [B, 1]
@@ -64,7 +68,7 @@ def _graph(controlled: bool, filtered: bool) -> bytes:
     plain = _pick(g, w, draw, axis=0)  # [B]
 
     if not filtered:  # no row of this batch has top-k or top-p: the vocabulary-order picks are all
-        g.output(col(plain), "ids", INT64, 2)
+        g.output(col(plain), "ids", np.int64, 2)
         if controlled:
             _logprobs(g, raw, col(plain), axis1, col)
         return g.model()
@@ -79,18 +83,18 @@ def _graph(controlled: bool, filtered: bool) -> bytes:
     wf = g.node("Exp", [values])
     rank = g.node("Range", [i64(0), vocab, i64(1)])  # [V]
     k = g.node("Gather", [g.node("Where", [k_on, top_k, vocab]), rows], axis=0)  # [m]
-    wf = g.node("Mul", [wf, g.node("Cast", [g.node("Less", [rank, col(k)])], to=FLOAT)])
+    wf = g.node("Mul", [wf, g.cast(g.node("Less", [rank, col(k)]), np.float32)])
     # Top-p over what top-k kept: the most likely characters until their mass reaches p (the first stays).
     p = g.node("Div", [wf, g.node("ReduceSum", [wf, axis1], keepdims=1)])
     before = g.node("Sub", [g.node("CumSum", [p, i64(1)]), p])
     pf = g.node("Gather", [top_p, rows], axis=0)
     keep = g.node("Or", [g.node("Less", [before, col(pf)]), col(g.node("GreaterOrEqual", [pf, one]))])
-    wf = g.node("Mul", [wf, g.node("Cast", [keep], to=FLOAT)])
+    wf = g.node("Mul", [wf, g.cast(keep, np.float32)])
     picked = _pick(g, g.node("Transpose", [wf], perm=[1, 0]), g.node("Gather", [u, rows], axis=0), axis=0)
     chosen = g.node("Squeeze", [g.node("GatherElements", [order, col(picked)], axis=1), axis1])  # [m]
     ids = g.node("ScatterElements", [plain, rows, chosen], axis=0)  # [B]
     ids = col(ids)  # [B, 1] int64: feeds the next step as is
-    g.output(ids, "ids", INT64, 2)
+    g.output(ids, "ids", np.int64, 2)
 
     if controlled:
         _logprobs(g, raw, ids, axis1, col)
@@ -103,28 +107,28 @@ def _logprobs(g: Graph, raw: str, ids: str, axis1: str, col) -> None:
     shifted = g.node("Sub", [raw, top])
     logp = g.node("Sub", [shifted, g.node("Log", [g.node("ReduceSum", [g.node("Exp", [shifted]), axis1],
                                                                 keepdims=1)])])  # [B, V]
-    g.output(g.node("GatherElements", [logp, ids], axis=1), "logprob", FLOAT, 2)  # [B, 1]
-    n_top = g.input("n_top", INT64, 1)  # [1]: alternatives returned per row (>= 1)
+    g.output(g.node("GatherElements", [logp, ids], axis=1), "logprob", np.float32, 2)  # [B, 1]
+    n_top = g.input("n_top", np.int64, 1)  # [1]: alternatives returned per row (>= 1)
     top_lp, top_id = g.node("TopK", [logp, n_top], outputs=2, axis=1, largest=1, sorted=1)
-    g.output(top_lp, "top_logprobs", FLOAT, 2)  # [B, n_top]
-    g.output(top_id, "top_ids", INT64, 2)
+    g.output(top_lp, "top_logprobs", np.float32, 2)  # [B, n_top]
+    g.output(top_id, "top_ids", np.int64, 2)
 
 
 def _penalised(g: Graph, raw: str, col) -> str:
     """raw [B, V] with the repetition, frequency and presence penalties and the bias applied (vLLM's order)."""
     zero = g.const(0.0)
-    bias = g.input("bias", FLOAT, 2)  # [B, V]: logit_bias, and -inf where a constraint forbids
-    counts = g.input("counts", FLOAT, 2)  # [B, V]: times each character was generated
-    presence = g.input("presence", FLOAT, 1)  # [B]
-    frequency = g.input("frequency", FLOAT, 1)  # [B]
-    repetition = g.input("repetition", FLOAT, 1)  # [B], 1 = off
+    bias = g.input("bias", np.float32, 2)  # [B, V]: logit_bias, and -inf where a constraint forbids
+    counts = g.input("counts", np.float32, 2)  # [B, V]: times each character was generated
+    presence = g.input("presence", np.float32, 1)  # [B]
+    frequency = g.input("frequency", np.float32, 1)  # [B]
+    repetition = g.input("repetition", np.float32, 1)  # [B], 1 = off
     seen = g.node("Greater", [counts, zero])
     r = col(repetition)
     # Repetition: a seen character's logit is divided by r when positive, multiplied by r otherwise.
     repeated = g.node("Where", [g.node("Greater", [raw, zero]), g.node("Div", [raw, r]), g.node("Mul", [raw, r])])
     z = g.node("Where", [seen, repeated, raw])
     z = g.node("Sub", [z, g.node("Mul", [col(frequency), counts])])
-    z = g.node("Sub", [z, g.node("Mul", [col(presence), g.node("Cast", [seen], to=FLOAT)])])
+    z = g.node("Sub", [z, g.node("Mul", [col(presence), g.cast(seen, np.float32)])])
     return g.node("Add", [z, bias])
 
 
@@ -138,8 +142,8 @@ def _pick(g: Graph, w: str, draw: str, axis: int) -> str:
     total = g.node("ReduceMax", [cdf], axes=[axis], keepdims=1)  # [1, n]: the running sum only grows
     target = g.node("Mul", [g.node("Unsqueeze", [draw, g.const([axis], np.int64)]), total])
     below = g.node("And", [g.node("LessOrEqual", [cdf, target]), g.node("Less", [cdf, total])])
-    count = g.node("ReduceSum", [g.node("Cast", [below], to=FLOAT), g.const([axis], np.int64)], keepdims=0)
-    return g.node("Cast", [count], to=INT64)
+    count = g.node("ReduceSum", [g.cast(below, np.float32), g.const([axis], np.int64)], keepdims=0)
+    return g.cast(count, np.int64)
 
 
 @functools.cache

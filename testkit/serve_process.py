@@ -1,8 +1,9 @@
 """A real `charrnn-serve` subprocess for tests: free ports, its banner parsed, its logs collected.
 
-The process runs with `torch` and `onnx` made unimportable (a sitecustomize on
-PYTHONPATH), so every test that uses it also checks that the service runs
-without them.
+The process runs with `torch` made unimportable (a sitecustomize on PYTHONPATH),
+so every test that uses it also checks that the service runs without it. The
+`onnx` package stays importable: the service builds its own small graphs with it
+(service/graphs.py), and the base install (`make run`) has it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 # sitecustomize.py: runs at interpreter start; a None entry makes `import torch` raise ImportError.
 # It also installs testkit.ortfault's onnxruntime wrapper when CHARRNN_TEST_ORT_FAULT is set.
 BLOCKER = (
-    "import os, sys\nfor _name in ('torch', 'onnx'):\n    sys.modules[_name] = None\n"
+    "import os, sys\nsys.modules['torch'] = None\n"
     "if os.environ.get('CHARRNN_TEST_ORT_FAULT'):\n"
     f"    sys.path.append({str(REPO)!r})\n"
     "    from testkit.ortfault import install_from_env\n"
@@ -31,7 +32,7 @@ BLOCKER = (
 
 
 def blocked_env(tmp_dir: Path, extra: dict | None = None) -> dict:
-    """os.environ with a sitecustomize that blocks torch and onnx first on PYTHONPATH.
+    """os.environ with a sitecustomize that blocks torch first on PYTHONPATH.
 
     With ``CHARRNN_TEST_ORT_FAULT`` in ``extra`` the server's onnxruntime calls obey that
     control file (testkit/ortfault.py).

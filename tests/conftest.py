@@ -27,7 +27,7 @@ def repo_copy(model_repo, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def no_torch_env(tmp_path_factory) -> dict:
-    """Environment for charrnn-serve subprocesses: torch and onnx cannot be imported."""
+    """Environment for charrnn-serve subprocesses: torch cannot be imported (as after `make run`)."""
     from testkit.serve_process import blocked_env
 
     return blocked_env(tmp_path_factory.mktemp("no_torch"))
