@@ -183,6 +183,13 @@ class AutomatonTable:
             self._key[b], self._key[a] = self._key[a], None
             self.state[b], self.state[a] = self.state[a], 0
 
+    def replay(self, row: int, ids: np.ndarray) -> None:
+        """Row ``row`` reads ``ids`` (int [T]) one after another: the text a resumed stream already has."""
+        state = int(self.state[row])
+        for token in ids.tolist():
+            state = int(self.trans[state, token])
+        self.state[row] = state
+
     def step(self, rows, ids: np.ndarray) -> np.ndarray:
         """``rows`` (a slice or int64 [n]) drew ``ids`` [n]: their next global states, kept and returned (int32 [n])."""
         states = self.trans[self.state[rows], ids]

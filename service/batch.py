@@ -73,6 +73,7 @@ class Admission:
     logprobs: int = 0  # alternatives wanted per character (0: no log-probabilities)
     score: tuple | None = None  # a Score request: (characters of text at the end of ``prime``, alternatives)
     controls: dict | None = None  # bias, regex, allowed, presence, frequency, repetition (controls.py)
+    resumed: int = 0  # the last this many ids of ``prime`` are resume_text: already generated, counted as such
 
     @classmethod
     def from_wire(cls, fe: int, m: dict, now: float) -> "Admission":
@@ -82,7 +83,7 @@ class Admission:
                    temperature=m["temperature"], top_k=m["top_k"], top_p=m["top_p"], seed=m["seed"],
                    stops=stops, deadline=float("inf") if deadline is None else deadline,
                    arrived=m.get("arrived", now), queued_at=now, cached=m.get("cached"), first=m.get("first"),
-                   logprobs=m.get("logprobs", 0), controls=m.get("controls"),
+                   logprobs=m.get("logprobs", 0), controls=m.get("controls"), resumed=m.get("resumed", 0),
                    score=(m["text_chars"], m["top"]) if m.get("score") else None)
 
 
@@ -214,6 +215,12 @@ class Batch:
             self.controls.take(slot, e.logprobs, e.controls)
             if e.stops:
                 self.stops.start(slot, e.stops, lambda e=e: stop_automaton(e.stops, self.model.metadata.vocab_size))
+            if e.resumed:  # the draws go on at the next position; the controls have seen the text
+                resumed = e.prime[len(e.prime) - e.resumed:]
+                s.generated[slot] = e.resumed
+                self.controls.replay(slot, resumed)
+                if e.stops:
+                    self.stops.replay(slot, resumed)
             if len(e.prime) == self.held:
                 ready.append((slot, None))
                 continue

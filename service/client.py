@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from charrnn.service.resuming import ResumingGeneration
 from charrnn.service.tls import channel_credentials
 from charrnn.v1 import generator_pb2 as pb
 from charrnn.v1 import generator_pb2_grpc
@@ -82,6 +83,7 @@ def build_request(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     repetition_penalty: float = 0.0,
+    resume_text: str = "",
 ) -> pb.GenerateRequest:
     """A GenerateRequest; None leaves temperature (1.0) and seed (random) to the server. Raises FieldError."""
     check_unsigned(pb.GenerateRequest, max_chars=max_chars, top_k=top_k, seed=seed, logprobs=logprobs, n=n)
@@ -89,6 +91,7 @@ def build_request(
         model=model, prime=prime, max_chars=max_chars, top_k=top_k, top_p=top_p, stop=list(stop), request_id=request_id,
         logprobs=logprobs, n=n, logit_bias=logit_bias or {}, allowed_chars=allowed_chars, regex=regex,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+        resume_text=resume_text,
     )
     if temperature is not None:
         req.temperature = temperature
@@ -148,19 +151,58 @@ class Generation:
         self._call.cancel()
 
 
+def targets_of(target: str | Sequence[str]) -> list[str]:
+    """The addresses in ``target``: one host:port, a comma-separated list, a list, or a ``dns:///`` name."""
+    items = [target] if isinstance(target, str) else list(target)
+    found = [t.strip() for item in items for t in item.split(",") if t.strip()]
+    if not found:
+        raise ValueError(f"target must name at least one server (host:port, a list, or dns:///name:port), got {target!r}")
+    return found
+
+
 class GeneratorClient:
-    """A blocking client. ``target`` is host:port; any TLS option (or ``tls=True``) makes the channel secure."""
+    """A blocking client of one server or of several replicas of it.
 
-    def __init__(self, target: str = "localhost:50051", *, tls: bool = False, tls_ca: str = "", tls_cert: str = "",
-                 tls_key: str = "", options: Sequence[tuple[str, object]] = ()):
+    ``target``: host:port, several (a list, or "host:port,host:port"), or ``dns:///name:port`` (every address a
+    name resolves to, balanced round robin by gRPC). Any TLS option (or ``tls=True``) makes the channels secure.
+    A stream cut by its replica's death or drain resumes on another replica with the same text
+    (service/resuming.py), at most ``max_resumes`` times (0: never).
+    """
+
+    def __init__(self, target: str | Sequence[str] = "localhost:50051", *, tls: bool = False, tls_ca: str = "",
+                 tls_cert: str = "", tls_key: str = "", options: Sequence[tuple[str, object]] = (),
+                 max_resumes: int = 5, backoff: float = 0.1, stall_seconds: float | None = 10.0):
         creds = _credentials(tls, tls_ca, tls_cert, tls_key)
-        self._channel = grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
-        self._stub = generator_pb2_grpc.GeneratorStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.targets = targets_of(target)
+        self.max_resumes, self.backoff, self.stall_seconds = max_resumes, backoff, stall_seconds
+        self._channels = []
+        for t in self.targets:
+            opts = list(options)
+            if t.startswith("dns:"):  # every address behind the name, not the first one only
+                opts.append(("grpc.lb_policy_name", "round_robin"))
+            self._channels.append(grpc.secure_channel(t, creds, opts) if creds else grpc.insecure_channel(t, opts))
+        self._stubs = [generator_pb2_grpc.GeneratorStub(c) for c in self._channels]
+        self._healths = [health_pb2_grpc.HealthStub(c) for c in self._channels]
+        self._channel, self._stub, self._health = self._channels[0], self._stubs[0], self._healths[0]
+        self._next = 0  # the address the next call starts at (a list of addresses: round robin)
 
-    def generate(self, prime: str = "", max_chars: int = 300, *, timeout: float | None = None, **fields) -> Generation:
+    def generate(self, prime: str = "", max_chars: int = 300, *, timeout: float | None = None,
+                 **fields) -> ResumingGeneration:
         """Starts a stream; ``fields`` go to build_request (model, temperature, top_k, top_p, seed, stop, ...)."""
-        return Generation(self._stub.Generate(build_request(prime, max_chars, **fields), timeout=timeout))
+        request = build_request(prime, max_chars, **fields)
+        first = self._next
+        self._next = (self._next + 1) % len(self._stubs)
+
+        def open_call(req: pb.GenerateRequest, call_timeout: float | None, tries: int):
+            k = (first + tries) % len(self._stubs)  # a resumed call goes to the next address
+            return self._stubs[k].Generate(req, timeout=call_timeout), self.targets[k]
+
+        return ResumingGeneration(open_call, self._health_of, request, timeout, max_resumes=self.max_resumes,
+                                  backoff=self.backoff, stall_seconds=self.stall_seconds)
+
+    def _health_of(self, address: str) -> str:
+        reply = self._healths[self.targets.index(address)].Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def list_models(self, timeout: float | None = 10.0) -> list[pb.ModelInfo]:
         try:
@@ -187,7 +229,8 @@ class GeneratorClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> "GeneratorClient":
         return self

@@ -79,6 +79,13 @@ class ControlRows:
                 self.used[slot] = False
         self.regexes.release(slots)
 
+    def replay(self, slot: int, ids: np.ndarray) -> None:
+        """A resumed stream in ``slot`` already generated ``ids`` (int [T]): its penalty counts and regex state
+        are as if it had drawn them here."""
+        if self.penalised[slot]:
+            np.add.at(self._counts[slot], ids, 1.0)
+        self.regexes.replay(slot, ids)
+
     def move(self, src: list[int], dst: list[int]) -> None:
         """Slots compacted from ``src`` to ``dst`` (slots.py): their controls follow."""
         if not len(src):  # the usual round: nothing moved

@@ -175,7 +175,7 @@ class EngineCore:
         for a in adds:
             if len(chosen) >= room:
                 break
-            if a.get("stops") or a.get("controls") or a.get("logprobs") or a.get("score"):
+            if a.get("stops") or a.get("controls") or a.get("logprobs") or a.get("score") or a.get("resumed"):
                 continue
             entry = self.prime_cache.get(np.asarray(a["prime"], np.int64), count=False)
             if entry is not None and entry[1] is not None:

@@ -231,8 +231,11 @@ class EngineClient:
                     "text_chars": len(request.text), "top": request.top, "max_chars": 1, "temperature": 0.0,
                     "top_k": 0, "top_p": 1.0, "seed": 0, "deadline": request.deadline, "arrived": arrived}
         p, c = request.sampling, request.controls
+        prime = request.prime_ids if request.resume_ids is None else np.concatenate([request.prime_ids,
+                                                                                     request.resume_ids])
         return {
-            "row": row, "prime": request.prime_ids.tolist(), "max_chars": request.max_chars,
+            "row": row, "prime": prime.tolist(), "max_chars": request.max_chars,
+            "resumed": 0 if request.resume_ids is None else len(request.resume_ids),
             "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "seed": p.seed,
             "stops": [[self._index.get(ch, -1) for ch in stop] for stop in request.stop],
             "deadline": request.deadline, "arrived": arrived, "logprobs": request.logprobs,
@@ -314,8 +317,8 @@ class EngineClient:
             self._held[rows, self._pending[rows]] = ids
             self._pending[rows] += 1
             self._got[rows] += 1
-            if hold is not None:
-                self._hold[rows] = hold
+            if hold is not None:  # at most what is here: a resumed stream's first holds may reach into resume_text
+                self._hold[rows] = np.minimum(hold, self._pending[rows])
             if lp is not None and self._lps:
                 self._collect_logprobs(rows, ids, lp)
         urgent = [self._streams[r] for r in fresh if r in self._streams]
@@ -401,7 +404,8 @@ class EngineClient:
             stats = GenerationStats(model=self.label, prime_chars=len(req.prime), generated_chars=generated,
                                     queue_seconds=admitted - arrived, prefill_seconds=first - admitted,
                                     decode_seconds=last - first, total_seconds=last - arrived,
-                                    stop_sequence=stop_text, seed=0 if isinstance(req, ScoreJob) else req.sampling.seed)
+                                    stop_sequence=stop_text, seed=0 if isinstance(req, ScoreJob) else req.sampling.seed,
+                                    resumed_chars=_resumed_chars(req))
             reason_ = (FinishReason.STOP_SEQUENCE if stop_text else
                        FinishReason.MATCH_COMPLETE if reason == "match" else FinishReason.LENGTH)
             stream.finish(GenerationResult(finish_reason=reason_, stats=stats, score=score))
@@ -432,3 +436,8 @@ class EngineClient:
             if value != self._shown[i]:
                 gauge.labels(self.name).inc(value - self._shown[i])
                 self._shown[i] = value
+
+
+def _resumed_chars(request) -> int:
+    resumed = getattr(request, "resume_ids", None)  # a ScoreJob has none
+    return 0 if resumed is None else len(resumed)

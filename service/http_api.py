@@ -118,6 +118,8 @@ class CompletionRequest(BaseModel):
     regex: str = Field("", description="The sample must match this regular expression")
     allowed_chars: str = Field("", description="Only these characters may be drawn")
     repetition_penalty: float = Field(0.0, description="CTRL's repetition penalty; 0 or 1 is off")
+    resume_text: str = Field("", description="The text already received of a cut stream: it goes on from there, "
+                                             "with the seed its first event reported (n 1)")
 
 
 class ScoreBody(BaseModel):
@@ -348,7 +350,7 @@ class HttpFrontend:
             top_k=body.top_k, top_p=1.0 if body.top_p is None else body.top_p, stop=stop, request_id=request_id,
             n=body.n, allowed_chars=body.allowed_chars, regex=body.regex,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            repetition_penalty=body.repetition_penalty,
+            repetition_penalty=body.repetition_penalty, resume_text=body.resume_text,
             # OpenAI's logprobs=0 still gives each chosen character's log-probability: ask for one alternative.
             logprobs=0 if body.logprobs is None else max(1, body.logprobs),
         )
@@ -403,8 +405,11 @@ class HttpFrontend:
         texts = [[] for _ in range(n)]
         lps = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
+        seeds: list[int | None] = [None] * n
         prime_chars = generated = 0
         async for r in gen:
+            if r.HasField("seed"):
+                seeds[r.index] = r.seed
             if r.text:
                 texts[r.index].append(r.text)
                 lps[r.index].extend(r.logprobs)
@@ -414,7 +419,7 @@ class HttpFrontend:
                 generated += r.stats.generated_chars
         choices = [{"index": i, "text": "".join(texts[i]),
                     "logprobs": _logprobs_json(lps[i], 0, wanted) if req.logprobs else None,
-                    "finish_reason": finish[i]} for i in range(n)]
+                    "finish_reason": finish[i], "seed": seeds[i]} for i in range(n)]
         usage = {"prompt_tokens": prime_chars, "completion_tokens": generated,
                  "total_tokens": prime_chars + generated}
         return {**head, "choices": choices, "usage": usage}
@@ -443,6 +448,8 @@ class HttpFrontend:
                 r = first
                 while r is not None:
                     choice = {"index": r.index, "text": r.text, "logprobs": None, "finish_reason": None}
+                    if r.HasField("seed"):  # a sample's first event: its seed, to resume it exactly (resume_text)
+                        choice["seed"] = r.seed
                     if r.text and logprobs:
                         choice["logprobs"] = _logprobs_json(r.logprobs, offsets.get(r.index, 0), wanted)
                     offsets[r.index] = offsets.get(r.index, 0) + len(r.text)

@@ -51,6 +51,10 @@ class GenerationRequest:
     logprobs: int = 0  # alternatives per character in the log-probabilities; 0 = none
     n: int = 1  # samples; sample i draws with seed + i
     controls: Controls | None = None
+    # A resumed stream (resume_text): the characters the caller already has, as ids, read after the prime and
+    # counted as generated; and, when they already end the stream, how (no new character is drawn).
+    resume_ids: np.ndarray | None = None  # int64 [R], R <= max_chars; None: a fresh stream
+    resumed_end: FinishReason | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class GenerationStats:
     total_seconds: float = 0.0
     stop_sequence: str = ""
     seed: int = 0
+    resumed_chars: int = 0  # characters of resume_text continued from (counted in generated_chars)
 
 
 @dataclass

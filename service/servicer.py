@@ -138,20 +138,39 @@ def _char_logprobs(entries: list) -> list[pb.CharLogprob]:
             for c, lp, top in entries]
 
 
-def _chunk(text: str, stream) -> pb.GenerateResponse:
-    """One message of new text (with its log-probabilities when asked) of one sample."""
+def _chunk(text: str, stream, label: str) -> pb.GenerateResponse:
+    """One message of new text (with its log-probabilities when asked) of one sample; the sample's first
+    message also says its seed and model version (what resuming it takes)."""
+    first = _first_fields(stream, label)
     if stream.request.logprobs:
-        return pb.GenerateResponse(text=text, index=stream.index, logprobs=_char_logprobs(stream.logprobs))
-    return pb.GenerateResponse(text=text, index=stream.index)
+        return pb.GenerateResponse(text=text, index=stream.index, logprobs=_char_logprobs(stream.logprobs), **first)
+    return pb.GenerateResponse(text=text, index=stream.index, **first)
 
 
-def _last(stream) -> pb.GenerateResponse:
+def _last(stream, label: str) -> pb.GenerateResponse:
     result = stream.result
     return pb.GenerateResponse(finish_reason=FINISH_REASON_PB[result.finish_reason], stats=stats_to_pb(result.stats),
-                               index=stream.index)
+                               index=stream.index, **_first_fields(stream, label))
 
 
-async def _merged(streams: list, outcome: "_Outcome"):
+def _first_fields(stream, label: str) -> dict:
+    """{seed, model} for the sample's first message, {} for the others."""
+    if stream.told:
+        return {}
+    stream.told = True
+    return {"seed": stream.request.sampling.seed, "model": label}
+
+
+def _resumed_end(gen, label: str) -> pb.GenerateResponse:
+    """The one message of a resumed stream whose resume_text already ends it: no new character."""
+    resumed = len(gen.resume_ids)
+    stats = GenerationStats(model=label, prime_chars=len(gen.prime), generated_chars=resumed, seed=gen.sampling.seed,
+                            resumed_chars=resumed)
+    return pb.GenerateResponse(finish_reason=FINISH_REASON_PB[gen.resumed_end], stats=stats_to_pb(stats),
+                               seed=gen.sampling.seed, model=label)
+
+
+async def _merged(streams: list, outcome: "_Outcome", label: str):
     """The messages of n samples as they come, each sample's last message with its own stats; the first
     error ends the call."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -159,8 +178,8 @@ async def _merged(streams: list, outcome: "_Outcome"):
     async def pump(stream) -> None:
         try:
             async for text in stream:
-                await queue.put((stream, _chunk(text, stream), len(text)))
-            await queue.put((stream, _last(stream), None))
+                await queue.put((stream, _chunk(text, stream, label), len(text)))
+            await queue.put((stream, _last(stream, label), None))
         except errors.CharrnnError as e:
             await queue.put((stream, e, None))
 
@@ -217,6 +236,7 @@ def stats_to_pb(stats: GenerationStats) -> pb.GenerationStats:
         total_seconds=stats.total_seconds,
         stop_sequence=stats.stop_sequence,
         seed=stats.seed,
+        resumed_chars=stats.resumed_chars,
     )
 
 
@@ -294,6 +314,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         )
         outcome.seed, outcome.n, outcome.max_chars = gen.sampling.seed, gen.n, gen.max_chars
         self.log.debug("generate", extra={"model": f"{entry.name}@{entry.version}", "max_chars": gen.max_chars})
+        if gen.resumed_end is not None:
+            outcome.finish_reason = gen.resumed_end.value
+            yield _resumed_end(gen, outcome.label)
+            return
         streams = entry.engine.submit_all(gen)
         outcome.prime_chars = len(gen.prime)  # read by the engine from here on
         # A client that goes away (or whose deadline passes) frees its batch slots within one engine step.
@@ -303,10 +327,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                 stream = streams[0]
                 async for chunk in stream:
                     outcome.sent_chars += len(chunk)
-                    yield _chunk(chunk, stream)
-                yield _last(stream)
+                    yield _chunk(chunk, stream, outcome.label)
+                yield _last(stream, outcome.label)
             else:
-                async for response in _merged(streams, outcome):
+                async for response in _merged(streams, outcome, outcome.label):
                     yield response
         finally:
             outcome.first_char_at = min((s.first_char_at for s in streams if s.first_char_at is not None),

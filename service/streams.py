@@ -67,6 +67,7 @@ class Stream:
         self.row = -1  # the stream's row at its engine client (set by EngineClient.submit)
         self.index = 0  # which of its request's n samples it is
         self.steps_after_cancel = 0  # decode steps the core ran for it after its cancel arrived (at most 1)
+        self.told = False  # its first message, which carries its seed and model version, was sent
         self._cancel = cancel
         # (text, log-probabilities or None): the I/O thread appends, the reader pops
         self._chunks: collections.deque[tuple[str, list | None]] = collections.deque()

@@ -17,7 +17,7 @@ import numpy as np
 from charrnn.modelfile import ModelMetadata, describe_char
 from charrnn.service import errors
 from charrnn.service.constraints import RegexError, compile_regex
-from charrnn.service.requests import Controls, GenerationRequest, SamplingParams, ScoreJob
+from charrnn.service.requests import Controls, FinishReason, GenerationRequest, SamplingParams, ScoreJob
 from charrnn.v1 import generator_pb2
 
 MAX_TEMPERATURE = 100.0
@@ -136,6 +136,7 @@ def validate_request(
         raise errors.InvalidArgument("n", req.n, f"in [0, {limits.max_n}] (0 or 1 means one sample)",
                                      "the server's --max-n sets the upper bound")
     controls = _controls(req, metadata, limits)
+    resume_ids, resumed_end = _resume(req, metadata, limits, n)
 
     return GenerationRequest(
         request_id=rid,
@@ -149,7 +150,50 @@ def validate_request(
         logprobs=int(req.logprobs),
         n=n,
         controls=controls,
+        resume_ids=resume_ids,
+        resumed_end=resumed_end,
     )
+
+
+def _resume(req: generator_pb2.GenerateRequest, metadata: ModelMetadata, limits: Limits,
+            n: int) -> tuple[np.ndarray | None, FinishReason | None]:
+    """The resume_text's ids, and how the stream ends at once when the text already ends it (None: it goes on).
+    Refuses a text the request cannot have produced: too long, outside the vocabulary, holding a stop sequence
+    (the stream would have ended there, without returning it), or leaving the regex's language."""
+    text = req.resume_text
+    if not text:
+        return None, None
+    if n > 1:
+        raise errors.InvalidArgument("resume_text", Shown(f"{len(text)} characters"),
+                                     f"empty when n > 1 (got n {n}): resume each sample as a request of its own, "
+                                     "with n 1, the seed its first message reported and its own text")
+    if len(text) > req.max_chars:
+        raise errors.InvalidArgument("resume_text", Shown(f"{len(text)} characters"),
+                                     f"at most max_chars ({req.max_chars}) characters long")
+    _in_vocabulary("resume_text", text, metadata)
+    if req.allowed_chars and (outside := [ch for ch in text if ch not in req.allowed_chars]):
+        raise errors.InvalidArgument("resume_text", Shown(f"{len(text)} characters, {describe_char(outside[0])} "
+                                                          "outside allowed_chars"),
+                                     "text the request's allowed_chars can have produced")
+    for stop in req.stop:
+        if stop in text:
+            raise errors.InvalidArgument("resume_text", Shown(f"{len(text)} characters holding the stop sequence "
+                                                              f"{stop!r} at {text.index(stop)}"),
+                                         "text the stream can have sent: a stop sequence ends it, unsent")
+    end = FinishReason.LENGTH if len(text) == req.max_chars else None
+    if req.regex:
+        automaton = compile_regex(req.regex, metadata.vocab, limits.max_regex_states, req.allowed_chars)
+        state = 0
+        for i, ch in enumerate(text):
+            if not automaton.mask[state, metadata.index[ch]]:
+                raise errors.InvalidArgument("resume_text", Shown(f"{len(text)} characters, leaving the regex at "
+                                                                  f"{i} ({describe_char(ch)})"),
+                                             "text the request's regex can have produced")
+            state = int(automaton.trans[state, metadata.index[ch]])
+        if automaton.accept[state]:
+            end = FinishReason.MATCH_COMPLETE
+    index = metadata.index
+    return np.array([index[ch] for ch in text], np.int64), end
 
 
 def _controls(req: generator_pb2.GenerateRequest, metadata: ModelMetadata, limits: Limits) -> Controls | None:

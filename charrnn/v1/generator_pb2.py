@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63harrnn/v1/generator.proto\x12\ncharrnn.v1\"\xce\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05prime\x18\x02 \x01(\t\x12\x11\n\tmax_chars\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08logprobs\x18\n \x01(\r\x12\t\n\x01n\x18\x0b \x01(\r\x12>\n\nlogit_bias\x18\x0c \x03(\x0b\x32*.charrnn.v1.GenerateRequest.LogitBiasEntry\x12\x15\n\rallowed_chars\x18\r \x01(\t\x12\r\n\x05regex\x18\x0e \x01(\t\x12\x18\n\x10presence_penalty\x18\x0f \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x10 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x11 \x01(\x02\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x07\n\x05_seed\"R\n\x0b\x43harLogprob\x12\x0c\n\x04\x63har\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.charrnn.v1.Alternative\",\n\x0b\x41lternative\x12\x0c\n\x04\x63har\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xb7\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.charrnn.v1.FinishReason\x12*\n\x05stats\x18\x03 \x01(\x0b\x32\x1b.charrnn.v1.GenerationStats\x12\r\n\x05index\x18\x04 \x01(\r\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.charrnn.v1.CharLogprob\"\xd2\x01\n\x0fGenerationStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bprime_chars\x18\x02 \x01(\r\x12\x17\n\x0fgenerated_chars\x18\x03 \x01(\r\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x06 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x07 \x01(\x01\x12\x15\n\rstop_sequence\x18\x08 \x01(\t\x12\x0c\n\x04seed\x18\t \x01(\x04\"d\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05prime\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x14\n\x0ctop_logprobs\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x8e\x01\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x08logprobs\x18\x02 \x03(\x0b\x32\x17.charrnn.v1.CharLogprob\x12\x15\n\rtotal_logprob\x18\x03 \x01(\x01\x12\x15\n\rnats_per_char\x18\x04 \x01(\x01\x12\x15\n\rbits_per_char\x18\x05 \x01(\x01\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.charrnn.v1.ModelInfo\"\x8c\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06latest\x18\x03 \x01(\x08\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x0c\n\x04\x63\x65ll\x18\x05 \x01(\t\x12\x0e\n\x06layers\x18\x06 \x01(\r\x12\x0e\n\x06hidden\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x17\n\x0fvalidation_loss\x18\t \x01(\x01\x12\x13\n\x0btrain_steps\x18\n \x01(\x04\x12\x15\n\rcorpus_sha256\x18\x0b \x01(\t\x12\x16\n\x0e\x66ormat_version\x18\x0c \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\r\n\x05state\x18\x0e \x01(\t*\x8a\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12 \n\x1c\x46INISH_REASON_MATCH_COMPLETE\x10\x03\x32\xdf\x01\n\tGenerator\x12G\n\x08Generate\x12\x1b.charrnn.v1.GenerateRequest\x1a\x1c.charrnn.v1.GenerateResponse0\x01\x12K\n\nListModels\x12\x1d.charrnn.v1.ListModelsRequest\x1a\x1e.charrnn.v1.ListModelsResponse\x12<\n\x05Score\x12\x18.charrnn.v1.ScoreRequest\x1a\x19.charrnn.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63harrnn/v1/generator.proto\x12\ncharrnn.v1\"\xe3\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05prime\x18\x02 \x01(\t\x12\x11\n\tmax_chars\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08logprobs\x18\n \x01(\r\x12\t\n\x01n\x18\x0b \x01(\r\x12>\n\nlogit_bias\x18\x0c \x03(\x0b\x32*.charrnn.v1.GenerateRequest.LogitBiasEntry\x12\x15\n\rallowed_chars\x18\r \x01(\t\x12\r\n\x05regex\x18\x0e \x01(\t\x12\x18\n\x10presence_penalty\x18\x0f \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x10 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x11 \x01(\x02\x12\x13\n\x0bresume_text\x18\x12 \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x07\n\x05_seed\"R\n\x0b\x43harLogprob\x12\x0c\n\x04\x63har\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.charrnn.v1.Alternative\",\n\x0b\x41lternative\x12\x0c\n\x04\x63har\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xe2\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.charrnn.v1.FinishReason\x12*\n\x05stats\x18\x03 \x01(\x0b\x32\x1b.charrnn.v1.GenerationStats\x12\r\n\x05index\x18\x04 \x01(\r\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.charrnn.v1.CharLogprob\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\r\n\x05model\x18\x07 \x01(\tB\x07\n\x05_seed\"\xe9\x01\n\x0fGenerationStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bprime_chars\x18\x02 \x01(\r\x12\x17\n\x0fgenerated_chars\x18\x03 \x01(\r\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x06 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x07 \x01(\x01\x12\x15\n\rstop_sequence\x18\x08 \x01(\t\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x15\n\rresumed_chars\x18\n \x01(\r\"d\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05prime\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x14\n\x0ctop_logprobs\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x8e\x01\n\rScoreResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12)\n\x08logprobs\x18\x02 \x03(\x0b\x32\x17.charrnn.v1.CharLogprob\x12\x15\n\rtotal_logprob\x18\x03 \x01(\x01\x12\x15\n\rnats_per_char\x18\x04 \x01(\x01\x12\x15\n\rbits_per_char\x18\x05 \x01(\x01\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.charrnn.v1.ModelInfo\"\x8c\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06latest\x18\x03 \x01(\x08\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x0c\n\x04\x63\x65ll\x18\x05 \x01(\t\x12\x0e\n\x06layers\x18\x06 \x01(\r\x12\x0e\n\x06hidden\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x17\n\x0fvalidation_loss\x18\t \x01(\x01\x12\x13\n\x0btrain_steps\x18\n \x01(\x04\x12\x15\n\rcorpus_sha256\x18\x0b \x01(\t\x12\x16\n\x0e\x66ormat_version\x18\x0c \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\r \x01(\t\x12\r\n\x05state\x18\x0e \x01(\t*\x8a\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12 \n\x1c\x46INISH_REASON_MATCH_COMPLETE\x10\x03\x32\xdf\x01\n\tGenerator\x12G\n\x08Generate\x12\x1b.charrnn.v1.GenerateRequest\x1a\x1c.charrnn.v1.GenerateResponse0\x01\x12K\n\nListModels\x12\x1d.charrnn.v1.ListModelsRequest\x1a\x1e.charrnn.v1.ListModelsResponse\x12<\n\x05Score\x12\x18.charrnn.v1.ScoreRequest\x1a\x19.charrnn.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1637
-  _globals['_FINISHREASON']._serialized_end=1775
+  _globals['_FINISHREASON']._serialized_start=1724
+  _globals['_FINISHREASON']._serialized_end=1862
   _globals['_GENERATEREQUEST']._serialized_start=43
-  _globals['_GENERATEREQUEST']._serialized_end=505
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=432
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=480
-  _globals['_CHARLOGPROB']._serialized_start=507
-  _globals['_CHARLOGPROB']._serialized_end=589
-  _globals['_ALTERNATIVE']._serialized_start=591
-  _globals['_ALTERNATIVE']._serialized_end=635
-  _globals['_GENERATERESPONSE']._serialized_start=638
-  _globals['_GENERATERESPONSE']._serialized_end=821
-  _globals['_GENERATIONSTATS']._serialized_start=824
-  _globals['_GENERATIONSTATS']._serialized_end=1034
-  _globals['_SCOREREQUEST']._serialized_start=1036
-  _globals['_SCOREREQUEST']._serialized_end=1136
-  _globals['_SCORERESPONSE']._serialized_start=1139
-  _globals['_SCORERESPONSE']._serialized_end=1281
-  _globals['_LISTMODELSREQUEST']._serialized_start=1283
-  _globals['_LISTMODELSREQUEST']._serialized_end=1302
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1304
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1363
-  _globals['_MODELINFO']._serialized_start=1366
-  _globals['_MODELINFO']._serialized_end=1634
-  _globals['_GENERATOR']._serialized_start=1778
-  _globals['_GENERATOR']._serialized_end=2001
+  _globals['_GENERATEREQUEST']._serialized_end=526
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=453
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=501
+  _globals['_CHARLOGPROB']._serialized_start=528
+  _globals['_CHARLOGPROB']._serialized_end=610
+  _globals['_ALTERNATIVE']._serialized_start=612
+  _globals['_ALTERNATIVE']._serialized_end=656
+  _globals['_GENERATERESPONSE']._serialized_start=659
+  _globals['_GENERATERESPONSE']._serialized_end=885
+  _globals['_GENERATIONSTATS']._serialized_start=888
+  _globals['_GENERATIONSTATS']._serialized_end=1121
+  _globals['_SCOREREQUEST']._serialized_start=1123
+  _globals['_SCOREREQUEST']._serialized_end=1223
+  _globals['_SCORERESPONSE']._serialized_start=1226
+  _globals['_SCORERESPONSE']._serialized_end=1368
+  _globals['_LISTMODELSREQUEST']._serialized_start=1370
+  _globals['_LISTMODELSREQUEST']._serialized_end=1389
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1391
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1450
+  _globals['_MODELINFO']._serialized_start=1453
+  _globals['_MODELINFO']._serialized_end=1721
+  _globals['_GENERATOR']._serialized_start=1865
+  _globals['_GENERATOR']._serialized_end=2088
 # @@protoc_insertion_point(module_scope)

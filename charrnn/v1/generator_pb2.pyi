@@ -19,7 +19,7 @@ FINISH_REASON_STOP_SEQUENCE: FinishReason
 FINISH_REASON_MATCH_COMPLETE: FinishReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prime", "max_chars", "temperature", "top_k", "top_p", "seed", "stop", "request_id", "logprobs", "n", "logit_bias", "allowed_chars", "regex", "presence_penalty", "frequency_penalty", "repetition_penalty")
+    __slots__ = ("model", "prime", "max_chars", "temperature", "top_k", "top_p", "seed", "stop", "request_id", "logprobs", "n", "logit_bias", "allowed_chars", "regex", "presence_penalty", "frequency_penalty", "repetition_penalty", "resume_text")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class GenerateRequest(_message.Message):
     PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
     FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TEXT_FIELD_NUMBER: _ClassVar[int]
     model: str
     prime: str
     max_chars: int
@@ -61,7 +62,8 @@ class GenerateRequest(_message.Message):
     presence_penalty: float
     frequency_penalty: float
     repetition_penalty: float
-    def __init__(self, model: _Optional[str] = ..., prime: _Optional[str] = ..., max_chars: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., logprobs: _Optional[int] = ..., n: _Optional[int] = ..., logit_bias: _Optional[_Mapping[str, float]] = ..., allowed_chars: _Optional[str] = ..., regex: _Optional[str] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
+    resume_text: str
+    def __init__(self, model: _Optional[str] = ..., prime: _Optional[str] = ..., max_chars: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., logprobs: _Optional[int] = ..., n: _Optional[int] = ..., logit_bias: _Optional[_Mapping[str, float]] = ..., allowed_chars: _Optional[str] = ..., regex: _Optional[str] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., resume_text: _Optional[str] = ...) -> None: ...
 
 class CharLogprob(_message.Message):
     __slots__ = ("char", "logprob", "top")
@@ -82,21 +84,25 @@ class Alternative(_message.Message):
     def __init__(self, char: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "finish_reason", "stats", "index", "logprobs")
+    __slots__ = ("text", "finish_reason", "stats", "index", "logprobs", "seed", "model")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: FinishReason
     stats: GenerationStats
     index: int
     logprobs: _containers.RepeatedCompositeFieldContainer[CharLogprob]
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ..., index: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[CharLogprob, _Mapping]]] = ...) -> None: ...
+    seed: int
+    model: str
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ..., index: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[CharLogprob, _Mapping]]] = ..., seed: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("model", "prime_chars", "generated_chars", "queue_seconds", "prefill_seconds", "decode_seconds", "total_seconds", "stop_sequence", "seed")
+    __slots__ = ("model", "prime_chars", "generated_chars", "queue_seconds", "prefill_seconds", "decode_seconds", "total_seconds", "stop_sequence", "seed", "resumed_chars")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PRIME_CHARS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_CHARS_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +112,7 @@ class GenerationStats(_message.Message):
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STOP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_CHARS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prime_chars: int
     generated_chars: int
@@ -115,7 +122,8 @@ class GenerationStats(_message.Message):
     total_seconds: float
     stop_sequence: str
     seed: int
-    def __init__(self, model: _Optional[str] = ..., prime_chars: _Optional[int] = ..., generated_chars: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., stop_sequence: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    resumed_chars: int
+    def __init__(self, model: _Optional[str] = ..., prime_chars: _Optional[int] = ..., generated_chars: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., stop_sequence: _Optional[str] = ..., seed: _Optional[int] = ..., resumed_chars: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("model", "prime", "text", "top_logprobs", "request_id")
