@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from charrnn import modelfile as mf
-from charrnn.service import onnxproto, runtime
+from charrnn.service import graphs, runtime
 
 CUDA_REASON = runtime.cuda_unusable_reason()
 needs_no_cuda = pytest.mark.skipif(CUDA_REASON is None, reason="CUDA is usable on this machine")
@@ -92,7 +92,7 @@ def test_bad_files_are_refused_with_the_path_and_the_reason(tiny_path, tmp_path)
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
     plain = tmp_path / "plain.onnx"
-    plain.write_bytes(onnxproto.identity_model())  # valid ONNX, no charrnn metadata
+    plain.write_bytes(graphs.identity_model())  # valid ONNX, no charrnn metadata
     cases = {
         tmp_path / "missing.onnx": "no such file",
         junk: "onnxruntime cannot load it as an ONNX model",
