@@ -1,8 +1,9 @@
 """The optional parts of an install (the extras of pyproject.toml), and the line that says how to add one.
 
-`make run` installs the service alone: no torch, no onnx. charrnn-train needs the
-`train` extra and charrnn-export the `export` extra; `make test` installs every
-extra. Installing an extra also installs whatever the base install lacks.
+`make run` installs the service alone: no torch (onnx is there, for the
+service's own graphs). charrnn-train needs the `train` extra and charrnn-export
+the `export` extra; `make test` installs every extra. Installing an extra also
+installs whatever the base install lacks.
 """
 
 from __future__ import annotations

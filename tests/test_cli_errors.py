@@ -8,7 +8,7 @@ with the gRPC status and the server's message, which names the request field.
 A command whose extra is not installed (charrnn-train: train, charrnn-export:
 export) exits 2 with the line that says how to install it.
 
-Most rows run as after `make run`: the service alone, torch and onnx unimportable
+Most rows run as after `make run`: the service alone, torch unimportable
 (testkit/serve_process.py blocked_env). Flags are checked before torch is needed.
 """
 
@@ -25,7 +25,7 @@ import pytest
 from testkit.serve_process import REPO, ServeProcess
 
 BIN = Path(sys.executable).parent
-SERVICE, DEV = "service", "dev"  # the install a row runs in: `make run` (no torch, no onnx), or `make test`
+SERVICE, DEV = "service", "dev"  # the install a row runs in: `make run` (no torch), or `make test`
 MISSING_EXTRA = (r"error: (torch|onnx) is not installed, and {prog} needs it: install the {extra} extra with "
                  r"pip install -e '\.\[{extra}\]' in the charrnn checkout \(or make test, which installs every extra\)$")
 TRAIN = ["--data", "{tmp}/corpus.txt", "--out", "{tmp}/run"]
