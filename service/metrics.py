@@ -2,7 +2,10 @@
 
 docs/metrics.md documents each one; deploy/prometheus and deploy/grafana query
 them. Change the three together. Each server (and each test) gets its own
-``CollectorRegistry``.
+``CollectorRegistry``. The histograms that also take counts made in another
+process (the engine core's, other front-ends') are ``CountedHistogram``s
+(histogram.py), which keep their counts themselves; the rest are the client
+library's own collectors.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from prometheus_client import (
 )
 
 from charrnn.service import errors
+from charrnn.service.histogram import CountedHistogram
 
 # Buckets tuned to the workload (the client library's default 5 ms..10 s misses
 # the sub-millisecond steps of a small model on CPU).
@@ -55,42 +59,42 @@ class Metrics:
         self.generated_chars = Counter(
             "charrnn_generated_chars", "Characters generated and sent.", ["model"], registry=r
         )
-        self.time_to_first_char = Histogram(
+        self.time_to_first_char = CountedHistogram(
             "charrnn_time_to_first_char_seconds",
             "From a request's arrival to its first generated character (queue + prefill).",
             ["model"],
             buckets=TTFC_BUCKETS,
             registry=r,
         )
-        self.inter_char = Histogram(
+        self.inter_char = CountedHistogram(
             "charrnn_inter_char_seconds",
             "Time between consecutive generated characters of one stream.",
             ["model"],
             buckets=INTER_CHAR_BUCKETS,
             registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = CountedHistogram(
             "charrnn_queue_wait_seconds",
             "Time a request waited for a batch slot.",
             ["model"],
             buckets=QUEUE_WAIT_BUCKETS,
             registry=r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = CountedHistogram(
             "charrnn_request_duration_seconds",
             "Whole Generate request, arrival to last message.",
             ["model"],
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
-        self.step = Histogram(
+        self.step = CountedHistogram(
             "charrnn_step_seconds",
             "One engine step: one onnxruntime call for the whole batch plus sampling.",
             ["model"],
             buckets=STEP_BUCKETS,
             registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = CountedHistogram(
             "charrnn_batch_size", "Streams advanced by one engine step.", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
         self.active_streams = Gauge(
@@ -174,39 +178,13 @@ class Metrics:
             family.labels(model)
 
 
-def observe_many(child, value: float, count: int) -> None:
-    """``count`` observations of one value in a Histogram child, at the cost of one.
-
-    Every stream of a step has the same gap since its previous character, and
-    observing them one by one costs microseconds each (a lock per call). This
-    adds to the child's sum and bucket directly: it reads prometheus_client's
-    private ``_buckets``, ``_upper_bounds`` and ``_sum`` (the only place that
-    does; tests/test_metrics.py fails if they change) and falls back to
-    observe() when they are missing.
-    """
-    if count <= 0:
-        return
-    buckets = getattr(child, "_buckets", None)
-    bounds = getattr(child, "_upper_bounds", None)
-    total = getattr(child, "_sum", None)
-    if buckets is None or bounds is None or total is None:
-        for _ in range(count):
-            child.observe(value)
-        return
-    total.inc(value * count)
-    for i, bound in enumerate(bounds):
-        if value <= bound:
-            buckets[i].inc(count)
-            break
-
-
 class CoreStats:
     """The engine core's own figures, counted in arrays and handed over as deltas.
 
     The core may run in another process than the registry: it counts here (one
     ``observe`` per step, whatever the batch) and each of its messages to the
     primary front-end carries ``take()``, which ``apply_core_stats`` adds to the
-    registry's histograms and counters.
+    registry's histograms (CountedHistogram.labels(...).add) and counters.
     """
 
     HISTOGRAMS = {"step": STEP_BUCKETS, "batch": BATCH_BUCKETS, "queue_wait": QUEUE_WAIT_BUCKETS,
@@ -259,14 +237,7 @@ def apply_core_stats(metrics: "Metrics", model: str, delta: dict) -> None:
     families = {"step": metrics.step, "batch": metrics.batch_size, "queue_wait": metrics.queue_wait,
                 "inter_char": metrics.inter_char}
     for name, (counts, total) in delta.get("h", {}).items():
-        child = families[name].labels(model)
-        buckets, summed = getattr(child, "_buckets", None), getattr(child, "_sum", None)  # see observe_many
-        if buckets is None or summed is None or len(buckets) != len(counts):
-            raise RuntimeError("prometheus_client's Histogram internals changed; see metrics.observe_many")
-        for bucket, n in zip(buckets, counts.tolist()):
-            if n:
-                bucket.inc(n)
-        summed.inc(total)
+        families[name].labels(model).add(counts, total)
     hits, misses = delta.get("cache", (0, 0))
     if hits:
         metrics.prime_cache.labels(model, "hit").inc(hits)
@@ -328,13 +299,7 @@ def apply_frontend_delta(metrics: Metrics, delta: dict) -> None:
         collector = getattr(metrics, family)
         for labels, value, total in changes:
             child = collector.labels(**labels)
-            if isinstance(value, list):
-                buckets, summed = getattr(child, "_buckets", None), getattr(child, "_sum", None)  # see observe_many
-                if buckets is None or summed is None or len(buckets) != len(value):
-                    raise RuntimeError("prometheus_client's Histogram internals changed; see metrics.observe_many")
-                for bucket, n in zip(buckets, value):
-                    if n:
-                        bucket.inc(n)
-                summed.inc(total)
+            if isinstance(value, list):  # a histogram's counts per bucket
+                child.add(value, total)
             elif value:
                 child.inc(value)

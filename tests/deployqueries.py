@@ -18,6 +18,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from charrnn.service.histogram import CountedHistogram
 from charrnn.service.metrics import Metrics
 from tests.deploytools import REPO
 
@@ -152,7 +153,9 @@ def contract_series() -> dict[str, set[str]]:
     """
     metrics = Metrics(CollectorRegistry())
     for collector in vars(metrics).values():
-        if isinstance(collector, MetricWrapperBase) and collector._labelnames:
+        if isinstance(collector, CountedHistogram):
+            collector.labels(*collector.labelnames)
+        elif isinstance(collector, MetricWrapperBase) and collector._labelnames:
             collector.labels(*collector._labelnames)
     series: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
@@ -166,6 +169,9 @@ def contract_families() -> dict[str, tuple[str, tuple[str, ...], tuple[float, ..
     metrics = Metrics(CollectorRegistry())
     families = {}
     for collector in vars(metrics).values():
+        if isinstance(collector, CountedHistogram):
+            families[collector.name] = ("histogram", collector.labelnames, collector.buckets)
+            continue
         if not isinstance(collector, MetricWrapperBase):
             continue
         kind = collector._type
