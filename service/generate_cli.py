@@ -17,6 +17,7 @@ then "charrnn-generate: error: <flag> must be <rule>, got <value>".
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -31,7 +32,12 @@ FLAGS = {"n": "-n"}  # request fields whose flag is not --<field-with-dashes>
 def build_parser() -> argparse.ArgumentParser:
     p = commandline.ArgumentParser(prog="charrnn-generate", description="Sample text from a charrnn server.")
     p.add_argument("--server", default=os.environ.get("CHARRNN_SERVER", "localhost:50051"),
-                   help="host:port of the server (env CHARRNN_SERVER). Default: localhost:50051.")
+                   help="host:port of the server, several separated by commas, or dns:///name:port (every "
+                        "replica behind a name); a stream cut by its replica's death or drain resumes on another "
+                        "with the same text. Env CHARRNN_SERVER. Default: localhost:50051.")
+    p.add_argument("--max-resumes", type=int, default=5,
+                   help="Times a cut stream is resumed on another replica before the call fails; 0: never. "
+                        "Default: 5.")
     p.add_argument("--model", default="", help='"name" or "name@version"; empty means the server\'s default model.')
     p.add_argument("--prime", default="", help="Text the model reads before sampling; echoed first unless --no-echo.")
     p.add_argument("--max-chars", type=int, default=300, help="Characters to generate. Default: 300.")
@@ -143,10 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     fields = _request_fields(parser, args)
+    if args.max_resumes < 0:
+        parser.error(f"--max-resumes must be >= 0 (0: never resume), got {args.max_resumes}")
+    resumes = logging.StreamHandler(sys.stderr)  # each resume on its own line: "charrnn-generate: stream cut ..."
+    resumes.setFormatter(logging.Formatter("charrnn-generate: %(message)s"))
+    logging.getLogger("charrnn.client").addHandler(resumes)
     text = _score_text(parser, args.score) if args.score else ""
     try:
         client = GeneratorClient(args.server, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                                 tls_key=args.tls_key)
+                                 tls_key=args.tls_key, max_resumes=args.max_resumes)
     except ValueError as e:  # unreadable TLS files
         print(f"charrnn-generate: {e}", file=sys.stderr)
         return 2
@@ -176,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             for i in sorted(stream.logprobs):
                 _print_logprobs(stream.logprobs[i], f"sample {i}: " if args.n > 1 else "")
             for i, s in sorted(stream.all_stats.items()) if args.stats else ():
-                print(f"{s.model}: {s.generated_chars} chars, finish {stream.finish_reasons[i]}, seed {s.seed}, "
+                resumed = f", resumed {stream.resumes} time{'s' if stream.resumes > 1 else ''}" if stream.resumes else ""
+                print(f"{s.model}: {s.generated_chars} chars{resumed}, finish {stream.finish_reasons[i]}, seed {s.seed}, "
                       f"queue {s.queue_seconds:.3f}s prefill {s.prefill_seconds:.3f}s decode {s.decode_seconds:.3f}s "
                       f"total {s.total_seconds:.3f}s", file=sys.stderr)
     except ServiceError as e:

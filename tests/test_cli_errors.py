@@ -42,6 +42,7 @@ ROWS = [
     ("charrnn-generate", ["--score", "{tmp}/latin1.txt"], SERVICE, 2,
      r"error: --score must be a UTF-8 text file, got '.*latin1.txt': an undecodable byte at 3$"),
     ("charrnn-generate", ["--timeout", "0"], SERVICE, 2, r"error: --timeout must be a number of seconds > 0, got 0.0$"),
+    ("charrnn-generate", ["--max-resumes", "-1"], SERVICE, 2, r"error: --max-resumes must be >= 0 \(0: never resume\), got -1$"),
     ("charrnn-generate", ["--bias", "q"], SERVICE, 2, r"error: --bias must be C=V \(a character, a number\), got 'q'$"),
     ("charrnn-generate", ["--max-chars", "many"], SERVICE, 2, r"error: argument --max-chars: invalid int value: 'many'$"),
     ("charrnn-generate", ["--server", "{server}", "--regex", "[A-Z"], SERVICE, 1,

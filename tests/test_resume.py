@@ -163,3 +163,24 @@ def test_a_long_resume_text_is_read_as_a_prime_is(stub):
     resumed = call(stub, prime="A", seed=21, max_chars=900, resume_text=uncut["text"][:800])
     assert resumed["text"] == uncut["text"][800:]
     assert resumed["stats"].prime_chars == 1 and resumed["stats"].generated_chars == 900
+
+
+def test_the_cli_resumes_past_a_dead_address(server, tmp_path):
+    """charrnn-generate with a dead replica first in its list: the call goes on at the next one, says so on
+    stderr, and prints what the live server alone prints."""
+    import socket
+    import subprocess
+
+    from testkit.serve_process import GENERATE
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    args = ["--model", "tiny", "--prime", "ROMEO:", "--max-chars", "60", "--seed", "4"]
+    alone = subprocess.run([GENERATE, "--server", server.target, *args], capture_output=True, text=True, timeout=60)
+    both = subprocess.run([GENERATE, "--server", f"{dead},{server.target}", *args, "--stats"], capture_output=True,
+                          text=True, timeout=60)
+    assert both.returncode == 0, both.stderr
+    assert both.stdout == alone.stdout
+    assert "stream cut (UNAVAILABLE" in both.stderr and "resuming sample 0 at 0 characters" in both.stderr
+    assert "resumed 1 time," in both.stderr
