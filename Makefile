@@ -39,6 +39,7 @@ proto: $(VENV)/.dev-installed
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.serving $(ARGS)
+	$(BIN)/python -m bench.resume
 
 bench-train: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.training $(ARGS)
