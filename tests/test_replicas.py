@@ -198,3 +198,24 @@ def test_a_rolling_update_loses_nothing(replicas):
     compared, wrong = check_against_uncut(load.results, replicas.targets[0], 600)
     assert not wrong, "\n".join(wrong[:5])
     assert compared > 0
+
+
+def test_a_hung_replica_is_left_after_its_health_check_fails(replicas):
+    """A replica that stops answering without closing its connections (SIGSTOP: a wedged node): no message for
+    stall_seconds, its health check times out, and the streams on it resume on another replica."""
+    specs = requests(12, seed=3)
+    with GeneratorClient(replicas.targets, backoff=0.05, stall_seconds=1.0) as client:
+        load = Load(client, specs, MAX_CHARS)
+        threads = load.run_all()
+        wait_until(lambda: load.started >= len(specs) // 2, 60)
+        replicas.procs[0].proc.send_signal(signal.SIGSTOP)
+        try:
+            for t in threads:
+                t.join(120)
+        finally:
+            replicas.procs[0].proc.send_signal(signal.SIGCONT)
+    assert not load.errors, "\n".join(load.errors[:5])
+    assert sum(r["resumes"] > 0 for r in load.results) > 0, "no stream was on the hung replica"
+    compared, wrong = check_against_uncut(load.results, replicas.targets[2], MAX_CHARS)
+    assert not wrong, "\n".join(wrong[:5])
+

@@ -184,3 +184,10 @@ def test_the_cli_resumes_past_a_dead_address(server, tmp_path):
     assert both.stdout == alone.stdout
     assert "stream cut (UNAVAILABLE" in both.stderr and "resuming sample 0 at 0 characters" in both.stderr
     assert "resumed 1 time," in both.stderr
+
+
+def test_a_dns_name_reaches_the_servers_behind_it(server):
+    """dns:///localhost:PORT, as a headless Service's name is given: gRPC resolves and balances it."""
+    with GeneratorClient(f"dns:///localhost:{server.port}") as client:
+        g = client.generate("ROMEO:", 40, model="tiny", seed=5)
+        assert len(g.text()) == 40 and g.model == "tiny@1"
