@@ -18,7 +18,13 @@
 #                    and PyTorch eager; serving_gpu.json: the host-sampling against the device-sampler step
 #                    at 1024 and 4096 rows, seeded isolation among 4,096 streams, the card's name
 #
-# Usage: bench/gpu_session.sh [smoke|serving|quality|full]
+#   ddp/             (ddp mode) training_ddp_cuda.md, .json: the trainer's characters per second at 1, 2, 4, ...
+#                    ranks, one per GPU (bench/training_ddp.py; one GPU gives the 1-rank point alone);
+#                    multinode_cuda.md, .json (two GPUs or more): two torchrun launchers on 127.0.0.1 as two
+#                    nodes splitting the GPUs, a worker and then a whole node killed mid-run, each run's
+#                    losses and final weights against the uninterrupted run's (bench/multinode.py)
+#
+# Usage: bench/gpu_session.sh [smoke|serving|quality|ddp|full]
 #   CONCURRENCY=1,64,1024,4096         the serving mode's stream counts; DURATION=8 seconds per point
 #   (onnxruntime without the CUDA provider: bench/ort_gpu_wheel.sh brings onnxruntime-gpu in parts)
 #   DATA=path/to/tinyshakespeare.txt   (default ../shared/data/tinyshakespeare.txt)
@@ -34,6 +40,9 @@
 #   PARALLEL=1                         the runs of a wave at once on the GPU; 0 runs them one at a time
 #                                        (a CPU dry run)
 #   KERNEL_FLAGS=                      appended to bench/rnn_kernels.py, e.g. a small model for that dry run
+#   DDP_RANKS=1,2,4,8                  the ddp mode's rank counts (default: 1, 2, 4, 8 up to the GPUs there are;
+#                                        DEVICE=cpu: 1,2 with gloo, the dry run of this mode)
+#   DDP_PRESET=shakespeare DDP_STEPS=100 DDP_REPEATS=2   the ddp mode's model (batch per rank) and runs
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-bench/results/gpu}
@@ -107,6 +116,25 @@ if [ "$MODE" = serving ]; then
   python3 -m bench.serving --device "$DEVICE" --concurrency "${CONCURRENCY:-1,64,1024,4096}" \
     --duration "${DURATION:-8}" --client-processes 8 --baseline-rev '' --no-naive --out "$OUT/serving" \
     || echo "bench.serving failed"
+  exit 0
+fi
+
+if [ "$MODE" = ddp ]; then
+  # Data-parallel training under torchrun (docs/training.md, "From one machine to many"). The workers
+  # torchrun starts must find charrnn in $PKG, not the bare ./charrnn of the working tree: PYTHONSAFEPATH
+  # keeps the current folder off every python's path, and bench/ and testkit/ come from $PWD after $PKG.
+  export PYTHONSAFEPATH=1 PYTHONPATH="$PYTHONPATH:$PWD"
+  mkdir -p "$OUT/ddp"
+  if [ "$DEVICE" = cpu ]; then GPUS=2; else GPUS=$(nvidia-smi -L | wc -l); fi
+  RANKS=${DDP_RANKS:-$(for n in 1 2 4 8 16; do [ "$n" -le "$GPUS" ] && echo "$n"; done | paste -sd,)}
+  python3 -m bench.training_ddp --device "$DEVICE" --ranks "$RANKS" --preset "${DDP_PRESET:-shakespeare}" \
+    --steps "${DDP_STEPS:-100}" --repeats "${DDP_REPEATS:-2}" --data "$DATA" --out "$OUT/ddp" || echo "training_ddp failed"
+  if [ "$GPUS" -ge 2 ]; then
+    python3 -m bench.multinode --device "$DEVICE" --nproc $((GPUS / 2)) --data "$DATA" --out "$OUT/ddp" \
+      || echo "multinode failed"
+  else
+    echo "one GPU: no two-node run (NCCL needs a GPU per rank)"
+  fi
   exit 0
 fi
 

@@ -1,16 +1,18 @@
-"""Two torchrun launchers on 127.0.0.1 as the two nodes of one training run, and a worker killed on one of them.
+"""Two torchrun launchers on 127.0.0.1 as the two nodes of one training run, and faults in one of them.
 
 Each launcher is what a node runs:
 
     torchrun --nnodes 2 --nproc-per-node P --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:PORT
              --rdzv-id ID --local-addr 127.0.0.1 --max-restarts R -m charrnn.training.cli ...
 
-The first launcher to bind PORT hosts the rendezvous store; which launcher
-holds rank 0 is the rendezvous's choice. Every address is the loopback one
-(gloo too: GLOO_SOCKET_IFNAME=lo). ``kill_worker`` sends SIGKILL to the worker
-process of a given rank; with --max-restarts, its launcher restarts its
-workers, the other launcher sees the node rejoin and restarts its own, and
-every rank resumes from the run folder's last.pt (the runs pass --resume).
+Node 0 starts first and hosts the rendezvous store; which node holds rank 0 is
+the rendezvous's choice. Every address is the loopback one (gloo's too:
+GLOO_SOCKET_IFNAME=lo). ``kill_worker`` sends SIGKILL to a worker of one node:
+its launcher restarts its workers (--max-restarts), the other launcher sees the
+node rejoin and restarts its own. ``kill_node`` kills a launcher with its
+workers and ``restart_node`` starts it again, as a lost machine comes back.
+Either way every rank resumes from the run folder's last.pt (the runs pass
+--resume).
 """
 
 from __future__ import annotations
@@ -60,9 +62,11 @@ class TwoNodes:
     Kubernetes), so that node 1 can die whole and come back, as a lost pod does.
     """
 
-    def __init__(self, logdir: Path, node_args: tuple[list[str], list[str]], nproc: int = 1, max_restarts: int = 0):
+    def __init__(self, logdir: Path, node_args: tuple[list[str], list[str]], nproc: int = 1, max_restarts: int = 0,
+                 node_env: tuple[dict, dict] = ({}, {})):
         self.logdir, self.port, self.run_id = logdir, free_port(), f"charrnn-{os.getpid()}-{time.monotonic_ns()}"
         self.argv = [node_argv(self.port, self.run_id, args, nproc, max_restarts) for args in node_args]
+        self.node_env = node_env  # added to each node's environment (CUDA_VISIBLE_DEVICES: a node's own GPUs)
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> TwoNodes:
@@ -79,7 +83,7 @@ class TwoNodes:
     def _launch(self, i: int) -> subprocess.Popen:
         with open(self.logdir / f"node{i}.log", "a") as log:
             # A session of its own: a stuck run is ended with its workers (see stop).
-            return subprocess.Popen(self.argv[i], env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen(self.argv[i], env={**env(), **self.node_env[i]}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill_node(self, i: int) -> None:
         """SIGKILL to node ``i``'s launcher and its workers at once, as when a machine is lost."""
@@ -130,15 +134,16 @@ class TwoNodes:
                 found[int(environ["RANK"])] = int(entry.name)
         return found
 
-    def kill_worker(self, rank: int, timeout: float = 30.0) -> int:
-        """SIGKILL to the worker of ``rank``; returns its pid."""
+    def kill_worker(self, node: int, timeout: float = 30.0) -> dict:
+        """SIGKILL to one worker process of node ``node`` (its lowest rank); returns that rank and pid."""
         deadline = time.monotonic() + timeout
-        while rank not in (workers := self.workers()):
+        while not (workers := self.workers(self.procs[node].pid)):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no worker of rank {rank} (workers {workers}):\n{self.output()[-3000:]}")
+                raise RuntimeError(f"node {node} runs no worker:\n{self.output()[-3000:]}")
             time.sleep(0.05)
+        rank = min(workers)
         os.kill(workers[rank], signal.SIGKILL)
-        return workers[rank]
+        return {"rank": rank, "pid": workers[rank]}
 
     def __enter__(self) -> TwoNodes:
         return self.start()
@@ -183,24 +188,26 @@ def final_digest(out: Path) -> str:
 
 
 def two_node_run(workdir: Path, data: Path, name: str, max_steps: int, eval_interval: int, fault: str = "",
-                 kill_after: int = 0, max_restarts: int = 0, timeout: float = 240.0) -> dict:
+                 kill_after: int = 0, max_restarts: int = 0, timeout: float = 240.0, extra: tuple[str, ...] = (),
+                 nproc: int = 1, node_env: tuple[dict, dict] = ({}, {})) -> dict:
     """One run of two nodes into WORKDIR/NAME. Once ``kill_after`` steps are logged, ``fault``:
 
-    - "worker": SIGKILL to the worker of rank 1 (torchrun restarts every rank);
+    - "worker": SIGKILL to a worker of node 1 (torchrun restarts every rank);
     - "node": SIGKILL to node 1's launcher and worker together, then node 1 started again.
 
-    Returns the exit statuses, the steps resumed from, the logs' records, the final weights' digest
-    and the launchers' output.
+    ``extra`` flags follow the tiny preset's (``--device cuda`` overrides ``--device cpu``); each node runs
+    ``nproc`` ranks. Returns the exit statuses, the steps resumed from, the logs' records, the final
+    weights' digest and the launchers' output.
     """
     out = workdir / name
-    args = train_args(data, out, max_steps, eval_interval)
+    args = train_args(data, out, max_steps, eval_interval, *extra)
     started = time.monotonic()
-    with TwoNodes(workdir / f"{name}-logs", (args, args), max_restarts=max_restarts) as nodes:
+    with TwoNodes(workdir / f"{name}-logs", (args, args), nproc, max_restarts, node_env) as nodes:
         killed = None
         if fault:
             wait_for_steps(out, kill_after, nodes)
             if fault == "worker":
-                killed = {"worker_pid": nodes.kill_worker(1)}
+                killed = {"worker": nodes.kill_worker(1)}
             else:
                 nodes.kill_node(1)
                 killed = {"node": 1}
