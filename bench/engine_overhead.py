@@ -69,8 +69,8 @@ async def engine_run(model, streams: int, chars: int, profile: cProfile.Profile 
     if profile is not None:
         run = engine._run
 
-        def profiled() -> None:  # the engine thread's own body, under the profiler
-            profile.runcall(run)
+        def profiled(on_failure) -> None:  # the engine thread's own body (launch.Engine._run), under the profiler
+            profile.runcall(run, on_failure)
 
         engine._run = profiled
     engine.start()

@@ -45,7 +45,8 @@ from charrnn.service.primecache import PrimeCache
 from charrnn.service.runtime import LoadedModel, State
 from charrnn.service.slots import Slots
 
-# How a stream ended, in the order of precedence: (code, reason) by kind 0..3.
+# How a stream ended, in the order of precedence: (code, reason) by kind 0..4 (stop sequence, length, cancel,
+# deadline, complete regex match; _end ranks the match after the stop sequence, before the length).
 _ENDS = (("OK", "stop"), ("OK", "length"), ("CANCELLED", "cancelled"), ("DEADLINE_EXCEEDED", "deadline"),
          ("OK", "match"))
 MAX_PREFILL_STEPS = 128  # prime characters per prefill call: a long prime takes several rounds

@@ -151,6 +151,9 @@ class Generation:
         self._call.cancel()
 
 
+DEFAULT_RESUMES = 5  # tries to resume a cut stream when another replica can answer
+
+
 def targets_of(target: str | Sequence[str]) -> list[str]:
     """The addresses in ``target``: one host:port, a comma-separated list, a list, or a ``dns:///`` name."""
     items = [target] if isinstance(target, str) else list(target)
@@ -166,14 +169,18 @@ class GeneratorClient:
     ``target``: host:port, several (a list, or "host:port,host:port"), or ``dns:///name:port`` (every address a
     name resolves to, balanced round robin by gRPC). Any TLS option (or ``tls=True``) makes the channels secure.
     A stream cut by its replica's death or drain resumes on another replica with the same text
-    (service/resuming.py), at most ``max_resumes`` times (0: never).
+    (service/resuming.py), at most ``max_resumes`` times (0: never; None, the default: 5 when another replica
+    can answer, with several addresses or a dns:/// name, and 0 with one host:port, whose server alone is
+    there; a host:port that balances over replicas, such as a Service's virtual IP, wants a number).
     """
 
     def __init__(self, target: str | Sequence[str] = "localhost:50051", *, tls: bool = False, tls_ca: str = "",
                  tls_cert: str = "", tls_key: str = "", options: Sequence[tuple[str, object]] = (),
-                 max_resumes: int = 5, backoff: float = 0.1, stall_seconds: float | None = 10.0):
+                 max_resumes: int | None = None, backoff: float = 0.1, stall_seconds: float | None = 10.0):
         creds = _credentials(tls, tls_ca, tls_cert, tls_key)
         self.targets = targets_of(target)
+        if max_resumes is None:
+            max_resumes = DEFAULT_RESUMES if len(self.targets) > 1 or self.targets[0].startswith("dns:") else 0
         self.max_resumes, self.backoff, self.stall_seconds = max_resumes, backoff, stall_seconds
         self._channels = []
         for t in self.targets:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
@@ -143,6 +144,10 @@ class EngineCore:
         self.outbox = Outbox()
         self.prime_cache = PrimeCache(prime_cache if batching else 0)
         self.queue: collections.deque[Admission] = collections.deque()
+        # The core thread changes the queue and takes slots under this lock; the core process's I/O thread reads
+        # how many slots are free under it (first_characters). Slots freed by a step are not under it: a read
+        # that misses them sees less room than there is, never more.
+        self.admission_lock = threading.Lock()
         self._last_scan = 0.0
         if batching:
             self.scheduler = BatchScheduler(model, max_active, self.outbox, self.stats, self.prime_cache)
@@ -154,11 +159,12 @@ class EngineCore:
     def add(self, fe: int, entries: list[dict], now: float) -> None:
         for m in entries:
             e = Admission.from_wire(fe, m, now)
-            if self.scheduler.used + len(self.queue) >= self.max_active + self.max_queue:
-                # Front-ends refuse at once on their own count; two of them can still race past it.
+            with self.admission_lock:
+                full = self.scheduler.used + len(self.queue) >= self.max_active + self.max_queue
+                if not full:
+                    self.queue.append(e)
+            if full:  # front-ends refuse at once on their own count; two of them can still race past it
                 self._refuse(e, "RESOURCE_EXHAUSTED", "queue_full", self.full_message(), now)
-            else:
-                self.queue.append(e)
 
     def first_characters(self, adds: list[dict]) -> tuple[np.ndarray, np.ndarray] | None:
         """I/O thread: the first characters of new streams whose prime was read before, drawn now.
@@ -166,11 +172,15 @@ class EngineCore:
         Only streams without stop sequences, while slots are free, with the CPU's first-character
         policy (batch.py). Each such admission gets ``cached`` (the prime cache entry) and ``first``
         (its first id), which Batch.add then uses. Returns (rows int32 [k], ids int32 [k]) or None.
+        ``adds`` are the I/O thread's own until it hands them to the core thread, after this returns;
+        the room is read under ``admission_lock``, the prime cache under its own lock, and the sampler
+        is an onnxruntime session, which may run from two threads at once.
         """
         batch = getattr(self.scheduler, "batch", None)
         if batch is None or batch.held or not self.prime_cache.capacity:
             return None
-        room = self.max_active - self.scheduler.used - len(self.queue)
+        with self.admission_lock:
+            room = self.max_active - self.scheduler.used - len(self.queue)
         chosen = []
         for a in adds:
             if len(chosen) >= room:
@@ -201,8 +211,11 @@ class EngineCore:
 
     def cancel(self, fe: int, rows: list[int], now: float) -> None:
         wanted = set(rows)
-        for e in [e for e in self.queue if e.fe == fe and e.row in wanted]:
-            self.queue.remove(e)
+        with self.admission_lock:
+            gone = [e for e in self.queue if e.fe == fe and e.row in wanted]
+            for e in gone:
+                self.queue.remove(e)
+        for e in gone:
             self._refuse(e, "CANCELLED", "cancelled", "cancelled", now)
             wanted.discard(e.row)
         for row in wanted:
@@ -210,8 +223,9 @@ class EngineCore:
 
     def drop_frontend(self, fe: int, now: float) -> None:
         """A front-end is gone: its queued streams leave, its slots free at the next step."""
-        for e in [e for e in self.queue if e.fe == fe]:
-            self.queue.remove(e)
+        with self.admission_lock:
+            for e in [e for e in self.queue if e.fe == fe]:
+                self.queue.remove(e)
         self.scheduler.drop_frontend(fe)
 
     def _refuse(self, e: Admission, code: str, reason: str, message: str, now: float) -> None:
@@ -247,10 +261,11 @@ class EngineCore:
                 q.remove(e)
                 self._refuse(e, "DEADLINE_EXCEEDED", "deadline",
                              f"deadline passed after 0 of {e.max_chars} characters", now)
-        free = self.scheduler.free
-        if q and free:
-            new = [q.popleft() for _ in range(min(free, len(q)))]
-            self.scheduler.add(new, now)
+        with self.admission_lock:  # the queue's expired streams left above: only the core thread removes those
+            free = self.scheduler.free
+            if q and free:
+                new = [q.popleft() for _ in range(min(free, len(q)))]
+                self.scheduler.add(new, now)
         self.scheduler.work(bool(q), flush)
 
     def end_all(self, code: str, reason: str, message: str, now: float) -> None:

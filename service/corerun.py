@@ -41,11 +41,11 @@ log = logging.getLogger("charrnn.service.core")
 
 HEARTBEAT_SECONDS = 0.2  # the longest silence towards the primary front-end while the core is alive
 FINAL_SEND_MS = 1000  # how long the core's last message may wait for a front-end to take it
-RETRY_SECONDS = 0.01
+RETRY_SECONDS = 0.01  # how often a message that a lagging front-end could not take is offered again
 # A front-end hears the core at most every MESSAGE_SECONDS while it works (the steps between are one
 # message, in order): on a GPU a step takes a fraction of a millisecond, and a message per step would
 # cost the core more than the step. A step longer than this (a real model on a CPU) is a message each.
-MESSAGE_SECONDS = 0.002  # how often a message that a lagging front-end could not take is offered again
+MESSAGE_SECONDS = 0.002
 IDLE_POLL_MS = 100  # how long an idle core sleeps in poll
 QUEUE_POLL_MS = 10  # ... while streams wait in the queue (their deadlines and queue waits are checked)
 EXIT_FAILED = 3  # the status of a core process whose engine failed

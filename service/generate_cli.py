@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="host:port of the server, several separated by commas, or dns:///name:port (every "
                         "replica behind a name); a stream cut by its replica's death or drain resumes on another "
                         "with the same text. Env CHARRNN_SERVER. Default: localhost:50051.")
-    p.add_argument("--max-resumes", type=int, default=5,
+    p.add_argument("--max-resumes", type=int, default=None,
                    help="Times a cut stream is resumed on another replica before the call fails; 0: never. "
-                        "Default: 5.")
+                        "Default: 5 with several addresses or a dns:/// name, 0 with one host:port.")
     p.add_argument("--model", default="", help='"name" or "name@version"; empty means the server\'s default model.')
     p.add_argument("--prime", default="", help="Text the model reads before sampling; echoed first unless --no-echo.")
     p.add_argument("--max-chars", type=int, default=300, help="Characters to generate. Default: 300.")
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     fields = _request_fields(parser, args)
-    if args.max_resumes < 0:
+    if args.max_resumes is not None and args.max_resumes < 0:
         parser.error(f"--max-resumes must be >= 0 (0: never resume), got {args.max_resumes}")
     resumes = logging.StreamHandler(sys.stderr)  # each resume on its own line: "charrnn-generate: stream cut ..."
     resumes.setFormatter(logging.Formatter("charrnn-generate: %(message)s"))

@@ -6,7 +6,8 @@ its first character comes from the kept logits of the prime's last character
 (or, on CUDA, where the batch step reads that last character, from the step).
 Speaker names and the empty prime repeat all the time in char-rnn use, and a
 prefill at batch 1 costs several times what a character in the running batch
-costs. Used by the engine core's thread alone (batching off: under a lock).
+costs. Used by the engine core's thread and, for the first characters of cached primes, by the core
+process's I/O thread (corerun.py); every access to the entries is under the cache's own lock.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """The validated form of a generation request: what the engine accepts.
 
-Only ``validation.validate_request`` builds a ``GenerationRequest``, so an
-unvalidated request cannot reach the engine's queue.
+``validation.validate_request`` builds every ``GenerationRequest`` a server
+handles, so an unvalidated request cannot reach the engine's queue. The
+engine client derives the samples of a request with n > 1 from it
+(``dataclasses.replace`` of the seed), and bench/standin.py builds its own for
+a stand-in engine with no server.
 """
 
 from __future__ import annotations

@@ -74,6 +74,7 @@ class ResumingGeneration:
         n = max(1, self._request.n)
         work: list[tuple[int | None, pb.GenerateRequest]] = [(None, self._request)]  # (sample, request)
         tries = 0
+        first_cut = ""  # why the stream was cut first (the error a caller would have seen without resuming)
         while work:
             sample, request = work[0]
             try:
@@ -87,8 +88,14 @@ class ResumingGeneration:
                 if self._cancelled or not _resumable(e):
                     raise ServiceError.of(e) from None
                 if self.resumes >= self.max_resumes:
+                    if not self.max_resumes:
+                        raise ServiceError.of(e) if isinstance(e, grpc.RpcError) else \
+                            ServiceError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
                     raise ServiceError(grpc.StatusCode.UNAVAILABLE,
-                                       f"gave up after {self.resumes} resumes: {_describe(e)}") from None
+                                       f"gave up after {self.resumes} resumes; cut by {first_cut}, last: "
+                                       f"{_describe(e)}") from None
+                if not self.resumes:
+                    first_cut = _describe(e)
                 self.resumes += 1
                 tries += 1
                 left = [i for i in range(n) if i not in self.finish_reasons] if sample is None else [sample]

@@ -188,6 +188,7 @@ def test_the_cli_resumes_past_a_dead_address(server, tmp_path):
 
 def test_a_dns_name_reaches_the_servers_behind_it(server):
     """dns:///localhost:PORT, as a headless Service's name is given: gRPC resolves and balances it."""
-    with GeneratorClient(f"dns:///localhost:{server.port}") as client:
+    with GeneratorClient(f"dns:///localhost:{server.port}") as client:  # a name: resumes on by default
+        assert client.max_resumes == 5
         g = client.generate("ROMEO:", 40, model="tiny", seed=5)
         assert len(g.text()) == 40 and g.model == "tiny@1"
