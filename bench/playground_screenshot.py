@@ -3,8 +3,8 @@
     python -m bench.playground_screenshot                 # writes docs/img/playground.png
     python -m bench.playground_screenshot --out /tmp/p.png --seed 5
 
-A real `charrnn-serve` on models/ with --http-port, a headless Chromium (testkit/browser.py) on a seeded link, so
-the picture is the same sample every time for the same model file.
+A real `charrnn-serve` on models/ with --http-port, Debian's headless Chromium driven by Playwright
+(testkit/browser.py) on a seeded link, so the picture is the same sample every time for the same model file.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
-from testkit.browser import BROWSER, Chromium
+from testkit.browser import BROWSER, MISSING, chromium, open_page, wait_state
 from testkit.serve_process import ServeProcess, blocked_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,29 +32,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="which generated character to hover (1-based); 0: the least likely of the first 150")
     a = p.parse_args(argv)
     if BROWSER is None:
-        print("needs a headless Chromium (apt-get install chromium)", file=sys.stderr)
+        print(MISSING, file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        with ServeProcess(Path(a.models), "--http-port", "0", env=blocked_env(Path(tmp))) as server:
-            browser = Chromium(Path(tmp) / "profile")
-            try:
-                query = urllib.parse.urlencode({"prime": a.prime, "max_chars": a.max_chars, "temperature": 0.8,
-                                                "seed": a.seed})
-                page = browser.open(f"{server.http_url}/?{query}")
-                state = page.wait_state(timeout=60)
-                if state != "done":
-                    print(f"the playground ended in state {state!r}", file=sys.stderr)
-                    return 1
-                hover = a.hover or 1 + page.eval(
-                    "(() => { const p = [...document.querySelectorAll('#output .ch')].slice(0, 150)"
-                    ".map(s => Number(s.dataset.p)); return p.indexOf(Math.min(...p)); })()")
-                page.hover(f"#output .ch:nth-of-type({hover + 1})")  # the prime's span comes first
-                if page.eval("document.getElementById('tip').hidden"):  # the page shows it as it handles the event
-                    print(f"hovering character {hover} showed no tooltip", file=sys.stderr)
-                    return 1
-                Path(a.out).write_bytes(page.screenshot())
-            finally:
-                browser.close()
+    with (tempfile.TemporaryDirectory() as tmp,
+          ServeProcess(Path(a.models), "--http-port", "0", env=blocked_env(Path(tmp))) as server,
+          chromium() as browser):
+        query = urllib.parse.urlencode({"prime": a.prime, "max_chars": a.max_chars, "temperature": 0.8,
+                                        "seed": a.seed})
+        page = open_page(browser, f"{server.http_url}/?{query}")
+        state = wait_state(page, timeout=60)
+        if state != "done":
+            print(f"the playground ended in state {state!r}", file=sys.stderr)
+            return 1
+        hover = a.hover or 1 + page.evaluate(
+            "(() => { const p = [...document.querySelectorAll('#output .ch')].slice(0, 150)"
+            ".map(s => Number(s.dataset.p)); return p.indexOf(Math.min(...p)); })()")
+        page.hover(f"#output .ch:nth-of-type({hover + 1})")  # the prime's span comes first
+        if page.evaluate("document.getElementById('tip').hidden"):  # the page shows it as it handles the event
+            print(f"hovering character {hover} showed no tooltip", file=sys.stderr)
+            return 1
+        Path(a.out).write_bytes(page.screenshot())
     print(a.out)
     return 0
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
-import subprocess
 from html.parser import HTMLParser
 
 import numpy as np
@@ -18,6 +16,7 @@ from charrnn.inspector.page import SCALE, PageSource, render_page
 from charrnn.inspector.ranking import rank_cells
 from charrnn.inspector.sweep import sweep
 from charrnn.inspector.trace import encode, open_model, softmax, trace_text, zero_state
+from testkit.browser import BROWSER, MISSING, chromium, open_page
 from testkit.modelfactory import make_model_file
 
 VOCAB = "\n !\"#'(),-./:;<>?&ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz{}"
@@ -177,19 +176,14 @@ def test_json_cannot_close_its_script_element(model):
     assert data["text"] == text and parse(html).spans == list(text)
 
 
-BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-
-
-@pytest.mark.skipif(BROWSER is None, reason="needs a headless Chromium (apt-get install chromium)")
+@pytest.mark.skipif(BROWSER is None, reason=MISSING)
 def test_page_script_runs_in_a_browser_and_fills_the_page(page, tmp_path):
     """The DOM after the page's script ran: every character coloured, every snippet filled, the panel written."""
     html, _ = page
     path = tmp_path / "page.html"
     path.write_text(html, encoding="utf-8")
-    dom = subprocess.run(
-        [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", path.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    ).stdout
+    with chromium() as browser:
+        dom = open_page(browser, path.as_uri()).content()
     text_div = dom[dom.index('<div id="text"'):dom.index('<aside id="panel"')]
     coloured = re.findall(r'<span[^>]*style="background-color: rgba\(', text_div)
     assert len(coloured) == len(TEXT)
