@@ -43,6 +43,7 @@
 #   DDP_RANKS=1,2,4,8                  the ddp mode's rank counts (default: 1, 2, 4, 8 up to the GPUs there are;
 #                                        DEVICE=cpu: 1,2 with gloo, the dry run of this mode)
 #   DDP_PRESET=shakespeare DDP_STEPS=100 DDP_REPEATS=2   the ddp mode's model (batch per rank) and runs
+#                                      (dry run: DEVICE=cpu DDP_PRESET=tiny DDP_STEPS=20 DDP_REPEATS=1 OUT=/tmp/ddp-dry)
 set -uo pipefail
 MODE=${1:-full}
 OUT=${OUT:-bench/results/gpu}

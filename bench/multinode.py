@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def render(rows: list[dict], args) -> str:
         f"Two torchrun launchers on 127.0.0.1 as two nodes ({args.nproc} rank(s) each, {args.device}), c10d rendezvous,"
         f" the tiny preset, {args.steps} steps, a checkpoint every {EVAL_INTERVAL}, --resume; each fault once"
         f" {args.kill_after} steps were logged, under --max-restarts 2.",
+        f"Command: `{' '.join(['python -m bench.multinode', *sys.argv[1:]])}`",
         "",
         "| run | fault after step | resumed from | seconds | per-step losses | largest loss difference |"
         " evaluations | final weights sha256 | same weights |",

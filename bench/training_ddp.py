@@ -150,6 +150,7 @@ def render(rows: list[dict], runs: list[dict], args) -> str:
         f" batch {p['batch_size']} x {p['seq_len']} per rank), {where}, torch {m['torch']}; {launch}.",
         f"{args.steps} steps per run, the second half measured; {args.repeats} runs per point, round-robin;"
         f" 1-minute load average {min(loads):.1f} to {max(loads):.1f} around the runs.",
+        f"Command: `{' '.join(['python -m bench.training_ddp', *sys.argv[1:]])}`",
         "",
         "| ranks | threads per rank | characters per step | chars/s (median) | min - max | vs the first row | per-rank efficiency |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
