@@ -13,14 +13,16 @@ a request field cannot carry (a negative max_chars or seed) raises FieldError be
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Iterator, Sequence
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from charrnn.service.resuming import ResumingGeneration
 from charrnn.service.tls import channel_credentials
+
+if TYPE_CHECKING:
+    from charrnn.service.resuming import ResumingGeneration
 from charrnn.v1 import generator_pb2 as pb
 from charrnn.v1 import generator_pb2_grpc
 
@@ -121,9 +123,16 @@ class Generation:
         self.finish_reasons: dict[int, str] = {}
         self.all_stats: dict[int, pb.GenerationStats] = {}
         self.logprobs: dict[int, list[pb.CharLogprob]] = {}  # with logprobs: one entry per character
+        self.seeds: dict[int, int] = {}  # sample index -> its seed, from its first message
+        self.model = ""  # "name@version" that served it, from the first message
 
-    def _take(self, response: pb.GenerateResponse) -> str:
-        i = response.index
+    def _take(self, response: pb.GenerateResponse, index: int | None = None) -> str:
+        """Records one message of sample ``index`` (default: the message's own index)."""
+        i = response.index if index is None else index
+        if response.HasField("seed"):
+            self.seeds[i] = response.seed
+        if response.model and not self.model:
+            self.model = response.model
         if response.HasField("stats"):
             self.all_stats[i] = response.stats
             self.finish_reasons[i] = FINISH_REASONS.get(response.finish_reason, "")
@@ -194,8 +203,10 @@ class GeneratorClient:
         self._next = 0  # the address the next call starts at (a list of addresses: round robin)
 
     def generate(self, prime: str = "", max_chars: int = 300, *, timeout: float | None = None,
-                 **fields) -> ResumingGeneration:
+                 **fields) -> "ResumingGeneration":
         """Starts a stream; ``fields`` go to build_request (model, temperature, top_k, top_p, seed, stop, ...)."""
+        from charrnn.service.resuming import ResumingGeneration  # it builds on Generation, above
+
         request = build_request(prime, max_chars, **fields)
         first = self._next
         self._next = (self._next + 1) % len(self._stubs)

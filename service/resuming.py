@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 
 import grpc
 
+from charrnn.service.client import Generation, ServiceError
 from charrnn.v1 import generator_pb2 as pb
 
 log = logging.getLogger("charrnn.client")
@@ -43,34 +44,28 @@ class Stalled(Exception):
     """No message for ``stall_seconds`` and the replica's health check did not answer SERVING."""
 
 
-class ResumingGeneration:
+class ResumingGeneration(Generation):
     """One Generate call that resumes on another replica when its own goes away; read it as a Generation."""
 
     def __init__(self, open_call: Callable[[pb.GenerateRequest, float | None, int], tuple[object, str]],
                  check_health: Callable[[str], str], request: pb.GenerateRequest, timeout: float | None, *,
                  max_resumes: int, backoff: float, stall_seconds: float | None):
+        super().__init__(None)
         self._open = open_call  # (request, timeout, try number) -> (call, the address it went to)
         self._check_health = check_health  # address -> grpc.health.v1 status name, or raises
         self._request = request
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self.max_resumes, self.backoff, self.stall_seconds = max_resumes, backoff, stall_seconds
-        self._call = None
         self._cancelled = False
-        self.resumes = 0  # times a cut stream was resumed
-        self.model = ""  # "name@version" from the first message: resumes ask for this version
-        self.seeds: dict[int, int] = {}  # sample index -> its seed, from its first message
-        self.finish_reason: str = ""  # of sample 0
-        self.stats: pb.GenerationStats | None = None  # of sample 0
-        self.texts: dict[int, str] = {}
-        self.finish_reasons: dict[int, str] = {}
-        self.all_stats: dict[int, pb.GenerationStats] = {}
-        self.logprobs: dict[int, list[pb.CharLogprob]] = {}
+        # The call starts now, as a plain Generate call does: it takes its place in the server's queue
+        # before the first read.
+        self._first = self._open(request, timeout, 0)
+        self._call = self._first[0]
+        self.resumes = 0  # times a cut stream was resumed (resumed streams ask for ``model``, the version pinned)
 
     # ---- reading ----
 
     def __iter__(self) -> Iterator[str]:
-        from charrnn.service.client import FINISH_REASONS, ServiceError
-
         n = max(1, self._request.n)
         work: list[tuple[int | None, pb.GenerateRequest]] = [(None, self._request)]  # (sample, request)
         tries = 0
@@ -79,8 +74,7 @@ class ResumingGeneration:
             sample, request = work[0]
             try:
                 for response in self._responses(request, tries):
-                    i = response.index if sample is None else sample
-                    text = self._take(i, response, FINISH_REASONS)
+                    text = self._take(response, sample)  # a resumed sample's messages say index 0
                     if text:
                         yield text
                 work.pop(0)
@@ -106,10 +100,6 @@ class ResumingGeneration:
                 time.sleep(min(MAX_BACKOFF, self.backoff * 2 ** (self.resumes - 1)))
                 work = [(i, self._resumed(i)) for i in left] + work[1:]
 
-    def text(self) -> str:
-        """Reads the whole stream (every sample) and returns its text."""
-        return "".join(self)
-
     def cancel(self) -> None:
         self._cancelled = True
         if self._call is not None:
@@ -118,8 +108,11 @@ class ResumingGeneration:
     # ---- inside ----
 
     def _responses(self, request: pb.GenerateRequest, tries: int) -> Iterator[pb.GenerateResponse]:
-        timeout = None if self._deadline is None else max(0.001, self._deadline - time.monotonic())
-        call, address = self._open(request, timeout, tries)
+        if self._first is not None:
+            (call, address), self._first = self._first, None
+        else:
+            timeout = None if self._deadline is None else max(0.001, self._deadline - time.monotonic())
+            call, address = self._open(request, timeout, tries)
         self._call = call
         watch = _Watch(call, address, self._check_health, self.stall_seconds)
         try:
@@ -132,21 +125,6 @@ class ResumingGeneration:
             raise
         finally:
             watch.stop()
-
-    def _take(self, i: int, response: pb.GenerateResponse, reasons: dict) -> str:
-        if response.HasField("seed"):
-            self.seeds[i] = response.seed
-        if response.model and not self.model:
-            self.model = response.model
-        if response.HasField("stats"):
-            self.all_stats[i] = response.stats
-            self.finish_reasons[i] = reasons.get(response.finish_reason, "")
-            if i == 0:
-                self.stats, self.finish_reason = response.stats, self.finish_reasons[i]
-        self.texts[i] = self.texts.get(i, "") + response.text
-        if response.logprobs:
-            self.logprobs.setdefault(i, []).extend(response.logprobs)
-        return response.text
 
     def _resumed(self, i: int) -> pb.GenerateRequest:
         """Sample ``i`` again from where its text stops: n 1, its own seed, the pinned model version."""
