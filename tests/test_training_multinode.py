@@ -25,7 +25,7 @@ from testkit.training_faults import corpus
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS, EVAL_INTERVAL, KILL_AFTER = 60, 20, 30  # the kill lands after the checkpoint of step 20
+MAX_STEPS, EVAL_INTERVAL, KILL_AFTER = 100, 20, 30  # the kill lands after the checkpoint of step 20, well before the end
 
 
 @pytest.fixture(scope="module")
