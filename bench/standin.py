@@ -169,7 +169,7 @@ def serve_core(address: str, max_active: int, report: str) -> int:
 
     import zmq
 
-    from charrnn.service import wire
+    from charrnn.service import protocol
     from charrnn.service.core import EngineCore
     from charrnn.service.corerun import CoreLoop, _await_primary
 
@@ -184,7 +184,7 @@ def serve_core(address: str, max_active: int, report: str) -> int:
     loop = CoreLoop(core, sock)
     loop.message_seconds *= SCALE  # every time of the core runs dilated
     loop.frontends[primary], loop.primary = 0, primary
-    sock.send_multipart([primary, wire.pack({"t": "up", "props": model.metadata.to_props()})])
+    sock.send_multipart([primary, protocol.encode(protocol.Up(props=model.metadata.to_props()))])
 
     def write() -> None:
         with open(report, "a") as f:
@@ -260,12 +260,12 @@ def core_run(streams: int, seconds: float, warmup: float, laggard: bool) -> dict
         lag = ctx.socket(zmq.DEALER)
         lag.setsockopt(zmq.RCVHWM, 1)
         lag.connect(address)
-        from charrnn.service import wire
+        from charrnn.service import protocol
 
-        lag.send(wire.pack({"t": "hello", "fe": 9}))
-        lag.send(wire.pack({"t": "work", "add": [
-            {"row": i, "prime": [1], "max_chars": 10**9, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": i,
-             "stops": [], "deadline": None, "arrived": time.monotonic()} for i in range(64)]}))
+        lag.send(protocol.encode(protocol.Hello(fe=9)))
+        lag.send(protocol.encode(protocol.Work(add=[
+            protocol.Admit(kind="generate", row=i, prime=np.array([1], np.int64), max_chars=10**9, seed=i,
+                           arrived=time.monotonic()) for i in range(64)])))
 
     def reading() -> dict:
         line = Path(report).read_text().strip().splitlines()[-1]

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from charrnn.service import sampling
+from charrnn.service import protocol, sampling
 from charrnn.service.automata import AutomatonTable, stop_automaton
 from charrnn.service.controls import ControlRows
 from charrnn.service.scoring import ScoreRun
@@ -73,41 +73,41 @@ class Admission:
     first: int | None = None  # ... and that character's id (already sent)
     logprobs: int = 0  # alternatives wanted per character (0: no log-probabilities)
     score: tuple | None = None  # a Score request: (characters of text at the end of ``prime``, alternatives)
-    controls: dict | None = None  # bias, regex, allowed, presence, frequency, repetition (controls.py)
+    controls: protocol.Controls | None = None  # bias, regex, allowed, penalties (controls.py)
     resumed: int = 0  # the last this many ids of ``prime`` are resume_text: already generated, counted as such
 
     @classmethod
-    def from_wire(cls, fe: int, m: dict, now: float) -> "Admission":
-        stops = tuple(tuple(None if t < 0 else t for t in s) for s in m.get("stops", ()))
-        deadline = m.get("deadline")
-        return cls(fe=fe, row=m["row"], prime=np.asarray(m["prime"], np.int64), max_chars=m["max_chars"],
-                   temperature=m["temperature"], top_k=m["top_k"], top_p=m["top_p"], seed=m["seed"],
-                   stops=stops, deadline=float("inf") if deadline is None else deadline,
-                   arrived=m.get("arrived", now), queued_at=now, cached=m.get("cached"), first=m.get("first"),
-                   logprobs=m.get("logprobs", 0), controls=m.get("controls"), resumed=m.get("resumed", 0),
-                   score=(m["text_chars"], m["top"]) if m.get("score") else None)
+    def of(cls, fe: int, a: protocol.Admit, now: float) -> "Admission":
+        """The core's record of front-end ``fe``'s admission ``a``, queued at ``now``."""
+        stops = tuple(tuple(None if t < 0 else t for t in s) for s in a.stops)
+        return cls(fe=fe, row=a.row, prime=np.asarray(a.prime, np.int64), max_chars=a.max_chars,
+                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                   stops=stops, deadline=float("inf") if a.deadline is None else a.deadline,
+                   arrived=a.arrived or now, queued_at=now, cached=a.cached, first=a.first,
+                   logprobs=a.logprobs, controls=a.controls, resumed=a.resumed,
+                   score=(a.text_chars, a.top) if a.kind == "score" else None)
 
 
 class Outbox:
-    """What each front-end hears from this round: {fe: {"steps": [(rows, ids, hold, logprobs)], "ends": [...]}}."""
+    """What each front-end hears from this round: {fe: protocol.Out with its steps and ends}."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # the batching-off threads write here too
-        self._by_fe: dict[int, dict] = {}
+        self._by_fe: dict[int, protocol.Out] = {}
         self._seen: set[int] = set()  # front-ends that ever had a stream: one, in the usual case
 
     def admit(self, fe: int) -> None:
         """A stream of front-end ``fe`` takes a slot (with a single front-end, no step needs splitting)."""
         self._seen.add(fe)
 
-    def _box(self, fe: int) -> dict:
+    def _box(self, fe: int) -> protocol.Out:
         box = self._by_fe.get(fe)
         if box is None:
-            box = self._by_fe[fe] = {"steps": [], "ends": []}
+            box = self._by_fe[fe] = protocol.Out()
         return box
 
     def chars(self, fe: np.ndarray, rows: np.ndarray, ids: np.ndarray, hold: np.ndarray | None,
-              lp: tuple | None = None) -> None:
+              lp: protocol.Logprobs | None = None) -> None:
         """One step's new character of each of these rows (arrays [n]: front-end, row, id), and when some
         have stop sequences, how many of their latest characters each must hold back (they may begin one)."""
         if not len(rows):
@@ -115,22 +115,20 @@ class Outbox:
         with self._lock:
             first = int(fe[0])
             if len(self._seen) == 1 and first in self._seen or (fe == first).all():  # one front-end: no split
-                self._box(first)["steps"].append((rows.astype(np.int32), ids.astype(np.int32),
-                                                  None if hold is None else hold.astype(np.int32), lp))
+                self._box(first).steps.append(protocol.Step(rows.astype(np.int32), ids.astype(np.int32),
+                                                            None if hold is None else hold.astype(np.int32), lp))
                 return
             for f in np.unique(fe).tolist():
                 sel = fe == f
-                part = None if lp is None else tuple(a[sel] for a in lp)
-                self._box(f)["steps"].append((rows[sel].astype(np.int32), ids[sel].astype(np.int32),
-                                              None if hold is None else hold[sel].astype(np.int32), part))
+                part = None if lp is None else protocol.Logprobs(lp.chosen[sel], lp.top_ids[sel], lp.top_lp[sel])
+                self._box(f).steps.append(protocol.Step(rows[sel].astype(np.int32), ids[sel].astype(np.int32),
+                                                        None if hold is None else hold[sel].astype(np.int32), part))
 
-    def end(self, fe: int, record: list) -> None:
-        """[row, code, reason, message, stop index or -1, generated, admitted_at, first_at, last_at,
-        decode steps the stream ran after its cancel arrived]."""
+    def end(self, fe: int, end: protocol.End) -> None:
         with self._lock:
-            self._box(fe)["ends"].append(record)
+            self._box(fe).ends.append(end)
 
-    def take(self) -> dict[int, dict]:
+    def take(self) -> dict[int, protocol.Out]:
         with self._lock:
             out, self._by_fe = self._by_fe, {}
         return out
@@ -345,8 +343,8 @@ class Batch:
                 self.scores.remove(run)
                 now = time.monotonic()
                 fe, row = int(s.fe[slot]), int(s.row[slot])
-                self.outbox.end(fe, [row, "OK", "score", "", -1, 0, float(s.admitted_at[slot]), now, now, 0,
-                                     run.result()])
+                self.outbox.end(fe, protocol.End(row=row, code="OK", reason="score", admitted=float(s.admitted_at[slot]),
+                                                 first=now, last=now, score=run.result()))
                 self.where.pop((fe, row), None)
                 s.free(np.array([slot]))
 
@@ -412,7 +410,7 @@ class Batch:
         self._advance(rows, ids, now, lp=_logprobs(picked, rows))
 
     def _advance(self, slots: np.ndarray | slice, ids: np.ndarray, now: float, emit: bool = True,
-                 lp: tuple | None = None) -> None:
+                 lp: protocol.Logprobs | None = None) -> None:
         """Each of ``slots`` (an index array or a slice) produced ``ids``: counts, stop automata, and the ends
         (stop sequence, length, cancel, deadline). ``emit=False``: the front-ends have the characters already."""
         s = self.slots
@@ -455,8 +453,9 @@ class Batch:
         for slot, k, stop, fe, row, gen, lim, first, admitted, cancelled_at in columns:
             code, reason = _ENDS[k]
             message = f"deadline passed after {gen} of {lim} characters" if k == 3 else ""
-            self.outbox.end(fe, [row, code, reason, message, stop, gen, admitted, first if gen else now, now,
-                                 self.steps - cancelled_at if k == 2 else 0])
+            self.outbox.end(fe, protocol.End(row=row, code=code, reason=reason, message=message, stop=stop,
+                                             generated=gen, admitted=admitted, first=first if gen else now, last=now,
+                                             steps_after_cancel=self.steps - cancelled_at if k == 2 else 0))
             self.where.pop((fe, row), None)
         self.stops.release(slots)
         self.controls.free(slots)
@@ -467,8 +466,9 @@ class Batch:
         s = self.slots
         for (fe, row), slot in list(self.where.items()):
             first = float(s.first_at[slot]) if s.generated[slot] else now
-            self.outbox.end(fe, [row, code, reason, message, -1, int(s.generated[slot]),
-                                 float(s.admitted_at[slot]), first, now])
+            self.outbox.end(fe, protocol.End(row=row, code=code, reason=reason, message=message,
+                                             generated=int(s.generated[slot]), admitted=float(s.admitted_at[slot]),
+                                             first=first, last=now))
             s.free(np.array([slot]))
             self.stops.release(slot)
             self.controls.free(slot)
@@ -477,9 +477,9 @@ class Batch:
         self.scores.clear()
 
 
-def _logprobs(picked, rows) -> tuple | None:
+def _logprobs(picked, rows) -> protocol.Logprobs | None:
     """The log-probabilities of ``rows`` of a sampler's answer, as Outbox.chars takes them (None without)."""
     if picked.logprob is None:
         return None
-    return (picked.logprob[rows, 0].astype(np.float32), picked.top_ids[rows].astype(np.int32),
-            picked.top_logprobs[rows].astype(np.float32))
+    return protocol.Logprobs(picked.logprob[rows, 0].astype(np.float32), picked.top_ids[rows].astype(np.int32),
+                             picked.top_logprobs[rows].astype(np.float32))

@@ -49,10 +49,11 @@ class ControlRows:
         return getattr(self, name)
 
     def take(self, slot: int, logprobs: int, controls) -> None:
-        """A new stream in ``slot`` with ``logprobs`` alternatives and ``controls`` (requests.Controls or a wire
-        dict of the same fields, or None)."""
-        c = controls or {}
-        get = c.get if isinstance(c, dict) else lambda k, d=None: getattr(c, k, d)
+        """A new stream in ``slot`` with ``logprobs`` alternatives and ``controls`` (protocol.Controls, or None)."""
+        c = controls
+
+        def get(name: str, default=None):
+            return default if c is None else getattr(c, name)
         bias, regex = get("bias"), get("regex", "") or ""
         presence, frequency = float(get("presence", 0.0) or 0.0), float(get("frequency", 0.0) or 0.0)
         repetition = float(get("repetition", 1.0) or 1.0)

@@ -24,7 +24,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
-from charrnn.service import sampling
+from charrnn.service import protocol, sampling
 from charrnn.service.batch import Admission, Batch, Outbox
 from charrnn.service.metrics import CoreStats
 from charrnn.service.primecache import PrimeCache
@@ -156,9 +156,9 @@ class EngineCore:
 
     # ---- messages from the front-ends ----
 
-    def add(self, fe: int, entries: list[dict], now: float) -> None:
+    def add(self, fe: int, entries: list[protocol.Admit], now: float) -> None:
         for m in entries:
-            e = Admission.from_wire(fe, m, now)
+            e = Admission.of(fe, m, now)
             with self.admission_lock:
                 full = self.scheduler.used + len(self.queue) >= self.max_active + self.max_queue
                 if not full:
@@ -166,7 +166,7 @@ class EngineCore:
             if full:  # front-ends refuse at once on their own count; two of them can still race past it
                 self._refuse(e, "RESOURCE_EXHAUSTED", "queue_full", self.full_message(), now)
 
-    def first_characters(self, adds: list[dict]) -> tuple[np.ndarray, np.ndarray] | None:
+    def first_characters(self, adds: list[protocol.Admit]) -> tuple[np.ndarray, np.ndarray] | None:
         """I/O thread: the first characters of new streams whose prime was read before, drawn now.
 
         Only streams without stop sequences, while slots are free, with the CPU's first-character
@@ -185,24 +185,24 @@ class EngineCore:
         for a in adds:
             if len(chosen) >= room:
                 break
-            if a.get("stops") or a.get("controls") or a.get("logprobs") or a.get("score") or a.get("resumed"):
+            if not a.plain:
                 continue
-            entry = self.prime_cache.get(np.asarray(a["prime"], np.int64), count=False)
+            entry = self.prime_cache.get(np.asarray(a.prime, np.int64), count=False)
             if entry is not None and entry[1] is not None:
-                a["cached"] = entry
+                a.cached = entry
                 chosen.append(a)
         if not chosen:
             return None
-        seeds = sampling.seed_array([a["seed"] for a in chosen])
-        picked = self.model.sample(np.stack([a["cached"][1] for a in chosen]),
-                                   np.array([a["temperature"] for a in chosen], np.float32),
-                                   np.array([a["top_k"] for a in chosen], np.int64),
-                                   np.array([a["top_p"] for a in chosen], np.float32),
+        seeds = sampling.seed_array([a.seed for a in chosen])
+        picked = self.model.sample(np.stack([a.cached[1] for a in chosen]),
+                                   np.array([a.temperature for a in chosen], np.float32),
+                                   np.array([a.top_k for a in chosen], np.int64),
+                                   np.array([a.top_p for a in chosen], np.float32),
                                    sampling.uniforms(seeds, np.zeros(len(chosen), np.int64)))
         ids = picked.ids[:, 0]
         for a, first in zip(chosen, ids.tolist()):
-            a["first"] = first
-        return np.array([a["row"] for a in chosen], np.int32), ids.astype(np.int32)
+            a.first = first
+        return np.array([a.row for a in chosen], np.int32), ids.astype(np.int32)
 
     def full_message(self) -> str:
         return (f"model {self.label} is at capacity: all {self.max_active} batch slots are busy and "
@@ -229,7 +229,8 @@ class EngineCore:
         self.scheduler.drop_frontend(fe)
 
     def _refuse(self, e: Admission, code: str, reason: str, message: str, now: float) -> None:
-        self.outbox.end(e.fe, [e.row, code, reason, message, -1, 0, now, now, now])
+        self.outbox.end(e.fe, protocol.End(row=e.row, code=code, reason=reason, message=message, admitted=now,
+                                           first=now, last=now))
 
     # ---- one round ----
 

@@ -28,13 +28,12 @@ import argparse
 import collections
 import logging
 import os
-import sys
 import threading
 import time
 
 import zmq
 
-from charrnn.service import errors, wire
+from charrnn.service import errors, protocol
 from charrnn.service.core import EngineCore
 
 log = logging.getLogger("charrnn.service.core")
@@ -52,22 +51,6 @@ EXIT_FAILED = 3  # the status of a core process whose engine failed
 EXIT_REFUSED = 2  # ... whose model file could not be served
 
 
-def _merge(into: dict, new: dict) -> None:
-    """Adds a later message to one front-end to the one still waiting for it: lists extended in order, the
-    newest load, metric deltas added. In place: a front-end that lags for long costs no copying per round."""
-    for key in ("steps", "ends"):
-        into.setdefault(key, []).extend(new.get(key, ()))
-    for key in ("load", "busy", "failed"):
-        if key in new:
-            into[key] = new[key]
-    if "stats" in new:
-        stats = into.setdefault("stats", {"h": {}, "cache": [0, 0]})
-        for name, (counts, total) in new["stats"]["h"].items():
-            mine = stats["h"].get(name)
-            stats["h"][name] = [counts + mine[0], total + mine[1]] if mine else [counts, total]
-        stats["cache"] = [a + b for a, b in zip(stats["cache"], new["stats"]["cache"])]
-
-
 class CoreLoop:
     def __init__(self, core: EngineCore, sock: zmq.Socket):
         self.core = core
@@ -83,7 +66,7 @@ class CoreLoop:
         self._outq: collections.deque = collections.deque()  # core thread -> I/O thread: (identity, message, last)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        self._waiting: dict[bytes, dict] = {}  # I/O thread: messages a lagging front-end could not take yet
+        self._waiting: dict[bytes, protocol.Out] = {}  # I/O thread: messages a lagging front-end could not take yet
         self._retry_at = 0.0
         self._last_send = 0.0
         self._last_beat = 0.0
@@ -147,7 +130,7 @@ class CoreLoop:
                 core.end_all("UNAVAILABLE", "engine", failure.message, time.monotonic())
             except Exception:  # noqa: BLE001 - the streams are told by the front-ends then
                 log.exception("engine %s: its streams could not be ended from the core", core.label)
-            self._send(final=True, extra={"failed": errors.reason_of(e)})
+            self._send(final=True, failed=errors.reason_of(e))
             return EXIT_FAILED
 
     # ---- the core's thread ----
@@ -161,33 +144,34 @@ class CoreLoop:
             identity, m = self._inbox.popleft()
             self._handle(identity, m, now)
 
-    def _handle(self, identity: bytes, m: dict, now: float) -> None:
-        kind = m["t"]
-        if kind == "hello":
-            self.frontends[identity] = m["fe"]
-            if m.get("primary"):
+    def _handle(self, identity: bytes, m: protocol.Hello | protocol.Work | protocol.Drain | protocol.Stop | protocol.Gone,
+                now: float) -> None:
+        if isinstance(m, protocol.Hello):
+            self.frontends[identity] = m.fe
+            if m.primary:
                 self.primary = identity
             return
         fe = self.frontends.get(identity)
-        if kind == "work" and fe is not None:
-            if m.get("add"):
+        if isinstance(m, protocol.Work) and fe is not None:
+            if m.add:
                 if self.draining:
-                    for a in m["add"]:
-                        self.core.outbox.end(fe, [a["row"], "UNAVAILABLE", "draining",
-                                                  f"server shutting down: model {self.core.label} takes no new "
-                                                  "streams", -1, 0, now, now, now])
+                    for a in m.add:
+                        self.core.outbox.end(fe, protocol.End(
+                            row=a.row, code="UNAVAILABLE", reason="draining",
+                            message=f"server shutting down: model {self.core.label} takes no new streams",
+                            admitted=now, first=now, last=now))
                 else:
-                    self.core.add(fe, m["add"], now)
-            if m.get("cancel"):
-                self.core.cancel(fe, m["cancel"], now)
-        elif kind == "drain":
+                    self.core.add(fe, m.add, now)
+            if m.cancel:
+                self.core.cancel(fe, m.cancel, now)
+        elif isinstance(m, protocol.Drain):
             self.draining = True
-        elif kind == "stop":
+        elif isinstance(m, protocol.Stop):
             self.stopping = True
-        elif kind == "gone":
-            self.core.drop_frontend(m["fe"], now)
+        elif isinstance(m, protocol.Gone):
+            self.core.drop_frontend(m.fe, now)
 
-    def _send(self, final: bool = False, extra: dict | None = None) -> None:
+    def _send(self, final: bool = False, failed: str = "") -> None:
         """Hands this round's messages to the I/O thread: one per front-end with news, and the primary's beat."""
         now = self._last_send = time.monotonic()
         out = self.core.outbox.take()
@@ -196,12 +180,13 @@ class CoreLoop:
         for ident, fe in list(self.frontends.items()):
             box = out.pop(fe, None)
             primary = ident == self.primary
-            if box is None and not (primary and (beat or extra)) and not final:
+            if box is None and not (primary and (beat or failed)) and not final:
                 continue
-            message = {"t": "out", "load": load, "busy": self.core.busy, **(box or {})}
+            message = box or protocol.Out()
+            message.load, message.busy = load, self.core.busy
             if primary:
-                message["stats"] = self.core.stats.take()
-                message.update(extra or {})
+                message.stats = self.core.stats.take()
+                message.failed = failed
                 self._last_beat = now
             self._outq.append((ident, message, final))
         os.write(self._wake_w, b"x")
@@ -243,28 +228,28 @@ class CoreLoop:
                 identity, data = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            m = wire.unpack(data)
-            if m["t"] == "work" and m.get("add") and identity in self.frontends and not self.draining:
-                self._start_early(identity, m["add"])
+            m = protocol.decode_to_core(data)
+            if isinstance(m, protocol.Work) and m.add and identity in self.frontends and not self.draining:
+                self._start_early(identity, m.add)
             self._inbox.append((identity, m))
             got = True
         if got:
             self._work.set()
 
-    def _start_early(self, identity: bytes, adds: list[dict]) -> None:
+    def _start_early(self, identity: bytes, adds: list[protocol.Admit]) -> None:
         """First characters of streams whose prime was read before, now (see the module docstring)."""
         core = self.core
         early = core.first_characters(adds)
         if early is not None:
             rows, ids = early
-            self._deliver(identity, {"t": "out", "steps": [(rows, ids, None, None)]}, final=False)
+            self._deliver(identity, protocol.Out(steps=[protocol.Step(rows, ids)]), final=False)
 
     def _send_out(self) -> None:
         now = time.monotonic()
         while self._outq:
             ident, message, final = self._outq.popleft()
             if ident in self._waiting:
-                _merge(self._waiting[ident], message)
+                self._waiting[ident].merge(message)
                 if now < self._retry_at and not final:
                     continue
                 message = self._waiting.pop(ident)
@@ -275,7 +260,7 @@ class CoreLoop:
                 if not self._deliver(ident, self._waiting.pop(ident), False):
                     self._retry_at = now + RETRY_SECONDS
 
-    def _deliver(self, ident: bytes, message: dict, final: bool) -> bool:
+    def _deliver(self, ident: bytes, message: protocol.Out, final: bool) -> bool:
         """Sends one message; False when the front-end lags (it waits, and later ones merge into it).
 
         ``final``: the last message before the core exits, given FINAL_SEND_MS to go out; a
@@ -283,7 +268,7 @@ class CoreLoop:
         if final:
             self.sock.setsockopt(zmq.SNDTIMEO, FINAL_SEND_MS)
         try:
-            self.sock.send_multipart([ident, wire.pack(message)], 0 if final else zmq.NOBLOCK)
+            self.sock.send_multipart([ident, protocol.encode(message)], 0 if final else zmq.NOBLOCK)
         except zmq.Again:
             if not final:
                 self._waiting[ident] = message
@@ -324,10 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(a.path, a.name, a.version, a.device, a.threads, trial=False)
         model.sampler  # created now: the first request does not pay for it
         # Loading may take minutes on a GPU; the trial step is a step, watched like any other.
-        sock.send_multipart([primary, wire.pack({"t": "loaded"})])
+        sock.send_multipart([primary, protocol.encode(protocol.Loaded())])
         trial_step(model)
     except Exception as e:  # noqa: BLE001 - ModelFormatError, OSError, onnxruntime's own
-        sock.send_multipart([primary, wire.pack({"t": "refused", "reason": str(e)})])
+        sock.send_multipart([primary, protocol.encode(protocol.Refused(reason=str(e)))])
         sock.close()
         return EXIT_REFUSED
     core = EngineCore(model, max_active=a.max_active, max_queue=a.max_queue, max_queue_wait=a.max_queue_wait,
@@ -335,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     loop = CoreLoop(core, sock)
     loop.frontends[primary] = 0
     loop.primary = primary
-    sock.send_multipart([primary, wire.pack({"t": "up", "props": dict(model.session.get_modelmeta()
-                                                                           .custom_metadata_map)})])
+    sock.send_multipart([primary, protocol.encode(protocol.Up(props=dict(model.session.get_modelmeta()
+                                                                         .custom_metadata_map)))])
     status = loop.run()
     sock.close()
     ctx.term()
@@ -347,7 +332,8 @@ def _await_primary(sock: zmq.Socket) -> bytes:
     """The identity of the supervisor, from its hello (it connects before anything else)."""
     while True:
         identity, data = sock.recv_multipart()
-        if wire.unpack(data).get("primary"):
+        m = protocol.decode_to_core(data)
+        if isinstance(m, protocol.Hello) and m.primary:
             return identity
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import zmq
 
 from charrnn.modelfile import ModelMetadata
-from charrnn.service import errors, wire
+from charrnn.service import errors, protocol
 from charrnn.service.metrics import Metrics, apply_core_stats
 from charrnn.service.requests import (FinishReason, GenerationRequest, GenerationResult, GenerationStats,
                                       ScoreJob)
@@ -100,11 +100,11 @@ class EngineClient:
         self._sock.setsockopt(zmq.IDENTITY, f"fe-{fe}-{os.getpid()}-{next(_CLIENTS)}".encode())
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(address)
-        self._sock.send(wire.pack({"t": "hello", "fe": fe, "primary": primary}))
+        self._sock.send(protocol.encode(protocol.Hello(fe=fe, primary=primary)))
         self._lock = threading.Lock()  # guards the outgoing lists, the rows and the counts below
-        self._adds: list[dict] = []
+        self._adds: list[protocol.Admit] = []
         self._cancels: list[tuple[int, Stream]] = []
-        self._controls: list[dict] = []
+        self._controls: list[protocol.Drain | protocol.Stop | protocol.Gone] = []
         self._wake = Wake()
         self._streams: dict[int, Stream] = {}  # row -> stream
         self._lps: dict[int, list] = {}  # row -> log-probabilities not yet handed over (rows that asked)
@@ -135,20 +135,20 @@ class EngineClient:
         self._index = metadata.index
         self._codes = np.array([ord(c) for c in metadata.vocab], np.uint32) if "\x00" not in metadata.vocab else None
 
-    def receive_first(self, timeout: float) -> dict | None:
-        """The core's first message (``up`` or ``refused``) before the I/O thread runs, or None."""
+    def receive_first(self, timeout: float) -> protocol.Loaded | protocol.Up | protocol.Refused | None:
+        """The core's next start-up message before the I/O thread runs, or None."""
         if self._sock.poll(int(timeout * 1000)):
-            return wire.unpack(self._sock.recv())
+            return protocol.decode_to_frontend(self._sock.recv())
         return None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"engine-io-{self.label}", daemon=True)
         self._thread.start()
 
-    def control(self, kind: str, **fields) -> None:
-        """Sends a control message (drain, stop, gone) to the core, in order with the streams' messages."""
+    def control(self, message: protocol.Drain | protocol.Stop | protocol.Gone) -> None:
+        """Sends a control message to the core, in order with the streams' messages."""
         with self._lock:
-            self._controls.append({"t": kind, **fields})
+            self._controls.append(message)
         self._wake()
 
     def refuse(self, error: errors.CharrnnError | None) -> None:
@@ -197,7 +197,7 @@ class EngineClient:
         box = self._mailboxes.get(loop)
         if box is None:
             box = self._mailboxes[loop] = Mailbox(loop)
-        n = getattr(request, "n", 1)
+        n = 1 if isinstance(request, ScoreJob) else request.n
         with self._lock:
             used, queued = self._core_load
             seen = max(len(self._streams), used + queued + self._sent_since_report)
@@ -216,33 +216,31 @@ class EngineClient:
                 stream.index = i
                 self._streams[row] = stream
                 self._adds.append(self._admission(sample, row))
-                if getattr(sample, "logprobs", 0):
+                if not isinstance(sample, ScoreJob) and sample.logprobs:
                     self._lps[row] = []
                 streams.append(stream)
             self._sent_since_report += n
         self._wake()
         return streams
 
-    def _admission(self, request, row: int) -> dict:
-        """The core's view of a stream (wire.py): a generation, or a score (requests.ScoreJob)."""
+    def _admission(self, request: GenerationRequest | ScoreJob, row: int) -> protocol.Admit:
+        """The core's view of a stream: a Generate sample, or a Score request."""
         arrived = request.arrived or time.monotonic()
-        if hasattr(request, "text"):  # a ScoreJob
-            return {"row": row, "score": True, "prime": request.tokens.tolist(),
-                    "text_chars": len(request.text), "top": request.top, "max_chars": 1, "temperature": 0.0,
-                    "top_k": 0, "top_p": 1.0, "seed": 0, "deadline": request.deadline, "arrived": arrived}
+        if isinstance(request, ScoreJob):
+            return protocol.Admit(kind="score", row=row, prime=request.tokens, text_chars=len(request.text),
+                                  top=request.top, temperature=0.0, deadline=request.deadline, arrived=arrived)
         p, c = request.sampling, request.controls
         prime = request.prime_ids if request.resume_ids is None else np.concatenate([request.prime_ids,
                                                                                      request.resume_ids])
-        return {
-            "row": row, "prime": prime.tolist(), "max_chars": request.max_chars,
-            "resumed": 0 if request.resume_ids is None else len(request.resume_ids),
-            "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "seed": p.seed,
-            "stops": [[self._index.get(ch, -1) for ch in stop] for stop in request.stop],
-            "deadline": request.deadline, "arrived": arrived, "logprobs": request.logprobs,
-            "controls": None if c is None else {
-                "bias": c.bias, "regex": c.regex, "allowed": c.allowed, "presence": c.presence,
-                "frequency": c.frequency, "repetition": c.repetition},
-        }
+        return protocol.Admit(
+            kind="generate", row=row, prime=prime, max_chars=request.max_chars,
+            resumed=0 if request.resume_ids is None else len(request.resume_ids),
+            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed,
+            stops=[[self._index.get(ch, -1) for ch in stop] for stop in request.stop],
+            deadline=request.deadline, arrived=arrived, logprobs=request.logprobs,
+            controls=None if c is None else protocol.Controls(
+                bias=c.bias, regex=c.regex, allowed=c.allowed, presence=c.presence, frequency=c.frequency,
+                repetition=c.repetition))
 
     def _cancel(self, stream: Stream) -> None:
         with self._lock:
@@ -290,7 +288,7 @@ class EngineClient:
                         data = self._sock.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._handle(wire.unpack(data))
+                    self._handle(protocol.decode_to_frontend(data))
 
     def _send_work(self) -> None:
         with self._lock:
@@ -299,17 +297,19 @@ class EngineClient:
             cancels = [row for row, s in self._cancels if self._streams.get(row) is s]
             self._adds, self._cancels, self._controls = [], [], []
         if adds or cancels:
-            self._sock.send(wire.pack({"t": "work", "add": adds, "cancel": cancels}))
+            self._sock.send(protocol.encode(protocol.Work(add=adds, cancel=cancels)))
         for c in controls:
-            self._sock.send(wire.pack(c))
+            self._sock.send(protocol.encode(c))
 
-    def _handle(self, m: dict) -> None:
+    def _handle(self, m: protocol.Loaded | protocol.Up | protocol.Refused | protocol.Out) -> None:
         now = self.last_heard = time.monotonic()
-        if m["t"] != "out":
+        if not isinstance(m, protocol.Out):
             return
-        self.core_busy = m.get("busy", False)
+        if m.busy is not None:
+            self.core_busy = m.busy
         fresh: list[int] = []
-        for rows, ids, hold, lp in m.get("steps", ()):
+        for step in m.steps:
+            rows, ids, hold, lp = step.rows, step.ids, step.hold, step.logprobs
             full = rows[self._pending[rows] >= PENDING]
             if len(full):
                 self._hand_over(full)
@@ -330,17 +330,17 @@ class EngineClient:
             self._post(None)
         elif fresh:
             self._hand_over(np.array(fresh, np.int64))
-        ended = [self._end(e) for e in m.get("ends", ())]
+        ended = [self._end(e) for e in m.ends]
         self._post(urgent + [s for s in ended if s is not None])
         with self._lock:
-            if "load" in m:
-                self._core_load, self._sent_since_report = tuple(m["load"]), 0
+            if m.load is not None:
+                self._core_load, self._sent_since_report = tuple(m.load), 0
         if self._metrics is not None:
-            if m.get("stats"):
-                apply_core_stats(self._metrics, self.name, m["stats"])
+            if m.stats is not None:
+                apply_core_stats(self._metrics, self.name, m.stats)
             self._show_load(*self._core_load)
-        if m.get("failed") and self.on_failed is not None:
-            self.on_failed(m["failed"])
+        if m.failed and self.on_failed is not None:
+            self.on_failed(m.failed)
 
     def _hand_over(self, rows: np.ndarray, keep: np.ndarray | None = None) -> None:
         """Gives ``rows`` their collected text, one string each, all but the last ``keep`` (default: hold)."""
@@ -373,10 +373,10 @@ class EngineClient:
             self._held[r, :k] = self._held[r, c:c + k]  # the held-back tail moves to the front
         self._pending[rows] = keep
 
-    def _collect_logprobs(self, rows: np.ndarray, ids: np.ndarray, lp: tuple) -> None:
+    def _collect_logprobs(self, rows: np.ndarray, ids: np.ndarray, lp: protocol.Logprobs) -> None:
         """Keeps each logprobs row's (char, logprob, [(char, logprob)] of its N best) until its text goes out."""
         vocab = self.metadata.vocab
-        chosen, top_ids, top_lp = lp
+        chosen, top_ids, top_lp = lp.chosen, lp.top_ids, lp.top_lp
         for i, r in enumerate(rows.tolist()):
             entries = self._lps.get(r)
             if entries is None:
@@ -385,13 +385,14 @@ class EngineClient:
             entries.append((vocab[ids[i]], float(chosen[i]),
                             [(vocab[t], float(v)) for t, v in zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())]))
 
-    def _end(self, record: list) -> Stream | None:
-        row, code, reason, message, stop, generated, admitted, first, last, *rest = record
+    def _end(self, end: protocol.End) -> Stream | None:
+        row, code, reason, stop, generated = end.row, end.code, end.reason, end.stop, end.generated
+        admitted, first, last = end.admitted, end.first, end.last
         stream = self._streams.get(row)
         if stream is None:
             return None
-        stream.steps_after_cancel = rest[0] if rest else 0
-        score = rest[1] if len(rest) > 1 else None
+        stream.steps_after_cancel = end.steps_after_cancel
+        score = end.score
         req = stream.request
         stop_text = req.stop[stop] if code == "OK" and stop >= 0 else ""
         keep = len(stop_text) if stop_text else (0 if code == "OK" else int(self._hold[row]))
@@ -410,7 +411,7 @@ class EngineClient:
                        FinishReason.MATCH_COMPLETE if reason == "match" else FinishReason.LENGTH)
             stream.finish(GenerationResult(finish_reason=reason_, stats=stats, score=score))
         else:
-            stream.fail(error_for(code, reason, message))
+            stream.fail(error_for(code, reason, end.message))
         with self._lock:
             self._free_rows.append(row)
         return stream

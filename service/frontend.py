@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from charrnn import modelfile as mf
-from charrnn.service import errors, tracing, wire
+from charrnn.service import errors, protocol, tracing
 from charrnn.service.config import ServeConfig, limits_of
 from charrnn.service.engine import EngineClient
 from charrnn.service.launch import ServedModel
@@ -102,12 +102,12 @@ class HealthState:
         return self._names
 
 
-def table_rows(entries: list[ModelEntry]) -> list[dict]:
+def table_rows(entries: list[ModelEntry]) -> list[protocol.TableRow]:
     """What another front-end needs of each served version (the repository's side)."""
-    return [{"name": e.name, "version": e.version, "props": e.model.metadata.to_props(), "device": e.model.device,
-             "path": str(e.model.path), "address": e.engine.engine.address, "state": e.state.value,
-             "message": e.engine.down_message, "max_active": e.engine.max_active,
-             "max_queue": e.engine.engine.max_queue} for e in entries]
+    return [protocol.TableRow(name=e.name, version=e.version, props=e.model.metadata.to_props(),
+                              device=e.model.device, path=str(e.model.path), address=e.engine.engine.address,
+                              state=e.state.value, message=e.engine.down_message, max_active=e.engine.max_active,
+                              max_queue=e.engine.engine.max_queue) for e in entries]
 
 
 class FrontendHub:
@@ -123,7 +123,7 @@ class FrontendHub:
         self._sock.bind(self.address)
         self._lock = threading.Lock()  # the socket is used by the hub's thread and by publish()
         self._peers: dict[bytes, int] = {}
-        self._table: dict = {"rows": [], "hung": False, "default": None}
+        self._table = protocol.Table()
         self._procs: dict[int, subprocess.Popen] = {}
         self._closing = False
 
@@ -155,23 +155,25 @@ class FrontendHub:
                 continue
             with self._lock:
                 identity, data = self._sock.recv_multipart()
-            m = wire.unpack(data)
-            if m["t"] == "hello":
-                self._peers[identity] = m["fe"]
-                self._send(identity, {"t": "table", **self._table})
-            elif m["t"] == "metrics":
-                apply_frontend_delta(self.metrics, m["delta"])
+            m = protocol.decode_to_hub(data)
+            if isinstance(m, protocol.FrontendHello):
+                self._peers[identity] = m.fe
+                self._send(identity, self._table)
+            elif isinstance(m, protocol.FrontendMetrics):
+                apply_frontend_delta(self.metrics, m.delta)
 
-    def publish(self, rows: list[dict], default: str | None, hung: bool, **extra) -> None:
-        """Tells every front-end the current table (and ``draining`` or ``stop`` when set)."""
-        self._table = {"rows": rows, "hung": hung, "default": default}
+    def publish(self, rows: list[protocol.TableRow], default: str | None, hung: bool, draining: bool = False,
+                stop: bool = False) -> None:
+        """Tells every front-end the current table (and that the server drains, or stops)."""
+        self._table = protocol.Table(rows=rows, hung=hung, default=default)
+        told = protocol.Table(rows=rows, hung=hung, default=default, draining=draining, stop=stop)
         for identity in list(self._peers):
-            self._send(identity, {"t": "table", **self._table, **extra})
+            self._send(identity, told)
 
-    def _send(self, identity: bytes, message: dict) -> None:
+    def _send(self, identity: bytes, message: protocol.Table) -> None:
         with self._lock:
             try:
-                self._sock.send_multipart([identity, wire.pack(message)], zmq.NOBLOCK)
+                self._sock.send_multipart([identity, protocol.encode(message)], zmq.NOBLOCK)
             except zmq.ZMQError:  # gone, or not reading: the next table reaches it
                 pass
 
@@ -190,17 +192,17 @@ class FrontendHub:
 class _RemoteEngine:
     """A core as another front-end sees it: its client, and the state the server last published."""
 
-    def __init__(self, client: EngineClient, row: dict, model: ServedModel):
+    def __init__(self, client: EngineClient, row: protocol.TableRow, model: ServedModel):
         self.client, self.row, self.model = client, row, model
-        self.max_active = row["max_active"]
+        self.max_active = row.max_active
 
     @property
     def state(self) -> EngineState:
-        return EngineState(self.row["state"])
+        return EngineState(self.row.state)
 
     def submit_all(self, request):
         if self.state is not EngineState.SERVING:
-            raise errors.Unavailable(self.row["message"] or "the model is not serving", "engine")
+            raise errors.Unavailable(self.row.message or "the model is not serving", "engine")
         return self.client.submit_all(request)
 
 
@@ -219,29 +221,29 @@ class TableView(ModelTable):
         self._table = {}
         self.hung = False
 
-    def update(self, message: dict) -> None:
+    def update(self, message: protocol.Table) -> None:
         table, seen = {}, set()
-        for row in message["rows"]:
-            meta = mf.ModelMetadata.from_props(row["props"])
-            client = self._clients.get(row["address"])
+        for row in message.rows:
+            meta = mf.ModelMetadata.from_props(row.props)
+            client = self._clients.get(row.address)
             if client is None:
-                client = self._clients[row["address"]] = EngineClient(
-                    f"{row['name']}@{row['version']}", row["name"], meta, ctx=self._ctx, address=row["address"],
-                    fe=self.index, primary=False, max_active=row["max_active"], max_queue=row["max_queue"],
+                client = self._clients[row.address] = EngineClient(
+                    f"{row.name}@{row.version}", row.name, meta, ctx=self._ctx, address=row.address,
+                    fe=self.index, primary=False, max_active=row.max_active, max_queue=row.max_queue,
                     flush_interval=self.flush_interval)
                 client.on_broken = self._client_broken
                 client.start()
-            seen.add(row["address"])
-            model = ServedModel(row["name"], row["version"], Path(row["path"]), meta, row["device"])
-            table[(row["name"], row["version"])] = _Loaded(_RemoteEngine(client, row, model))
+            seen.add(row.address)
+            model = ServedModel(row.name, row.version, Path(row.path), meta, row.device)
+            table[(row.name, row.version)] = _Loaded(_RemoteEngine(client, row, model))
         for address in [a for a in self._clients if a not in seen]:
             client = self._clients.pop(address)  # a removed or restarted core: its streams ended there
             client.fail_all(errors.Unavailable(
                 f"the engine of model {client.label} stopped (its core process ended); it restarts by itself, retry",
                 "engine"))
             client.close()
-        self._explicit_default = message.get("default")
-        self.hung = message.get("hung", False)
+        self._explicit_default = message.default
+        self.hung = message.hung
         self._table = table
 
     def _client_broken(self, reason: str) -> None:
@@ -263,9 +265,9 @@ async def serve_frontend(config: ServeConfig, index: int, control: str) -> None:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(control)
-    await sock.send(wire.pack({"t": "hello", "fe": index}))
+    await sock.send(protocol.encode(protocol.FrontendHello(fe=index)))
     view, metrics = TableView(index, config.flush_interval), Metrics()
-    view.update(wire.unpack(await asyncio.wait_for(sock.recv(), 60)))
+    view.update(protocol.decode_table(await asyncio.wait_for(sock.recv(), 60)))
     servicer = GeneratorServicer(view, metrics, limits_of(config),
                                  logging.getLogger("charrnn.service.servicer"), frontend=index,
                                  tracing=tracing.from_env())
@@ -284,19 +286,19 @@ async def serve_frontend(config: ServeConfig, index: int, control: str) -> None:
     try:
         while True:
             if await sock.poll(int(METRICS_SECONDS * 1000)):
-                m = wire.unpack(await sock.recv())
-                if m.get("draining") and not servicer.draining:
+                m = protocol.decode_table(await sock.recv())
+                if m.draining and not servicer.draining:
                     servicer.draining = True
                     await health_servicer.enter_graceful_shutdown()
                 view.update(m)
                 if not servicer.draining:
                     await state.update(view.entries(), view.hung)
-                if m.get("stop"):
+                if m.stop:
                     break
             now = frontend_snapshot(metrics)
             delta = frontend_delta(last, now)
             if delta:
-                await sock.send(wire.pack({"t": "metrics", "delta": delta}))
+                await sock.send(protocol.encode(protocol.FrontendMetrics(delta=delta)))
             last = now
             if os.getppid() != parent:  # the server is gone
                 break

@@ -29,7 +29,7 @@ import ssl
 import time
 import uuid
 from importlib import resources
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 import uvicorn
 from fastapi import FastAPI, Request

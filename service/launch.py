@@ -32,7 +32,7 @@ from typing import Callable
 import zmq
 
 from charrnn import modelfile as mf
-from charrnn.service import errors
+from charrnn.service import errors, protocol
 from charrnn.service.core import EngineCore
 from charrnn.service.corerun import EXIT_FAILED, CoreLoop
 from charrnn.service.engine import SHUTDOWN_MESSAGE, EngineClient
@@ -81,7 +81,7 @@ class _Common:
     def drain(self) -> None:
         """No new streams; those queued and in flight finish, then the core exits."""
         self._draining = True
-        self.client.control("drain")
+        self.client.control(protocol.Drain())
 
     @property
     def active(self) -> int:
@@ -162,7 +162,7 @@ class Engine(_Common):
     def stop(self, timeout: float) -> None:
         """Ends every remaining stream with UNAVAILABLE and joins the core's thread."""
         self._draining = True
-        self.client.control("stop")
+        self.client.control(protocol.Stop())
         if self._thread is not None:
             self._thread.join(timeout)
         _settle(self.client, timeout)
@@ -217,17 +217,17 @@ class CoreProcess(_Common):
                                    metrics=self._metrics, max_active=self.max_active, max_queue=self.max_queue,
                                    flush_interval=self._flush)
         first = self._first("loaded", START_SECONDS)
-        if first is not None and first["t"] == "loaded":
+        if isinstance(first, protocol.Loaded):
             first = self._first("up", self._step_timeout)
-        if first is None or first["t"] != "up":
-            why = first["reason"] if first else (
+        if not isinstance(first, protocol.Up):
+            why = first.reason if isinstance(first, protocol.Refused) else (
                 f"the engine process exited with status {self._proc.poll()}" if self._proc.poll() is not None
                 else "the engine process did not load the model in time (its trial step: --step-timeout "
                      f"{self._step_timeout:g}s)")
             self.client.close()
             self._kill()
             raise mf.ModelFormatError(why if why.startswith(str(self.path)) else f"{self.path}: {why}")
-        metadata = mf.ModelMetadata.from_props(first["props"])
+        metadata = mf.ModelMetadata.from_props(first.props)
         self.model = ServedModel(self.name, self.version, self.path, metadata, self.device)
         self.client.set_metadata(metadata)
         self._failed_reason = ""
@@ -236,7 +236,7 @@ class CoreProcess(_Common):
         self.client.start()
         threading.Thread(target=self._watch, args=(on_failure,), name=f"watch-{self.label}", daemon=True).start()
 
-    def _first(self, kind: str, seconds: float) -> dict | None:
+    def _first(self, kind: str, seconds: float) -> protocol.Loaded | protocol.Up | protocol.Refused | None:
         """The core's next start-up message (``kind``, or ``refused``) within ``seconds``, else None."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and self._proc.poll() is None:
@@ -271,7 +271,7 @@ class CoreProcess(_Common):
     def stop(self, timeout: float) -> None:
         self._stopping = self._draining = True
         if self.client is not None:
-            self.client.control("stop")
+            self.client.control(protocol.Stop())
             try:
                 self._proc.wait(timeout)
             except subprocess.TimeoutExpired:

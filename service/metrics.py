@@ -25,6 +25,7 @@ from prometheus_client import (
 
 from charrnn.service import errors
 from charrnn.service.histogram import CountedHistogram
+from charrnn.service.protocol import StatsDelta
 
 # Buckets tuned to the workload (the client library's default 5 ms..10 s misses
 # the sub-millisecond steps of a small model on CPU).
@@ -223,22 +224,22 @@ class CoreStats:
         with self._lock:
             self._cache[0 if hit else 1] += 1
 
-    def take(self) -> dict:
-        """What was counted since the last take: {"h": {name: [counts, sum]}, "cache": [hits, misses]}."""
+    def take(self) -> StatsDelta:
+        """What was counted since the last take."""
         with self._lock:
-            delta = {"h": {n: [c, self._sums[n]] for n, c in self._counts.items() if c.any()},
-                     "cache": list(self._cache)}
+            delta = StatsDelta(histograms={n: (c, self._sums[n]) for n, c in self._counts.items() if c.any()},
+                               cache_hits=self._cache[0], cache_misses=self._cache[1])
             self._reset()
         return delta
 
 
-def apply_core_stats(metrics: "Metrics", model: str, delta: dict) -> None:
+def apply_core_stats(metrics: "Metrics", model: str, delta: StatsDelta) -> None:
     """Adds a CoreStats.take() to the registry of ``metrics`` under label ``model``."""
     families = {"step": metrics.step, "batch": metrics.batch_size, "queue_wait": metrics.queue_wait,
                 "inter_char": metrics.inter_char}
-    for name, (counts, total) in delta.get("h", {}).items():
+    for name, (counts, total) in delta.histograms.items():
         families[name].labels(model).add(counts, total)
-    hits, misses = delta.get("cache", (0, 0))
+    hits, misses = delta.cache_hits, delta.cache_misses
     if hits:
         metrics.prime_cache.labels(model, "hit").inc(hits)
     if misses:

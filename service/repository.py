@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from charrnn import modelfile as mf
-from charrnn.service import errors
+from charrnn.service import errors, protocol
 from charrnn.service.metrics import Metrics
 from charrnn.service.supervisor import EngineState, EngineSupervisor, RestartPolicy
 
@@ -335,7 +335,7 @@ class ModelRepository(ModelTable):
         for loaded in list(self._table.values()):
             client = getattr(loaded.engine.engine, "client", None)
             if client is not None:
-                client.control("gone", fe=index)
+                client.control(protocol.Gone(fe=index))
 
     @property
     def hung(self) -> bool:

@@ -91,4 +91,4 @@ class GenerationStats:
 class GenerationResult:
     finish_reason: FinishReason
     stats: GenerationStats
-    score: dict | None = None  # a ScoreJob's answer: {"lp": float32 [n], "top_ids": int32 [n, k], "top_lp": [n, k]}
+    score: object | None = None  # a ScoreJob's answer: protocol.ScoreResult

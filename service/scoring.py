@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from charrnn.service import protocol
 from charrnn.service.runtime import LoadedModel
 
 
@@ -42,11 +43,11 @@ class ScoreRun:
             self.parts.append(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))
         self.read = end
 
-    def result(self) -> dict:
-        """{"lp": float32 [n], "top_ids": int32 [n, top], "top_lp": float32 [n, top]} for the text's n characters."""
+    def result(self) -> protocol.ScoreResult:
+        """The text's n characters' log-probabilities (float32 [n]) and their ``top`` alternatives ([n, top])."""
         logp = np.concatenate(self.parts)  # [n, V]
         targets = self.tokens[self.first + 1:]
         order = np.argsort(-logp, axis=1, kind="stable")[:, : self.top]  # ties: the lower index first
-        return {"lp": logp[np.arange(len(targets)), targets].astype(np.float32),
-                "top_ids": order.astype(np.int32),
-                "top_lp": np.take_along_axis(logp, order, axis=1).astype(np.float32)}
+        return protocol.ScoreResult(lp=logp[np.arange(len(targets)), targets].astype(np.float32),
+                                    top_ids=order.astype(np.int32),
+                                    top_lp=np.take_along_axis(logp, order, axis=1).astype(np.float32))

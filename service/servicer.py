@@ -214,11 +214,12 @@ def _identify(request) -> tuple[str, errors.InvalidArgument | None]:
     return rid, error
 
 
-def score_to_pb(label: str, vocab: tuple[str, ...], job, score: dict) -> pb.ScoreResponse:
-    lp = score["lp"].astype(np.float64)
+def score_to_pb(label: str, vocab: tuple[str, ...], job, score) -> pb.ScoreResponse:
+    """``score``: the core's protocol.ScoreResult for ``job``."""
+    lp = score.lp.astype(np.float64)
     entries = [pb.CharLogprob(char=ch, logprob=float(v),
                               top=[pb.Alternative(char=vocab[t], logprob=float(a)) for t, a in zip(ids, alts)])
-               for ch, v, ids, alts in zip(job.text, lp.tolist(), score["top_ids"].tolist(), score["top_lp"].tolist())]
+               for ch, v, ids, alts in zip(job.text, lp.tolist(), score.top_ids.tolist(), score.top_lp.tolist())]
     total = float(lp.sum())
     nats = -total / len(job.text)
     return pb.ScoreResponse(model=label, logprobs=entries, total_logprob=total, nats_per_char=nats,

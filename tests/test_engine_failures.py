@@ -232,7 +232,7 @@ def test_an_engine_on_a_thread_that_hangs_is_abandoned_and_fails_liveness(model_
 def test_a_failure_on_an_io_thread_ends_the_streams_and_the_engine_restarts(model_repo, monkeypatch, side):
     """A bug on the core's I/O thread (what it receives) or the front-end client's (what it hears back) must
     not leave streams waiting: they end UNAVAILABLE at once and the engine restarts and serves again."""
-    from charrnn.service import wire
+    from charrnn.service import protocol
 
     metrics = Metrics()
     repo = ModelRepository(model_repo, device="cpu", engine_factory=in_process("cpu", metrics=metrics),
@@ -241,17 +241,18 @@ def test_a_failure_on_an_io_thread_ends_the_streams_and_the_engine_restarts(mode
     repo.load()
     entry = repo.resolve("tiny")
     armed = threading.Event()
-    unpack = wire.unpack
-    kind = "work" if side == "core" else "out"
+    name = "decode_to_core" if side == "core" else "decode_to_frontend"
+    decode = getattr(protocol, name)
+    kind = protocol.Work if side == "core" else protocol.Out
 
     def broken(data):
-        m = unpack(data)
-        if armed.is_set() and m.get("t") == kind and (side == "client" or m.get("add")):
+        m = decode(data)
+        if armed.is_set() and isinstance(m, kind) and (side == "client" or m.add):
             armed.clear()
-            raise ValueError(f"a broken {kind} message")
+            raise ValueError(f"a broken {kind.__name__} message")
         return m
 
-    monkeypatch.setattr(wire, "unpack", broken)
+    monkeypatch.setattr(protocol, name, broken)
 
     async def main():
         meta = entry.model.metadata

@@ -14,12 +14,11 @@ import subprocess
 import threading
 import time
 
-import grpc
 import httpx
 import openai
 import pytest
 
-from charrnn.service.client import GeneratorClient, ServiceError
+from charrnn.service.client import GeneratorClient
 from testkit import probes
 from testkit.serve_process import ServeProcess
 

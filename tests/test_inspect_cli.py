@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -40,7 +39,7 @@ def test_default_command_writes_one_page_into_the_current_folder(repo, texts, mo
     page = texts / "inspect-play.html"
     assert page.is_file() and page.read_text(encoding="utf-8").startswith("<!doctype html>")
     assert "tiny@2: lstm 2x8" in out  # MODELS/<name> means its newest version
-    assert "speaker heading" in out and "bracket depth" in out and f"wrote inspect-play.html" in out
+    assert "speaker heading" in out and "bracket depth" in out and "wrote inspect-play.html" in out
 
 
 def test_cells_command_and_default_command_write_the_same_analysis(repo, texts, capsys):

@@ -14,10 +14,11 @@ import signal
 import time
 
 import grpc
+import numpy as np
 import pytest
 import zmq
 
-from charrnn.service import wire
+from charrnn.service import protocol
 from charrnn.service.client import GeneratorClient, ServiceError
 from charrnn.service.launch import Engine
 from charrnn.service.metrics import Metrics
@@ -127,10 +128,10 @@ def test_a_front_end_that_stops_reading_never_stalls_the_core(model_repo):
     laggard.setsockopt(zmq.RCVHWM, 1)
     laggard.connect(engine.address)
     try:
-        laggard.send(wire.pack({"t": "hello", "fe": 7}))
-        adds = [{"row": i, "prime": [1, 2], "max_chars": 10**6, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                 "seed": i, "stops": [], "deadline": None, "arrived": time.monotonic()} for i in range(8)]
-        laggard.send(wire.pack({"t": "work", "add": adds}))  # ... and never reads again
+        laggard.send(protocol.encode(protocol.Hello(fe=7)))
+        adds = [protocol.Admit(kind="generate", row=i, prime=np.array([1, 2], np.int64), max_chars=10**6, seed=i,
+                               arrived=time.monotonic()) for i in range(8)]
+        laggard.send(protocol.encode(protocol.Work(add=adds)))  # ... and never reads again
 
         async def read() -> int:
             stream = engine.submit(generation_request(model.metadata, "A", 4000))
