@@ -3,13 +3,13 @@
 ``EngineClient.submit`` runs on the asyncio loop: it refuses at once what the
 core would refuse (draining, engine down, every slot and queue place taken by
 its last count), gives the stream a row of this front-end and hands the
-admission to the client's I/O thread. That thread owns the ZeroMQ socket: it
-sends the admissions and cancels gathered since its last turn as one message,
-and applies the core's per-step messages to a few arrays over this front-end's
-rows: ids collect per row ([rows, PENDING]) and become text, one numpy call for
-all rows, when the loop is due a delivery (the flush interval), when a stream
-starts or ends, or when a row's buffer is full. Rows with stop sequences hold
-back the characters that could still begin one (the core says how many).
+admission to the client's I/O thread. That thread owns the ZeroMQ socket and
+only moves messages: it sends the admissions and cancels gathered since its
+last turn as one ``protocol.Work``, and hands each ``protocol.Out`` of the core
+to the ``OutputProcessor`` (output.py), which turns ids into the streams'
+text, holds back what may begin a stop sequence and ends streams; the thread
+then wakes the readers it names, and all of them when a delivery is due (the
+flush interval).
 
 The primary front-end (the server's own process) also applies the core's
 metric deltas and its load to the registry.
@@ -33,13 +33,12 @@ import zmq
 from charrnn.modelfile import ModelMetadata
 from charrnn.service import errors, protocol
 from charrnn.service.metrics import Metrics, apply_core_stats
-from charrnn.service.requests import (FinishReason, GenerationRequest, GenerationResult, GenerationStats,
-                                      ScoreJob)
+from charrnn.service.output import OutputProcessor
+from charrnn.service.requests import GenerationRequest, ScoreJob
 from charrnn.service.streams import Mailbox, Stream
 
 log = logging.getLogger("charrnn.service.engine")
 
-PENDING = 128  # characters a row collects before they are handed over anyway (> the longest stop sequence)
 POLL_MS = 100
 SHUTDOWN_MESSAGE = "server shutting down"
 _CLIENTS = itertools.count()
@@ -67,19 +66,6 @@ class Wake:
             pass
 
 
-def error_for(code: str, reason: str, message: str) -> errors.CharrnnError:
-    """The exception a stream that the core ended with ``code`` raises to its reader."""
-    if code == "RESOURCE_EXHAUSTED":
-        return errors.Overloaded(reason, message)
-    if code == "DEADLINE_EXCEEDED":
-        return errors.DeadlineExceeded(message)
-    if code == "CANCELLED":
-        return errors.Cancelled(message or "cancelled")
-    if code == "UNAVAILABLE":
-        return errors.Unavailable(message, reason)
-    return errors.CharrnnError(message or "internal error in the engine")
-
-
 class EngineClient:
     def __init__(self, label: str, name: str, metadata: ModelMetadata, *, ctx: zmq.Context, address: str,
                  fe: int = 0, primary: bool = True, metrics: Metrics | None = None, max_active: int = 256,
@@ -95,7 +81,7 @@ class EngineClient:
             m = self._metrics
             for family in (m.step, m.batch_size, m.queue_wait, m.inter_char, m.active_streams, m.queued_streams):
                 family.labels(name)
-        self.set_metadata(metadata)
+        self._index = metadata.index
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.IDENTITY, f"fe-{fe}-{os.getpid()}-{next(_CLIENTS)}".encode())
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -106,14 +92,7 @@ class EngineClient:
         self._cancels: list[tuple[int, Stream]] = []
         self._controls: list[protocol.Drain | protocol.Stop | protocol.Gone] = []
         self._wake = Wake()
-        self._streams: dict[int, Stream] = {}  # row -> stream
-        self._lps: dict[int, list] = {}  # row -> log-probabilities not yet handed over (rows that asked)
-        self._free_rows: list[int] = []
-        self._cap = 0
-        self._held = np.zeros((0, PENDING), np.int32)  # [rows, PENDING] ids not yet handed over
-        self._pending = np.zeros(0, np.int64)  # [rows] how many of them
-        self._hold = np.zeros(0, np.int64)  # [rows] of those, how many to keep back (they may begin a stop)
-        self._got = np.zeros(0, np.int64)  # [rows] characters received
+        self.output = OutputProcessor(label, metadata)  # ids into text, holds, ends (output.py)
         self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> Mailbox
         self._down: errors.CharrnnError | None = None  # set: submit refuses with it
         self._core_load = (0, 0)  # the core's last report: (slots taken, queued), all front-ends
@@ -133,7 +112,7 @@ class EngineClient:
         """The model's metadata, once the core has reported it (before the first submit)."""
         self.metadata = metadata
         self._index = metadata.index
-        self._codes = np.array([ord(c) for c in metadata.vocab], np.uint32) if "\x00" not in metadata.vocab else None
+        self.output.set_metadata(metadata)
 
     def receive_first(self, timeout: float) -> protocol.Loaded | protocol.Up | protocol.Refused | None:
         """The core's next start-up message before the I/O thread runs, or None."""
@@ -157,13 +136,7 @@ class EngineClient:
 
     def fail_all(self, error: errors.CharrnnError) -> None:
         """Ends every stream of this client with ``error`` (its core died without saying so)."""
-        with self._lock:
-            streams = list(self._streams.items())
-            self._streams.clear()
-            self._free_rows.extend(row for row, _ in streams)
-        for _, s in streams:
-            s.fail(error)
-        self._post([s for _, s in streams])
+        self._post(self.output.fail_all(error))
         self._show_load(0, 0)
 
     def close(self) -> None:
@@ -176,7 +149,7 @@ class EngineClient:
     @property
     def live(self) -> int:
         """Streams of this client not yet ended."""
-        return len(self._streams)
+        return self.output.live
 
     @property
     def core_load(self) -> tuple[int, int]:
@@ -200,7 +173,7 @@ class EngineClient:
         n = 1 if isinstance(request, ScoreJob) else request.n
         with self._lock:
             used, queued = self._core_load
-            seen = max(len(self._streams), used + queued + self._sent_since_report)
+            seen = max(self.output.live, used + queued + self._sent_since_report)
             if seen + n > self.max_active + self.max_queue:
                 raise errors.Overloaded(
                     "queue_full",
@@ -212,12 +185,10 @@ class EngineClient:
                 sample = request if i == 0 else dataclasses.replace(
                     request, sampling=dataclasses.replace(request.sampling, seed=request.sampling.seed + i))
                 stream = Stream(sample, box, self._cancel)
-                stream.row = row = self._take_row()
                 stream.index = i
-                self._streams[row] = stream
+                with self.output.lock:
+                    stream.row = row = self.output.add(stream)
                 self._adds.append(self._admission(sample, row))
-                if not isinstance(sample, ScoreJob) and sample.logprobs:
-                    self._lps[row] = []
                 streams.append(stream)
             self._sent_since_report += n
         self._wake()
@@ -243,21 +214,10 @@ class EngineClient:
                 repetition=c.repetition))
 
     def _cancel(self, stream: Stream) -> None:
-        with self._lock:
-            if self._streams.get(stream.row) is stream:
+        with self._lock, self.output.lock:
+            if self.output.owns(stream):
                 self._cancels.append((stream.row, stream))
         self._wake()
-
-    def _take_row(self) -> int:
-        if not self._free_rows:
-            old, self._cap = self._cap, max(64, 2 * self._cap)
-            self._held = np.concatenate([self._held, np.zeros((self._cap - old, PENDING), np.int32)])
-            for name in ("_pending", "_hold", "_got"):
-                setattr(self, name, np.concatenate([getattr(self, name), np.zeros(self._cap - old, np.int64)]))
-            self._free_rows = list(range(self._cap - 1, old - 1, -1))
-        row = self._free_rows.pop()
-        self._pending[row] = self._hold[row] = self._got[row] = 0
-        return row
 
     # ---- the I/O thread ----
 
@@ -294,7 +254,8 @@ class EngineClient:
         with self._lock:
             adds, controls = self._adds, self._controls
             # A row is reused once its stream ended here: a cancel that waited past that is dropped.
-            cancels = [row for row, s in self._cancels if self._streams.get(row) is s]
+            with self.output.lock:
+                cancels = [row for row, s in self._cancels if self.output.owns(s)]
             self._adds, self._cancels, self._controls = [], [], []
         if adds or cancels:
             self._sock.send(protocol.encode(protocol.Work(add=adds, cancel=cancels)))
@@ -307,31 +268,13 @@ class EngineClient:
             return
         if m.busy is not None:
             self.core_busy = m.busy
-        fresh: list[int] = []
-        for step in m.steps:
-            rows, ids, hold, lp = step.rows, step.ids, step.hold, step.logprobs
-            full = rows[self._pending[rows] >= PENDING]
-            if len(full):
-                self._hand_over(full)
-            fresh += rows[self._got[rows] == 0].tolist()
-            self._held[rows, self._pending[rows]] = ids
-            self._pending[rows] += 1
-            self._got[rows] += 1
-            if hold is not None:  # at most what is here: a resumed stream's first holds may reach into resume_text
-                self._hold[rows] = np.minimum(hold, self._pending[rows])
-            if lp is not None and self._lps:
-                self._collect_logprobs(rows, ids, lp)
-        urgent = [self._streams[r] for r in fresh if r in self._streams]
-        for s in urgent:
-            s.first_char_at = now
-        if now - self._last_flush >= self.flush_interval:
+        flush = now - self._last_flush >= self.flush_interval
+        if flush:
             self._last_flush = now
-            self._hand_over(np.flatnonzero(self._pending > self._hold))
+        wake = self.output.apply(m, now, flush)
+        if flush:
             self._post(None)
-        elif fresh:
-            self._hand_over(np.array(fresh, np.int64))
-        ended = [self._end(e) for e in m.ends]
-        self._post(urgent + [s for s in ended if s is not None])
+        self._post(wake)
         with self._lock:
             if m.load is not None:
                 self._core_load, self._sent_since_report = tuple(m.load), 0
@@ -341,80 +284,6 @@ class EngineClient:
             self._show_load(*self._core_load)
         if m.failed and self.on_failed is not None:
             self.on_failed(m.failed)
-
-    def _hand_over(self, rows: np.ndarray, keep: np.ndarray | None = None) -> None:
-        """Gives ``rows`` their collected text, one string each, all but the last ``keep`` (default: hold)."""
-        keep = self._hold[rows] if keep is None else keep
-        counts = self._pending[rows] - keep
-        sel = counts > 0
-        rows, counts, keep = rows[sel], counts[sel], keep[sel]
-        if not len(rows):
-            return
-        width = int(counts.max())
-        ids = self._held[rows, :width]  # [m, width]
-        if self._codes is not None:
-            codes = self._codes[ids]
-            codes[np.arange(width)[None, :] >= counts[:, None]] = 0  # NULs past each row's end: dropped
-            texts = codes.view(f"U{width}").ravel().tolist()
-        else:  # a vocabulary with NUL in it: character by character
-            vocab = self.metadata.vocab
-            texts = ["".join(vocab[t] for t in r[:c]) for r, c in zip(ids.tolist(), counts.tolist())]
-        streams, lps = self._streams, self._lps
-        for r, text, c in zip(rows.tolist(), texts, counts.tolist()):
-            s = streams.get(r)
-            if s is not None:
-                entries = lps.get(r)
-                if entries is None:
-                    s.deliver(text)
-                else:
-                    s.deliver(text, entries[:c])
-                    del entries[:c]
-        for r, c, k in zip(rows[keep > 0].tolist(), counts[keep > 0].tolist(), keep[keep > 0].tolist()):
-            self._held[r, :k] = self._held[r, c:c + k]  # the held-back tail moves to the front
-        self._pending[rows] = keep
-
-    def _collect_logprobs(self, rows: np.ndarray, ids: np.ndarray, lp: protocol.Logprobs) -> None:
-        """Keeps each logprobs row's (char, logprob, [(char, logprob)] of its N best) until its text goes out."""
-        vocab = self.metadata.vocab
-        chosen, top_ids, top_lp = lp.chosen, lp.top_ids, lp.top_lp
-        for i, r in enumerate(rows.tolist()):
-            entries = self._lps.get(r)
-            if entries is None:
-                continue
-            k = self._streams[r].request.logprobs
-            entries.append((vocab[ids[i]], float(chosen[i]),
-                            [(vocab[t], float(v)) for t, v in zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())]))
-
-    def _end(self, end: protocol.End) -> Stream | None:
-        row, code, reason, stop, generated = end.row, end.code, end.reason, end.stop, end.generated
-        admitted, first, last = end.admitted, end.first, end.last
-        stream = self._streams.get(row)
-        if stream is None:
-            return None
-        stream.steps_after_cancel = end.steps_after_cancel
-        score = end.score
-        req = stream.request
-        stop_text = req.stop[stop] if code == "OK" and stop >= 0 else ""
-        keep = len(stop_text) if stop_text else (0 if code == "OK" else int(self._hold[row]))
-        self._hand_over(np.array([row], np.int64), np.array([min(keep, int(self._pending[row]))], np.int64))
-        with self._lock:
-            self._streams.pop(row, None)
-            self._lps.pop(row, None)
-        if code == "OK":
-            arrived = req.arrived or admitted
-            stats = GenerationStats(model=self.label, prime_chars=len(req.prime), generated_chars=generated,
-                                    queue_seconds=admitted - arrived, prefill_seconds=first - admitted,
-                                    decode_seconds=last - first, total_seconds=last - arrived,
-                                    stop_sequence=stop_text, seed=0 if isinstance(req, ScoreJob) else req.sampling.seed,
-                                    resumed_chars=_resumed_chars(req))
-            reason_ = (FinishReason.STOP_SEQUENCE if stop_text else
-                       FinishReason.MATCH_COMPLETE if reason == "match" else FinishReason.LENGTH)
-            stream.finish(GenerationResult(finish_reason=reason_, stats=stats, score=score))
-        else:
-            stream.fail(error_for(code, reason, end.message))
-        with self._lock:
-            self._free_rows.append(row)
-        return stream
 
     def _post(self, streams: list[Stream] | None) -> None:
         """Wakes readers: ``streams`` (at once), or with None every waiting reader of every loop."""
@@ -437,8 +306,3 @@ class EngineClient:
             if value != self._shown[i]:
                 gauge.labels(self.name).inc(value - self._shown[i])
                 self._shown[i] = value
-
-
-def _resumed_chars(request) -> int:
-    resumed = getattr(request, "resume_ids", None)  # a ScoreJob has none
-    return 0 if resumed is None else len(resumed)

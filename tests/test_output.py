@@ -1,0 +1,124 @@
+"""The output side of a front-end (service/output.py), without sockets: hand-made core messages in, text out.
+
+Each test builds an OutputProcessor over a small vocabulary, adds streams as
+the engine client does, feeds it protocol.Out messages as a core would send
+them, and reads what each stream's reader would get (Stream.take) and how it
+ended.
+"""
+
+from __future__ import annotations
+
+import string
+
+import numpy as np
+import pytest
+
+from charrnn.modelfile import ModelMetadata
+from charrnn.service import errors, protocol
+from charrnn.service.output import PENDING, OutputProcessor
+from charrnn.service.requests import FinishReason, GenerationRequest, SamplingParams
+from charrnn.service.streams import Stream
+
+VOCAB = string.ascii_lowercase + " \n"
+ID = {ch: i for i, ch in enumerate(VOCAB)}
+
+
+class _Mailbox:
+    def post(self, streams) -> None:  # the loop's side: nothing waits here
+        pass
+
+
+def metadata() -> ModelMetadata:
+    return ModelMetadata(vocab=tuple(VOCAB), cell="lstm", layers=1, hidden=8, val_loss=float("nan"), train_steps=0,
+                         corpus_sha256="0" * 64)
+
+
+def request(stop=(), logprobs=0, seed=5) -> GenerationRequest:
+    return GenerationRequest(request_id="t", prime="a", prime_ids=np.array([0]), max_chars=100,
+                             sampling=SamplingParams(seed=seed), stop=tuple(stop), logprobs=logprobs)
+
+
+@pytest.fixture
+def out() -> OutputProcessor:
+    return OutputProcessor("m@1", metadata())
+
+
+def add(out: OutputProcessor, req: GenerationRequest) -> Stream:
+    stream = Stream(req, _Mailbox(), lambda s: None)
+    with out.lock:
+        stream.row = out.add(stream)
+    return stream
+
+
+def step(rows, text_per_row, hold=None, logprobs=None) -> protocol.Step:
+    ids = np.array([ID[ch] for ch in text_per_row], np.int32)
+    return protocol.Step(np.array(rows, np.int32), ids, None if hold is None else np.array(hold, np.int32), logprobs)
+
+
+def end(row, code="OK", reason="length", stop=-1, generated=0) -> protocol.End:
+    return protocol.End(row=row, code=code, reason=reason, stop=stop, generated=generated, admitted=1.0, first=1.5,
+                        last=2.0)
+
+
+def test_a_first_character_goes_out_at_once_and_the_rest_at_the_flush(out):
+    a, b = add(out, request()), add(out, request())
+    woken = out.apply(protocol.Out(steps=[step([a.row, b.row], "hx")]), now=1.0, flush=False)
+    assert woken == [a, b] and (a.take(), b.take()) == ("h", "x")
+    assert out.apply(protocol.Out(steps=[step([a.row, b.row], "iy"), step([a.row], " ")]), 1.1, flush=False) == []
+    assert a.take() == "" and b.take() == ""  # not due yet: no message per character
+    out.apply(protocol.Out(), 1.2, flush=True)
+    assert (a.take(), b.take()) == ("i ", "y")
+
+
+def test_held_characters_wait_and_a_matched_stop_is_cut(out):
+    s = add(out, request(stop=("the",)))
+    out.apply(protocol.Out(steps=[step([s.row], "x", hold=[0])]), 1.0, flush=True)
+    out.apply(protocol.Out(steps=[step([s.row], "t", hold=[1]), step([s.row], "h", hold=[2])]), 1.1, flush=True)
+    assert s.take() == "x"  # "th" may begin "the": held back
+    woken = out.apply(protocol.Out(steps=[step([s.row], "e", hold=[0])], ends=[end(s.row, reason="stop", stop=0,
+                                                                                   generated=4)]), 1.2, flush=False)
+    assert woken == [s] and s.take() == "" and s.done
+    assert s.result.finish_reason == FinishReason.STOP_SEQUENCE and s.result.stats.stop_sequence == "the"
+    assert s.result.stats.generated_chars == 4 and s.result.stats.model == "m@1"
+
+
+def test_held_text_is_released_at_an_end_by_length_and_dropped_at_an_error(out):
+    ok, bad = add(out, request(stop=("ab",))), add(out, request(stop=("ab",)))
+    out.apply(protocol.Out(steps=[step([ok.row, bad.row], "za", hold=[0, 1])]), 1.0, flush=True)
+    assert (ok.take(), bad.take()) == ("z", "")
+    out.apply(protocol.Out(steps=[step([ok.row], "a", hold=[1])], ends=[end(ok.row, generated=2)]), 1.1, False)
+    assert ok.take() == "a" and ok.result.finish_reason == FinishReason.LENGTH
+    out.apply(protocol.Out(ends=[end(bad.row, code="UNAVAILABLE", reason="engine")]), 1.2, False)
+    assert bad.take() == "" and bad.done and bad.result is None  # the held "a" is not text the caller gets
+
+
+def test_a_hold_longer_than_what_came_holds_what_came(out):
+    """A resumed stream's first holds count characters of resume_text, which this front-end never had."""
+    s = add(out, request(stop=("abc",)))
+    out.apply(protocol.Out(steps=[step([s.row], "b", hold=[2])]), 1.0, flush=True)  # "a" of resume_text + "b"
+    out.apply(protocol.Out(steps=[step([s.row], "x", hold=[0])]), 1.1, flush=True)
+    assert s.take() == "bx"
+
+
+def test_log_probabilities_go_out_with_their_characters(out):
+    s = add(out, request(logprobs=2))
+    lp = protocol.Logprobs(np.array([-0.5], np.float32), np.array([[ID["q"], ID["r"]]], np.int32),
+                           np.array([[-0.5, -1.5]], np.float32))
+    out.apply(protocol.Out(steps=[step([s.row], "q", logprobs=lp)]), 1.0, flush=True)
+    assert s.take() == "q"
+    assert s.logprobs == [("q", -0.5, [("q", -0.5), ("r", -1.5)])]
+
+
+def test_a_full_row_is_handed_over_without_waiting_for_the_flush(out):
+    s = add(out, request())
+    for k in range(PENDING + 3):
+        out.apply(protocol.Out(steps=[step([s.row], "ab"[k % 2])]), 1.0 + k, flush=False)
+    assert len(s.take()) >= PENDING  # the first character at once, then a whole row
+
+
+def test_rows_are_reused_and_failing_all_ends_every_stream(out):
+    a = add(out, request())
+    out.apply(protocol.Out(ends=[end(a.row)]), 1.0, False)
+    b = add(out, request())
+    assert b.row == a.row and not out.owns(a) and out.owns(b) and out.live == 1
+    assert out.fail_all(errors.Unavailable("gone", "engine")) == [b] and out.live == 0 and b.done
