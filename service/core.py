@@ -24,7 +24,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
-from charrnn.service import protocol, sampling
+from charrnn.service import errors, protocol, sampling
 from charrnn.service.batch import Admission, Batch, Outbox
 from charrnn.service.metrics import CoreStats
 from charrnn.service.primecache import PrimeCache
@@ -205,9 +205,7 @@ class EngineCore:
         return np.array([a.row for a in chosen], np.int32), ids.astype(np.int32)
 
     def full_message(self) -> str:
-        return (f"model {self.label} is at capacity: all {self.max_active} batch slots are busy and "
-                f"{len(self.queue)} requests are queued (--max-queue {self.max_queue}); retry later, "
-                f"or raise --max-queue / --max-active-streams")
+        return errors.at_capacity(self.label, self.max_active, len(self.queue), self.max_queue).message
 
     def cancel(self, fe: int, rows: list[int], now: float) -> None:
         wanted = set(rows)

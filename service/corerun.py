@@ -36,7 +36,7 @@ import zmq
 from charrnn.service import errors, protocol
 from charrnn.service.core import EngineCore
 
-log = logging.getLogger("charrnn.service.core")
+log = logging.getLogger("charrnn.service.corerun")
 
 HEARTBEAT_SECONDS = 0.2  # the longest silence towards the primary front-end while the core is alive
 FINAL_SEND_MS = 1000  # how long the core's last message may wait for a front-end to take it

@@ -175,11 +175,7 @@ class EngineClient:
             used, queued = self._core_load
             seen = max(self.output.live, used + queued + self._sent_since_report)
             if seen + n > self.max_active + self.max_queue:
-                raise errors.Overloaded(
-                    "queue_full",
-                    f"model {self.label} is at capacity: all {self.max_active} batch slots are busy and "
-                    f"{max(0, seen - self.max_active)} requests are queued (--max-queue {self.max_queue}); "
-                    f"retry later, or raise --max-queue / --max-active-streams")
+                raise errors.at_capacity(self.label, self.max_active, max(0, seen - self.max_active), self.max_queue)
             streams = []
             for i in range(n):
                 sample = request if i == 0 else dataclasses.replace(
@@ -228,7 +224,7 @@ class EngineClient:
             if self._closed:
                 return
             log.exception("engine client of %s failed", self.label)
-            self.refuse(errors.Unavailable(f"model {self.label} is not running; retry in a moment", "engine"))
+            self.refuse(errors.not_running(self.label))
             self.fail_all(errors.engine_failed(self.label, e))
             if self.on_broken is not None:
                 self.on_broken(f"its front-end I/O thread failed: {errors.reason_of(e)}")

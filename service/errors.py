@@ -91,6 +91,18 @@ def engine_failed(label: str, error: BaseException) -> Unavailable:
                        "engine")
 
 
+def not_running(label: str) -> Unavailable:
+    """What a stream meets while model ``label``'s engine is down and not yet restarted."""
+    return Unavailable(f"model {label} is not running; retry in a moment", "engine")
+
+
+def at_capacity(label: str, max_active: int, queued: int, max_queue: int) -> Overloaded:
+    """Every batch slot and queue place of model ``label`` is taken (the front-end's count or the core's)."""
+    return Overloaded("queue_full", f"model {label} is at capacity: all {max_active} batch slots are busy and "
+                                    f"{queued} requests are queued (--max-queue {max_queue}); retry later, "
+                                    f"or raise --max-queue / --max-active-streams")
+
+
 class Cancelled(CharrnnError):
     """The client went away; nobody reads this message, it only labels the metric."""
 

@@ -41,7 +41,7 @@ from charrnn.service.requests import GenerationRequest
 from charrnn.service.runtime import LoadedModel
 from charrnn.service.streams import Stream
 
-log = logging.getLogger("charrnn.service.engine")
+log = logging.getLogger("charrnn.service.launch")
 
 START_SECONDS = 300.0  # the longest a core process may take to load its model (the trial step: step_timeout)
 _SERIAL = itertools.count()
@@ -152,8 +152,7 @@ class Engine(_Common):
         if self._abandoned:
             return
         if status == EXIT_FAILED:
-            self.client.refuse(errors.Unavailable(f"model {self.model.label} is not running; retry in a moment",
-                                                  "engine"))
+            self.client.refuse(errors.not_running(self.model.label))
             if self._loop.io_failure:  # the core could not tell its streams: they end here
                 self.client.fail_all(errors.engine_failed(self.model.label, RuntimeError(self._loop.io_failure)))
             if on_failure is not None:
@@ -262,7 +261,7 @@ class CoreProcess(_Common):
             return
         reason = self._failed_reason or f"the engine process exited with status {status}"
         error = errors.engine_failed(self.label, RuntimeError(reason))
-        self.client.refuse(errors.Unavailable(f"model {self.label} is not running; retry in a moment", "engine"))
+        self.client.refuse(errors.not_running(self.label))
         self.client.fail_all(error)  # streams the core could not end itself (it was killed)
         self.client.close()
         if on_failure is not None:
