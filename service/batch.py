@@ -42,6 +42,7 @@ from charrnn.service.controls import ControlRows
 from charrnn.service.scoring import ScoreRun
 from charrnn.service.metrics import CoreStats
 from charrnn.service.primecache import PrimeCache
+from charrnn.service.requests import Controls
 from charrnn.service.runtime import LoadedModel, State
 from charrnn.service.slots import Slots
 
@@ -73,7 +74,7 @@ class Admission:
     first: int | None = None  # ... and that character's id (already sent)
     logprobs: int = 0  # alternatives wanted per character (0: no log-probabilities)
     score: tuple | None = None  # a Score request: (characters of text at the end of ``prime``, alternatives)
-    controls: protocol.Controls | None = None  # bias, regex, allowed, penalties (controls.py)
+    controls: Controls | None = None  # bias, regex, allowed, penalties (controls.py)
     resumed: int = 0  # the last this many ids of ``prime`` are resume_text: already generated, counted as such
 
     @classmethod

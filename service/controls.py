@@ -20,7 +20,7 @@ import numpy as np
 
 from charrnn.service.automata import AutomatonTable
 from charrnn.service.constraints import compile_regex
-from charrnn.service.sampler import Controls as SamplerControls
+from charrnn.service.sampler import SamplerInputs
 
 
 class ControlRows:
@@ -49,7 +49,7 @@ class ControlRows:
         return getattr(self, name)
 
     def take(self, slot: int, logprobs: int, controls) -> None:
-        """A new stream in ``slot`` with ``logprobs`` alternatives and ``controls`` (protocol.Controls, or None)."""
+        """A new stream in ``slot`` with ``logprobs`` alternatives and ``controls`` (requests.Controls, or None)."""
         c = controls
 
         def get(name: str, default=None):
@@ -101,7 +101,7 @@ class ControlRows:
         for a in src:
             self.used[a] = False
 
-    def sampler_controls(self, rows) -> SamplerControls | None:
+    def sampler_controls(self, rows) -> SamplerInputs | None:
         """The controlled graph's inputs for ``rows`` (a slice or int64 [n]), or None when none of them uses any."""
         if not self._active or not self.used[rows].any():
             return None
@@ -111,7 +111,7 @@ class ControlRows:
         if states.any():
             bias[~self.regexes.mask[states]] = -np.inf
         counts = self._counts[rows] if self._counts is not None else np.zeros((n, len(self.vocab)), np.float32)
-        return SamplerControls(bias=bias, counts=np.ascontiguousarray(counts), presence=self.presence[rows],
+        return SamplerInputs(bias=bias, counts=np.ascontiguousarray(counts), presence=self.presence[rows],
                                frequency=self.frequency[rows], repetition=self.repetition[rows],
                                n_top=max(1, int(self.logprobs[rows].max())))
 

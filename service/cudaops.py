@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from charrnn import modelfile as mf
 from charrnn.service import graphs
-from charrnn.service.sampler import Controls, Picked
+from charrnn.service.sampler import SamplerInputs, Picked
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
@@ -50,7 +50,7 @@ class DeviceStateOps:
         index[slots] = batch + np.arange(len(slots), dtype=np.int64)
         return self.gather(self.concat(value, rows), index)
 
-    def decode(self, model, tokens: np.ndarray, state: tuple, params: tuple, controls: Controls | None):
+    def decode(self, model, tokens: np.ndarray, state: tuple, params: tuple, controls: SamplerInputs | None):
         """One bound step of ``model`` (runtime.LoadedModel) then the sampler, logits kept on the device."""
         binding = model.session.io_binding()
         binding.bind_cpu_input(mf.INPUT_TOKENS, np.ascontiguousarray(tokens, np.int64))

@@ -205,9 +205,7 @@ class EngineClient:
             temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed,
             stops=[[self._index.get(ch, -1) for ch in stop] for stop in request.stop],
             deadline=request.deadline, arrived=arrived, logprobs=request.logprobs,
-            controls=None if c is None else protocol.Controls(
-                bias=c.bias, regex=c.regex, allowed=c.allowed, presence=c.presence, frequency=c.frequency,
-                repetition=c.repetition))
+            controls=c)
 
     def _cancel(self, stream: Stream) -> None:
         with self._lock, self.output.lock:

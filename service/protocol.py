@@ -41,22 +41,13 @@ from typing import Any, Literal, Union
 import msgspec
 import numpy as np
 
+from charrnn.service.requests import Controls
+
 _NDARRAY = 1  # msgpack extension type of a numpy array
 
 
 class Record(msgspec.Struct, array_like=True):
     """Every struct here: encoded as a msgpack array of its fields in order (a tagged one, its tag first)."""
-
-
-class Controls(Record):
-    """A stream's sampler controls beyond temperature, top-k and top-p (requests.Controls, on the wire)."""
-
-    bias: np.ndarray | None = None  # float32 [V]: logit_bias, -inf outside allowed_chars
-    regex: str = ""
-    allowed: str = ""
-    presence: float = 0.0
-    frequency: float = 0.0
-    repetition: float = 1.0
 
 
 class Admit(Record):
@@ -74,7 +65,7 @@ class Admit(Record):
     deadline: float | None = None  # time.monotonic() by which it must end
     arrived: float = 0.0
     logprobs: int = 0  # alternatives wanted per character (0: no log-probabilities)
-    controls: Controls | None = None
+    controls: Controls | None = None  # requests.Controls, as validation made it
     resumed: int = 0  # the last this many ids of ``prime`` are resume_text: generated already
     text_chars: int = 0  # a score: characters of text at the end of ``prime``
     top: int = 0  # a score: alternatives per character

@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from charrnn import modelfile as mf
-from charrnn.service.sampler import Controls, Picked, Sampler
+from charrnn.service.sampler import SamplerInputs, Picked, Sampler
 
 if TYPE_CHECKING:  # pragma: no cover
     from charrnn.service import cudaops
@@ -158,7 +158,7 @@ class LoadedModel:
         return logits.numpy(), tuple(new)
 
     def decode(self, tokens: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray,
-               top_p: np.ndarray, u: np.ndarray, controls: Controls | None = None) -> tuple[Picked, State]:
+               top_p: np.ndarray, u: np.ndarray, controls: SamplerInputs | None = None) -> tuple[Picked, State]:
         """One step of every row and its next character: tokens int64 [B, 1] -> (Picked, new state).
 
         On CUDA the logits stay on the device and go straight into the sampler; only ids (and
@@ -170,7 +170,7 @@ class LoadedModel:
         return self._ops.decode(self, tokens, state, (temperature, top_k, top_p, u), controls)
 
     def sample(self, logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
-               u: np.ndarray, controls: Controls | None = None) -> Picked:
+               u: np.ndarray, controls: SamplerInputs | None = None) -> Picked:
         """Next characters from host logits float32 [k, V] (a prefill's last step, a cached prime)."""
         return self.sampler.sample(logits, temperature, top_k, top_p, u, controls)
 

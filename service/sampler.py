@@ -154,7 +154,7 @@ def graph(controlled: bool, filtered: bool = True) -> bytes:
 
 
 @dataclass
-class Controls:
+class SamplerInputs:
     """The controlled variant's extra inputs for B rows (rows that use none hold the neutral values)."""
 
     bias: np.ndarray  # float32 [B, V]: logit_bias plus -inf where a constraint forbids the character
@@ -165,7 +165,7 @@ class Controls:
     n_top: int = 1  # alternatives per row in the log-probabilities (>= 1)
 
     @classmethod
-    def neutral(cls, rows: int, vocab: int) -> "Controls":
+    def neutral(cls, rows: int, vocab: int) -> "SamplerInputs":
         return cls(bias=np.zeros((rows, vocab), np.float32), counts=np.zeros((rows, vocab), np.float32),
                    presence=np.zeros(rows, np.float32), frequency=np.zeros(rows, np.float32),
                    repetition=np.ones(rows, np.float32))
@@ -195,7 +195,7 @@ class Sampler:
                           for c in (False, True) for f in (False, True)}
 
     def sample(self, logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
-               u: np.ndarray, controls: Controls | None = None) -> Picked:
+               u: np.ndarray, controls: SamplerInputs | None = None) -> Picked:
         """Host arrays in, host arrays out. logits float32 [B, 1, V] or [B, V]; the rest [B]."""
         if logits.ndim == 2:
             logits = logits[:, None, :]

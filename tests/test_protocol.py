@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from charrnn.service import protocol
+from charrnn.service.requests import Controls
 
 
 def test_every_message_comes_back_as_the_struct_it_was():
     admit = protocol.Admit(kind="generate", row=3, prime=np.array([1, 2, 3], np.int64), max_chars=40, seed=2**63,
-                           stops=[[1, -1]], controls=protocol.Controls(bias=np.zeros(4, np.float32), regex="a+"),
+                           stops=[[1, -1]], controls=Controls(bias=np.zeros(4, np.float32), regex="a+"),
                            resumed=1)
     work = protocol.decode_to_core(protocol.encode(protocol.Work(add=[admit], cancel=[7])))
     assert isinstance(work, protocol.Work) and work.cancel == [7]
