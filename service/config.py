@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 from charrnn import commandline
+from charrnn.service.core import MAX_ACTIVE, MAX_QUEUE
 
 if TYPE_CHECKING:  # pragma: no cover
     from charrnn.service.validation import Limits
@@ -64,9 +65,9 @@ class ServeConfig:
         0, "gRPC front-end processes sharing --port (SO_REUSEPORT spreads connections over them); 0 picks half "
         "the cores, at most 8 (1 on a machine of 4 cores or fewer).", int,
     )
-    max_active_streams: int = _opt(256, "Batch slots per model: streams generating at once.", int)
+    max_active_streams: int = _opt(MAX_ACTIVE, "Batch slots per model: streams generating at once.", int)
     max_queue: int = _opt(
-        1024, "Streams that may wait for a slot per model; more are refused with RESOURCE_EXHAUSTED.", int
+        MAX_QUEUE, "Streams that may wait for a slot per model; more are refused with RESOURCE_EXHAUSTED.", int
     )
     max_queue_wait: float = _opt(30.0, "Seconds a stream may wait for a slot before RESOURCE_EXHAUSTED.", float)
     max_chars: int = _opt(10000, "Largest max_chars a request may ask for.", int)

@@ -33,6 +33,9 @@ from charrnn.service.runtime import LoadedModel
 log = logging.getLogger("charrnn.service.core")
 
 QUEUE_SCAN_SECONDS = 0.01  # how often queued streams are checked for deadlines
+# The default limits of one model's engine; charrnn-serve's flags (config.py) and every constructor take these.
+MAX_ACTIVE = 256  # batch slots: streams generating at once (--max-active-streams)
+MAX_QUEUE = 1024  # streams that may wait for a slot (--max-queue)
 
 
 class BatchScheduler:
@@ -123,8 +126,8 @@ class EngineCore:
         self,
         model: LoadedModel,
         *,
-        max_active: int = 256,
-        max_queue: int = 1024,
+        max_active: int = MAX_ACTIVE,
+        max_queue: int = MAX_QUEUE,
         max_queue_wait: float = 30.0,
         batching: bool = True,
         prime_cache: int = 1024,

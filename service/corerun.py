@@ -34,7 +34,7 @@ import time
 import zmq
 
 from charrnn.service import errors, protocol
-from charrnn.service.core import EngineCore
+from charrnn.service.core import MAX_ACTIVE, MAX_QUEUE, EngineCore
 
 log = logging.getLogger("charrnn.service.corerun")
 
@@ -290,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", type=int, required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--max-active", type=int, default=256)
-    p.add_argument("--max-queue", type=int, default=1024)
+    p.add_argument("--max-active", type=int, default=MAX_ACTIVE)
+    p.add_argument("--max-queue", type=int, default=MAX_QUEUE)
     p.add_argument("--max-queue-wait", type=float, default=30.0)
     p.add_argument("--batching", choices=("on", "off"), default="on")
     p.add_argument("--prime-cache", type=int, default=1024)

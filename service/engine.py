@@ -33,6 +33,7 @@ import zmq
 from charrnn.modelfile import ModelMetadata
 from charrnn.service import errors, protocol
 from charrnn.service.metrics import Metrics, apply_core_stats
+from charrnn.service.core import MAX_ACTIVE, MAX_QUEUE
 from charrnn.service.output import OutputProcessor
 from charrnn.service.requests import GenerationRequest, ScoreJob
 from charrnn.service.streams import Mailbox, Stream
@@ -68,8 +69,8 @@ class Wake:
 
 class EngineClient:
     def __init__(self, label: str, name: str, metadata: ModelMetadata, *, ctx: zmq.Context, address: str,
-                 fe: int = 0, primary: bool = True, metrics: Metrics | None = None, max_active: int = 256,
-                 max_queue: int = 1024, flush_interval: float = 0.05):
+                 fe: int = 0, primary: bool = True, metrics: Metrics | None = None, max_active: int = MAX_ACTIVE,
+                 max_queue: int = MAX_QUEUE, flush_interval: float = 0.05):
         self.label, self.name, self.metadata = label, name, metadata
         self.max_active, self.max_queue = max_active, max_queue
         # Seconds between deliveries of ordinary text (first characters and ends go at once): 20

@@ -33,7 +33,7 @@ import zmq
 
 from charrnn import modelfile as mf
 from charrnn.service import errors, protocol
-from charrnn.service.core import EngineCore
+from charrnn.service.core import MAX_ACTIVE, MAX_QUEUE, EngineCore
 from charrnn.service.corerun import EXIT_FAILED, CoreLoop
 from charrnn.service.engine import SHUTDOWN_MESSAGE, EngineClient
 from charrnn.service.metrics import Metrics
@@ -102,7 +102,7 @@ class _Common:
 
 
 class Engine(_Common):
-    def __init__(self, model: LoadedModel, *, metrics: Metrics, max_active: int = 256, max_queue: int = 1024,
+    def __init__(self, model: LoadedModel, *, metrics: Metrics, max_active: int = MAX_ACTIVE, max_queue: int = MAX_QUEUE,
                  max_queue_wait: float = 30.0, batching: bool = True, flush_interval: float = 0.05,
                  prime_cache: int = 1024):
         self.model = model
@@ -187,7 +187,7 @@ class Engine(_Common):
 
 class CoreProcess(_Common):
     def __init__(self, path: Path, name: str, version: int, *, device: str, threads: int, metrics: Metrics,
-                 workdir: Path, max_active: int = 256, max_queue: int = 1024, max_queue_wait: float = 30.0,
+                 workdir: Path, max_active: int = MAX_ACTIVE, max_queue: int = MAX_QUEUE, max_queue_wait: float = 30.0,
                  batching: bool = True, flush_interval: float = 0.05, prime_cache: int = 1024,
                  step_timeout: float = 30.0, log_format: str = "text", log_level: str = "info"):
         self.path, self.name, self.version, self.device = Path(path), name, version, device
