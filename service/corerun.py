@@ -297,8 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prime-cache", type=int, default=1024)
     p.add_argument("--log-format", default="text")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--sampler-graphs", default="", help="folder of the sampler graphs (sampler.write_graphs)")
     a = p.parse_args(argv)
     logs.configure(a.log_format, a.log_level)
+    if a.sampler_graphs:
+        from charrnn.service import sampler
+
+        sampler.read_graphs(a.sampler_graphs)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full pipe is an error we handle, not a silent drop

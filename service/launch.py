@@ -199,7 +199,8 @@ class CoreProcess(_Common):
                       "--path", str(path), "--name", name, "--version", str(version), "--device", device,
                       "--threads", str(threads), "--max-active", str(max_active), "--max-queue", str(max_queue),
                       "--max-queue-wait", str(max_queue_wait), "--batching", "on" if batching else "off",
-                      "--prime-cache", str(prime_cache), "--log-format", log_format, "--log-level", log_level]
+                      "--prime-cache", str(prime_cache), "--log-format", log_format, "--log-level", log_level,
+                      "--sampler-graphs", str(workdir)]  # sampler.write_graphs wrote them there
         self._ctx = zmq.Context.instance()
         self._proc: subprocess.Popen | None = None
         self.model: ServedModel | None = None

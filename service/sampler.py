@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -146,11 +147,33 @@ def _pick(g: Graph, w: str, draw: str, axis: int) -> str:
     return g.cast(count, np.int64)
 
 
+VARIANTS = ((False, False), (False, True), (True, False), (True, True))  # (controlled, filtered)
+_PREBUILT: dict[tuple[bool, bool], bytes] = {}  # read_graphs: the variants another process built
+
+
 @functools.cache
 def graph(controlled: bool, filtered: bool = True) -> bytes:
     """The serialized sampler graph (see the module docstring). Without ``filtered`` it has no top-k / top-p
     path: a batch where no row asks for either runs that smaller graph, and its rows pick the same."""
-    return _graph(controlled, filtered)
+    return _PREBUILT.get((controlled, filtered)) or _graph(controlled, filtered)
+
+
+def _file(folder: str | Path, controlled: bool, filtered: bool) -> Path:
+    return Path(folder) / f"sampler-{controlled:d}{filtered:d}.onnx"
+
+
+def write_graphs(folder: str | Path) -> None:
+    """Builds every variant once and writes it into ``folder``. The server does this at start, and its engine
+    core processes read them (``read_graphs``): building needs the onnx package, whose import costs a process
+    0.7 s of CPU, which a core's start, restart or reload would otherwise pay each time."""
+    for controlled, filtered in VARIANTS:
+        _file(folder, controlled, filtered).write_bytes(graph(controlled, filtered))
+
+
+def read_graphs(folder: str | Path) -> None:
+    """Takes the variants ``write_graphs`` wrote into ``folder`` (an engine core process)."""
+    for controlled, filtered in VARIANTS:
+        _PREBUILT[(controlled, filtered)] = _file(folder, controlled, filtered).read_bytes()
 
 
 @dataclass
@@ -191,8 +214,7 @@ class Sampler:
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = providers or CPU
-        self._sessions = {(c, f): ort.InferenceSession(graph(c, f), opts, providers=providers)
-                          for c in (False, True) for f in (False, True)}
+        self._sessions = {(c, f): ort.InferenceSession(graph(c, f), opts, providers=providers) for c, f in VARIANTS}
 
     def sample(self, logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
                u: np.ndarray, controls: SamplerInputs | None = None) -> Picked:

@@ -31,7 +31,7 @@ import grpc  # noqa: E402 (after the setting above)
 from grpc_health.v1 import health
 from prometheus_client import start_http_server
 
-from charrnn.service import logs, tls, tracing
+from charrnn.service import logs, sampler, tls, tracing
 from charrnn.service.config import ServeConfig, frontend_count, limits_of, parse_args
 from charrnn.service.frontend import FrontendHub, HealthState, grpc_server, hostport, table_rows
 from charrnn.service.launch import CoreProcess
@@ -84,6 +84,8 @@ class Server:
             device = select_device(c.device)
         except RuntimeError as e:  # --device cuda where CUDA is not usable; the message says why
             raise StartupError(str(e)) from None
+        # The sampler graphs, built once here for every engine core process (sampler.write_graphs).
+        await asyncio.to_thread(sampler.write_graphs, self._workdir)
         self.repository = ModelRepository(
             c.models,
             device=device,

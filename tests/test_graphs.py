@@ -22,3 +22,20 @@ def test_a_front_end_process_never_imports_onnx():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True"]
+
+
+def test_engine_core_processes_read_the_servers_sampler_graphs_without_importing_onnx(model_repo, no_torch_env):
+    """The server builds the sampler graphs once (sampler.write_graphs); its core processes, which start again at
+    every restart and reload, read them and never load onnx (its extension module is not mapped in them)."""
+    from testkit import probes
+    from testkit.serve_process import ServeProcess
+
+    with ServeProcess(model_repo, env=no_torch_env) as server:
+        cores = [pid for pid, cmd in probes.children(server.proc.pid).items() if "charrnn.service.corerun" in cmd]
+        assert cores
+        for pid in cores:
+            with open(f"/proc/{pid}/maps") as f:
+                maps = f.read()
+            assert "onnxruntime" in maps and "onnx_cpp2py_export" not in maps
+        with open(f"/proc/{server.proc.pid}/maps") as f:
+            assert "onnx_cpp2py_export" in f.read()  # the server built them
