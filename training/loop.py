@@ -47,10 +47,13 @@ class RunResult:
 
 def run_training(cfg: TrainConfig) -> RunResult:
     rt = start_runtime(cfg.device, cfg.threads, cfg.precision)
+    finished = False
     try:
-        return _train(cfg, rt)
+        result = _train(cfg, rt)
+        finished = True
+        return result
     finally:
-        stop_runtime(rt)
+        stop_runtime(rt, finished)
 
 
 def _train(cfg: TrainConfig, rt: Runtime) -> RunResult:

@@ -83,8 +83,14 @@ def start_runtime(device: str, threads: int = 0, precision: str = "auto") -> Run
     return Runtime(dev, rank, world, bf16, local_rank, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
 
 
-def stop_runtime(rt: Runtime) -> None:
+def stop_runtime(rt: Runtime, finished: bool = False) -> None:
+    """Tears the process group down. ``finished``: the run ended normally on this rank, and every rank reaches
+    this point before any tears down; a rank whose peers already left can abort in gloo's shutdown
+    ("terminate called without an active exception"), which torchrun counts a failure. After an error no rank
+    waits for the others, which may be gone."""
     if rt.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
