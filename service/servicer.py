@@ -9,6 +9,7 @@ imports neither torch nor onnxruntime (tests/test_server.py checks).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -108,9 +109,14 @@ class Call(Protocol):
         """The caller's metadata (gRPC) or headers (HTTP): where a W3C traceparent arrives."""
 
 
+def _generate_level(code: str) -> int:
+    """How loud a refused Generate is: overload and unavailability are an operator's business."""
+    return logging.WARNING if code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else logging.INFO
+
+
 @dataclass
 class _Outcome:
-    """What one Generate call did, for its metrics and its log line."""
+    """What one Generate or Score call did, for its metrics, its log line and its span."""
 
     model: str = NO_MODEL_LABEL
     code: str = "CANCELLED"  # until proven otherwise: a call that just stops was cancelled
@@ -126,8 +132,13 @@ class _Outcome:
     max_chars: int | None = None
     finish_reason: str | None = None  # of sample 0
     stats: GenerationStats | None = None  # of sample 0
+    arrived: float = 0.0  # time.monotonic() when the call arrived
+    request_id: str = ""
+    scored: bool = False  # a Score call: its span says what it scored
 
     def span_attributes(self) -> dict:
+        if self.scored:
+            return {"charrnn.model": self.label, "charrnn.scored_chars": self.prime_chars}
         return {"charrnn.model": self.label, "charrnn.prime_chars": self.prime_chars,
                 "charrnn.generated_chars": self.sent_chars, "charrnn.seed": self.seed, "charrnn.n": self.n,
                 "charrnn.max_chars": self.max_chars, "charrnn.finish_reason": self.finish_reason}
@@ -263,47 +274,58 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         except errors.CharrnnError as e:
             await context.abort(STATUS_FOR[e.code], e.message)
 
-    async def generate(self, request: pb.GenerateRequest, call: Call) -> AsyncIterator[pb.GenerateResponse]:
-        """Generate for any front-end (gRPC here, HTTP in service/http_api.py): the responses, or a CharrnnError
-        (logged and counted already) whose code and message are what the client is told."""
-        arrived = time.monotonic()
-        outcome = _Outcome()
+    @contextlib.asynccontextmanager
+    async def _handled(self, method: str, request, call: Call, refused_level: Callable[[str], int],
+                       record: Callable[[_Outcome, float], None]) -> AsyncIterator[_Outcome]:
+        """The one wrapper of a Generate or Score call, for every front-end: identifies the request (its id on every
+        log line), opens its span, refuses it while draining; inside, the call fills the outcome and sets
+        ``code`` "OK" when it succeeds. A CharrnnError is logged at ``refused_level(code)`` and raised with the
+        message the client is told; anything else is logged and raised as INTERNAL naming the request id. A call
+        that just stops (a CancelledError, or the front-end closing it) stays CANCELLED, or DEADLINE_EXCEEDED
+        when it stopped at the client's deadline. ``record`` counts it either way, then the span ends."""
+        outcome = _Outcome(arrived=time.monotonic())
         rid, rid_error = _identify(request)
+        outcome.request_id = rid
         span = None
         if self.tracing is not None:
-            span = self.tracing.start("charrnn.v1.Generator/Generate", call.invocation_metadata(), arrived,
+            span = self.tracing.start(f"charrnn.v1.Generator/{method}", call.invocation_metadata(), outcome.arrived,
                                       {"charrnn.request_id": rid, "charrnn.frontend": self.frontend})
         try:
             if rid_error is not None:
                 raise rid_error
-            async for response in self._generate(request, call, arrived, rid, outcome):
-                yield response
-            outcome.code, outcome.reason = "OK", "ok"
+            if self.draining:
+                raise errors.Unavailable(SHUTTING_DOWN)
+            yield outcome
         except errors.CharrnnError as e:
             outcome.code, outcome.reason = e.code, e.reason
-            level = logging.WARNING if e.code in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") else logging.INFO
             if self.draining and e.code == "UNAVAILABLE":
                 e = errors.Unavailable(SHUTTING_DOWN, e.reason)
-            self.log.log(level, "generate refused: %s", e.message, extra={"code": e.code, "frontend": self.frontend})
+            self.log.log(refused_level(e.code), "%s refused: %s", method.lower(), e.message,
+                         extra={"code": e.code, "frontend": self.frontend})
             raise e from None
         except Exception:
             outcome.code, outcome.reason = "INTERNAL", "internal"
-            self.log.exception("generate failed")
+            self.log.exception("%s failed", method.lower())
             raise errors.CharrnnError(f"internal error (request_id {rid}); see the server log") from None
         finally:
-            # A call that just stops (a CancelledError, or gRPC closing this generator) was
-            # cancelled by the client. Its own deadline timer usually fires a moment before our
-            # copy of the deadline (noted at arrival): a cancel that close to it is the deadline.
+            # The client's own deadline timer usually fires a moment before our copy of the deadline (noted at
+            # arrival): a cancel that close to it is the deadline.
             near = outcome.deadline is not None and time.monotonic() >= outcome.deadline - DEADLINE_SLACK_SECONDS
             if outcome.code == "CANCELLED" and near:
                 outcome.code, outcome.reason = "DEADLINE_EXCEEDED", "deadline"
-            self._record(outcome, arrived)
+            record(outcome, outcome.arrived)
             if span is not None:
                 self.tracing.end(span, outcome.code, outcome.span_attributes(), outcome.stats)
 
+    async def generate(self, request: pb.GenerateRequest, call: Call) -> AsyncIterator[pb.GenerateResponse]:
+        """Generate for any front-end (gRPC here, HTTP in service/http_api.py): the responses, or a CharrnnError
+        (logged and counted already) whose code and message are what the client is told."""
+        async with self._handled("Generate", request, call, _generate_level, self._record) as outcome:
+            async for response in self._generate(request, call, outcome.arrived, outcome.request_id, outcome):
+                yield response
+            outcome.code, outcome.reason = "OK", "ok"
+
     async def _generate(self, request, call: Call, arrived: float, rid: str, outcome: _Outcome):
-        if self.draining:
-            raise errors.Unavailable(SHUTTING_DOWN)
         entry = self.repository.resolve(request.model)
         outcome.model = entry.name
         remaining = call.time_remaining()
@@ -351,18 +373,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     async def score(self, request: pb.ScoreRequest, call: Call) -> pb.ScoreResponse:
         """Score for any front-end: the response, or a CharrnnError (logged and counted already)."""
-        arrived = time.monotonic()
-        outcome = _Outcome()
-        rid, rid_error = _identify(request)
-        span = None
-        if self.tracing is not None:
-            span = self.tracing.start("charrnn.v1.Generator/Score", call.invocation_metadata(), arrived,
-                                      {"charrnn.request_id": rid, "charrnn.frontend": self.frontend})
-        try:
-            if rid_error is not None:
-                raise rid_error
-            if self.draining:
-                raise errors.Unavailable(SHUTTING_DOWN)
+        async with self._handled("Score", request, call, lambda code: logging.INFO, self._record_score) as outcome:
+            outcome.scored = True
+            arrived, rid = outcome.arrived, outcome.request_id
             entry = self.repository.resolve(request.model)
             outcome.model, outcome.label = entry.name, f"{entry.name}@{entry.version}"
             remaining = call.time_remaining()
@@ -377,26 +390,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
                                    stream.result.score)
             outcome.code, outcome.reason, outcome.prime_chars = "OK", "ok", len(job.text)
             return response
-        except errors.CharrnnError as e:
-            outcome.code, outcome.reason = e.code, e.reason
-            if self.draining and e.code == "UNAVAILABLE":
-                e = errors.Unavailable(SHUTTING_DOWN, e.reason)
-            self.log.info("score refused: %s", e.message, extra={"code": e.code, "frontend": self.frontend})
-            raise e from None
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            outcome.code, outcome.reason = "INTERNAL", "internal"
-            self.log.exception("score failed")
-            raise errors.CharrnnError(f"internal error (request_id {rid}); see the server log") from None
-        finally:
-            m = self.metrics
-            m.score_requests.labels(outcome.model, outcome.code, outcome.reason).inc()
-            if outcome.code == "OK":
-                m.scored_chars.labels(outcome.model).inc(outcome.prime_chars)
-            if span is not None:
-                self.tracing.end(span, outcome.code, {"charrnn.model": outcome.label,
-                                                      "charrnn.scored_chars": outcome.prime_chars})
+
+    def _record_score(self, outcome: _Outcome, arrived: float) -> None:
+        m = self.metrics
+        m.score_requests.labels(outcome.model, outcome.code, outcome.reason).inc()
+        if outcome.code == "OK":
+            m.scored_chars.labels(outcome.model).inc(outcome.prime_chars)
 
     def _record(self, outcome: _Outcome, arrived: float) -> None:
         m, model = self.metrics, outcome.model
