@@ -154,6 +154,8 @@ class AutomatonTable:
 
     def release(self, rows) -> None:
         """``rows`` (ints) ended: back to state 0; automata that none uses are dropped when they outweigh the rest."""
+        if not self._rows:  # the usual batch without stop sequences (or regexes): every row is in state 0
+            return
         for row in np.atleast_1d(rows).tolist():
             key = self._key[row]
             if key is None:
@@ -186,6 +188,8 @@ class AutomatonTable:
     def replay(self, row: int, ids: np.ndarray) -> None:
         """Row ``row`` reads ``ids`` (int [T]) one after another: the text a resumed stream already has."""
         state = int(self.state[row])
+        if not state:  # no automaton: state 0 never moves
+            return
         for token in ids.tolist():
             state = int(self.trans[state, token])
         self.state[row] = state

@@ -219,8 +219,7 @@ class Batch:
                 resumed = e.prime[len(e.prime) - e.resumed:]
                 s.generated[slot] = e.resumed
                 self.controls.replay(slot, resumed)
-                if e.stops:
-                    self.stops.replay(slot, resumed)
+                self.stops.replay(slot, resumed)
             if len(e.prime) == self.held:
                 ready.append((slot, None))
                 continue

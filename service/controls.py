@@ -20,6 +20,7 @@ import numpy as np
 
 from charrnn.service.automata import AutomatonTable
 from charrnn.service.constraints import compile_regex
+from charrnn.service.requests import Controls
 from charrnn.service.sampler import SamplerInputs
 
 
@@ -50,13 +51,9 @@ class ControlRows:
 
     def take(self, slot: int, logprobs: int, controls) -> None:
         """A new stream in ``slot`` with ``logprobs`` alternatives and ``controls`` (requests.Controls, or None)."""
-        c = controls
-
-        def get(name: str, default=None):
-            return default if c is None else getattr(c, name)
-        bias, regex = get("bias"), get("regex", "") or ""
-        presence, frequency = float(get("presence", 0.0) or 0.0), float(get("frequency", 0.0) or 0.0)
-        repetition = float(get("repetition", 1.0) or 1.0)
+        c = controls or Controls()  # none: the defaults, which change nothing
+        bias, regex = c.bias, c.regex
+        presence, frequency, repetition = float(c.presence), float(c.frequency), float(c.repetition)
         self.logprobs[slot] = logprobs
         self.presence[slot], self.frequency[slot], self.repetition[slot] = presence, frequency, repetition
         self.penalised[slot] = bool(presence or frequency or repetition != 1.0)
@@ -67,7 +64,7 @@ class ControlRows:
         if self.penalised[slot]:
             self._matrix("_counts")[slot] = 0.0
         if regex:
-            key = (regex, get("allowed", "") or "")
+            key = (regex, c.allowed)
             self.regexes.start(slot, key, lambda: compile_regex(key[0], self.vocab, self.max_regex_states, key[1]))
         used = bool(logprobs or bias is not None or regex or self.penalised[slot])
         self.used[slot] = used

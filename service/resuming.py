@@ -68,30 +68,25 @@ class ResumingGeneration(Generation):
     def __iter__(self) -> Iterator[str]:
         n = max(1, self._request.n)
         work: list[tuple[int | None, pb.GenerateRequest]] = [(None, self._request)]  # (sample, request)
-        tries = 0
         first_cut = ""  # why the stream was cut first (the error a caller would have seen without resuming)
         while work:
             sample, request = work[0]
             try:
-                for response in self._responses(request, tries):
+                for response in self._responses(request, self.resumes):
                     text = self._take(response, sample)  # a resumed sample's messages say index 0
                     if text:
                         yield text
                 work.pop(0)
             except (grpc.RpcError, Stalled) as e:
-                if self._cancelled or not _resumable(e):
-                    raise ServiceError.of(e) from None
+                if self._cancelled or not _resumable(e) or not self.max_resumes:
+                    raise _error_of(e) from None
                 if self.resumes >= self.max_resumes:
-                    if not self.max_resumes:
-                        raise ServiceError.of(e) if isinstance(e, grpc.RpcError) else \
-                            ServiceError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
                     raise ServiceError(grpc.StatusCode.UNAVAILABLE,
                                        f"gave up after {self.resumes} resumes; cut by {first_cut}, last: "
                                        f"{_describe(e)}") from None
                 if not self.resumes:
                     first_cut = _describe(e)
                 self.resumes += 1
-                tries += 1
                 left = [i for i in range(n) if i not in self.finish_reasons] if sample is None else [sample]
                 log.warning("stream cut (%s); resuming %s at %s characters, try %d of %d", _describe(e),
                             ", ".join(f"sample {i}" for i in left), ", ".join(str(len(self.texts.get(i, "")))
@@ -108,6 +103,7 @@ class ResumingGeneration(Generation):
     # ---- inside ----
 
     def _responses(self, request: pb.GenerateRequest, tries: int) -> Iterator[pb.GenerateResponse]:
+        """The messages of ``request``'s call; ``tries``: calls of this stream before it (its address)."""
         if self._first is not None:
             (call, address), self._first = self._first, None
         else:
@@ -179,6 +175,13 @@ def _resumable(e: Exception) -> bool:
     if isinstance(e, Stalled):
         return True
     return e.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _error_of(e: Exception) -> ServiceError:
+    """What the caller meets when a cut is not resumed: the call's own status, or UNAVAILABLE for a stall."""
+    if isinstance(e, grpc.RpcError):
+        return ServiceError.of(e)
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, str(e))
 
 
 def _describe(e: Exception) -> str:

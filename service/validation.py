@@ -180,20 +180,20 @@ def _resume(req: generator_pb2.GenerateRequest, metadata: ModelMetadata, limits:
             raise errors.InvalidArgument("resume_text", Shown(f"{len(text)} characters holding the stop sequence "
                                                               f"{stop!r} at {text.index(stop)}"),
                                          "text the stream can have sent: a stop sequence ends it, unsent")
+    ids = [metadata.index[ch] for ch in text]
     end = FinishReason.LENGTH if len(text) == req.max_chars else None
     if req.regex:
         automaton = compile_regex(req.regex, metadata.vocab, limits.max_regex_states, req.allowed_chars)
         state = 0
-        for i, ch in enumerate(text):
-            if not automaton.mask[state, metadata.index[ch]]:
+        for i, token in enumerate(ids):
+            if not automaton.mask[state, token]:
                 raise errors.InvalidArgument("resume_text", Shown(f"{len(text)} characters, leaving the regex at "
-                                                                  f"{i} ({describe_char(ch)})"),
+                                                                  f"{i} ({describe_char(text[i])})"),
                                              "text the request's regex can have produced")
-            state = int(automaton.trans[state, metadata.index[ch]])
+            state = int(automaton.trans[state, token])
         if automaton.accept[state]:
             end = FinishReason.MATCH_COMPLETE
-    index = metadata.index
-    return np.array([index[ch] for ch in text], np.int64), end
+    return np.array(ids, np.int64), end
 
 
 def _controls(req: generator_pb2.GenerateRequest, metadata: ModelMetadata, limits: Limits) -> Controls | None:
