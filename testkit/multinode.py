@@ -17,7 +17,6 @@ Either way every rank resumes from the run folder's last.pt (the runs pass
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -26,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from testkit.training_faults import TIMING_FIELDS, records, steps_logged
+
 LOOPBACK = "127.0.0.1"
-TIMING_FIELDS = ("elapsed", "chars_per_sec")  # metrics.jsonl fields that measure time, not training
 
 
 def free_port() -> int:
@@ -157,26 +157,12 @@ def _listening(port: int) -> bool:
         return s.connect_ex((LOOPBACK, port)) == 0
 
 
-def steps_logged(out: Path) -> int:
-    try:
-        with open(out / "steps.jsonl", "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
 def wait_for_steps(out: Path, steps: int, nodes: TwoNodes, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while steps_logged(out) < steps:
         if any(p.poll() is not None for p in nodes.procs) or time.monotonic() > deadline:
             raise RuntimeError(f"the run did not reach step {steps}:\n{nodes.output()[-3000:]}")
         time.sleep(0.02)
-
-
-def records(path: Path, drop: tuple = ()) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
 
 
 def final_digest(out: Path) -> str:

@@ -47,7 +47,9 @@ def train_argv(data: Path, out: Path, max_steps: int, eval_interval: int, *extra
             "--max-steps", str(max_steps), "--eval-interval", str(eval_interval), "--seed", "7", *extra]
 
 
-def _records(path: Path, drop: tuple = ()) -> list[dict]:
+def records(path: Path, drop: tuple = ()) -> list[dict]:
+    """The JSON lines of ``path`` without the ``drop`` fields; a line a killed run left half-written reads as
+    {"unreadable": line}."""
     if not path.is_file():
         return []
     rows = []
@@ -59,7 +61,8 @@ def _records(path: Path, drop: tuple = ()) -> list[dict]:
     return rows
 
 
-def _steps_logged(out: Path) -> int:
+def steps_logged(out: Path) -> int:
+    """Lines in OUT/steps.jsonl: the steps a run has logged so far."""
     try:
         with open(out / "steps.jsonl", "rb") as f:
             return f.read().count(b"\n")
@@ -110,14 +113,14 @@ def kill_and_resume(workdir: Path, kills: int, seed: int = 0, max_steps: int = 3
             break
         proc = subprocess.Popen(train_argv(data, cut, max_steps, eval_interval, "--resume"), env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        while _steps_logged(cut) < target and proc.poll() is None:
+        while steps_logged(cut) < target and proc.poll() is None:
             time.sleep(0.002)
         caught = in_write and _wait_for_checkpoint_write(cut, proc)
         proc.send_signal(signal.SIGKILL)
         output = proc.communicate()[0]
         resumed = [int(line.rsplit(" ", 1)[1]) for line in output.splitlines() if line.startswith("resumed from ")]
         resumes.extend(resumed)
-        previous = _steps_logged(cut)  # the next kill aims past what this run logged (startup shows it still)
+        previous = steps_logged(cut)  # the next kill aims past what this run logged (startup shows it still)
         kill_log.append({"target_step": target, "steps_logged_at_kill": previous,
                          "during_checkpoint_write": caught, "killed": proc.returncode == -signal.SIGKILL,
                          "resumed_from": resumed[0] if resumed else 0})
@@ -126,8 +129,8 @@ def kill_and_resume(workdir: Path, kills: int, seed: int = 0, max_steps: int = 3
     resumes.extend(int(line.rsplit(" ", 1)[1]) for line in (final.stdout + final.stderr).splitlines()
                    if line.startswith("resumed from "))
 
-    steps_a, steps_b = _records(whole / "steps.jsonl"), _records(cut / "steps.jsonl")
-    metrics_a, metrics_b = (_records(d / "metrics.jsonl", TIMING_FIELDS) for d in (whole, cut))
+    steps_a, steps_b = records(whole / "steps.jsonl"), records(cut / "steps.jsonl")
+    metrics_a, metrics_b = (records(d / "metrics.jsonl", TIMING_FIELDS) for d in (whole, cut))
     first_diff = next((i for i, (a, b) in enumerate(zip(steps_a, steps_b)) if a != b), None)
     return {
         "kills": kill_log,
