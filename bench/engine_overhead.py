@@ -62,14 +62,14 @@ def thread_cpu(thread: threading.Thread) -> float:
 
 async def engine_run(model, streams: int, chars: int, profile: cProfile.Profile | None = None) -> dict:
     """``streams`` concurrent requests of ``chars`` characters each through a fresh Engine."""
-    from charrnn.service.launch import Engine
+    from charrnn.service.cores import ThreadCore
     from charrnn.service.metrics import Metrics
 
-    engine = Engine(model, metrics=Metrics(), max_active=streams, max_queue=streams)
+    engine = ThreadCore(model, metrics=Metrics(), max_active=streams, max_queue=streams)
     if profile is not None:
         run = engine._run
 
-        def profiled(on_failure) -> None:  # the engine thread's own body (launch.Engine._run), under the profiler
+        def profiled(on_failure) -> None:  # the engine thread's own body (cores.ThreadCore._run), under the profiler
             profile.runcall(run, on_failure)
 
         engine._run = profiled

@@ -145,7 +145,7 @@ def step_ms(model, batch: int, seconds: float, on_device: bool) -> float:
 
 async def seeded_isolation(model, targets: int, total: int, chars: int) -> dict:
     """How many of ``targets`` seeded streams differ alone and among ``total`` - ``targets`` others."""
-    from charrnn.service.launch import Engine
+    from charrnn.service.cores import ThreadCore
     from charrnn.service.metrics import Metrics
 
     mine = [dict(prime=PRIMES[i % 4], temperature=0.9, seed=1000 + i) for i in range(targets)]
@@ -153,7 +153,7 @@ async def seeded_isolation(model, targets: int, total: int, chars: int) -> dict:
     others = [dict(prime=PRIMES[i % 4], temperature=float(rng.choice([0.0, 0.5, 1.0, 1.3])),
                    top_k=int(rng.choice([0, 0, 5, 40])), top_p=float(rng.choice([0.0, 0.0, 0.9])), seed=i)
               for i in range(total - targets)]
-    engine = Engine(model, metrics=Metrics(), max_active=total, max_queue=total)
+    engine = ThreadCore(model, metrics=Metrics(), max_active=total, max_queue=total)
     engine.start()
 
     async def text(fields: dict) -> str:
@@ -169,10 +169,10 @@ async def seeded_isolation(model, targets: int, total: int, chars: int) -> dict:
 
 
 async def engine_run(model, streams: int, chars: int) -> dict:
-    from charrnn.service.launch import Engine
+    from charrnn.service.cores import ThreadCore
     from charrnn.service.metrics import Metrics
 
-    engine = Engine(model, metrics=Metrics(), max_active=streams, max_queue=streams)
+    engine = ThreadCore(model, metrics=Metrics(), max_active=streams, max_queue=streams)
     engine.start()
     start = time.perf_counter()
     results = await asyncio.gather(*(read_stream(engine, i, PRIMES[i % 4], chars) for i in range(streams)))
@@ -190,10 +190,10 @@ async def engine_run(model, streams: int, chars: int) -> dict:
 
 async def greedy_texts(model, n: int, chars: int) -> list[str]:
     """Greedy (temperature 0) texts of ``n`` streams through the engine: comparable across devices."""
-    from charrnn.service.launch import Engine
+    from charrnn.service.cores import ThreadCore
     from charrnn.service.metrics import Metrics
 
-    engine = Engine(model, metrics=Metrics(), max_active=n, max_queue=n)
+    engine = ThreadCore(model, metrics=Metrics(), max_active=n, max_queue=n)
     engine.start()
 
     async def one(i: int) -> str:

@@ -16,7 +16,7 @@ not asleep, because onnxruntime's synchronous CUDA copy spins a host core too.
   within 30% before the stand-in is trusted.
 - **Device path** (this engine: sampling on the device): the step returns ids.
   The core runs in a process of its own (as in the server), and this process is
-  its front-end: an ``EngineClient`` with one asyncio reader per stream. The
+  its front-end: an ``CoreClient`` with one asyncio reader per stream. The
   core reports, twice a second, its CPU time, the time it spent in the stand-in
   step and its steps; from them: time per step against the raw step, core CPU
   per step outside the step, and the virtual rate (batch x steps per second).
@@ -170,7 +170,7 @@ def serve_core(address: str, max_active: int, report: str) -> int:
     import zmq
 
     from charrnn.service import protocol
-    from charrnn.service.core import EngineCore
+    from charrnn.service.core import Core
     from charrnn.service.corerun import CoreLoop, _await_primary
 
     ctx = zmq.Context()
@@ -180,7 +180,7 @@ def serve_core(address: str, max_active: int, report: str) -> int:
     sock.bind(address)
     primary = _await_primary(sock)
     model = StandIn(metadata(), device_path=True)
-    core = EngineCore(model, max_active=max_active, max_queue=max_active, prime_cache=1024)
+    core = Core(model, max_active=max_active, max_queue=max_active, prime_cache=1024)
     loop = CoreLoop(core, sock)
     loop.message_seconds *= SCALE  # every time of the core runs dilated
     loop.frontends[primary], loop.primary = 0, primary
@@ -238,7 +238,7 @@ def core_run(streams: int, seconds: float, warmup: float, laggard: bool) -> dict
 
     import zmq
 
-    from charrnn.service.engine import EngineClient
+    from charrnn.service.coreclient import CoreClient
     from charrnn.service.metrics import Metrics
 
     work = Path(tempfile.mkdtemp(prefix="standin-"))
@@ -248,7 +248,7 @@ def core_run(streams: int, seconds: float, warmup: float, laggard: bool) -> dict
     ctx = zmq.Context.instance()
     meta = metadata()
     metrics = Metrics()
-    client = EngineClient("standin@1", "standin", meta, ctx=ctx, address=address, metrics=metrics,
+    client = CoreClient("standin@1", "standin", meta, ctx=ctx, address=address, metrics=metrics,
                           max_active=streams + 64, max_queue=streams + 64,
                           flush_interval=0.05 * SCALE)  # the server's default flush interval, dilated
     first = None

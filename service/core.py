@@ -121,7 +121,7 @@ class NaiveScheduler:
         self._running.clear()
 
 
-class EngineCore:
+class Core:
     def __init__(
         self,
         model: LoadedModel,
@@ -270,8 +270,9 @@ class EngineCore:
                 self.scheduler.add(new, now)
         self.scheduler.work(bool(q), flush)
 
-    def end_all(self, code: str, reason: str, message: str, now: float) -> None:
-        """Ends every stream, queued or in a slot (the engine stops or failed)."""
+    def end_all(self, error: errors.CharrnnError, now: float) -> None:
+        """Ends every stream, queued or in a slot, with ``error`` (the core stops or failed)."""
+        code, reason, message = error.code, error.reason, error.message
         while self.queue:
             self._refuse(self.queue.popleft(), code, reason, message, now)
         self.scheduler.end_all(code, reason, message, now)

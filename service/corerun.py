@@ -34,7 +34,7 @@ import time
 import zmq
 
 from charrnn.service import errors, protocol
-from charrnn.service.core import MAX_ACTIVE, MAX_QUEUE, EngineCore
+from charrnn.service.core import MAX_ACTIVE, MAX_QUEUE, Core
 
 log = logging.getLogger("charrnn.service.corerun")
 
@@ -52,7 +52,7 @@ EXIT_REFUSED = 2  # ... whose model file could not be served
 
 
 class CoreLoop:
-    def __init__(self, core: EngineCore, sock: zmq.Socket):
+    def __init__(self, core: Core, sock: zmq.Socket):
         self.core = core
         self.sock = sock  # used by the I/O thread alone once run() starts
         self.frontends: dict[bytes, int] = {}  # identity -> front-end number
@@ -110,8 +110,7 @@ class CoreLoop:
                     raise RuntimeError(self._io_failure)
                 now = time.monotonic()
                 if self.stopping:
-                    core.end_all("UNAVAILABLE", "draining",
-                                 f"server shutting down: model {core.label} stopped", now)
+                    core.end_all(errors.stopped(core.label), now)
                     self._send(final=True)
                     return 0
                 core.round(now, flush=self._send)  # first characters go out before the step
@@ -127,7 +126,7 @@ class CoreLoop:
             self.failure = errors.reason_of(e)
             failure = errors.engine_failed(core.label, e)
             try:
-                core.end_all("UNAVAILABLE", "engine", failure.message, time.monotonic())
+                core.end_all(failure, time.monotonic())
             except Exception:  # noqa: BLE001 - the streams are told by the front-ends then
                 log.exception("engine %s: its streams could not be ended from the core", core.label)
             self._send(final=True, failed=errors.reason_of(e))
@@ -155,10 +154,10 @@ class CoreLoop:
         if isinstance(m, protocol.Work) and fe is not None:
             if m.add:
                 if self.draining:
+                    refusal = errors.draining(self.core.label)
                     for a in m.add:
                         self.core.outbox.end(fe, protocol.End(
-                            row=a.row, code="UNAVAILABLE", reason="draining",
-                            message=f"server shutting down: model {self.core.label} takes no new streams",
+                            row=a.row, code=refusal.code, reason=refusal.reason, message=refusal.message,
                             admitted=now, first=now, last=now))
                 else:
                     self.core.add(fe, m.add, now)
@@ -320,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         sock.send_multipart([primary, protocol.encode(protocol.Refused(reason=str(e)))])
         sock.close()
         return EXIT_REFUSED
-    core = EngineCore(model, max_active=a.max_active, max_queue=a.max_queue, max_queue_wait=a.max_queue_wait,
+    core = Core(model, max_active=a.max_active, max_queue=a.max_queue, max_queue_wait=a.max_queue_wait,
                       batching=a.batching == "on", prime_cache=a.prime_cache)
     loop = CoreLoop(core, sock)
     loop.frontends[primary] = 0

@@ -1,303 +1,276 @@
-"""A front-end's side of one engine core: streams go in, the core's ids come back as text.
+"""The engine of a model version: what the servicer submits to; and the supervised one, which keeps its core
+running or takes the model out of service loudly.
 
-``EngineClient.submit`` runs on the asyncio loop: it refuses at once what the
-core would refuse (draining, engine down, every slot and queue place taken by
-its last count), gives the stream a row of this front-end and hands the
-admission to the client's I/O thread. That thread owns the ZeroMQ socket and
-only moves messages: it sends the admissions and cancels gathered since its
-last turn as one ``protocol.Work``, and hands each ``protocol.Out`` of the core
-to the ``OutputProcessor`` (output.py), which turns ids into the streams'
-text, holds back what may begin a stop sequence and ends streams; the thread
-then wakes the readers it names, and all of them when a delivery is due (the
-flush interval).
+``Engine`` is the interface (state, submit, the message while down, the model,
+max_active). ``SupervisedEngine`` (here, in the server) holds a core
+(cores.CoreHandle) and replaces it when it fails; ``frontend.RemoteEngine`` is
+the same engine as another front-end process sees it.
 
-The primary front-end (the server's own process) also applies the core's
-metric deltas and its load to the registry.
+An engine that fails (an onnxruntime call raises: a CUDA error, a broken
+device) has already ended every stream it held with UNAVAILABLE naming the
+model. The supervisor then:
+
+- restarts it after a backoff (``--engine-restart-backoff``, doubling with each
+  failure inside the window, up to ``--engine-max-backoff``), with a fresh
+  onnxruntime session whose trial step must pass: a transient fault heals by
+  itself;
+- marks the model FAILED after ``--engine-max-failures`` failures within
+  ``--engine-failure-window`` seconds: its health entry turns NOT_SERVING, so
+  load balancers stop sending traffic, and it keeps retrying every
+  ``--engine-max-backoff`` seconds, back to SERVING when a restart passes;
+- treats an engine that goes silent for ``--step-timeout`` seconds (a step that
+  never returns) as hung: its streams end at once. A core process is killed and
+  restarts like any failed one. An engine on a thread of this process cannot be
+  killed: the model is FAILED and the server reports itself not live (health
+  service ``liveness``), so the kubelet restarts the pod.
+
+While the model is not serving, ``submit`` refuses at once with UNAVAILABLE
+and a message that says whether it is restarting or failed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import itertools
+import abc
+import collections
 import logging
-import os
 import threading
 import time
-import weakref
+from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-import zmq
-
-from charrnn.modelfile import ModelMetadata
-from charrnn.service import errors, protocol
-from charrnn.service.metrics import Metrics, apply_core_stats
-from charrnn.service.core import MAX_ACTIVE, MAX_QUEUE
-from charrnn.service.output import OutputProcessor
-from charrnn.service.requests import GenerationRequest, ScoreJob
-from charrnn.service.streams import Mailbox, Stream
+from charrnn.service import errors
+from charrnn.service.metrics import Metrics
+from charrnn.service.protocol import EngineState
+from charrnn.service.requests import GenerationRequest
+from charrnn.service.streams import Stream
 
 log = logging.getLogger("charrnn.service.engine")
 
-POLL_MS = 100
-SHUTDOWN_MESSAGE = "server shutting down"
-_CLIENTS = itertools.count()
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How an engine is restarted and when its model is given up on (flags of charrnn-serve)."""
+
+    backoff: float = 0.1  # seconds before the first restart; doubles with each failure in the window
+    max_backoff: float = 30.0  # the longest wait between restarts, and the retry interval once failed
+    max_failures: int = 5  # failures within `window` that mark the model failed
+    window: float = 60.0  # seconds over which failures are counted
+    step_timeout: float = 30.0  # seconds an engine with work may go without finishing a round
 
 
-class Wake:
-    """A pipe the event loop writes to so the I/O thread sends the new admissions and cancels at once."""
+class Engine(abc.ABC):
+    """The engine of one model version, as the servicer and the model table use it."""
 
-    def __init__(self) -> None:
-        self.read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self.read_fd, False)
-        self._pending = False
-
-    def __call__(self) -> None:
-        if not self._pending:
-            self._pending = True
-            os.write(self._write_fd, b"x")
-
-    def clear(self) -> None:
-        self._pending = False
-        try:
-            while os.read(self.read_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-
-class EngineClient:
-    def __init__(self, label: str, name: str, metadata: ModelMetadata, *, ctx: zmq.Context, address: str,
-                 fe: int = 0, primary: bool = True, metrics: Metrics | None = None, max_active: int = MAX_ACTIVE,
-                 max_queue: int = MAX_QUEUE, flush_interval: float = 0.05):
-        self.label, self.name, self.metadata = label, name, metadata
-        self.max_active, self.max_queue = max_active, max_queue
-        # Seconds between deliveries of ordinary text (first characters and ends go at once): 20
-        # updates a second per stream still reads as smooth streaming, and it saves the loop, the
-        # wire and the client a message per character (bench: a third less client CPU).
-        self.flush_interval = flush_interval
-        self._metrics = metrics if primary else None
-        if self._metrics is not None:  # the series the core's figures land in exist from the start, at 0
-            m = self._metrics
-            for family in (m.step, m.batch_size, m.queue_wait, m.inter_char, m.active_streams, m.queued_streams):
-                family.labels(name)
-        self._index = metadata.index
-        self._sock = ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.IDENTITY, f"fe-{fe}-{os.getpid()}-{next(_CLIENTS)}".encode())
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(address)
-        self._sock.send(protocol.encode(protocol.Hello(fe=fe, primary=primary)))
-        self._lock = threading.Lock()  # guards the outgoing lists, the rows and the counts below
-        self._adds: list[protocol.Admit] = []
-        self._cancels: list[tuple[int, Stream]] = []
-        self._controls: list[protocol.Drain | protocol.Stop | protocol.Gone] = []
-        self._wake = Wake()
-        self.output = OutputProcessor(label, metadata)  # ids into text, holds, ends (output.py)
-        self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> Mailbox
-        self._down: errors.CharrnnError | None = None  # set: submit refuses with it
-        self._core_load = (0, 0)  # the core's last report: (slots taken, queued), all front-ends
-        self._sent_since_report = 0
-        self._last_flush = 0.0
-        self._shown = [0, 0]  # what this client added to the active / queued gauges (primary)
-        self.last_heard = time.monotonic()  # when the core last said anything (the watchdog reads it)
-        self.core_busy = False
-        self.on_failed: Callable[[str], None] | None = None  # the core reported its engine failure
-        self.on_broken: Callable[[str], None] | None = None  # this client's I/O thread failed (a bug)
-        self._closed = False
-        self._thread: threading.Thread | None = None
-
-    # ---- lifecycle ----
-
-    def set_metadata(self, metadata: ModelMetadata) -> None:
-        """The model's metadata, once the core has reported it (before the first submit)."""
-        self.metadata = metadata
-        self._index = metadata.index
-        self.output.set_metadata(metadata)
-
-    def receive_first(self, timeout: float) -> protocol.Loaded | protocol.Up | protocol.Refused | None:
-        """The core's next start-up message before the I/O thread runs, or None."""
-        if self._sock.poll(int(timeout * 1000)):
-            return protocol.decode_to_frontend(self._sock.recv())
-        return None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"engine-io-{self.label}", daemon=True)
-        self._thread.start()
-
-    def control(self, message: protocol.Drain | protocol.Stop | protocol.Gone) -> None:
-        """Sends a control message to the core, in order with the streams' messages."""
-        with self._lock:
-            self._controls.append(message)
-        self._wake()
-
-    def refuse(self, error: errors.CharrnnError | None) -> None:
-        """From now on submit raises ``error`` (None: takes streams again)."""
-        self._down = error
-
-    def fail_all(self, error: errors.CharrnnError) -> None:
-        """Ends every stream of this client with ``error`` (its core died without saying so)."""
-        self._post(self.output.fail_all(error))
-        self._show_load(0, 0)
-
-    def close(self) -> None:
-        self._closed = True
-        self._wake()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5.0)
-        self._sock.close()
+    model: object  # its metadata, device, name and version
+    max_active: int
 
     @property
-    def live(self) -> int:
-        """Streams of this client not yet ended."""
-        return self.output.live
+    @abc.abstractmethod
+    def state(self) -> EngineState: ...
 
     @property
-    def core_load(self) -> tuple[int, int]:
-        return self._core_load
+    @abc.abstractmethod
+    def down_message(self) -> str:
+        """What a request hears while the engine does not serve ("" while it does)."""
 
-    # ---- submit (asyncio loop) ----
+    @abc.abstractmethod
+    def _submit_all(self, request) -> list[Stream]: ...
 
     def submit(self, request: GenerationRequest) -> Stream:
-        """Queues a validated request of one sample; call from the asyncio loop thread that will read it."""
+        """One sample's stream, as submit_all."""
         return self.submit_all(request)[0]
 
     def submit_all(self, request) -> list[Stream]:
-        """Queues a validated request's n samples (sample i seeded seed + i) as n streams, in one message: the
-        core reads their prime once, for one row, and copies its state to the n rows; or a ScoreJob as one stream whose result holds the scores."""
-        if self._down is not None:
-            raise self._down
-        loop = asyncio.get_running_loop()
-        box = self._mailboxes.get(loop)
-        if box is None:
-            box = self._mailboxes[loop] = Mailbox(loop)
-        n = 1 if isinstance(request, ScoreJob) else request.n
+        """Every sample's stream of a request (or a Score job's one) while serving; UNAVAILABLE at once, saying
+        why, while restarting or failed."""
+        if self.state is not EngineState.SERVING:
+            raise errors.Unavailable(self.down_message or "the model is not serving", "engine")
+        return self._submit_all(request)
+
+
+class SupervisedEngine(Engine):
+    """The engine of one model version in the server: a core, restarted when it fails."""
+
+    def __init__(
+        self,
+        launch: Callable[[], object],
+        *,
+        policy: RestartPolicy,
+        metrics: Metrics,
+        on_change: Callable[[], None] = lambda: None,
+    ):
+        """``launch()`` makes a new, unstarted core (a cores.CoreHandle) of one model file;
+        the first one starts here, and a refusal (ModelFormatError) propagates."""
+        self.policy = policy
+        self._launch_new = launch
+        self._on_change = on_change  # told of every state change (the server updates health), any thread
+        self._lock = threading.Lock()
+        self._state = EngineState.SERVING
+        self._hung = False
+        self._failures: collections.deque[float] = collections.deque()  # time.monotonic() of each, in the window
+        self._last_error = ""
+        self._timer: threading.Timer | None = None
+        self._retired = False  # drained or stopped: never restarted again
+        core = self._launch_new()
+        self.core = core
+        core.start(on_failure=self._failed)  # a refused model file raises here: no series are made for it
+        self.model = core.model  # the model as the current core loaded it
+        self._m_failures = metrics.engine_failures.labels(core.name)
+        self._m_state = {s: metrics.engine_state.labels(core.name, s.value) for s in EngineState}
+        self._m_state[EngineState.SERVING].inc()
+
+    def _launch(self):
+        core = self._launch_new()
+        core.start(on_failure=self._failed)
+        return core
+
+    # ---- what callers see ----
+
+    @property
+    def label(self) -> str:
+        return self.core.label
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def hung(self) -> bool:
+        """An engine thread is blocked for good: the process must be restarted (liveness)."""
+        return self._hung
+
+    def _submit_all(self, request) -> list[Stream]:
+        with self._lock:  # the state and its core, together
+            state, core = self._state, self.core
+        if state is not EngineState.SERVING:
+            raise errors.Unavailable(self._down_message(state), "engine")
+        return core.submit_all(request)
+
+    @property
+    def down_message(self) -> str:
+        state = self._state
+        return "" if state is EngineState.SERVING else self._down_message(state)
+
+    def _down_message(self, state: EngineState) -> str:
+        p = self.policy
+        if state is EngineState.RESTARTING:
+            return f"model {self.label} is restarting after its engine failed ({self._last_error}); retry in a moment"
+        if self._hung:
+            return (f"model {self.label} has failed: its engine made no progress for {p.step_timeout:g}s "
+                    f"(--step-timeout); the server must be restarted")
+        return (f"model {self.label} has failed: {len(self._failures)} engine failures in {p.window:g}s "
+                f"(last: {self._last_error}); it is retried every {p.max_backoff:g}s")
+
+    @property
+    def max_active(self) -> int:
+        return self.core.max_active
+
+    @property
+    def idle(self) -> bool:
+        return self.core.idle
+
+    @property
+    def running(self) -> bool:
+        return self.core.running or self._timer is not None
+
+    # ---- failures ----
+
+    def _failed(self, error: BaseException) -> None:
+        """An engine failure (engine thread) or a failed restart (timer thread): count it, schedule the next try."""
+        reason = errors.reason_of(error)
         with self._lock:
-            used, queued = self._core_load
-            seen = max(self.output.live, used + queued + self._sent_since_report)
-            if seen + n > self.max_active + self.max_queue:
-                raise errors.at_capacity(self.label, self.max_active, max(0, seen - self.max_active), self.max_queue)
-            streams = []
-            for i in range(n):
-                sample = request if i == 0 else dataclasses.replace(
-                    request, sampling=dataclasses.replace(request.sampling, seed=request.sampling.seed + i))
-                stream = Stream(sample, box, self._cancel)
-                stream.index = i
-                with self.output.lock:
-                    stream.row = row = self.output.add(stream)
-                self._adds.append(self._admission(sample, row))
-                streams.append(stream)
-            self._sent_since_report += n
-        self._wake()
-        return streams
-
-    def _admission(self, request: GenerationRequest | ScoreJob, row: int) -> protocol.Admit:
-        """The core's view of a stream: a Generate sample, or a Score request."""
-        arrived = request.arrived or time.monotonic()
-        if isinstance(request, ScoreJob):
-            return protocol.Admit(kind="score", row=row, prime=request.tokens, text_chars=len(request.text),
-                                  top=request.top, temperature=0.0, deadline=request.deadline, arrived=arrived)
-        p, c = request.sampling, request.controls
-        prime = request.prime_ids if request.resume_ids is None else np.concatenate([request.prime_ids,
-                                                                                     request.resume_ids])
-        return protocol.Admit(
-            kind="generate", row=row, prime=prime, max_chars=request.max_chars,
-            resumed=0 if request.resume_ids is None else len(request.resume_ids),
-            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed,
-            stops=[[self._index.get(ch, -1) for ch in stop] for stop in request.stop],
-            deadline=request.deadline, arrived=arrived, logprobs=request.logprobs,
-            controls=c)
-
-    def _cancel(self, stream: Stream) -> None:
-        with self._lock, self.output.lock:
-            if self.output.owns(stream):
-                self._cancels.append((stream.row, stream))
-        self._wake()
-
-    # ---- the I/O thread ----
-
-    def _run(self) -> None:
-        try:
-            self._serve()
-        except Exception as e:  # a bug here must not leave streams waiting: they end, the engine restarts
-            if self._closed:
+            if self._retired:
                 return
-            log.exception("engine client of %s failed", self.label)
-            self.refuse(errors.not_running(self.label))
-            self.fail_all(errors.engine_failed(self.label, e))
-            if self.on_broken is not None:
-                self.on_broken(f"its front-end I/O thread failed: {errors.reason_of(e)}")
+            now = time.monotonic()
+            self._failures.append(now)
+            while self._failures and now - self._failures[0] > self.policy.window:
+                self._failures.popleft()
+            self._last_error = reason
+            count = len(self._failures)
+            failed = count >= self.policy.max_failures
+            state = EngineState.FAILED if failed else EngineState.RESTARTING
+            delay = self.policy.max_backoff if failed else min(
+                self.policy.max_backoff, self.policy.backoff * 2 ** (count - 1))
+            self._set_state(state)
+            self._timer = threading.Timer(delay, self._restart)
+            self._timer.daemon = True
+            self._timer.start()
+        self._m_failures.inc()
+        log.error("engine of %s failed (%s); %d failure%s in %gs; %s, next try in %.1fs", self.label, reason, count,
+                  "" if count == 1 else "s", self.policy.window,
+                  "model marked failed (health NOT_SERVING)" if failed else "restarting", delay)
+        self._on_change()
 
-    def _serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._wake.read_fd, zmq.POLLIN)
-        while not self._closed:
-            events = dict(poller.poll(POLL_MS))
-            if self._wake.read_fd in events:
-                self._wake.clear()
-            self._send_work()
-            if self._sock in events:
-                while True:
-                    try:
-                        data = self._sock.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._handle(protocol.decode_to_frontend(data))
-
-    def _send_work(self) -> None:
+    def _restart(self) -> None:
+        """Timer thread: a fresh session from the same file (its trial step must pass) and a new engine."""
         with self._lock:
-            adds, controls = self._adds, self._controls
-            # A row is reused once its stream ended here: a cancel that waited past that is dropped.
-            with self.output.lock:
-                cancels = [row for row, s in self._cancels if self.output.owns(s)]
-            self._adds, self._cancels, self._controls = [], [], []
-        if adds or cancels:
-            self._sock.send(protocol.encode(protocol.Work(add=adds, cancel=cancels)))
-        for c in controls:
-            self._sock.send(protocol.encode(c))
-
-    def _handle(self, m: protocol.Loaded | protocol.Up | protocol.Refused | protocol.Out) -> None:
-        now = self.last_heard = time.monotonic()
-        if not isinstance(m, protocol.Out):
+            self._timer = None
+            if self._retired:
+                return
+        try:
+            core = self._launch()
+        except Exception as e:  # noqa: BLE001 - any reason the model cannot run counts as a failure
+            self._failed(e)
             return
-        if m.busy is not None:
-            self.core_busy = m.busy
-        flush = now - self._last_flush >= self.flush_interval
-        if flush:
-            self._last_flush = now
-        wake = self.output.apply(m, now, flush)
-        if flush:
-            self._post(None)
-        self._post(wake)
         with self._lock:
-            if m.load is not None:
-                self._core_load, self._sent_since_report = tuple(m.load), 0
-        if self._metrics is not None:
-            if m.stats is not None:
-                apply_core_stats(self._metrics, self.name, m.stats)
-            self._show_load(*self._core_load)
-        if m.failed and self.on_failed is not None:
-            self.on_failed(m.failed)
+            if self._retired:
+                core.stop(5.0)
+                return
+            self.model, self.core = core.model, core
+            self._set_state(EngineState.SERVING)
+        log.info("engine of %s restarted and serving", self.label)
+        self._on_change()
 
-    def _post(self, streams: list[Stream] | None) -> None:
-        """Wakes readers: ``streams`` (at once), or with None every waiting reader of every loop."""
-        if streams is None:
-            for box in list(self._mailboxes.values()):
-                box.post(None)
+    def check(self, now: float) -> None:
+        """The watchdog: an engine silent for --step-timeout seconds is hung."""
+        if self._state is not EngineState.SERVING:
             return
-        by_box: dict[Mailbox, list[Stream]] = {}
-        for s in streams:
-            by_box.setdefault(s.mailbox, []).append(s)
-        for box, group in by_box.items():
-            box.post(group)
+        stalled = self.core.stalled(now)
+        if stalled <= self.policy.step_timeout:
+            return
+        error = errors.Unavailable(
+            f"the engine of model {self.label} made no progress for {stalled:.1f}s (--step-timeout "
+            f"{self.policy.step_timeout:g}s); retry on another replica", "engine")
+        log.error("engine of %s made no progress for %.1fs (--step-timeout %gs): its streams end", self.label,
+                  stalled, self.policy.step_timeout)
+        if self.core.stop_hung(error):
+            return  # killed: it reports its end as a failure and restarts
+        with self._lock:
+            if self._state is not EngineState.SERVING or self._retired:
+                return
+            self._hung = True
+            self._failures.append(now)
+            self._last_error = f"no progress for {stalled:.1f}s"
+            self._set_state(EngineState.FAILED)
+        self._m_failures.inc()
+        log.error("engine of %s cannot be stopped (a thread): the model is marked failed and the server reports "
+                  "itself not live", self.label)
+        self._on_change()
 
-    def _show_load(self, active: int, queued: int) -> None:
-        """Adds the core's change to the shared gauges (several versions of a model share the label)."""
-        if self._metrics is None:
-            return
-        m = self._metrics
-        for i, (value, gauge) in enumerate(((active, m.active_streams), (queued, m.queued_streams))):
-            if value != self._shown[i]:
-                gauge.labels(self.name).inc(value - self._shown[i])
-                self._shown[i] = value
+    def _set_state(self, state: EngineState) -> None:
+        """Under self._lock."""
+        if state is not self._state:
+            self._m_state[self._state].dec()
+            self._m_state[state].inc()
+            self._state = state
+
+    # ---- lifecycle (the repository) ----
+
+    def _retire(self) -> None:
+        with self._lock:
+            if self._retired:
+                return
+            self._retired = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._m_state[self._state].dec()
+
+    def drain(self) -> None:
+        """No new streams; those in flight finish; no restart after this."""
+        self._retire()
+        self.core.drain()
+
+    def stop(self, timeout: float) -> None:
+        self._retire()
+        self.core.stop(timeout)

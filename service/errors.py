@@ -96,6 +96,23 @@ def not_running(label: str) -> Unavailable:
     return Unavailable(f"model {label} is not running; retry in a moment", "engine")
 
 
+SHUTTING_DOWN = "server shutting down; retry on another replica"
+
+
+def draining(label: str = "") -> Unavailable:
+    """The one refusal of a new stream while the server drains (no ``label``: the servicer), or while model
+    ``label``'s core takes no new streams (a drain, or its version was removed by a reload)."""
+    if not label:
+        return Unavailable(SHUTTING_DOWN, "draining")
+    return Unavailable(f"server shutting down: model {label} takes no new streams; retry on another replica",
+                       "draining")
+
+
+def stopped(label: str) -> Unavailable:
+    """What a stream still running when model ``label``'s core is stopped ends with."""
+    return Unavailable(f"server shutting down: model {label} stopped; retry on another replica", "draining")
+
+
 def at_capacity(label: str, max_active: int, queued: int, max_queue: int) -> Overloaded:
     """Every batch slot and queue place of model ``label`` is taken (the front-end's count or the core's)."""
     return Overloaded("queue_full", f"model {label} is at capacity: all {max_active} batch slots are busy and "

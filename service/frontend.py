@@ -33,12 +33,12 @@ from grpc_reflection.v1alpha import reflection
 from charrnn import modelfile as mf
 from charrnn.service import errors, protocol, tracing
 from charrnn.service.config import ServeConfig, limits_of
-from charrnn.service.engine import EngineClient
-from charrnn.service.launch import ServedModel
+from charrnn.service.coreclient import CoreClient
+from charrnn.service.cores import ServedModel
 from charrnn.service.metrics import Metrics, apply_frontend_delta, frontend_delta, frontend_snapshot
-from charrnn.service.repository import ModelEntry, ModelTable
+from charrnn.service.repository import Loaded, ModelEntry, ModelTable
 from charrnn.service.servicer import GeneratorServicer, add_generator_to_server
-from charrnn.service.supervisor import EngineState
+from charrnn.service.engine import Engine, EngineState
 from charrnn.v1 import generator_pb2
 
 log = logging.getLogger("charrnn.service.frontend")
@@ -105,9 +105,9 @@ class HealthState:
 def table_rows(entries: list[ModelEntry]) -> list[protocol.TableRow]:
     """What another front-end needs of each served version (the repository's side)."""
     return [protocol.TableRow(name=e.name, version=e.version, props=e.model.metadata.to_props(),
-                              device=e.model.device, path=str(e.model.path), address=e.engine.engine.address,
+                              device=e.model.device, path=str(e.model.path), address=e.engine.core.address,
                               state=e.state.value, message=e.engine.down_message, max_active=e.engine.max_active,
-                              max_queue=e.engine.engine.max_queue) for e in entries]
+                              max_queue=e.engine.core.max_queue) for e in entries]
 
 
 class FrontendHub:
@@ -189,10 +189,11 @@ class FrontendHub:
         self._sock.close()
 
 
-class _RemoteEngine:
-    """A core as another front-end sees it: its client, and the state the server last published."""
+class RemoteEngine(Engine):
+    """The engine of a model version as another front-end sees it: a client of its core, and the state the server
+    last published."""
 
-    def __init__(self, client: EngineClient, row: protocol.TableRow, model: ServedModel):
+    def __init__(self, client: CoreClient, row: protocol.TableRow, model: ServedModel):
         self.client, self.row, self.model = client, row, model
         self.max_active = row.max_active
 
@@ -200,15 +201,12 @@ class _RemoteEngine:
     def state(self) -> EngineState:
         return EngineState(self.row.state)
 
-    def submit_all(self, request):
-        if self.state is not EngineState.SERVING:
-            raise errors.Unavailable(self.row.message or "the model is not serving", "engine")
+    @property
+    def down_message(self) -> str:
+        return "" if self.state is EngineState.SERVING else self.row.message
+
+    def _submit_all(self, request):
         return self.client.submit_all(request)
-
-
-class _Loaded:
-    def __init__(self, engine: _RemoteEngine):
-        self.engine = engine
 
 
 class TableView(ModelTable):
@@ -217,7 +215,7 @@ class TableView(ModelTable):
     def __init__(self, index: int, flush_interval: float):
         self.index, self.flush_interval = index, flush_interval
         self._ctx = zmq.Context.instance()
-        self._clients: dict[str, EngineClient] = {}  # core address -> client
+        self._clients: dict[str, CoreClient] = {}  # core address -> client
         self._table = {}
         self.hung = False
 
@@ -227,7 +225,7 @@ class TableView(ModelTable):
             meta = mf.ModelMetadata.from_props(row.props)
             client = self._clients.get(row.address)
             if client is None:
-                client = self._clients[row.address] = EngineClient(
+                client = self._clients[row.address] = CoreClient(
                     f"{row.name}@{row.version}", row.name, meta, ctx=self._ctx, address=row.address,
                     fe=self.index, primary=False, max_active=row.max_active, max_queue=row.max_queue,
                     flush_interval=self.flush_interval)
@@ -235,7 +233,7 @@ class TableView(ModelTable):
                 client.start()
             seen.add(row.address)
             model = ServedModel(row.name, row.version, Path(row.path), meta, row.device)
-            table[(row.name, row.version)] = _Loaded(_RemoteEngine(client, row, model))
+            table[(row.name, row.version)] = Loaded(model, RemoteEngine(client, row, model))
         for address in [a for a in self._clients if a not in seen]:
             client = self._clients.pop(address)  # a removed or restarted core: its streams ended there
             client.fail_all(errors.Unavailable(

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException
 
 from charrnn.service import errors, validation
 from charrnn.service.logs import REQUEST_ID
-from charrnn.service.supervisor import EngineState
+from charrnn.service.engine import EngineState
 from charrnn.v1 import generator_pb2 as pb
 
 # errors.CharrnnError.code -> HTTP status, and OpenAI's error `type`.

@@ -25,7 +25,7 @@ from prometheus_client import (
 
 from charrnn.service import errors
 from charrnn.service.histogram import CountedHistogram
-from charrnn.service.protocol import StatsDelta
+from charrnn.service.protocol import EngineState, StatsDelta
 
 # Buckets tuned to the workload (the client library's default 5 ms..10 s misses
 # the sub-millisecond steps of a small model on CPU).
@@ -40,8 +40,8 @@ LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Every value the `code` label of charrnn_requests_total can take, and each code's `reason`s (errors.py).
 STATUS_CODES = errors.CODES
 
-# Every value the `state` label of charrnn_engine_state can take (supervisor.EngineState).
-ENGINE_STATES = ("serving", "restarting", "failed")
+# Every value the `state` label of charrnn_engine_state can take.
+ENGINE_STATES = tuple(s.value for s in EngineState)
 # Every value the `result` label of charrnn_prime_cache_lookups_total can take.
 CACHE_RESULTS = ("hit", "miss")
 

@@ -11,7 +11,7 @@ hands over what is left (cutting a matched stop sequence, dropping held text
 at an error) and finishes or fails its stream. It returns the streams whose
 readers must wake at once. No Python runs per character.
 
-It is used by EngineClient's I/O thread alone, but for ``add`` and ``owns``,
+It is used by CoreClient's I/O thread alone, but for ``add`` and ``owns``,
 which the asyncio loop calls under ``lock``; unit tests drive it with
 hand-made messages and no socket (tests/test_output.py).
 """

@@ -1,6 +1,6 @@
 """Every message between a front-end and an engine core: typed msgspec structs, one batch per message.
 
-What crosses the ZeroMQ socket between a front-end's EngineClient (engine.py)
+What crosses the ZeroMQ socket between a front-end's CoreClient (engine.py)
 and an engine core (corerun.py) is one of the structs below, encoded as
 msgpack by msgspec (vLLM's EngineCoreRequest / EngineCoreOutputs are the
 model). A message's type is its struct's tag; the fields are named and typed
@@ -36,6 +36,7 @@ other front-end -> server
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Literal, Union
 
 import msgspec
@@ -44,6 +45,15 @@ import numpy as np
 from charrnn.service.requests import Controls
 
 _NDARRAY = 1  # msgpack extension type of a numpy array
+
+
+
+class EngineState(enum.Enum):
+    """A model version's engine (engine.py), as TableRow.state and the charrnn_engine_state metric say it."""
+
+    SERVING = "serving"
+    RESTARTING = "restarting"  # failed; a restart is scheduled
+    FAILED = "failed"  # too many failures in the window, or hung: out of the load balancer
 
 
 class Record(msgspec.Struct, array_like=True):

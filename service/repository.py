@@ -21,7 +21,7 @@ from typing import Callable
 from charrnn import modelfile as mf
 from charrnn.service import errors, protocol
 from charrnn.service.metrics import Metrics
-from charrnn.service.supervisor import EngineState, EngineSupervisor, RestartPolicy
+from charrnn.service.engine import Engine, EngineState, RestartPolicy, SupervisedEngine
 
 DEFAULT_NAME = "default"  # the default model when --default-model is not given, if it exists
 
@@ -37,7 +37,7 @@ class ModelEntry:
     latest: bool  # the newest loaded version of `name` (what "name" resolves to)
     is_default: bool  # what "" resolves to
     model: object  # launch.ServedModel (a core process) or runtime.LoadedModel (in-process): metadata, device
-    engine: EngineSupervisor
+    engine: Engine
 
     @property
     def state(self) -> EngineState:
@@ -63,10 +63,13 @@ class ReloadSummary:
 
 
 @dataclass
-class _Loaded:
+class Loaded:
+    """One served version in a ModelTable: the repository's (a SupervisedEngine, with the file's signature) or
+    another front-end's (a RemoteEngine, frontend.py)."""
+
     model: object  # as first loaded (a restart loads the same file anew: engine.model)
-    engine: EngineSupervisor
-    signature: tuple  # (inode, size, mtime_ns) of the file when loaded
+    engine: Engine
+    signature: tuple = ()  # (inode, size, mtime_ns) of the file when loaded; the repository's only
 
 
 def _signature(path: Path) -> tuple:
@@ -75,7 +78,7 @@ def _signature(path: Path) -> tuple:
 
 
 class ModelTable:
-    """What "", "name" and "name@version" mean, over a table (name, version) -> something with an ``engine``.
+    """What "", "name" and "name@version" mean, over a table (name, version) -> Loaded.
 
     The repository fills the table from disk; another front-end process fills it
     from what the repository published (frontend.py). The table is replaced
@@ -168,10 +171,10 @@ class ModelRepository(ModelTable):
         self.policy = policy  # restarts after engine failures (supervisor.py)
         self.on_change = on_change  # called (from any thread) when an engine changes state
         self._explicit_default = default_model or None  # --default-model
-        # (name, version) -> _Loaded. Replaced whole, never mutated, so resolve() on the
+        # (name, version) -> Loaded. Replaced whole, never mutated, so resolve() on the
         # event loop reads a consistent table while a reload runs in another thread.
-        self._table: dict[tuple[str, int], _Loaded] = {}
-        self._retiring: list[EngineSupervisor] = []  # engines of removed/replaced versions, draining
+        self._table: dict[tuple[str, int], Loaded] = {}
+        self._retiring: list[SupervisedEngine] = []  # engines of removed/replaced versions, draining
         self._refused: dict[Path, tuple] = {}  # file -> signature at refusal: not retried until it changes
         self._new_problems: list[str] = []  # layout problems first seen by the latest scan
         self._reload_lock = threading.Lock()
@@ -182,7 +185,7 @@ class ModelRepository(ModelTable):
         """Loads every model file; raises RepositoryError when none is usable (or --default-model is missing)."""
         with self._reload_lock:
             found, problems = self._scan()
-            table: dict[tuple[str, int], _Loaded] = {}
+            table: dict[tuple[str, int], Loaded] = {}
             for (name, version), path in sorted(found.items()):
                 loaded, problem = self._load_one(name, version, path)
                 if loaded is not None:
@@ -277,11 +280,11 @@ class ModelRepository(ModelTable):
             self._new_problems.append(message)
         return message
 
-    def _load_one(self, name: str, version: int, path: Path) -> tuple[_Loaded | None, str]:
+    def _load_one(self, name: str, version: int, path: Path) -> tuple[Loaded | None, str]:
         started = time.monotonic()
         try:
             sig = _signature(path)
-            engine = EngineSupervisor(lambda: self.engine_factory(path, name, version), policy=self.policy,
+            engine = SupervisedEngine(lambda: self.engine_factory(path, name, version), policy=self.policy,
                                       metrics=self.metrics, on_change=self.on_change)
         except (mf.ModelFormatError, OSError) as e:
             message = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
@@ -303,9 +306,9 @@ class ModelRepository(ModelTable):
         m.max_active_streams.labels(name).set(engine.max_active)
         self.log.info("loaded %s@%d from %s: %s %dx%d, vocabulary %d, on %s, in %.2fs", name, version, path,
                       meta.cell, meta.layers, meta.hidden, meta.vocab_size, self.device, seconds)
-        return _Loaded(model, engine, sig), ""
+        return Loaded(model, engine, sig), ""
 
-    def _retire(self, old: _Loaded, forget_info: bool) -> None:
+    def _retire(self, old: Loaded, forget_info: bool) -> None:
         """Stops new streams on a version; those in flight finish, then its engine thread ends."""
         old.engine.drain()
         self._retiring.append(old.engine)
@@ -333,7 +336,7 @@ class ModelRepository(ModelTable):
     def frontend_gone(self, index: int) -> None:
         """Front-end process ``index`` died: every core frees its slots."""
         for loaded in list(self._table.values()):
-            client = getattr(loaded.engine.engine, "client", None)
+            client = getattr(loaded.engine.core, "client", None)
             if client is not None:
                 client.control(protocol.Gone(fe=index))
 

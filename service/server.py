@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import os
 import shutil
@@ -31,15 +30,14 @@ import grpc  # noqa: E402 (after the setting above)
 from grpc_health.v1 import health
 from prometheus_client import start_http_server
 
-from charrnn.service import logs, sampler, tls, tracing
+from charrnn.service import cores, logs, sampler, tls, tracing
 from charrnn.service.config import ServeConfig, frontend_count, limits_of, parse_args
 from charrnn.service.frontend import FrontendHub, HealthState, grpc_server, hostport, table_rows
-from charrnn.service.launch import CoreProcess
 from charrnn.service.metrics import Metrics
 from charrnn.service.repository import ModelRepository, RepositoryError
 from charrnn.service.runtime import select_device
 from charrnn.service.servicer import GeneratorServicer
-from charrnn.service.supervisor import RestartPolicy
+from charrnn.service.engine import RestartPolicy
 
 STOP_FLUSH_SECONDS = 1.0  # after the drain, time for handlers to send their last message before sockets close
 
@@ -90,8 +88,8 @@ class Server:
             c.models,
             device=device,
             # One engine core process per model version (corerun.py), each loading its own file.
-            engine_factory=functools.partial(
-                CoreProcess, device=device, threads=c.threads, metrics=self.metrics, workdir=self._workdir,
+            engine_factory=cores.factory(
+                "process", device=device, threads=c.threads, metrics=self.metrics, workdir=self._workdir,
                 max_active=c.max_active_streams, max_queue=c.max_queue, max_queue_wait=c.max_queue_wait,
                 batching=c.batching, flush_interval=c.flush_interval, step_timeout=c.step_timeout,
                 log_format=c.log_format, log_level=c.log_level,

@@ -39,7 +39,6 @@ FINISH_REASON_PB = {
     FinishReason.MATCH_COMPLETE: pb.FINISH_REASON_MATCH_COMPLETE,
 }
 
-SHUTTING_DOWN = "server shutting down; retry on another replica"
 DEADLINE_SLACK_SECONDS = 0.25  # a cancel this close to the deadline counts as DEADLINE_EXCEEDED
 # (the server learns the deadline when the call arrives, after the client started its timer: on a
 # loaded machine that lag reaches a good fraction of a second, and the client's cancel comes first)
@@ -294,12 +293,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             if rid_error is not None:
                 raise rid_error
             if self.draining:
-                raise errors.Unavailable(SHUTTING_DOWN)
+                raise errors.draining()
             yield outcome
         except errors.CharrnnError as e:
             outcome.code, outcome.reason = e.code, e.reason
             if self.draining and e.code == "UNAVAILABLE":
-                e = errors.Unavailable(SHUTTING_DOWN, e.reason)
+                e = errors.Unavailable(errors.SHUTTING_DOWN, e.reason)
             self.log.log(refused_level(e.code), "%s refused: %s", method.lower(), e.message,
                          extra={"code": e.code, "frontend": self.frontend})
             raise e from None

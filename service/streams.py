@@ -57,14 +57,14 @@ class Mailbox:
 
 
 class Stream:
-    """Async iterator of text chunks for one request; see EngineClient.submit."""
+    """Async iterator of text chunks for one request; see CoreClient.submit."""
 
     def __init__(self, request: GenerationRequest, mailbox: Mailbox, cancel: Callable[["Stream"], None]):
         self.request = request
         self.result: GenerationResult | None = None  # set when iteration ends normally
         self.first_char_at: float | None = None  # time.monotonic() its first character reached this process
         self.mailbox = mailbox
-        self.row = -1  # the stream's row at its engine client (set by EngineClient.submit)
+        self.row = -1  # the stream's row at its engine client (set by CoreClient.submit)
         self.index = 0  # which of its request's n samples it is
         self.steps_after_cancel = 0  # decode steps the core ran for it after its cancel arrived (at most 1)
         self.told = False  # its first message, which carries its seed and model version, was sent

@@ -16,7 +16,7 @@ import pytest
 
 from charrnn import modelfile as mf
 from charrnn.service import errors
-from charrnn.service.launch import Engine
+from charrnn.service.cores import ThreadCore
 from charrnn.service.batch import MAX_PREFILL_STEPS
 from charrnn.service.metrics import Metrics
 from charrnn.service.requests import FinishReason, GenerationRequest
@@ -40,7 +40,7 @@ def request(model, prime=PRIME, max_chars=60, *, seed=1, temperature=1.0, top_k=
 @contextlib.contextmanager
 def running(model, **kw):
     metrics = kw.pop("metrics", None) or Metrics()
-    engine = Engine(model, metrics=metrics, **kw)
+    engine = ThreadCore(model, metrics=metrics, **kw)
     engine.start()
     try:
         yield engine
@@ -299,7 +299,7 @@ def test_drain_refuses_new_streams_and_lets_running_ones_finish(model):
 @pytest.mark.parametrize("batching", [True, False])
 def test_stop_ends_remaining_streams_with_unavailable(model, batching):
     async def main():
-        engine = Engine(model, metrics=Metrics(), max_active=1, batching=batching)
+        engine = ThreadCore(model, metrics=Metrics(), max_active=1, batching=batching)
         engine.start()
         active = engine.submit(request(model, max_chars=1_000_000))
         queued = engine.submit(request(model))

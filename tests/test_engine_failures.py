@@ -17,10 +17,10 @@ import pytest
 
 from charrnn.service import errors
 from charrnn.service.client import GeneratorClient, ServiceError
-from charrnn.service.launch import in_process
+from charrnn.service import cores
 from charrnn.service.metrics import Metrics
 from charrnn.service.repository import ModelRepository
-from charrnn.service.supervisor import EngineState, RestartPolicy
+from charrnn.service.engine import EngineState, RestartPolicy
 from testkit.requests import generation_request
 from testkit import probes
 from testkit.ortfault import ENV, set_fault
@@ -183,9 +183,9 @@ def test_a_hung_step_kills_its_core_and_a_hang_that_persists_fails_the_model(fau
 
 
 def test_an_engine_on_a_thread_that_hangs_is_abandoned_and_fails_liveness(model_repo):
-    """In-process engines (launch.Engine) cannot be killed: the model fails and `liveness` tells the kubelet."""
+    """In-process engines (cores.ThreadCore) cannot be killed: the model fails and `liveness` tells the kubelet."""
     metrics = Metrics()
-    repo = ModelRepository(model_repo, device="cpu", engine_factory=in_process("cpu", metrics=metrics),
+    repo = ModelRepository(model_repo, device="cpu", engine_factory=cores.factory("thread", device="cpu", threads=0, metrics=metrics),
                            metrics=metrics, log=logging.getLogger("test.hang"), policy=RestartPolicy(step_timeout=0.5))
     repo.load()
     entry = repo.resolve("tiny")
@@ -235,7 +235,7 @@ def test_a_failure_on_an_io_thread_ends_the_streams_and_the_engine_restarts(mode
     from charrnn.service import protocol
 
     metrics = Metrics()
-    repo = ModelRepository(model_repo, device="cpu", engine_factory=in_process("cpu", metrics=metrics),
+    repo = ModelRepository(model_repo, device="cpu", engine_factory=cores.factory("thread", device="cpu", threads=0, metrics=metrics),
                            metrics=metrics, log=logging.getLogger("test.io"),
                            policy=RestartPolicy(backoff=0.05, max_backoff=0.5, step_timeout=30))
     repo.load()

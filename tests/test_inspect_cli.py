@@ -96,13 +96,13 @@ def test_sweep_is_reproducible_with_a_seed_and_differs_across_temperatures(repo)
 def test_a_sweep_lane_is_the_text_the_service_generates_for_that_seed(repo):
     import asyncio
 
-    from charrnn.service.launch import Engine
+    from charrnn.service.cores import ThreadCore
     from charrnn.service.metrics import Metrics
     from charrnn.service.runtime import load_model
     from testkit.requests import generation_request
 
     served = load_model(repo / "tiny" / "2" / "model.onnx", "tiny", 2, "cpu")
-    engine = Engine(served, metrics=Metrics())
+    engine = ThreadCore(served, metrics=Metrics())
     engine.start()
 
     async def generate(temperature: float) -> str:

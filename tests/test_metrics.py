@@ -19,7 +19,7 @@ from charrnn.service.metrics import (
     frontend_delta,
     frontend_snapshot,
 )
-from charrnn.service.supervisor import EngineState
+from charrnn.service.engine import EngineState
 
 
 BOUNDS = (0.001, 0.01, 0.1)

@@ -20,7 +20,7 @@ import zmq
 
 from charrnn.service import protocol
 from charrnn.service.client import GeneratorClient, ServiceError
-from charrnn.service.launch import Engine
+from charrnn.service.cores import ThreadCore
 from charrnn.service.metrics import Metrics
 from charrnn.service.runtime import load_model
 from testkit import probes
@@ -122,7 +122,7 @@ def test_a_killed_core_ends_its_streams_unavailable_and_restarts(server):
 def test_a_front_end_that_stops_reading_never_stalls_the_core(model_repo):
     """A front-end whose socket fills up: the core's messages to it merge and wait; the step goes on."""
     model = load_model(model_repo / "tiny" / "1" / "model.onnx", "tiny", 1, "cpu")
-    engine = Engine(model, metrics=Metrics())
+    engine = ThreadCore(model, metrics=Metrics())
     engine.start()
     laggard = engine.context.socket(zmq.DEALER)  # a second front-end of the same core
     laggard.setsockopt(zmq.RCVHWM, 1)

@@ -11,7 +11,7 @@ import pytest
 
 from charrnn import modelfile as mf
 from charrnn.service import errors
-from charrnn.service.launch import in_process
+from charrnn.service import cores
 from charrnn.service.metrics import Metrics
 from charrnn.service.repository import ModelRepository, RepositoryError
 from charrnn.service.requests import FinishReason, GenerationRequest
@@ -21,7 +21,7 @@ from testkit.modelfactory import make_model_repo
 
 def open_repo(root, metrics=None, **kw) -> ModelRepository:
     metrics = metrics or Metrics()
-    return ModelRepository(root, device="cpu", engine_factory=in_process("cpu", metrics=metrics),
+    return ModelRepository(root, device="cpu", engine_factory=cores.factory("thread", device="cpu", threads=0, metrics=metrics),
                            metrics=metrics, log=logging.getLogger("test.repository"), **kw)
 
 

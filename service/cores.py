@@ -1,23 +1,26 @@
-"""Where an engine core runs: in a process of its own (the server), or on a thread of this process.
+"""Where a core runs: in a process of its own (the server), or on a thread of this process.
 
-Both give the supervisor (supervisor.py) and the servicer the same interface:
-``start(on_failure)``, ``submit``, ``drain``, ``stop``, ``idle``, ``running``,
-``stalled``, ``stop_hung``, ``model`` (name, version, label, metadata, device)
-and ``max_active``. Both talk to the core through an ``EngineClient`` over
+``CoreHandle`` is the one interface to a running core (vLLM's EngineCoreClient,
+TGI's Backend): ``start(on_failure)``, ``submit_all``, ``drain``, ``stop``,
+``idle``, ``running``, ``stalled``, ``stop_hung``, ``model`` (name, version,
+label, metadata, device) and ``max_active``. The engine of a model version
+(engine.SupervisedEngine) holds one and replaces it when it fails. Both
+implementations talk to the core through a ``CoreClient`` (coreclient.py) over
 ZeroMQ (ipc:// between processes, inproc:// within one), so the same messages
-cross either way.
+cross either way. ``factory`` is the one place that chooses between them.
 
-- ``CoreProcess``: ``python -m charrnn.service.corerun`` loads and checks the
+- ``ProcessCore``: ``python -m charrnn.service.corerun`` loads and checks the
   model file itself and reports its metadata (``up``) or why it refuses it. A
   core that exits, or goes silent past ``--step-timeout``, is killed and counts
   as an engine failure; its streams end with UNAVAILABLE at once.
-- ``Engine``: an ``EngineCore`` on a thread, for tests, tools and benchmarks
+- ``ThreadCore``: a ``Core`` on a thread, for tests, tools and benchmarks
   that drive an engine without a server (like vLLM's in-process client). A
   thread cannot be killed: a hung one is abandoned.
 """
 
 from __future__ import annotations
 
+import abc
 import itertools
 import logging
 import os
@@ -33,15 +36,15 @@ import zmq
 
 from charrnn import modelfile as mf
 from charrnn.service import errors, protocol
-from charrnn.service.core import MAX_ACTIVE, MAX_QUEUE, EngineCore
+from charrnn.service.core import MAX_ACTIVE, MAX_QUEUE, Core
 from charrnn.service.corerun import EXIT_FAILED, CoreLoop
-from charrnn.service.engine import SHUTDOWN_MESSAGE, EngineClient
+from charrnn.service.coreclient import CoreClient
 from charrnn.service.metrics import Metrics
 from charrnn.service.requests import GenerationRequest
 from charrnn.service.runtime import LoadedModel
 from charrnn.service.streams import Stream
 
-log = logging.getLogger("charrnn.service.launch")
+log = logging.getLogger("charrnn.service.cores")
 
 START_SECONDS = 300.0  # the longest a core process may take to load its model (the trial step: step_timeout)
 _SERIAL = itertools.count()
@@ -63,19 +66,39 @@ class ServedModel:
         return f"{self.name}@{self.version}"
 
 
-class _Common:
-    """What both kinds share: the client, drain and refusal, and the counts the servicer reads."""
+class CoreHandle(abc.ABC):
+    """A running core, wherever it runs. What both kinds share is here: the client, drain and refusal, and the
+    counts the servicer reads; where they differ is abstract."""
 
-    client: EngineClient
-    model: object
+    client: CoreClient
+    model: object  # ServedModel (a process) or runtime.LoadedModel (a thread): name, version, metadata, device
+    label: str
     max_active: int
+
+    @abc.abstractmethod
+    def start(self, on_failure: Callable[[Exception], None] | None = None) -> None:
+        """Starts the core and its client; ``on_failure(error)`` is called once if the core fails later."""
+
+    @abc.abstractmethod
+    def stop(self, timeout: float) -> None:
+        """Ends every remaining stream with UNAVAILABLE and stops the core."""
+
+    @property
+    @abc.abstractmethod
+    def running(self) -> bool:
+        """The core is alive (not failed, stopped or abandoned)."""
+
+    @abc.abstractmethod
+    def stop_hung(self, error: errors.CharrnnError) -> bool:
+        """A core silent past --step-timeout: its streams end with ``error``; True if it was killed (and so
+        restarts), False if it could only be abandoned."""
 
     def submit(self, request: GenerationRequest) -> Stream:
         return self.submit_all(request)[0]
 
     def submit_all(self, request) -> list[Stream]:
         if self._draining:
-            raise errors.Unavailable(f"{SHUTDOWN_MESSAGE}: model {self.model.label} takes no new streams", "draining")
+            raise errors.draining(self.model.label)
         return self.client.submit_all(request)
 
     def drain(self) -> None:
@@ -101,7 +124,7 @@ class _Common:
         return now - self.client.last_heard if self.running else 0.0
 
 
-class Engine(_Common):
+class ThreadCore(CoreHandle):
     def __init__(self, model: LoadedModel, *, metrics: Metrics, max_active: int = MAX_ACTIVE, max_queue: int = MAX_QUEUE,
                  max_queue_wait: float = 30.0, batching: bool = True, flush_interval: float = 0.05,
                  prime_cache: int = 1024):
@@ -114,10 +137,10 @@ class Engine(_Common):
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.bind(address)
-        self.core = EngineCore(model, max_active=max_active, max_queue=max_queue, max_queue_wait=max_queue_wait,
+        self.core = Core(model, max_active=max_active, max_queue=max_queue, max_queue_wait=max_queue_wait,
                                batching=batching, prime_cache=prime_cache)
         self._loop = CoreLoop(self.core, sock)
-        self.client = EngineClient(model.label, model.name, model.metadata, ctx=self._ctx, address=address,
+        self.client = CoreClient(model.label, model.name, model.metadata, ctx=self._ctx, address=address,
                                    metrics=metrics, max_active=max_active, max_queue=max_queue,
                                    flush_interval=flush_interval)
         self.prime_cache = self.core.prime_cache  # primes read before (prime_cache=0 turns it off)
@@ -185,7 +208,7 @@ class Engine(_Common):
         return False
 
 
-class CoreProcess(_Common):
+class ProcessCore(CoreHandle):
     def __init__(self, path: Path, name: str, version: int, *, device: str, threads: int, metrics: Metrics,
                  workdir: Path, max_active: int = MAX_ACTIVE, max_queue: int = MAX_QUEUE, max_queue_wait: float = 30.0,
                  batching: bool = True, flush_interval: float = 0.05, prime_cache: int = 1024,
@@ -204,7 +227,7 @@ class CoreProcess(_Common):
         self._ctx = zmq.Context.instance()
         self._proc: subprocess.Popen | None = None
         self.model: ServedModel | None = None
-        self.client: EngineClient | None = None
+        self.client: CoreClient | None = None
         self._draining = False
         self._stopping = False
         self.label = f"{name}@{version}"
@@ -213,7 +236,7 @@ class CoreProcess(_Common):
         """Starts the process and waits until it serves or refuses; raises ModelFormatError('<path>: <why>')."""
         self._proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL)
         # A provisional client: the metadata comes with the core's first message.
-        self.client = EngineClient(self.label, self.name, _PLACEHOLDER, ctx=self._ctx, address=self.address,
+        self.client = CoreClient(self.label, self.name, _PLACEHOLDER, ctx=self._ctx, address=self.address,
                                    metrics=self._metrics, max_active=self.max_active, max_queue=self.max_queue,
                                    flush_interval=self._flush)
         first = self._first("loaded", START_SECONDS)
@@ -297,7 +320,7 @@ class CoreProcess(_Common):
             self._proc.wait()
 
 
-def _settle(client: EngineClient, timeout: float) -> None:
+def _settle(client: CoreClient, timeout: float) -> None:
     """Waits (up to ``timeout`` s) for the client to hear the ends of its streams."""
     deadline = time.monotonic() + timeout
     while client.live and time.monotonic() < deadline:
@@ -309,11 +332,21 @@ _PLACEHOLDER = mf.ModelMetadata(vocab=("\n",), cell="lstm", layers=1, hidden=1, 
                                 train_steps=0, corpus_sha256="")
 
 
-def in_process(device: str, threads: int = 0, **engine_args) -> Callable[[Path, str, int], Engine]:
-    """An engine factory for ModelRepository that runs each core on a thread of this process."""
-    from charrnn.service.runtime import load_model
+def factory(where: str, *, device: str, threads: int, metrics: Metrics, workdir: Path | None = None,
+            step_timeout: float = 30.0, log_format: str = "text", log_level: str = "info",
+            **core_args) -> Callable[[Path, str, int], CoreHandle]:
+    """What makes the core of a model file, ``make(path, name, version)``: a ``ProcessCore`` (``where`` is
+    "process", the server; its sampler graphs are in ``workdir``) or a ``ThreadCore`` ("thread": tests and
+    tools). ``core_args``: max_active, max_queue, max_queue_wait, batching, flush_interval, prime_cache."""
+    if where == "process":
+        def make(path: Path, name: str, version: int) -> CoreHandle:
+            return ProcessCore(path, name, version, device=device, threads=threads, metrics=metrics, workdir=workdir,
+                               step_timeout=step_timeout, log_format=log_format, log_level=log_level, **core_args)
+    elif where == "thread":
+        from charrnn.service.runtime import load_model
 
-    def make(path: Path, name: str, version: int) -> Engine:
-        return Engine(load_model(path, name, version, device, threads), **engine_args)
-
+        def make(path: Path, name: str, version: int) -> CoreHandle:
+            return ThreadCore(load_model(path, name, version, device, threads), metrics=metrics, **core_args)
+    else:
+        raise ValueError(f"where must be 'process' or 'thread', got {where!r}")
     return make
