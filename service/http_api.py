@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException
 from charrnn.service import errors, validation
 from charrnn.service.logs import REQUEST_ID
 from charrnn.service.engine import EngineState
+from charrnn.service.requests import GenerateFields, ScoreFields
 from charrnn.v1 import generator_pb2 as pb
 
 # errors.CharrnnError.code -> HTTP status, and OpenAI's error `type`.
@@ -330,7 +331,8 @@ class HttpFrontend:
 
     # -- completions -------------------------------------------------------------------------------------------
 
-    def _to_pb(self, body: CompletionRequest, request_id: str, entry) -> pb.GenerateRequest:
+    def _fields(self, body: CompletionRequest, request_id: str, entry) -> GenerateFields:
+        """The body as the transport-neutral request validation reads (OpenAI's names mapped to charrnn's)."""
         if isinstance(body.prompt, list):
             if len(body.prompt) != 1:
                 count = len(body.prompt)
@@ -341,31 +343,18 @@ class HttpFrontend:
             prime = body.prompt
         if body.echo:
             raise errors.InvalidArgument("echo", True, "false (POST /v1/score gives a text's log-probabilities)")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        max_chars = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        if not 0 <= max_chars <= UINT32:  # the wire's uint32 cannot carry it: the rule refuses it here
-            validation.check_max_chars(max_chars, self.servicer.limits)
-        fields: dict[str, Any] = dict(
-            model=body.model, prime=prime, max_chars=max_chars,
-            top_k=body.top_k, top_p=1.0 if body.top_p is None else body.top_p, stop=stop, request_id=request_id,
-            n=body.n, allowed_chars=body.allowed_chars, regex=body.regex,
-            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            repetition_penalty=body.repetition_penalty, resume_text=body.resume_text,
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        return GenerateFields(
+            model=body.model, prime=prime, max_chars=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
+            temperature=body.temperature, top_k=body.top_k, top_p=1.0 if body.top_p is None else body.top_p,
+            stop=stop, seed=body.seed, request_id=request_id, n=body.n,
+            logit_bias=_bias_by_char(entry, body.logit_bias) if body.logit_bias else {},
+            allowed_chars=body.allowed_chars, regex=body.regex, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+            resume_text=body.resume_text,
             # OpenAI's logprobs=0 still gives each chosen character's log-probability: ask for one alternative.
             logprobs=0 if body.logprobs is None else max(1, body.logprobs),
         )
-        if body.temperature is not None:
-            fields["temperature"] = body.temperature
-        if body.seed is not None:
-            fields["seed"] = body.seed
-        if body.logit_bias:
-            fields["logit_bias"] = _bias_by_char(entry, body.logit_bias)
-        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-            value = fields.get(name)
-            # float32 on the wire: a value past its range would arrive as inf; refuse it here as validation would
-            if value is not None and math.isfinite(value) and abs(value) > 3.4e38:
-                raise errors.InvalidArgument(name, value, "a finite 32-bit float")
-        return pb.GenerateRequest(**fields)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         rid = _request_id_of(request)
@@ -373,7 +362,7 @@ class HttpFrontend:
         try:
             call = HttpCall(request.headers, _timeout_of(request))
             entry = self._entry(body.model)
-            req = self._to_pb(body, rid, entry)
+            req = self._fields(body, rid, entry)
         except errors.CharrnnError as e:
             return error_response(e, rid)
         label = f"{entry.name}@{entry.version}" if entry is not None else body.model
@@ -482,8 +471,8 @@ class HttpFrontend:
         call = None
         try:
             call = HttpCall(request.headers, _timeout_of(request))
-            req = pb.ScoreRequest(model=body.model, prime=body.prime, text=body.text, top_logprobs=body.top_logprobs,
-                                  request_id=rid)
+            req = ScoreFields(model=body.model, prime=body.prime, text=body.text, top_logprobs=body.top_logprobs,
+                              request_id=rid)
             result = await _unless_gone(request, self.servicer.score(req, call))
         except ClientGone:
             return Response(status_code=499)

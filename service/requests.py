@@ -1,5 +1,9 @@
-"""The validated form of a generation request: what the engine accepts.
+"""A request before and after its checks: what the front-ends hand over, and what the engine accepts.
 
+``GenerateFields`` and ``ScoreFields`` are a caller's request as sent, with no
+transport in them: gRPC (``validation.generate_fields``) and HTTP
+(``http_api``) each turn theirs into one, and validation reads nothing else
+(TGI's GenerateRequest before its ValidGenerateRequest).
 ``validation.validate_request`` builds every ``GenerationRequest`` a server
 handles, so an unvalidated request cannot reach the engine's queue. The
 engine client derives the samples of a request with n > 1 from it
@@ -10,9 +14,44 @@ a stand-in engine with no server.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class GenerateFields:
+    """A Generate request's fields as the caller sent them, unchecked (the proto's names and meanings)."""
+
+    model: str = ""
+    prime: str = ""
+    max_chars: int = 0
+    temperature: float | None = None  # None: not sent (1)
+    top_k: int = 0
+    top_p: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None  # None: not sent (one is drawn)
+    request_id: str = ""
+    logprobs: int = 0
+    n: int = 0
+    logit_bias: dict[str, float] = field(default_factory=dict)
+    allowed_chars: str = ""
+    regex: str = ""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 0.0
+    resume_text: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreFields:
+    """A Score request's fields as the caller sent them, unchecked."""
+
+    model: str = ""
+    prime: str = ""
+    text: str = ""
+    top_logprobs: int = 0
+    request_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,16 @@ from google.protobuf.message import DecodeError
 from charrnn.service import errors
 from charrnn.service.logs import REQUEST_ID
 from charrnn.service.metrics import Metrics
-from charrnn.service.requests import FinishReason, GenerationStats
 from charrnn.service.tracing import Tracing
-from charrnn.service.validation import Limits, request_id_of, validate_request, validate_score
+from charrnn.service.requests import FinishReason, GenerateFields, GenerationStats, ScoreFields
+from charrnn.service.validation import (
+    Limits,
+    generate_fields,
+    request_id_of,
+    score_fields,
+    validate_request,
+    validate_score,
+)
 from charrnn.v1 import generator_pb2 as pb
 from charrnn.v1 import generator_pb2_grpc
 
@@ -268,7 +275,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            async for response in self.generate(request, context):
+            fields = request if isinstance(request, UndecodableRequest) else generate_fields(request)
+            async for response in self.generate(fields, context):
                 yield response
         except errors.CharrnnError as e:
             await context.abort(STATUS_FOR[e.code], e.message)
@@ -316,8 +324,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             if span is not None:
                 self.tracing.end(span, outcome.code, outcome.span_attributes(), outcome.stats)
 
-    async def generate(self, request: pb.GenerateRequest, call: Call) -> AsyncIterator[pb.GenerateResponse]:
-        """Generate for any front-end (gRPC here, HTTP in service/http_api.py): the responses, or a CharrnnError
+    async def generate(self, request: GenerateFields | UndecodableRequest,
+                       call: Call) -> AsyncIterator[pb.GenerateResponse]:
+        """Generate for any front-end (gRPC here, HTTP in service/http_api.py), each having turned its request into
+        the transport-neutral GenerateFields: the responses, or a CharrnnError
         (logged and counted already) whose code and message are what the client is told."""
         async with self._handled("Generate", request, call, _generate_level, self._record) as outcome:
             async for response in self._generate(request, call, outcome.arrived, outcome.request_id, outcome):
@@ -366,11 +376,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         try:
-            return await self.score(request, context)
+            return await self.score(request if isinstance(request, UndecodableRequest) else score_fields(request),
+                                    context)
         except errors.CharrnnError as e:
             await context.abort(STATUS_FOR[e.code], e.message)
 
-    async def score(self, request: pb.ScoreRequest, call: Call) -> pb.ScoreResponse:
+    async def score(self, request: ScoreFields | UndecodableRequest, call: Call) -> pb.ScoreResponse:
         """Score for any front-end: the response, or a CharrnnError (logged and counted already)."""
         async with self._handled("Score", request, call, lambda code: logging.INFO, self._record_score) as outcome:
             outcome.scored = True

@@ -17,7 +17,15 @@ import numpy as np
 from charrnn.modelfile import ModelMetadata, describe_char
 from charrnn.service import errors
 from charrnn.service.constraints import RegexError, compile_regex
-from charrnn.service.requests import Controls, FinishReason, GenerationRequest, SamplingParams, ScoreJob
+from charrnn.service.requests import (
+    Controls,
+    FinishReason,
+    GenerateFields,
+    GenerationRequest,
+    SamplingParams,
+    ScoreFields,
+    ScoreJob,
+)
 from charrnn.v1 import generator_pb2
 
 MAX_TEMPERATURE = 100.0
@@ -53,7 +61,7 @@ class Shown:
         return self.text
 
 
-def request_id_of(req: generator_pb2.GenerateRequest) -> str:
+def request_id_of(req: GenerateFields | ScoreFields | generator_pb2.GenerateRequest) -> str:
     """The request's own id when it is valid, or a new one when it is empty."""
     rid = req.request_id
     if not rid:
@@ -65,6 +73,23 @@ def request_id_of(req: generator_pb2.GenerateRequest) -> str:
     return rid
 
 
+def generate_fields(req: generator_pb2.GenerateRequest) -> GenerateFields:
+    """A gRPC GenerateRequest as the transport-neutral request validation reads."""
+    return GenerateFields(
+        model=req.model, prime=req.prime, max_chars=req.max_chars,
+        temperature=req.temperature if req.HasField("temperature") else None, top_k=req.top_k, top_p=req.top_p,
+        stop=tuple(req.stop), seed=req.seed if req.HasField("seed") else None, request_id=req.request_id,
+        logprobs=req.logprobs, n=req.n, logit_bias=dict(req.logit_bias), allowed_chars=req.allowed_chars,
+        regex=req.regex, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, resume_text=req.resume_text)
+
+
+def score_fields(req: generator_pb2.ScoreRequest) -> ScoreFields:
+    """A gRPC ScoreRequest as the transport-neutral request validation reads."""
+    return ScoreFields(model=req.model, prime=req.prime, text=req.text, top_logprobs=req.top_logprobs,
+                       request_id=req.request_id)
+
+
 def check_max_chars(max_chars: int, limits: Limits) -> None:
     """The rule of max_chars, for any integer: a front-end whose field is wider than the proto's uint32 (HTTP's
     max_tokens, which may be -5) refuses a value the wire cannot carry with the message of one it can."""
@@ -74,7 +99,7 @@ def check_max_chars(max_chars: int, limits: Limits) -> None:
 
 
 def validate_request(
-    req: generator_pb2.GenerateRequest,
+    req: GenerateFields,
     metadata: ModelMetadata,
     limits: Limits,
     *,
@@ -103,7 +128,7 @@ def validate_request(
     _in_vocabulary("prime", prime, metadata)
     prime_ids = np.array(metadata.encode(prime), dtype=np.int64)  # "" reads a newline (see the proto)
 
-    temperature = float(req.temperature) if req.HasField("temperature") else 1.0
+    temperature = float(req.temperature) if req.temperature is not None else 1.0
     if not (math.isfinite(temperature) and 0.0 <= temperature <= MAX_TEMPERATURE):
         raise errors.InvalidArgument(
             "temperature", temperature, f"a finite number in [0, {MAX_TEMPERATURE:g}] (0 means greedy)"
@@ -127,7 +152,7 @@ def validate_request(
             rule = f"a non-empty string of at most {MAX_STOP_CHARS} characters"
             raise errors.InvalidArgument(f"stop[{i}]", shown, rule)
 
-    seed = int(req.seed) if req.HasField("seed") else secrets.randbits(63)
+    seed = int(req.seed) if req.seed is not None else secrets.randbits(63)
 
     if req.logprobs > MAX_LOGPROBS:
         raise errors.InvalidArgument("logprobs", req.logprobs, f"in [0, {MAX_LOGPROBS}] (0 means off)")
@@ -155,7 +180,7 @@ def validate_request(
     )
 
 
-def _resume(req: generator_pb2.GenerateRequest, metadata: ModelMetadata, limits: Limits,
+def _resume(req: GenerateFields, metadata: ModelMetadata, limits: Limits,
             n: int) -> tuple[np.ndarray | None, FinishReason | None]:
     """The resume_text's ids, and how the stream ends at once when the text already ends it (None: it goes on).
     Refuses a text the request cannot have produced: too long, outside the vocabulary, holding a stop sequence
@@ -196,7 +221,7 @@ def _resume(req: generator_pb2.GenerateRequest, metadata: ModelMetadata, limits:
     return np.array(ids, np.int64), end
 
 
-def _controls(req: generator_pb2.GenerateRequest, metadata: ModelMetadata, limits: Limits) -> Controls | None:
+def _controls(req: GenerateFields, metadata: ModelMetadata, limits: Limits) -> Controls | None:
     """The request's logit bias, allowed characters, regex and penalties, checked; None when it has none."""
     index = metadata.index
     bias = None
@@ -257,7 +282,7 @@ def _in_vocabulary(field: str, text: str, metadata: ModelMetadata) -> None:
         )
 
 
-def validate_score(req: generator_pb2.ScoreRequest, metadata: ModelMetadata, limits: Limits, *, now: float,
+def validate_score(req: ScoreFields, metadata: ModelMetadata, limits: Limits, *, now: float,
                    deadline: float | None, request_id: str) -> ScoreJob:
     """Checks a ScoreRequest: the prime as for Generate, the text's length and characters, top_logprobs."""
     if len(req.prime) > limits.max_prime_chars:

@@ -9,7 +9,7 @@ import pytest
 
 from charrnn.modelfile import ModelMetadata
 from charrnn.service import errors
-from charrnn.service.validation import Limits, request_id_of, validate_request
+from charrnn.service.validation import Limits, generate_fields, request_id_of, validate_request
 from charrnn.v1 import generator_pb2 as pb
 
 VOCAB = tuple("\nabcdefgh :")
@@ -19,7 +19,7 @@ LIMITS = Limits(max_chars=500, max_prime_chars=20)
 
 def _validate(**fields):
     fields.setdefault("max_chars", 10)
-    return validate_request(pb.GenerateRequest(**fields), META, LIMITS, now=5.0, deadline=None)
+    return validate_request(generate_fields(pb.GenerateRequest(**fields)), META, LIMITS, now=5.0, deadline=None)
 
 
 @pytest.mark.parametrize(
@@ -66,7 +66,7 @@ def test_empty_prime_starts_at_a_newline():
     assert _validate().prime_ids.tolist() == [VOCAB.index("\n")]
     no_newline = ModelMetadata(vocab=tuple("xyz"), cell="gru", layers=1, hidden=4, val_loss=0.0, train_steps=0,
                                corpus_sha256="")
-    req = validate_request(pb.GenerateRequest(max_chars=1), no_newline, LIMITS, now=0.0, deadline=None)
+    req = validate_request(generate_fields(pb.GenerateRequest(max_chars=1)), no_newline, LIMITS, now=0.0, deadline=None)
     assert req.prime_ids.tolist() == [0]
 
 

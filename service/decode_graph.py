@@ -1,0 +1,468 @@
+"""K characters of every row in one onnxruntime call: the model step and the sampler, fused K times.
+
+``build_decode_graph`` reads an exported model file and writes one ONNX graph
+that, for k = 1..K, runs the model's step on each row's last character, the
+sampler graph (sampler.py, the one sampler definition; its nodes are copied in,
+not rewritten) on the logits with the row's k-th uniform ``u[:, k-1]``, and
+feeds the drawn id to step k + 1. One call replaces K calls of ``model.run``
+plus K sampler calls, and gives the same ids: the nodes are the same nodes, on
+the same kernels (tests/test_decode_graph.py checks the equality).
+
+Inputs (B rows, V characters, L layers, H hidden):
+
+- ``tokens`` int64 [B, 1]: each row's last character; the model's state
+  inputs (``h``, and ``c`` for an LSTM) [L, B, H], as in the model file;
+- ``temperature`` [B], ``top_k`` int64 [B], ``top_p`` [B]: as the sampler's;
+- ``u`` float32 [B, K]: each row's uniforms for its next K characters
+  (sampling.uniforms at positions n .. n + K - 1);
+- controlled: ``bias`` [B, V] (logit_bias, -inf where a character is
+  forbidden; the same for all K steps), ``counts`` [B, V], ``presence``,
+  ``frequency``, ``repetition`` [B]; ``n_top`` int64 [1] with logprobs;
+- regex (controlled only): ``transitions`` int32 [S, V] (automata.py's global
+  table), ``allowed`` float32 [S, V] (0 where the state allows a character,
+  -inf elsewhere: ``allowed_bias``), ``automaton_state`` int32 [B]. Each step
+  adds the row's ``allowed[state]`` to its bias, samples, and moves the state
+  to ``transitions[state, id]``.
+
+Outputs: ``ids`` int64 [B, K], the model's state outputs (``h_out``, ``c_out``)
+after K steps; controlled: ``counts_out`` [B, V] (the input counts plus one for
+each character drawn); with logprobs ``logprob`` [B, K], ``top_logprobs``
+float32 [B, K, n_top], ``top_ids`` int64 [B, K, n_top]; regex:
+``automaton_state_out`` int32 [B].
+
+A row that should stop inside the K characters (a stop sequence, a complete
+regex match, its length) goes on in the graph: the caller keeps the ids up to
+the stop and drops the rest (and that row's state, which has moved on).
+
+Two shapes of the same computation: K copies of the step's nodes (unrolled,
+each step's names prefixed ``k<step>/``, the weights shared once), or an ONNX
+Loop whose body is one step. The unrolled graph is the faster on the CPU
+(bench/kstep.py, bench/results/kstep-2x256.md) and the default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+
+from charrnn import modelfile as mf
+from charrnn.service import sampler as sampler_graphs
+from charrnn.service.runtime import CPU_PROVIDER, State, session_options
+from charrnn.service.sampler import SamplerInputs
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+
+LOGPROB_OUTPUTS = ("logprob", "top_logprobs", "top_ids")  # the controlled sampler's, per step
+STEPS_KEY = "charrnn.decode_steps"  # metadata: K
+
+
+def build_decode_graph(model_path_or_bytes: str | Path | bytes, steps: int, *, filtered: bool,
+                       controlled: bool = False, logprobs: bool = False, regex: bool = False,
+                       loop: bool = False) -> bytes:
+    """The serialized K-step decode graph of a model file (see the module docstring).
+
+    ``filtered`` takes the sampler's top-k / top-p path (without it, rows pick as if neither were
+    asked, like the sampler's plain variant); ``logprobs`` (controlled only) adds the
+    log-probabilities of each step; ``regex`` (controlled only) the automaton inputs; ``loop``
+    builds an ONNX Loop instead of K unrolled copies.
+    """
+    import onnx
+    from onnx import checker, compose, helper, version_converter
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if (logprobs or regex) and not controlled:
+        raise ValueError("logprobs and regex need controlled=True (the controlled sampler)")
+    model = (onnx.load_from_string(model_path_or_bytes) if isinstance(model_path_or_bytes, (bytes, bytearray))
+             else onnx.load(str(model_path_or_bytes)))
+    meta = mf.ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})
+    sampler = onnx.load_from_string(sampler_graphs.graph(controlled, filtered))
+    opset = max(_opset(model), _opset(sampler))
+    if _opset(model) < opset:
+        model = version_converter.convert_version(model, opset)
+    if _opset(sampler) < opset:
+        sampler = version_converter.convert_version(sampler, opset)
+    # The sampler's constants (c0, c1, ...) once, under names the model cannot have.
+    sampler_graph = compose.add_prefix_graph(sampler.graph, "sampler/", rename_nodes=False, rename_edges=False,
+                                             rename_inputs=False, rename_outputs=False, rename_value_infos=False)
+    b = _Builder(model.graph, sampler_graph, meta, steps, controlled, logprobs, regex)
+    graph = b.loop() if loop else b.unrolled()
+
+    imports = {(o.domain, o.version) for o in model.opset_import if o.domain not in ("", "ai.onnx")}
+    out = helper.make_model(graph, ir_version=max(model.ir_version, sampler.ir_version),
+                            opset_imports=[helper.make_opsetid("", opset),
+                                           *(helper.make_opsetid(d, v) for d, v in sorted(imports))],
+                            producer_name="charrnn.decode_graph")
+    for p in model.metadata_props:
+        out.metadata_props.add(key=p.key, value=p.value)
+    out.metadata_props.add(key=STEPS_KEY, value=str(steps))
+    checker.check_model(out, full_check=True)
+    return out.SerializeToString()
+
+
+def _opset(model: "onnx.ModelProto") -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+class _Builder:
+    """Nodes, inputs and outputs of the decode graph; ``unrolled()`` / ``loop()`` return the GraphProto."""
+
+    def __init__(self, model, sampler, meta: mf.ModelMetadata, steps: int, controlled: bool, logprobs: bool,
+                 regex: bool):
+        from onnx import helper
+
+        self.h = helper
+        self.FLOAT, self.INT64 = helper.np_dtype_to_tensor_dtype(np.dtype(np.float32)), \
+            helper.np_dtype_to_tensor_dtype(np.dtype(np.int64))
+        self.model, self.sampler, self.meta, self.steps = model, sampler, meta, steps
+        self.controlled, self.logprobs, self.regex = controlled, logprobs, regex
+        self.state_pairs = meta.state_names()
+        self.inits = list(model.initializer) + list(sampler.initializer)
+        self.init_names = {t.name for t in self.inits}
+        self.nodes: list = []
+        self._n = 0
+
+    # -- small helpers ------------------------------------------------------------------------------
+    def const(self, value, dtype) -> str:
+        from onnx import numpy_helper
+
+        name = f"decode/c{len(self.inits)}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], out: str | None = None, into: list | None = None, **attrs) -> str:
+        if out is None:
+            self._n += 1
+            out = f"decode/t{self._n}"
+        (self.nodes if into is None else into).append(self.h.make_node(op, inputs, [out], **attrs))
+        return out
+
+    def tensor(self, name: str, elem: int, dims: list) -> "onnx.ValueInfoProto":
+        return self.h.make_tensor_value_info(name, elem, dims)
+
+    def inputs(self) -> list:
+        from onnx import TensorProto as T
+
+        V = self.meta.vocab_size
+        model_inputs = {i.name: i for i in self.model.input}
+        vis = [self.tensor(mf.INPUT_TOKENS, T.INT64, ["batch", 1])]
+        vis += [model_inputs[i] for i, _ in self.state_pairs]
+        vis += [self.tensor("temperature", T.FLOAT, ["batch"]), self.tensor("top_k", T.INT64, ["batch"]),
+                self.tensor("top_p", T.FLOAT, ["batch"]), self.tensor("u", T.FLOAT, ["batch", self.steps])]
+        if self.controlled:
+            vis += [self.tensor("bias", T.FLOAT, ["batch", V]), self.tensor("counts", T.FLOAT, ["batch", V]),
+                    self.tensor("presence", T.FLOAT, ["batch"]), self.tensor("frequency", T.FLOAT, ["batch"]),
+                    self.tensor("repetition", T.FLOAT, ["batch"])]
+        if self.logprobs:
+            vis.append(self.tensor("n_top", T.INT64, [1]))
+        if self.regex:
+            vis += [self.tensor("transitions", T.INT32, ["states", V]), self.tensor("allowed", T.FLOAT, ["states", V]),
+                    self.tensor("automaton_state", T.INT32, ["batch"])]
+        return vis
+
+    def outputs(self) -> list:
+        from onnx import TensorProto as T
+
+        model_outputs = {o.name: o for o in self.model.output}
+        vis = [self.tensor("ids", T.INT64, ["batch", self.steps])]
+        vis += [model_outputs[o] for _, o in self.state_pairs]
+        if self.controlled:
+            vis.append(self.tensor("counts_out", T.FLOAT, ["batch", self.meta.vocab_size]))
+        if self.logprobs:
+            vis += [self.tensor("logprob", T.FLOAT, ["batch", self.steps]),
+                    self.tensor("top_logprobs", T.FLOAT, ["batch", self.steps, "n_top"]),
+                    self.tensor("top_ids", T.INT64, ["batch", self.steps, "n_top"])]
+        if self.regex:
+            vis.append(self.tensor("automaton_state_out", T.INT32, ["batch"]))
+        return vis
+
+    def copy(self, graph, prefix: str, sources: dict[str, str]) -> tuple[list, dict[str, str]]:
+        """``graph``'s nodes with every edge prefixed, its inputs read from ``sources``; and its outputs' new names.
+
+        Initializers keep their names: every copy reads the one tensor."""
+        from onnx import GraphProto, compose
+
+        g = GraphProto()
+        g.node.extend(graph.node)
+        g.input.extend(i for i in graph.input if i.name not in self.init_names)
+        g.output.extend(graph.output)
+        compose.add_prefix_graph(g, prefix, rename_inputs=False, rename_initializers=False, rename_value_infos=False,
+                                 inplace=True, name_map=dict(sources))
+        return list(g.node), {o.name: prefix + o.name for o in graph.output}
+
+    def step(self, prefix: str, tokens: str, state: list[str], u: str, counts: str | None, astate: str | None,
+             into: list) -> dict:
+        """One model step and one sampler call, appended to ``into``; returns the names of what it made."""
+        bias = "bias"
+        if astate is not None:  # the row's automaton state forbids characters: -inf added to its bias
+            bias = self.node("Add", ["bias", self.node("Gather", [self.allowed, astate], into=into, axis=0)],
+                             into=into)
+        sources = {mf.INPUT_TOKENS: tokens, **{i: s for (i, _), s in zip(self.state_pairs, state)}}
+        nodes, made = self.copy(self.model, prefix, sources)
+        into.extend(nodes)
+        sources = {"logits": made[mf.OUTPUT_LOGITS], "u": u}
+        if counts is not None:
+            sources.update(counts=counts, bias=bias)
+        nodes, picked = self.copy(self.sampler, prefix + "s/", sources)
+        into.extend(nodes)
+        out = {"ids": picked["ids"], "state": [made[o] for _, o in self.state_pairs]}
+        if self.logprobs:
+            out.update({k: picked[k] for k in LOGPROB_OUTPUTS})
+        if counts is not None:  # counts += one-hot of the drawn ids
+            hit = self.node("Equal", [picked["ids"], self.vocab_row], into=into)
+            out["counts"] = self.node("Add", [counts, self.node("Cast", [hit], into=into, to=self.FLOAT)], into=into)
+        if astate is not None:  # state = transitions[state, id]
+            flat = self.node("Add", [self.node("Mul", [self.node("Cast", [astate], into=into, to=self.INT64), self.vocab],
+                                               into=into),
+                                     self.node("Squeeze", [picked["ids"], self.axis1], into=into)], into=into)
+            out["astate"] = self.node("Gather", [self.flat_transitions, flat], into=into, axis=0)
+        return out
+
+    def shared(self) -> None:
+        """Constants and the tensors every step reads, made once at the top of the graph."""
+        V = self.meta.vocab_size
+        self.axis1 = self.const([1], np.int64)
+        self.vocab_row = self.const(np.arange(V, dtype=np.int64)[None, :], np.int64)  # [1, V]
+        self.vocab = self.const(V, np.int64)
+        if self.regex:
+            self.allowed = "allowed"
+            self.flat_transitions = self.node("Reshape", ["transitions", self.const([-1], np.int64)])
+
+    # -- the two shapes -----------------------------------------------------------------------------
+    def unrolled(self):
+        self.shared()
+        tokens, state = mf.INPUT_TOKENS, [i for i, _ in self.state_pairs]
+        counts = "counts" if self.controlled else None
+        astate = "automaton_state" if self.regex else None
+        per_step: list[dict] = []
+        for k in range(self.steps):
+            u = self.node("Gather", ["u", self.const(k, np.int64)], axis=1)  # [B]
+            out = self.step(f"k{k + 1}/", tokens, state, u, counts, astate, self.nodes)
+            per_step.append(out)
+            tokens, state = out["ids"], out["state"]
+            counts, astate = out.get("counts"), out.get("astate")
+        self.join([o["ids"] for o in per_step], "ids")
+        for (_, o), s in zip(self.state_pairs, state):
+            self.node("Identity", [s], out=o)
+        if self.controlled:
+            self.node("Identity", [counts], out="counts_out")
+        if self.logprobs:
+            self.join([o["logprob"] for o in per_step], "logprob")
+            for name in ("top_logprobs", "top_ids"):
+                rows = [self.node("Unsqueeze", [o[name], self.axis1]) for o in per_step]  # [B, 1, n_top]
+                self.join(rows, name)
+        if self.regex:
+            self.node("Identity", [astate], out="automaton_state_out")
+        return self.finish(self.nodes)
+
+    def join(self, names: list[str], out: str) -> None:
+        """``out`` = the steps' [B, 1, ...] tensors joined along axis 1."""
+        if len(names) > 1:
+            self.node("Concat", names, out=out, axis=1)
+        else:
+            self.node("Identity", names, out=out)
+
+    def loop(self):
+        from onnx import TensorProto as T
+
+        self.shared()
+        body: list = []
+        model_inputs = {i.name: i for i in self.model.input}
+        V = self.meta.vocab_size
+        carried = [(mf.INPUT_TOKENS, self.tensor("b/tokens", T.INT64, ["batch", 1]))]
+        carried += [(i, _renamed(model_inputs[i], "b/" + i)) for i, _ in self.state_pairs]
+        if self.controlled:
+            carried.append(("counts", self.tensor("b/counts", T.FLOAT, ["batch", V])))
+        if self.regex:
+            carried.append(("automaton_state", self.tensor("b/automaton_state", T.INT32, ["batch"])))
+        b_in = [self.tensor("b/iter", T.INT64, []), self.tensor("b/cond", T.BOOL, [])] + [vi for _, vi in carried]
+        u = self.node("Gather", ["u", "b/iter"], into=body, axis=1)
+        out = self.step("b/", "b/tokens", [f"b/{i}" for i, _ in self.state_pairs], u,
+                        "b/counts" if self.controlled else None, "b/automaton_state" if self.regex else None, body)
+        b_out = [self.node("Identity", ["b/cond"], out="b/out/cond", into=body)]
+        b_out.append(self.node("Identity", [out["ids"]], out="b/out/tokens", into=body))
+        b_out += [self.node("Identity", [s], out=f"b/out/{i}", into=body) for (i, _), s in zip(self.state_pairs,
+                                                                                              out["state"])]
+        if self.controlled:
+            b_out.append(self.node("Identity", [out["counts"]], out="b/out/counts", into=body))
+        if self.regex:
+            b_out.append(self.node("Identity", [out["astate"]], out="b/out/automaton_state", into=body))
+        scans = ["ids"] + (["logprob", "top_logprobs", "top_ids"] if self.logprobs else [])
+        b_out += [self.node("Identity", [out[s]], out=f"b/out/scan_{s}", into=body) for s in scans]
+        types = {"ids": T.INT64, "logprob": T.FLOAT, "top_logprobs": T.FLOAT, "top_ids": T.INT64}
+        out_vis = [self.tensor("b/out/cond", T.BOOL, []), self.tensor("b/out/tokens", T.INT64, ["batch", 1])]
+        out_vis += [_renamed(model_inputs[i], f"b/out/{i}") for i, _ in self.state_pairs]
+        if self.controlled:
+            out_vis.append(self.tensor("b/out/counts", T.FLOAT, ["batch", V]))
+        if self.regex:
+            out_vis.append(self.tensor("b/out/automaton_state", T.INT32, ["batch"]))
+        out_vis += [self.tensor(f"b/out/scan_{s}", types[s], ["batch", None]) for s in scans]
+        body = _prune(body, b_out)
+        body_graph = self.h.make_graph(body, "charrnn_decode_step", b_in, out_vis)
+
+        finals = ["loop/tokens"] + [o for _, o in self.state_pairs]
+        if self.controlled:
+            finals.append("counts_out")
+        if self.regex:
+            finals.append("automaton_state_out")
+        stacked = [f"loop/{s}" for s in scans]  # [K, B, ...]
+        self.nodes.append(self.h.make_node("Loop", [self.const(self.steps, np.int64), ""] + [n for n, _ in carried],
+                                           finals + stacked, body=body_graph))
+        ids = self.node("Transpose", ["loop/ids"], perm=[1, 0, 2])  # [B, K, 1]
+        self.node("Squeeze", [ids, self.const([2], np.int64)], out="ids")
+        if self.logprobs:
+            lp = self.node("Transpose", ["loop/logprob"], perm=[1, 0, 2])
+            self.node("Squeeze", [lp, self.const([2], np.int64)], out="logprob")
+            for name in ("top_logprobs", "top_ids"):
+                self.node("Transpose", [f"loop/{name}"], out=name, perm=[1, 0, 2])
+        return self.finish(self.nodes)
+
+    def finish(self, nodes: list):
+        outputs = self.outputs()
+        nodes = _prune(nodes, [o.name for o in outputs])
+        used = _used(nodes)
+        inputs = [i for i in self.inputs() if i.name in used]
+        inits = [t for t in self.inits if t.name in used]
+        return self.h.make_graph(nodes, "charrnn_decode", inputs, outputs, initializer=inits)
+
+
+def _renamed(vi, name: str):
+    from onnx import ValueInfoProto
+
+    out = ValueInfoProto()
+    out.CopyFrom(vi)
+    out.name = name
+    return out
+
+
+def _node_inputs(node) -> set[str]:
+    """Every name a node reads, those its subgraphs read from the outer scope included (over-approximated)."""
+    names = set(node.input)
+    for a in node.attribute:
+        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+            for n in g.node:
+                names |= _node_inputs(n)
+    return names
+
+
+def _used(nodes: list) -> set[str]:
+    names: set[str] = set()
+    for n in nodes:
+        names |= _node_inputs(n)
+    return names
+
+
+def _prune(nodes: list, outputs: list[str]) -> list:
+    """The nodes (in topological order) that some of ``outputs`` needs."""
+    needed, keep = set(outputs), []
+    for n in reversed(nodes):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed |= _node_inputs(n)
+    return keep[::-1]
+
+
+def allowed_bias(mask: np.ndarray) -> np.ndarray:
+    """A bool [S, V] table of allowed characters (automata.AutomatonTable.mask) as the ``allowed`` input."""
+    return np.where(mask, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+
+
+@dataclass
+class AutomatonInputs:
+    """The regex inputs: the global automaton table and each row's state in it."""
+
+    transitions: np.ndarray  # int32 [S, V]
+    allowed: np.ndarray  # float32 [S, V]: 0 or -inf (allowed_bias)
+    state: np.ndarray  # int32 [B]
+
+
+@dataclass
+class Decoded:
+    """What one K-step call returns besides the state."""
+
+    ids: np.ndarray  # int64 [B, K]
+    counts: np.ndarray | None = None  # float32 [B, V]: the input counts plus the K characters drawn
+    logprob: np.ndarray | None = None  # float32 [B, K]
+    top_logprobs: np.ndarray | None = None  # float32 [B, K, n_top]
+    top_ids: np.ndarray | None = None  # int64 [B, K, n_top]
+    automaton_state: np.ndarray | None = None  # int32 [B]
+
+
+class DecodeGraph:
+    """The K-step decode graph of one model file as CPU sessions: one per sampler path, made at first use."""
+
+    def __init__(self, model_path_or_bytes: str | Path | bytes, steps: int, *, controlled: bool = False,
+                 logprobs: bool = False, regex: bool = False, loop: bool = False, threads: int = 0):
+        self.model = (bytes(model_path_or_bytes) if isinstance(model_path_or_bytes, (bytes, bytearray))
+                      else Path(model_path_or_bytes).read_bytes())
+        self.steps, self.controlled, self.logprobs, self.regex, self.loop = steps, controlled, logprobs, regex, loop
+        self.threads = threads
+        self._sessions: dict[bool, ort.InferenceSession] = {}
+        import onnx
+
+        self.metadata = mf.ModelMetadata.from_props({p.key: p.value for p in onnx.load_from_string(self.model)
+                                                     .metadata_props})
+        pairs = self.metadata.state_names()
+        self.state_inputs = tuple(i for i, _ in pairs)
+        self.state_outputs = tuple(o for _, o in pairs)
+
+    def session(self, filtered: bool) -> ort.InferenceSession:
+        if filtered not in self._sessions:
+            graph = build_decode_graph(self.model, self.steps, filtered=filtered, controlled=self.controlled,
+                                       logprobs=self.logprobs, regex=self.regex, loop=self.loop)
+            self._sessions[filtered] = ort.InferenceSession(graph, session_options(self.threads),
+                                                            providers=[CPU_PROVIDER])
+        return self._sessions[filtered]
+
+    def run(self, ids: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
+            u: np.ndarray, controls: SamplerInputs | None = None, automaton: AutomatonInputs | None = None,
+            filtered: bool | None = None) -> tuple[np.ndarray, State]:
+        """ids int64 [B] (or [B, 1]): each row's last character -> (ids int64 [B, K], state after K steps)."""
+        decoded, state = self.decode(ids, state, temperature, top_k, top_p, u, controls, automaton, filtered)
+        return decoded.ids, state
+
+    def decode(self, ids: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
+               u: np.ndarray, controls: SamplerInputs | None = None, automaton: AutomatonInputs | None = None,
+               filtered: bool | None = None) -> tuple[Decoded, State]:
+        """Like ``run``, with everything the graph returns. ``filtered`` None: the sampler's rule (sampler.filtered)."""
+        if (controls is None) == self.controlled:
+            raise ValueError("controls are needed exactly when the graph was built with controlled=True")
+        if (automaton is None) == self.regex:
+            raise ValueError("automaton inputs are needed exactly when the graph was built with regex=True")
+        temperature = np.ascontiguousarray(temperature, np.float32)
+        top_k = np.ascontiguousarray(top_k, np.int64)
+        top_p = np.ascontiguousarray(top_p, np.float32)
+        if filtered is None:
+            filtered = sampler_graphs.filtered(temperature, top_k, top_p, self.metadata.vocab_size)
+        feeds = {
+            mf.INPUT_TOKENS: np.ascontiguousarray(np.reshape(ids, (-1, 1)), np.int64),
+            **dict(zip(self.state_inputs, state)),
+            "temperature": temperature, "top_k": top_k, "top_p": top_p,
+            "u": np.ascontiguousarray(u, np.float32),
+        }
+        names = ["ids", *self.state_outputs]
+        if controls is not None:
+            feeds.update(bias=np.ascontiguousarray(controls.bias, np.float32),
+                         counts=np.ascontiguousarray(controls.counts, np.float32),
+                         presence=np.ascontiguousarray(controls.presence, np.float32),
+                         frequency=np.ascontiguousarray(controls.frequency, np.float32),
+                         repetition=np.ascontiguousarray(controls.repetition, np.float32))
+            names.append("counts_out")
+            if self.logprobs:
+                feeds["n_top"] = np.array([controls.n_top], np.int64)
+                names += ["logprob", "top_logprobs", "top_ids"]
+        if automaton is not None:
+            feeds.update(transitions=np.ascontiguousarray(automaton.transitions, np.int32),
+                         allowed=np.ascontiguousarray(automaton.allowed, np.float32),
+                         automaton_state=np.ascontiguousarray(automaton.state, np.int32))
+            names.append("automaton_state_out")
+        got = dict(zip(names, self.session(filtered).run(names, feeds)))
+        new_state = tuple(got[o] for o in self.state_outputs)
+        return Decoded(ids=got["ids"], counts=got.get("counts_out"), logprob=got.get("logprob"),
+                       top_logprobs=got.get("top_logprobs"), top_ids=got.get("top_ids"),
+                       automaton_state=got.get("automaton_state_out")), new_state
