@@ -9,17 +9,15 @@ the batch step like every other, on the device, and no logits come to the
 host. On the CPU (a step of a real model takes milliseconds) it reads all of its
 prime and its first character is drawn at once from the prefill's last logits,
 by the same sampler graph, so the time to its first character does not wait
-for a step of the whole batch. Prefill groups new
-streams by how many prime characters they have left (``Cohort``): the one with
-the most left runs until it catches up with the next, and they merge, so k new
-primes cost max(length) sequential calls, bounded per round so that a long
-prime cannot stall the running batch. A one-character prime (and the empty
-prime) needs no prefill at all on CUDA, and a prime read before is not read
-again (primecache.py).
+for a step of the whole batch. Prefill (prefill.py) reads primes in cohorts,
+within a time budget per round, and says which streams join; the batch applies
+it. A one-character prime (and the empty prime) needs no prefill at all on
+CUDA, and a prime read before is not read again (primecache.py).
 
 The decode step is one call of the model and the sampler for every slot of
 the extent (slots.py), then a few array operations over the batch: counts,
-stop automata (automata.py), lengths, deadlines and cancels. No Python runs per
+stop automata (automata.py), lengths, deadlines and cancels; which end a row
+meets when several hold at once is one table, ``_ENDS``. No Python runs per
 stream in a step, except for the streams that end. What each front-end must
 hear goes into the ``Outbox``: the ids of its rows, per step; the ends; and for
 rows with stop sequences how many characters to hold back.
@@ -41,16 +39,20 @@ from charrnn.service.automata import AutomatonTable, stop_automaton
 from charrnn.service.controls import ControlRows
 from charrnn.service.scoring import ScoreRun
 from charrnn.service.metrics import CoreStats
+from charrnn.service.prefill import Prefill
 from charrnn.service.primecache import PrimeCache
 from charrnn.service.requests import Controls
 from charrnn.service.runtime import LoadedModel, State
 from charrnn.service.slots import Slots
 
-# How a stream ended, in the order of precedence: (code, reason) by kind 0..4 (stop sequence, length, cancel,
-# deadline, complete regex match; _end ranks the match after the stop sequence, before the length).
-_ENDS = (("OK", "stop"), ("OK", "length"), ("CANCELLED", "cancelled"), ("DEADLINE_EXCEEDED", "deadline"),
-         ("OK", "match"))
-MAX_PREFILL_STEPS = 128  # prime characters per prefill call: a long prime takes several rounds
+# How a stream ends, in order of precedence: when several hold at one step, the first names the end
+# (_end_kinds decides, _end applies). (code, reason) of each.
+_ENDS = (("OK", "stop"),  # a stop sequence matched
+         ("OK", "match"),  # the regex's match is complete
+         ("OK", "length"),  # max_chars generated
+         ("CANCELLED", "cancelled"),
+         ("DEADLINE_EXCEEDED", "deadline"))
+_STOP, _MATCH, _LENGTH, _CANCEL, _DEADLINE = range(len(_ENDS))
 MIN_PREFILL_SECONDS = 0.002  # prefill time per round while streams decode (at least the last step's time)
 
 
@@ -135,30 +137,6 @@ class Outbox:
         return out
 
 
-class Cohort:
-    """New streams with ``remaining`` prime characters left to read each; prefilled by one call per round."""
-
-    def __init__(self, slots: list[int], primes: list[np.ndarray], state: State, remaining: int, held: int,
-                 copies: list[list[int]] | None = None):
-        self.slots = slots  # one per state row: the stream that row is read for
-        self.primes = primes
-        self.copies = copies or [[] for _ in slots]  # per row: more streams of the same prime (n samples)
-        self.state = state  # after reading all but the last ``remaining`` + ``held`` characters of each prime
-        self.remaining = remaining  # prime characters still to prefill
-        self.held = held  # characters at the end of each prime left to the batch step (0 or 1)
-
-    def members(self) -> tuple[np.ndarray, np.ndarray]:
-        """(row, slot) int64 [n] of every stream of the cohort: a row's own stream, then its copies."""
-        pairs = [(i, x) for i, (lead, extra) in enumerate(zip(self.slots, self.copies)) for x in (lead, *extra)]
-        rows, slots = zip(*pairs) if pairs else ((), ())
-        return np.array(rows, np.int64), np.array(slots, np.int64)
-
-    def tokens(self, steps: int) -> np.ndarray:
-        """int64 [k, steps]: the next ``steps`` prime characters of each member."""
-        end = self.remaining + self.held
-        return np.stack([p[len(p) - end: len(p) - end + steps] for p in self.primes])
-
-
 class Batch:
     def __init__(self, model: LoadedModel, capacity: int, *, outbox: Outbox, stats: CoreStats,
                  prime_cache: PrimeCache | None = None):
@@ -169,20 +147,18 @@ class Batch:
         self.prime_cache = prime_cache
         self.stops = AutomatonTable(model.metadata.vocab_size, capacity)  # each slot's stop automaton and state
         self.controls = ControlRows(capacity, model.metadata.vocab)
-        self.scores: list[ScoreRun] = []  # Score requests being read (scoring.py)
-        self.cohorts: list[Cohort] = []
         self.where: dict[tuple[int, int], int] = {}  # (front-end, row) -> slot
         # Prime characters left to the batch step: 1 on CUDA (first characters drawn by the step), 0 on the
         # CPU (drawn from the prefill's last logits at once); see the module docstring.
         self.held = 1 if model.device == "cuda" else 0
+        self.prefill = Prefill(model, self.slots, self.held, prime_cache)  # the cohorts and Score requests
         self.steps = 0  # decode steps so far
-        self.prefill_calls = 0  # prefill calls so far
         self._started = False  # some stream got its first character outside the step, this round
         self._last_step_seconds = 0.0
 
     @property
     def busy(self) -> bool:
-        return bool(self.cohorts) or bool(self.scores) or self.slots.used > 0
+        return self.prefill.busy or self.slots.used > 0
 
     @property
     def free(self) -> int:
@@ -210,7 +186,7 @@ class Batch:
         for e, slot in zip(entries, taken.tolist()):
             self.where[(e.fe, e.row)] = slot
             if e.score is not None:
-                self.scores.append(ScoreRun(self.model, slot, e.prime, *e.score))
+                self.prefill.add_score(slot, e.prime, *e.score)
                 continue
             self.controls.take(slot, e.logprobs, e.controls)
             if e.stops:
@@ -249,17 +225,7 @@ class Batch:
             zero = self.model.zero_state(1)
             state = self.model.concat([zero if r[1] is None else r[1][0] for r in ready])
             self._join(slots, state, np.stack([r[1][1] for r in ready]) if not self.held else None)
-        for length, group in by_length.items():
-            state = self.model.zero_state(len(group))
-            same = next((c for c in self.cohorts if c.remaining == length), None)
-            if same is None:
-                self.cohorts.append(Cohort([g[0] for g in group], [g[1] for g in group], state, length, self.held,
-                                           [copies[g[0]] for g in group]))
-            else:
-                same.slots += [g[0] for g in group]
-                same.primes += [g[1] for g in group]
-                same.copies += [copies[g[0]] for g in group]
-                same.state = self.model.concat([same.state, state])
+        self.prefill.add(by_length, copies)
 
     def cancel(self, fe: int, row: int) -> None:
         slot = self.where.get((fe, row))
@@ -283,91 +249,34 @@ class Batch:
         self._started = False
         if self.slots.active[: self.slots.extent].any():
             self._decode()
-        if not self.cohorts and not (joining and self.slots.capacity > 1):
+        if not self.prefill.cohorts and not (joining and self.slots.capacity > 1):
             moved = self.slots.compact()
             self.controls.move(*moved)
             self.stops.move(*moved)
             for src, dst in zip(*moved):
                 self.where[(int(self.slots.fe[dst]), int(self.slots.row[dst]))] = dst
 
-    # ---- prefill ----
+    # ---- prefill: Prefill decides, the batch applies ----
 
     def _prefill(self) -> None:
-        self._drop_gone_from_cohorts(time.monotonic())
         decoding = self.slots.active[: self.slots.extent].any()
         budget = max(MIN_PREFILL_SECONDS, self._last_step_seconds) if decoding else float("inf")
-        t0 = time.monotonic()
-        self._score(t0, budget)
-        cohorts = self.cohorts
-        while cohorts and time.monotonic() - t0 < budget:
-            cohorts.sort(key=lambda c: c.remaining, reverse=True)
-            top = cohorts[0]
-            target = cohorts[1].remaining if len(cohorts) > 1 else 0
-            steps = min(top.remaining - target, MAX_PREFILL_STEPS)
-            logits, top.state = self.model.run(top.tokens(steps), top.state)  # [k, steps, V]
-            self.prefill_calls += 1
-            top.remaining -= steps
-            if top.remaining == 0:
-                cohorts.pop(0)
-                last = None if self.held else logits[:, -1, :]
-                if self.prime_cache is not None:
-                    self.prime_cache.put(self.model, top.primes, top.state, last)
-                rows, slots = top.members()
-                state = top.state
-                if len(slots) > len(top.slots):  # each row's state copied to the streams that share its prime
-                    state = self.model.take(state, rows)
-                    last = None if last is None else last[rows]
-                self._join(slots, state, last)
-            elif len(cohorts) > 1 and top.remaining == cohorts[1].remaining:
-                nxt = cohorts.pop(1)
-                top.slots += nxt.slots
-                top.primes += nxt.primes
-                top.copies += nxt.copies
-                top.state = self.model.concat([top.state, nxt.state])
-
-    def _score(self, t0: float, budget: float) -> None:
-        """Reads the Score requests a call further each, within the round's prefill budget; ends those done."""
-        s = self.slots
+        done = self.prefill.run(budget)
         now = time.monotonic()
-        for run in list(self.scores):
-            slot = run.slot
-            if s.cancelled[slot] or s.deadline[slot] <= now:
-                self.scores.remove(run)
-                self._end(np.array([slot]), now, np.array([-1]))
-                continue
-            if time.monotonic() - t0 >= budget:
-                break
-            run.advance(self.model, MAX_PREFILL_STEPS)
-            self.prefill_calls += 1
-            if run.done:
-                self.scores.remove(run)
-                now = time.monotonic()
-                fe, row = int(s.fe[slot]), int(s.row[slot])
-                self.outbox.end(fe, protocol.End(row=row, code="OK", reason="score", admitted=float(s.admitted_at[slot]),
-                                                 first=now, last=now, score=run.result()))
-                self.where.pop((fe, row), None)
-                s.free(np.array([slot]))
+        for slots in done.gone:
+            self._end(slots, now, np.full(len(slots), -1))
+        for run in done.scored:
+            self._scored(run)
+        for slots, state, logits in done.joins:
+            self._join(slots, state, logits)
 
-    def _drop_gone_from_cohorts(self, now: float) -> None:
-        s = self.slots
-        for c in self.cohorts:
-            _, every = c.members()
-            gone = s.cancelled[every] | (s.deadline[every] <= now)
-            if not gone.any():
-                continue
-            self._end(every[gone], now, np.full(int(gone.sum()), -1))
-            ended = set(every[gone].tolist())
-            keep, slots, copies = [], [], []
-            for i, (lead, extra) in enumerate(zip(c.slots, c.copies)):
-                live = [x for x in [lead, *extra] if x not in ended]
-                if live:  # the row is still read, for the first stream left of it
-                    keep.append(i)
-                    slots.append(live[0])
-                    copies.append(live[1:])
-            c.primes = [c.primes[i] for i in keep]
-            c.slots, c.copies = slots, copies
-            c.state = self.model.take(c.state, np.array(keep, np.int64)) if keep else None
-        self.cohorts = [c for c in self.cohorts if c.slots]
+    def _scored(self, run: ScoreRun) -> None:
+        s, slot, now = self.slots, run.slot, time.monotonic()
+        fe, row = int(s.fe[slot]), int(s.row[slot])
+        self.outbox.end(fe, protocol.End(row=row, code="OK", reason="score", admitted=float(s.admitted_at[slot]),
+                                         first=now, last=now, score=run.result()))
+        self.where.pop((fe, row), None)
+        s.free(np.array([slot]))
 
     def _join(self, slots: np.ndarray, state: State, logits: np.ndarray | None) -> None:
         """New streams join the batch: read but for ``held`` prime characters (their next input), or, with the
@@ -444,18 +353,16 @@ class Batch:
         """Ends ``slots``: by stop sequence (index >= 0), length, cancel or deadline, in that order."""
         s = self.slots
         generated, limit = s.generated[slots], s.limit[slots]
-        kind = np.where(stop_index >= 0, 0, np.where(generated >= limit, 1, np.where(s.cancelled[slots], 2, 3)))
-        if complete is not None:  # a complete regex match comes after a stop sequence, before the length
-            kind = np.where((stop_index < 0) & complete, 4, kind)
+        kind = _end_kinds(stop_index, complete, generated, limit, s.cancelled[slots])
         columns = zip(slots.tolist(), kind.tolist(), stop_index.tolist(), s.fe[slots].tolist(), s.row[slots].tolist(),
                       generated.tolist(), limit.tolist(), s.first_at[slots].tolist(), s.admitted_at[slots].tolist(),
                       s.cancelled_at[slots].tolist())
         for slot, k, stop, fe, row, gen, lim, first, admitted, cancelled_at in columns:
             code, reason = _ENDS[k]
-            message = f"deadline passed after {gen} of {lim} characters" if k == 3 else ""
+            message = f"deadline passed after {gen} of {lim} characters" if k == _DEADLINE else ""
             self.outbox.end(fe, protocol.End(row=row, code=code, reason=reason, message=message, stop=stop,
                                              generated=gen, admitted=admitted, first=first if gen else now, last=now,
-                                             steps_after_cancel=self.steps - cancelled_at if k == 2 else 0))
+                                             steps_after_cancel=self.steps - cancelled_at if k == _CANCEL else 0))
             self.where.pop((fe, row), None)
         self.stops.release(slots)
         self.controls.free(slots)
@@ -473,8 +380,15 @@ class Batch:
             self.stops.release(slot)
             self.controls.free(slot)
         self.where.clear()
-        self.cohorts.clear()
-        self.scores.clear()
+        self.prefill.clear()
+
+
+def _end_kinds(stop_index: np.ndarray, complete: np.ndarray | None, generated: np.ndarray, limit: np.ndarray,
+               cancelled: np.ndarray) -> np.ndarray:
+    """The index in _ENDS of each ending row's end: the first of _ENDS that holds (the deadline when none does:
+    a row ends for one of them)."""
+    holds = [stop_index >= 0, complete if complete is not None else False, generated >= limit, cancelled]
+    return np.select(holds, [_STOP, _MATCH, _LENGTH, _CANCEL], _DEADLINE)
 
 
 def _logprobs(picked, rows) -> protocol.Logprobs | None:

@@ -325,10 +325,9 @@ class _Builder:
     def finish(self, nodes: list):
         outputs = self.outputs()
         nodes = _prune(nodes, [o.name for o in outputs])
-        used = _used(nodes)
-        inputs = [i for i in self.inputs() if i.name in used]
+        used = _used(nodes)  # every input stays (a variant that ignores top_k takes it all the same)
         inits = [t for t in self.inits if t.name in used]
-        return self.h.make_graph(nodes, "charrnn_decode", inputs, outputs, initializer=inits)
+        return self.h.make_graph(nodes, "charrnn_decode", self.inputs(), outputs, initializer=inits)
 
 
 def _renamed(vi, name: str):

@@ -17,7 +17,7 @@ import pytest
 from charrnn import modelfile as mf
 from charrnn.service import errors
 from charrnn.service.cores import ThreadCore
-from charrnn.service.batch import MAX_PREFILL_STEPS
+from charrnn.service.prefill import MAX_PREFILL_STEPS
 from charrnn.service.metrics import Metrics
 from charrnn.service.requests import FinishReason, GenerationRequest
 from charrnn.service.runtime import load_model
@@ -341,10 +341,10 @@ def test_a_prime_read_before_skips_its_prefill_and_gives_the_same_text(model):
     async def main():
         with running(model) as engine:
             first, _ = await collect(engine, req)
-            calls = engine.core.scheduler.batch.prefill_calls
+            calls = engine.core.scheduler.batch.prefill.calls
             again, _ = await collect(engine, req)
             # It joined the batch with the cached state: no prefill call at all.
-            prefill_skipped = engine.core.scheduler.batch.prefill_calls == calls > 0
+            prefill_skipped = engine.core.scheduler.batch.prefill.calls == calls > 0
             other, _ = await collect(engine, request(model, "zz", 80, seed=9, temperature=0.8))
             stats = (engine.prime_cache.hits, engine.prime_cache.misses)
         with running(model, prime_cache=0) as engine:
