@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
 from charrnn.service.decode_graph import DecodeGraph
 from charrnn.service.runtime import load_model
 from charrnn.service.sampling import uniforms
@@ -117,13 +116,13 @@ def main() -> int:
 
     command = "python -m bench.kstep " + " ".join(sys.argv[1:])
     lines = [
-        f"`{command}` on the {os.cpu_count()}-core {platform.machine()} development machine (shared; load average "
-        f"{load0:.1f} at the start, {load1:.1f} at the end), onnxruntime {ort.__version__}, CPU, "
-        f"{a.threads} intra-op thread(s).",
+        (f"`{command}` on the {os.cpu_count()}-core {platform.machine()} development machine (shared; load average "
+         f"{load0:.1f} at the start, {load1:.1f} at the end), onnxruntime {ort.__version__}, CPU, "
+         f"{a.threads} intra-op thread(s)."),
         "",
-        f"{m.layers}x{m.hidden} {m.cell.upper()}, {m.vocab_size} characters, temperature 0.8"
-        f"{', top-p 0.9' if a.filtered else ''}; characters per second (B x K over the median time of one "
-        f"round); single steps = K x (model.run + sampler), as the engine decodes today.",
+        (f"{m.layers}x{m.hidden} {m.cell.upper()}, {m.vocab_size} characters, temperature 0.8"
+         f"{', top-p 0.9' if a.filtered else ''}; characters per second (B x K over the median time of one "
+         f"round); single steps = K x (model.run + sampler), as the engine decodes today."),
         "",
     ]
     head = "| batch | K | single steps chars/s | K-step graph chars/s | K-step / single |"

@@ -123,7 +123,7 @@ class StandIn:
         self._sampler = self._sampler or Sampler()
         return self._sampler.sample(logits, temperature, top_k, top_p, u, controls)
 
-    def take(self, state, rows):
+    def gather(self, state, rows):
         return tuple(np.take(s, rows, axis=1) for s in state)
 
     def concat(self, states):

@@ -131,7 +131,7 @@ class Outbox:
         with self._lock:
             self._box(fe).ends.append(end)
 
-    def take(self) -> dict[int, protocol.Out]:
+    def pop_all(self) -> dict[int, protocol.Out]:
         with self._lock:
             out, self._by_fe = self._by_fe, {}
         return out
@@ -172,7 +172,7 @@ class Batch:
         by_length: dict[int, list[tuple[int, np.ndarray]]] = {}
         reading: dict[bytes, int] = {}  # prime -> the slot it is read for
         copies: dict[int, list[int]] = {}  # that slot -> the other slots of the same prime
-        taken = s.take(len(entries))
+        taken = s.allocate(len(entries))
         for fe in {e.fe for e in entries}:
             self.outbox.admit(fe)
         for name, attr in (("fe", "fe"), ("row", "row"), ("temperature", "temperature"), ("top_k", "top_k"),
@@ -188,7 +188,7 @@ class Batch:
             if e.score is not None:
                 self.prefill.add_score(slot, e.prime, *e.score)
                 continue
-            self.controls.take(slot, e.logprobs, e.controls)
+            self.controls.start(slot, e.logprobs, e.controls)
             if e.stops:
                 self.stops.start(slot, e.stops, lambda e=e: stop_automaton(e.stops, self.model.metadata.vocab_size))
             if e.resumed:  # the draws go on at the next position; the controls have seen the text

@@ -49,7 +49,7 @@ class ControlRows:
             setattr(self, name, np.zeros((self.capacity, len(self.vocab)), np.float32))
         return getattr(self, name)
 
-    def take(self, slot: int, logprobs: int, controls) -> None:
+    def start(self, slot: int, logprobs: int, controls) -> None:
         """A new stream in ``slot`` with ``logprobs`` alternatives and ``controls`` (requests.Controls, or None)."""
         c = controls or Controls()  # none: the defaults, which change nothing
         bias, regex = c.bias, c.regex

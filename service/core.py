@@ -3,7 +3,7 @@
 It is driven by ``corerun.CoreLoop`` (its own process in the server, a thread
 for in-process use) and knows nothing of sockets: messages from the front-ends
 come in as method calls (``add``, ``cancel``, ``drop_frontend``), each round
-(``round``) does one step of work, and ``outbox.take()`` is what every
+(``round``) does one step of work, and ``outbox.pop_all()`` is what every
 front-end must hear. Two schedulers share one interface (add / cancel /
 drop_frontend / work / busy / used / end_all):
 

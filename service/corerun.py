@@ -173,7 +173,7 @@ class CoreLoop:
     def _send(self, final: bool = False, failed: str = "") -> None:
         """Hands this round's messages to the I/O thread: one per front-end with news, and the primary's beat."""
         now = self._last_send = time.monotonic()
-        out = self.core.outbox.take()
+        out = self.core.outbox.pop_all()
         load = self.core.load
         beat = self.primary is not None and (now - self._last_beat >= HEARTBEAT_SECONDS or final)
         for ident, fe in list(self.frontends.items()):
@@ -184,7 +184,7 @@ class CoreLoop:
             message = box or protocol.Out()
             message.load, message.busy = load, self.core.busy
             if primary:
-                message.stats = self.core.stats.take()
+                message.stats = self.core.stats.pop_all()
                 message.failed = failed
                 self._last_beat = now
             self._outq.append((ident, message, final))

@@ -224,7 +224,7 @@ class CoreStats:
         with self._lock:
             self._cache[0 if hit else 1] += 1
 
-    def take(self) -> StatsDelta:
+    def pop_all(self) -> StatsDelta:
         """What was counted since the last take."""
         with self._lock:
             delta = StatsDelta(histograms={n: (c, self._sums[n]) for n, c in self._counts.items() if c.any()},
@@ -234,7 +234,7 @@ class CoreStats:
 
 
 def apply_core_stats(metrics: "Metrics", model: str, delta: StatsDelta) -> None:
-    """Adds a CoreStats.take() to the registry of ``metrics`` under label ``model``."""
+    """Adds a CoreStats.pop_all() to the registry of ``metrics`` under label ``model``."""
     families = {"step": metrics.step, "batch": metrics.batch_size, "queue_wait": metrics.queue_wait,
                 "inter_char": metrics.inter_char}
     for name, (counts, total) in delta.histograms.items():

@@ -114,7 +114,7 @@ class Prefill:
                 rows, slots = top.members()
                 state = top.state
                 if len(slots) > len(top.slots):  # each row's state copied to the streams that share its prime
-                    state = self.model.take(state, rows)
+                    state = self.model.gather(state, rows)
                     last = None if last is None else last[rows]
                 out.joins.append((slots, state, last))
             elif len(cohorts) > 1 and top.remaining == cohorts[1].remaining:
@@ -161,7 +161,7 @@ class Prefill:
                     copies.append(live[1:])
             c.primes = [c.primes[i] for i in keep]
             c.slots, c.copies = slots, copies
-            c.state = self.model.take(c.state, np.array(keep, np.int64)) if keep else None
+            c.state = self.model.gather(c.state, np.array(keep, np.int64)) if keep else None
         self.cohorts = [c for c in self.cohorts if c.slots]
 
     def clear(self) -> None:

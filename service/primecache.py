@@ -66,7 +66,7 @@ class PrimeCache:
             with self._lock:
                 if key in self._entries:
                     continue
-            entry = (model.take(state, np.array([i], np.int64)), None if logits is None else logits[i].copy())
+            entry = (model.gather(state, np.array([i], np.int64)), None if logits is None else logits[i].copy())
             with self._lock:
                 self._entries[key] = entry
                 if len(self._entries) > self.capacity:

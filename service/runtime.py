@@ -188,11 +188,11 @@ class LoadedModel:
         if batch <= have:
             rows = np.arange(batch, dtype=np.int64)
             if self._ops is not None:
-                return self.take(state, rows)
+                return self.gather(state, rows)
             return tuple(np.ascontiguousarray(s[:, :batch]) for s in state)
         return self.concat([state, self.zero_state(batch - have)])
 
-    def take(self, state: State, rows: np.ndarray) -> State:
+    def gather(self, state: State, rows: np.ndarray) -> State:
         """The state of batch rows ``rows`` (int64 [n]), in that order."""
         if self._ops is None:
             return tuple(np.take(s, rows, axis=1) for s in state)

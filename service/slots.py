@@ -61,7 +61,7 @@ class Slots:
 
     # ---- taking and freeing ----
 
-    def take(self, n: int) -> np.ndarray:
+    def allocate(self, n: int) -> np.ndarray:
         """The ``n`` lowest free slots, reset: int64 [n]; raises IndexError when fewer are free."""
         if n > len(self._free):
             raise IndexError(f"{n} slots wanted, {len(self._free)} free")
@@ -127,7 +127,7 @@ class Slots:
         movers = np.flatnonzero(used[target:]) + target  # rows past the new extent...
         holes_below = np.flatnonzero(~used[:target])[: len(movers)]  # ...into the lowest holes
         if len(movers):
-            self.state = self.model.place(self.state, holes_below, self.model.take(self.state, movers))
+            self.state = self.model.place(self.state, holes_below, self.model.gather(self.state, movers))
             for array in self.arrays.values():
                 array[holes_below] = array[movers]
             used[holes_below] = True

@@ -85,7 +85,7 @@ class Stream:
     async def __anext__(self) -> str:
         while True:
             if self._chunks:
-                return self.take()
+                return self.pop_all()
             if self._done:
                 if self._error is not None:
                     raise self._error
@@ -98,7 +98,7 @@ class Stream:
                 self._waiter = None
                 self.mailbox.waiting.discard(self)
 
-    def take(self) -> str:
+    def pop_all(self) -> str:
         """Every character delivered since the last take."""
         parts, lps = [], []
         chunks = self._chunks

@@ -52,7 +52,7 @@ class CounterModel:
         logits, state = self.run(tokens, state)
         return self.sample(logits, temperature, top_k, top_p, u, controls), state
 
-    def take(self, state, rows):
+    def gather(self, state, rows):
         return tuple(np.take(s, rows, axis=1) for s in state)
 
     def concat(self, states):
@@ -107,7 +107,7 @@ class Front:
 def drive(core: Core, fronts: dict[int, Front], rounds: int = 2000, until=None) -> None:
     for _ in range(rounds):
         core.round(0.0)
-        for fe, out in core.outbox.take().items():
+        for fe, out in core.outbox.pop_all().items():
             fronts[fe].read(out)
         if until is not None and until():
             return
@@ -140,7 +140,7 @@ def test_a_full_queue_refuses_with_the_capacity_message():
     core = Core(CounterModel(), max_active=2, max_queue=1)
     front = Front()
     core.add(0, [protocol.Admit(kind="generate", row=r, prime=ids("ab"), max_chars=3) for r in range(4)], 0.0)
-    front.read(core.outbox.take().get(0))
+    front.read(core.outbox.pop_all().get(0))
     assert [front.ends[3].code, front.ends[3].reason] == ["RESOURCE_EXHAUSTED", "queue_full"]
     assert "is at capacity: all 2 batch slots are busy" in front.ends[3].message
     drive(core, {0: front})

@@ -13,16 +13,21 @@ import functools
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from charrnn.exporter.export import export_model
 from charrnn.service.automata import AutomatonTable
 from charrnn.service.constraints import compile_regex
-from charrnn.service.decode_graph import AutomatonInputs, DecodeGraph, allowed_bias, build_decode_graph
+from charrnn.service.decode_graph import (
+    AutomatonInputs,
+    DecodeGraph,
+    allowed_bias,
+    build_decode_graph,
+)
 from charrnn.service.runtime import load_model
 from charrnn.service.sampler import SamplerInputs
 from charrnn.service.sampling import uniforms
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from testkit.modelfactory import DEFAULT_VOCAB, make_model
 
 V = len(DEFAULT_VOCAB)
@@ -59,7 +64,7 @@ def fused(path, steps: int, controlled: bool = False, logprobs: bool = False, re
 
 def rows(data, batch: int) -> dict:
     """Per-row controls of ``batch`` rows: temperature (0 = greedy), top-k, top-p, seeds, positions."""
-    draw = lambda s: np.array(data.draw(st.lists(s, min_size=batch, max_size=batch)))  # noqa: E731
+    draw = lambda s: np.array(data.draw(st.lists(s, min_size=batch, max_size=batch)))
     return {
         "temperature": draw(st.sampled_from([0.0, 0.0, 0.3, 0.8, 1.0, 1.7])).astype(np.float32),
         "top_k": draw(st.sampled_from([0, 0, 1, 2, 5, V - 1, V, V + 3])).astype(np.int64),

@@ -47,9 +47,9 @@ def test_core_deltas_add_up_to_cumulative_buckets_sum_and_count():
     metrics.init_model("tiny")
     stats = CoreStats()
     stats.observe("step", np.array([0.00003, 0.0002, 0.0002, 0.3, 2.0]))  # buckets 5e-05, 0.00025 (2), 1.0, +Inf
-    apply_core_stats(metrics, "tiny", stats.take())
+    apply_core_stats(metrics, "tiny", stats.pop_all())
     stats.observe_same("step", 0.004, 2)  # bucket 0.005
-    apply_core_stats(metrics, "tiny", stats.take())
+    apply_core_stats(metrics, "tiny", stats.pop_all())
 
     text = generate_latest(metrics.registry).decode()
     cumulative = {"5e-05": 1, "0.0001": 1, "0.00025": 3, "0.0005": 3, "0.001": 3, "0.0025": 3, "0.005": 5,

@@ -63,21 +63,21 @@ def end(row, code="OK", reason="length", stop=-1, generated=0) -> protocol.End:
 def test_a_first_character_goes_out_at_once_and_the_rest_at_the_flush(out):
     a, b = add(out, request()), add(out, request())
     woken = out.apply(protocol.Out(steps=[step([a.row, b.row], "hx")]), now=1.0, flush=False)
-    assert woken == [a, b] and (a.take(), b.take()) == ("h", "x")
+    assert woken == [a, b] and (a.pop_all(), b.pop_all()) == ("h", "x")
     assert out.apply(protocol.Out(steps=[step([a.row, b.row], "iy"), step([a.row], " ")]), 1.1, flush=False) == []
-    assert a.take() == "" and b.take() == ""  # not due yet: no message per character
+    assert a.pop_all() == "" and b.pop_all() == ""  # not due yet: no message per character
     out.apply(protocol.Out(), 1.2, flush=True)
-    assert (a.take(), b.take()) == ("i ", "y")
+    assert (a.pop_all(), b.pop_all()) == ("i ", "y")
 
 
 def test_held_characters_wait_and_a_matched_stop_is_cut(out):
     s = add(out, request(stop=("the",)))
     out.apply(protocol.Out(steps=[step([s.row], "x", hold=[0])]), 1.0, flush=True)
     out.apply(protocol.Out(steps=[step([s.row], "t", hold=[1]), step([s.row], "h", hold=[2])]), 1.1, flush=True)
-    assert s.take() == "x"  # "th" may begin "the": held back
+    assert s.pop_all() == "x"  # "th" may begin "the": held back
     woken = out.apply(protocol.Out(steps=[step([s.row], "e", hold=[0])], ends=[end(s.row, reason="stop", stop=0,
                                                                                    generated=4)]), 1.2, flush=False)
-    assert woken == [s] and s.take() == "" and s.done
+    assert woken == [s] and s.pop_all() == "" and s.done
     assert s.result.finish_reason == FinishReason.STOP_SEQUENCE and s.result.stats.stop_sequence == "the"
     assert s.result.stats.generated_chars == 4 and s.result.stats.model == "m@1"
 
@@ -85,11 +85,11 @@ def test_held_characters_wait_and_a_matched_stop_is_cut(out):
 def test_held_text_is_released_at_an_end_by_length_and_dropped_at_an_error(out):
     ok, bad = add(out, request(stop=("ab",))), add(out, request(stop=("ab",)))
     out.apply(protocol.Out(steps=[step([ok.row, bad.row], "za", hold=[0, 1])]), 1.0, flush=True)
-    assert (ok.take(), bad.take()) == ("z", "")
+    assert (ok.pop_all(), bad.pop_all()) == ("z", "")
     out.apply(protocol.Out(steps=[step([ok.row], "a", hold=[1])], ends=[end(ok.row, generated=2)]), 1.1, False)
-    assert ok.take() == "a" and ok.result.finish_reason == FinishReason.LENGTH
+    assert ok.pop_all() == "a" and ok.result.finish_reason == FinishReason.LENGTH
     out.apply(protocol.Out(ends=[end(bad.row, code="UNAVAILABLE", reason="engine")]), 1.2, False)
-    assert bad.take() == "" and bad.done and bad.result is None  # the held "a" is not text the caller gets
+    assert bad.pop_all() == "" and bad.done and bad.result is None  # the held "a" is not text the caller gets
 
 
 def test_a_hold_longer_than_what_came_holds_what_came(out):
@@ -97,7 +97,7 @@ def test_a_hold_longer_than_what_came_holds_what_came(out):
     s = add(out, request(stop=("abc",)))
     out.apply(protocol.Out(steps=[step([s.row], "b", hold=[2])]), 1.0, flush=True)  # "a" of resume_text + "b"
     out.apply(protocol.Out(steps=[step([s.row], "x", hold=[0])]), 1.1, flush=True)
-    assert s.take() == "bx"
+    assert s.pop_all() == "bx"
 
 
 def test_log_probabilities_go_out_with_their_characters(out):
@@ -105,7 +105,7 @@ def test_log_probabilities_go_out_with_their_characters(out):
     lp = protocol.Logprobs(np.array([-0.5], np.float32), np.array([[ID["q"], ID["r"]]], np.int32),
                            np.array([[-0.5, -1.5]], np.float32))
     out.apply(protocol.Out(steps=[step([s.row], "q", logprobs=lp)]), 1.0, flush=True)
-    assert s.take() == "q"
+    assert s.pop_all() == "q"
     assert s.logprobs == [("q", -0.5, [("q", -0.5), ("r", -1.5)])]
 
 
@@ -113,7 +113,7 @@ def test_a_full_row_is_handed_over_without_waiting_for_the_flush(out):
     s = add(out, request())
     for k in range(PENDING + 3):
         out.apply(protocol.Out(steps=[step([s.row], "ab"[k % 2])]), 1.0 + k, flush=False)
-    assert len(s.take()) >= PENDING  # the first character at once, then a whole row
+    assert len(s.pop_all()) >= PENDING  # the first character at once, then a whole row
 
 
 def test_rows_are_reused_and_failing_all_ends_every_stream(out):

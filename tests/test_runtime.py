@@ -60,7 +60,7 @@ def test_loaded_model_runs_like_the_raw_session(tiny_path):
 def test_state_rows_can_be_gathered_and_joined(tiny_path):
     model = runtime.load_model(tiny_path, "tiny", 1, "cpu")
     _, state = model.run(np.arange(12).reshape(4, 3), model.zero_state(4))
-    picked = model.take(state, np.array([3, 1]))
+    picked = model.gather(state, np.array([3, 1]))
     joined = model.concat([picked, model.zero_state(2)])
     for full, part, both in zip(state, picked, joined):
         np.testing.assert_array_equal(part, full[:, [3, 1]])
@@ -134,5 +134,5 @@ def test_cuda_keeps_the_state_on_the_device_and_matches_the_cpu(tiny_path, tmp_p
     lg, sg = gpu.run(tokens, gpu.zero_state(2))
     assert all(isinstance(s, ort.OrtValue) and s.device_name() == "cuda" for s in sg)
     np.testing.assert_allclose(lg, lc, atol=1e-4)
-    joined = gpu.concat([gpu.take(sg, np.array([1])), gpu.zero_state(1)])
+    joined = gpu.concat([gpu.gather(sg, np.array([1])), gpu.zero_state(1)])
     np.testing.assert_allclose(gpu.state_numpy(joined)[0][:, 0], sc[0][:, 1], atol=1e-4)
