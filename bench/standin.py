@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from testkit.stubmodel import NumpyState
+
 # The H200's raw onnxruntime CUDA step (I/O binding), ms, at these batches (bench/results/gpu/serving_gpu.json).
 H200_STEP_MS = {1: 0.378, 64: 0.392, 1024: 0.399, 4096: 0.643}
 H200_ENGINE = {1024: 390_000, 4096: 311_000}  # the engine at f486fcc on that card, characters per second
@@ -80,7 +82,7 @@ def load_spin():
     return spin
 
 
-class StandIn:
+class StandIn(NumpyState):
     """What an engine sees of a model, with the H200's step time: state [1, B, 1] (on the 'device')."""
 
     def __init__(self, metadata, device_path: bool):
@@ -96,9 +98,6 @@ class StandIn:
     def _busy(self, seconds: float) -> None:
         self.spin(seconds)
         self.spun += seconds
-
-    def zero_state(self, batch: int):
-        return (np.zeros((1, batch, 1), np.float32),)
 
     def run(self, tokens: np.ndarray, state):
         """A prefill (or, host path, a step): the step's cost plus 10 us per extra character; fixed logits."""
@@ -123,25 +122,7 @@ class StandIn:
         self._sampler = self._sampler or Sampler()
         return self._sampler.sample(logits, temperature, top_k, top_p, u, controls)
 
-    def gather(self, state, rows):
-        return tuple(np.take(s, rows, axis=1) for s in state)
-
-    def concat(self, states):
-        return states[0] if len(states) == 1 else tuple(np.concatenate(p, axis=1) for p in zip(*states))
-
-    def place(self, state, slots, rows):
-        for target, source in zip(state, rows):
-            target[:, slots, :] = source
-        return state
-
-    def resize(self, state, batch):
-        have = state[0].shape[1]
-        if batch <= have:
-            return tuple(np.ascontiguousarray(s[:, :batch]) for s in state)
-        return self.concat([state, self.zero_state(batch - have)])
-
-    def state_numpy(self, state):
-        return state
+    take = NumpyState.gather  # what an old tree's engine calls it (legacy_run)
 
 
 def metadata():

@@ -18,12 +18,13 @@ from charrnn.modelfile import ModelMetadata
 from charrnn.service import protocol
 from charrnn.service.core import Core
 from charrnn.service.sampler import Picked
+from testkit.stubmodel import NumpyState
 
 VOCAB = tuple("\nabcdefghijklmnopqrstuvwxyz")
 V = len(VOCAB)
 
 
-class CounterModel:
+class CounterModel(NumpyState):
     """What the core sees of a model: the next character is always the one after the last, greedily."""
 
     def __init__(self, device: str = "cpu"):
@@ -31,9 +32,6 @@ class CounterModel:
                                       train_steps=0, corpus_sha256="")
         self.name, self.version, self.label, self.device = "counter", 1, "counter@1", device
         self.calls = 0
-
-    def zero_state(self, batch: int):
-        return (np.zeros((1, batch, 1), np.float32),)
 
     def run(self, tokens: np.ndarray, state):
         self.calls += 1
@@ -51,26 +49,6 @@ class CounterModel:
     def decode(self, tokens, state, temperature, top_k, top_p, u, controls=None):
         logits, state = self.run(tokens, state)
         return self.sample(logits, temperature, top_k, top_p, u, controls), state
-
-    def gather(self, state, rows):
-        return tuple(np.take(s, rows, axis=1) for s in state)
-
-    def concat(self, states):
-        return states[0] if len(states) == 1 else tuple(np.concatenate(p, axis=1) for p in zip(*states))
-
-    def place(self, state, slots, rows):
-        for target, source in zip(state, rows):
-            target[:, slots, :] = source
-        return state
-
-    def resize(self, state, batch):
-        have = state[0].shape[1]
-        if batch <= have:
-            return tuple(np.ascontiguousarray(s[:, :batch]) for s in state)
-        return self.concat([state, self.zero_state(batch - have)])
-
-    def state_numpy(self, state):
-        return state
 
 
 def ids(text: str) -> np.ndarray:
