@@ -37,6 +37,7 @@ import numpy as np
 from charrnn.service import protocol, sampling
 from charrnn.service.automata import AutomatonTable, stop_automaton
 from charrnn.service.controls import ControlRows
+from charrnn.service.decode_graph import Decoder
 from charrnn.service.scoring import ScoreRun
 from charrnn.service.metrics import CoreStats
 from charrnn.service.prefill import Prefill
@@ -139,8 +140,9 @@ class Outbox:
 
 class Batch:
     def __init__(self, model: LoadedModel, capacity: int, *, outbox: Outbox, stats: CoreStats,
-                 prime_cache: PrimeCache | None = None):
+                 prime_cache: PrimeCache | None = None, decoder: Decoder | None = None):
         self.model = model
+        self.decoder = decoder  # the K-step decode (--decode-steps > 1), or None: one character a call
         self.slots = Slots(model, capacity)
         self.outbox = outbox
         self.stats = stats
@@ -248,7 +250,7 @@ class Batch:
             flush()
         self._started = False
         if self.slots.active[: self.slots.extent].any():
-            self._decode()
+            self._decode(self.steps_now(joining))
         if not self.prefill.cohorts and not (joining and self.slots.capacity > 1):
             moved = self.slots.compact()
             self.controls.move(*moved)
@@ -290,33 +292,57 @@ class Batch:
                                        self.controls.sampler_controls(slots))
             now = time.monotonic()
             s.first_at[slots] = s.last_at[slots] = now
-            self._advance(slots, picked.ids[:, 0], now, lp=_logprobs(picked, slice(None)))
+            lp = (picked.logprob, picked.top_ids, picked.top_logprobs)
+            self._advance(slots, picked.ids[:, 0], now, lp=_logprobs(lp, slice(None)))
             self._started = True
 
     # ---- decode ----
 
-    def _decode(self) -> None:
+    def _decode(self, steps: int) -> None:
+        """One decode call: every slot of the extent advances ``steps`` characters (1: the model step and the
+        sampler; more: the fused K-step graph, decode_graph.py)."""
         s = self.slots
         e = s.extent
         t0 = time.monotonic()
-        picked, s.state = self.model.decode(
-            s.token[:e, None], s.state, s.temperature[:e], s.top_k[:e], s.top_p[:e],
-            sampling.uniforms(s.seed[:e], s.generated[:e]), self.controls.sampler_controls(slice(0, e)))
+        controls = self.controls.sampler_controls(slice(0, e))
+        if steps == 1:
+            picked, s.state = self.model.decode(
+                s.token[:e, None], s.state, s.temperature[:e], s.top_k[:e], s.top_p[:e],
+                sampling.uniforms(s.seed[:e], s.generated[:e]), controls)
+            ids, lp = picked.ids, (picked.logprob, picked.top_ids, picked.top_logprobs)
+        else:
+            u = sampling.uniforms(s.seed[:e, None], s.generated[:e, None] + np.arange(steps))  # [e, K]
+            decoded, s.state = self.decoder.decode(s.token[:e, None], s.state, s.temperature[:e], s.top_k[:e],
+                                                   s.top_p[:e], u, controls)
+            ids, lp = decoded.ids, (decoded.logprob, decoded.top_ids, decoded.top_logprobs)
         now = time.monotonic()
-        self.steps += 1
         self._last_step_seconds = now - t0
         rows = s.active_rows()  # a slice when no hole: every index below is then a view
-        ids = picked.ids[rows, 0]
-        self.stats.observe_same("step", now - t0, 1)
-        self.stats.observe_same("batch", len(ids), 1)
+        n = len(s.generated[rows])
+        self.stats.observe_same("step", (now - t0) / steps, steps)
+        self.stats.observe_same("batch", n, steps)
         first = s.generated[rows] == 0
+        # Characters that arrive together are spaced by the call's time over its steps.
+        gaps = (now - s.last_at[rows][~first]) / steps
+        self.stats.observe("inter_char", np.repeat(gaps, steps) if steps > 1 else gaps)
         if first.any():  # their first character: the start of their decode, not a gap between two
             s.first_at[(np.arange(s.extent)[rows])[first]] = now
-            self.stats.observe("inter_char", now - s.last_at[rows][~first])
-        else:
-            self.stats.observe("inter_char", now - s.last_at[rows])
         s.last_at[rows] = now
-        self._advance(rows, ids, now, lp=_logprobs(picked, rows))
+        for k in range(steps):
+            if k:
+                rows = s.active_rows()  # the rows that ended at an earlier step have left
+                if not len(s.generated[rows]):
+                    break
+            self.steps += 1
+            self._advance(rows, ids[rows, k], now, lp=_logprobs(lp, rows, k))
+
+    def steps_now(self, joining: bool) -> int:
+        """How many characters the next decode call advances: 1 while streams wait for a slot or read their
+        prime (their first characters must not wait for a K-step call) and while a row follows a regex;
+        else --decode-steps."""
+        if self.decoder is None or joining or self.prefill.busy or self.controls.has_regex(self.slots.extent):
+            return 1
+        return self.decoder.steps
 
     def _advance(self, slots: np.ndarray | slice, ids: np.ndarray, now: float, emit: bool = True,
                  lp: protocol.Logprobs | None = None) -> None:
@@ -391,9 +417,13 @@ def _end_kinds(stop_index: np.ndarray, complete: np.ndarray | None, generated: n
     return np.select(holds, [_STOP, _MATCH, _LENGTH, _CANCEL], _DEADLINE)
 
 
-def _logprobs(picked, rows) -> protocol.Logprobs | None:
-    """The log-probabilities of ``rows`` of a sampler's answer, as Outbox.chars takes them (None without)."""
-    if picked.logprob is None:
+def _logprobs(lp: tuple, rows, k: int = 0) -> protocol.Logprobs | None:
+    """Step ``k``'s log-probabilities of ``rows``, from (logprob [B, K], top_ids [B, (K,) n], top_logprobs
+    [B, (K,) n]) of a sampler's or a K-step graph's answer, as Outbox.chars takes them (None without)."""
+    chosen, top_ids, top_lp = lp
+    if chosen is None:
         return None
-    return protocol.Logprobs(picked.logprob[rows, 0].astype(np.float32), picked.top_ids[rows].astype(np.int32),
-                             picked.top_logprobs[rows].astype(np.float32))
+    if top_ids.ndim == 3:
+        top_ids, top_lp = top_ids[:, k], top_lp[:, k]
+    return protocol.Logprobs(chosen[rows, k].astype(np.float32), top_ids[rows].astype(np.int32),
+                             top_lp[rows].astype(np.float32))

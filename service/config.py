@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 from charrnn import commandline
-from charrnn.service.core import MAX_ACTIVE, MAX_QUEUE
+from charrnn.service.core import DECODE_STEPS, MAX_ACTIVE, MAX_DECODE_STEPS, MAX_QUEUE
 
 if TYPE_CHECKING:  # pragma: no cover
     from charrnn.service.validation import Limits
@@ -60,6 +60,12 @@ class ServeConfig:
     batching: bool = _opt(
         True, "Continuous batching across streams (off: one onnxruntime call per stream per step).", _on_off,
         ("on", "off"),
+    )
+    decode_steps: int = _opt(
+        DECODE_STEPS, "Characters each decode call advances every stream under steady load, in one fused "
+        "onnxruntime graph (model and sampler, K times); 1 while streams wait for a slot or read their prime, and "
+        "while one follows a regex. A cancel or deadline takes effect within this many steps. CPU with batching "
+        "on; 1 elsewhere.", int,
     )
     frontends: int = _opt(
         0, "gRPC front-end processes sharing --port (SO_REUSEPORT spreads connections over them); 0 picks half "
@@ -130,6 +136,7 @@ class ServeConfig:
             ("http_port", -1 <= self.http_port <= 65535, "in [-1, 65535] (-1 is off, 0 picks a free port)"),
             ("frontends", 0 <= self.frontends <= 64, "in [0, 64] (0 picks a number for the machine)"),
             ("max_active_streams", self.max_active_streams >= 1, ">= 1"),
+            ("decode_steps", 1 <= self.decode_steps <= MAX_DECODE_STEPS, f"in [1, {MAX_DECODE_STEPS}]"),
             ("max_queue", self.max_queue >= 0, ">= 0"),
             ("max_queue_wait", math.isfinite(self.max_queue_wait) and self.max_queue_wait > 0, "a number > 0"),
             ("max_chars", self.max_chars >= 1, ">= 1"),

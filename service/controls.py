@@ -98,6 +98,10 @@ class ControlRows:
         for a in src:
             self.used[a] = False
 
+    def has_regex(self, extent: int) -> bool:
+        """Some row below ``extent`` follows a regex."""
+        return self.regexes.in_use and bool(self.regexes.state[:extent].any())
+
     def sampler_controls(self, rows) -> SamplerInputs | None:
         """The controlled graph's inputs for ``rows`` (a slice or int64 [n]), or None when none of them uses any."""
         if not self._active or not self.used[rows].any():

@@ -26,6 +26,7 @@ import numpy as np
 
 from charrnn.service import errors, protocol, sampling
 from charrnn.service.batch import Admission, Batch, Outbox
+from charrnn.service.decode_graph import Decoder
 from charrnn.service.metrics import CoreStats
 from charrnn.service.primecache import PrimeCache
 from charrnn.service.runtime import LoadedModel
@@ -36,11 +37,14 @@ QUEUE_SCAN_SECONDS = 0.01  # how often queued streams are checked for deadlines
 # The default limits of one model's engine; charrnn-serve's flags (config.py) and every constructor take these.
 MAX_ACTIVE = 256  # batch slots: streams generating at once (--max-active-streams)
 MAX_QUEUE = 1024  # streams that may wait for a slot (--max-queue)
+DECODE_STEPS = 1  # characters per decode call under steady load (--decode-steps)
+MAX_DECODE_STEPS = 64
 
 
 class BatchScheduler:
-    def __init__(self, model: LoadedModel, capacity: int, outbox: Outbox, stats: CoreStats, cache: PrimeCache):
-        self.batch = Batch(model, capacity, outbox=outbox, stats=stats, prime_cache=cache)
+    def __init__(self, model: LoadedModel, capacity: int, outbox: Outbox, stats: CoreStats, cache: PrimeCache,
+                 decoder: Decoder | None = None):
+        self.batch = Batch(model, capacity, outbox=outbox, stats=stats, prime_cache=cache, decoder=decoder)
 
     @property
     def free(self) -> int:
@@ -131,7 +135,12 @@ class Core:
         max_queue_wait: float = 30.0,
         batching: bool = True,
         prime_cache: int = 1024,
+        decode_steps: int = DECODE_STEPS,
+        decode_graphs: dict | None = None,
     ):
+        """``decode_steps``: characters per decode call under steady load (--decode-steps; the K-step graph of
+        decode_graph.py, on the CPU and with batching on; 1 elsewhere); ``decode_graphs``: those graphs built
+        already (decode_graph.read_graphs), else they are built here."""
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
         if max_queue < 0:
@@ -152,8 +161,15 @@ class Core:
         # that misses them sees less room than there is, never more.
         self.admission_lock = threading.Lock()
         self._last_scan = 0.0
+        if decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+        self.decode_steps = decode_steps if batching and model.device == "cpu" else 1
+        decoder = None
+        if self.decode_steps > 1:
+            threads = model.session.get_session_options().intra_op_num_threads
+            decoder = Decoder(model, self.decode_steps, threads, decode_graphs)
         if batching:
-            self.scheduler = BatchScheduler(model, max_active, self.outbox, self.stats, self.prime_cache)
+            self.scheduler = BatchScheduler(model, max_active, self.outbox, self.stats, self.prime_cache, decoder)
         else:
             self.scheduler = NaiveScheduler(model, max_active, self.outbox, self.stats)
 

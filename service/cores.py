@@ -35,8 +35,8 @@ from typing import Callable
 import zmq
 
 from charrnn import modelfile as mf
-from charrnn.service import errors, protocol
-from charrnn.service.core import MAX_ACTIVE, MAX_QUEUE, Core
+from charrnn.service import decode_graph, errors, protocol
+from charrnn.service.core import DECODE_STEPS, MAX_ACTIVE, MAX_QUEUE, Core
 from charrnn.service.corerun import EXIT_FAILED, CoreLoop
 from charrnn.service.coreclient import CoreClient
 from charrnn.service.metrics import Metrics
@@ -127,7 +127,7 @@ class CoreHandle(abc.ABC):
 class ThreadCore(CoreHandle):
     def __init__(self, model: LoadedModel, *, metrics: Metrics, max_active: int = MAX_ACTIVE, max_queue: int = MAX_QUEUE,
                  max_queue_wait: float = 30.0, batching: bool = True, flush_interval: float = 0.05,
-                 prime_cache: int = 1024):
+                 prime_cache: int = 1024, decode_steps: int = DECODE_STEPS):
         self.model = model
         self.name, self.label = model.name, model.label
         self.max_active = max_active
@@ -138,7 +138,7 @@ class ThreadCore(CoreHandle):
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.bind(address)
         self.core = Core(model, max_active=max_active, max_queue=max_queue, max_queue_wait=max_queue_wait,
-                               batching=batching, prime_cache=prime_cache)
+                        batching=batching, prime_cache=prime_cache, decode_steps=decode_steps)
         self._loop = CoreLoop(self.core, sock)
         self.client = CoreClient(model.label, model.name, model.metadata, ctx=self._ctx, address=address,
                                    metrics=metrics, max_active=max_active, max_queue=max_queue,
@@ -212,8 +212,10 @@ class ProcessCore(CoreHandle):
     def __init__(self, path: Path, name: str, version: int, *, device: str, threads: int, metrics: Metrics,
                  workdir: Path, max_active: int = MAX_ACTIVE, max_queue: int = MAX_QUEUE, max_queue_wait: float = 30.0,
                  batching: bool = True, flush_interval: float = 0.05, prime_cache: int = 1024,
-                 step_timeout: float = 30.0, log_format: str = "text", log_level: str = "info"):
+                 decode_steps: int = DECODE_STEPS, step_timeout: float = 30.0, log_format: str = "text",
+                 log_level: str = "info"):
         self.path, self.name, self.version, self.device = Path(path), name, version, device
+        self._decode_steps = decode_steps if batching and device == "cpu" else 1
         self._step_timeout = step_timeout
         self.max_active = max_active
         self._metrics, self._flush, self.max_queue = metrics, flush_interval, max_queue
@@ -223,7 +225,9 @@ class ProcessCore(CoreHandle):
                       "--threads", str(threads), "--max-active", str(max_active), "--max-queue", str(max_queue),
                       "--max-queue-wait", str(max_queue_wait), "--batching", "on" if batching else "off",
                       "--prime-cache", str(prime_cache), "--log-format", log_format, "--log-level", log_level,
-                      "--sampler-graphs", str(workdir)]  # sampler.write_graphs wrote them there
+                      "--sampler-graphs", str(workdir),  # sampler.write_graphs wrote them there
+                      "--decode-steps", str(self._decode_steps)]
+        self._graphs = Path(workdir) / f"decode-{next(_SERIAL)}"  # the K-step graphs' files, built at start
         self._ctx = zmq.Context.instance()
         self._proc: subprocess.Popen | None = None
         self.model: ServedModel | None = None
@@ -234,11 +238,18 @@ class ProcessCore(CoreHandle):
 
     def start(self, on_failure: Callable[[Exception], None] | None = None) -> None:
         """Starts the process and waits until it serves or refuses; raises ModelFormatError('<path>: <why>')."""
-        self._proc = subprocess.Popen(self._argv, stdin=subprocess.DEVNULL)
+        argv = self._argv
+        if self._decode_steps > 1:
+            try:  # built here, where the onnx package is loaded already (sampler.write_graphs)
+                decode_graph.write_graphs(self.path, self._decode_steps, self._graphs)
+                argv = [*argv, "--decode-graphs", str(self._graphs)]
+            except Exception as e:  # noqa: BLE001 - an unreadable file: the core refuses it, with its own reason
+                log.debug("K-step graphs of %s not built here (%s); the core builds them", self.path, e)
+        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         # A provisional client: the metadata comes with the core's first message.
         self.client = CoreClient(self.label, self.name, _PLACEHOLDER, ctx=self._ctx, address=self.address,
-                                   metrics=self._metrics, max_active=self.max_active, max_queue=self.max_queue,
-                                   flush_interval=self._flush)
+                                 metrics=self._metrics, max_active=self.max_active, max_queue=self.max_queue,
+                                 flush_interval=self._flush)
         first = self._first("loaded", START_SECONDS)
         if isinstance(first, protocol.Loaded):
             first = self._first("up", self._step_timeout)
@@ -337,7 +348,8 @@ def factory(where: str, *, device: str, threads: int, metrics: Metrics, workdir:
             **core_args) -> Callable[[Path, str, int], CoreHandle]:
     """What makes the core of a model file, ``make(path, name, version)``: a ``ProcessCore`` (``where`` is
     "process", the server; its sampler graphs are in ``workdir``) or a ``ThreadCore`` ("thread": tests and
-    tools). ``core_args``: max_active, max_queue, max_queue_wait, batching, flush_interval, prime_cache."""
+    tools). ``core_args``: max_active, max_queue, max_queue_wait, batching, flush_interval, prime_cache,
+    decode_steps."""
     if where == "process":
         def make(path: Path, name: str, version: int) -> CoreHandle:
             return ProcessCore(path, name, version, device=device, threads=threads, metrics=metrics, workdir=workdir,

@@ -398,25 +398,36 @@ class DecodeGraph:
     """The K-step decode graph of one model file as CPU sessions: one per sampler path, made at first use."""
 
     def __init__(self, model_path_or_bytes: str | Path | bytes, steps: int, *, controlled: bool = False,
-                 logprobs: bool = False, regex: bool = False, loop: bool = False, threads: int = 0):
-        self.model = (bytes(model_path_or_bytes) if isinstance(model_path_or_bytes, (bytes, bytearray))
-                      else Path(model_path_or_bytes).read_bytes())
+                 logprobs: bool = False, regex: bool = False, loop: bool = False, threads: int = 0,
+                 metadata: mf.ModelMetadata | None = None, prebuilt: dict[bool, bytes] | None = None):
+        """``metadata``: the model's, when the caller has it (else read from the file); ``prebuilt``: the graphs
+        already built ({filtered: bytes}, read_graphs): then this process never imports onnx."""
+        self.source = model_path_or_bytes
         self.steps, self.controlled, self.logprobs, self.regex, self.loop = steps, controlled, logprobs, regex, loop
         self.threads = threads
+        self._prebuilt = dict(prebuilt or {})
         self._sessions: dict[bool, ort.InferenceSession] = {}
-        import onnx
+        if metadata is None:
+            import onnx
 
-        self.metadata = mf.ModelMetadata.from_props({p.key: p.value for p in onnx.load_from_string(self.model)
-                                                     .metadata_props})
+            model = (onnx.load_from_string(bytes(model_path_or_bytes))
+                     if isinstance(model_path_or_bytes, (bytes, bytearray)) else onnx.load(str(model_path_or_bytes)))
+            metadata = mf.ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})
+        self.metadata = metadata
         pairs = self.metadata.state_names()
         self.state_inputs = tuple(i for i, _ in pairs)
         self.state_outputs = tuple(o for _, o in pairs)
 
+    def graph(self, filtered: bool) -> bytes:
+        if filtered not in self._prebuilt:
+            self._prebuilt[filtered] = build_decode_graph(self.source, self.steps, filtered=filtered,
+                                                          controlled=self.controlled, logprobs=self.logprobs,
+                                                          regex=self.regex, loop=self.loop)
+        return self._prebuilt[filtered]
+
     def session(self, filtered: bool) -> ort.InferenceSession:
         if filtered not in self._sessions:
-            graph = build_decode_graph(self.model, self.steps, filtered=filtered, controlled=self.controlled,
-                                       logprobs=self.logprobs, regex=self.regex, loop=self.loop)
-            self._sessions[filtered] = ort.InferenceSession(graph, session_options(self.threads),
+            self._sessions[filtered] = ort.InferenceSession(self.graph(filtered), session_options(self.threads),
                                                             providers=[CPU_PROVIDER])
         return self._sessions[filtered]
 
@@ -467,3 +478,49 @@ class DecodeGraph:
         return Decoded(ids=got["ids"], counts=got.get("counts_out"), logprob=got.get("logprob"),
                        top_logprobs=got.get("top_logprobs"), top_ids=got.get("top_ids"),
                        automaton_state=got.get("automaton_state_out")), new_state
+
+
+# The variants the engine runs (Decoder): rows without controls, and rows with bias, penalties or
+# log-probabilities; each with and without the top-k / top-p path.
+ENGINE_VARIANTS = tuple((controlled, filtered) for controlled in (False, True) for filtered in (False, True))
+
+
+def _graph_file(prefix: str | Path, controlled: bool, filtered: bool) -> Path:
+    return Path(f"{prefix}-{'controlled' if controlled else 'plain'}{'-filtered' if filtered else ''}.onnx")
+
+
+def write_graphs(model_path: str | Path, steps: int, prefix: str | Path) -> None:
+    """Builds the engine's K-step graphs of ``model_path`` into files named ``prefix``-...; the server does this
+    before it starts a core process (which then reads them, without the onnx package: read_graphs)."""
+    for controlled, filtered in ENGINE_VARIANTS:
+        _graph_file(prefix, controlled, filtered).write_bytes(
+            build_decode_graph(model_path, steps, filtered=filtered, controlled=controlled, logprobs=controlled))
+
+
+def read_graphs(prefix: str | Path) -> dict[tuple[bool, bool], bytes]:
+    """What write_graphs wrote: {(controlled, filtered): bytes}."""
+    return {(c, f): _graph_file(prefix, c, f).read_bytes() for c, f in ENGINE_VARIANTS}
+
+
+class Decoder:
+    """The K-step decode of the engine (batch.py) on the CPU: the plain graph, or the controlled one with
+    log-probabilities when some row has bias, penalties or logprobs; sessions made at once (no first-call
+    pause). Rows with a regex are not decoded here (the batch takes single steps while one runs)."""
+
+    def __init__(self, model, steps: int, threads: int = 0, prebuilt: dict[tuple[bool, bool], bytes] | None = None):
+        prebuilt = prebuilt or {}
+        self.steps = steps
+        self.graphs = {
+            controlled: DecodeGraph(model.path, steps, controlled=controlled, logprobs=controlled, threads=threads,
+                                    metadata=model.metadata,
+                                    prebuilt={f: prebuilt[(controlled, f)] for f in (False, True)
+                                              if (controlled, f) in prebuilt})
+            for controlled in (False, True)}
+        for g in self.graphs.values():
+            for filtered in (False, True):
+                g.session(filtered)
+
+    def decode(self, tokens: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray,
+               top_p: np.ndarray, u: np.ndarray, controls: SamplerInputs | None) -> tuple[Decoded, State]:
+        """tokens int64 [B, 1], u [B, K] -> (Decoded: ids [B, K] and, with controls, log-probabilities; state)."""
+        return self.graphs[controls is not None].decode(tokens, state, temperature, top_k, top_p, u, controls)

@@ -113,6 +113,8 @@ def validate_request(
     time by which the stream must end, or None. ``request_id`` is the id already
     chosen by the caller (made up here when None).
     """
+    if not isinstance(req, GenerateFields):  # a protobuf would read as one whose optional fields are all set
+        raise TypeError(f"validate_request takes GenerateFields (generate_fields of a protobuf), got {type(req)}")
     rid = request_id if request_id is not None else request_id_of(req)
 
     check_max_chars(req.max_chars, limits)

@@ -13,7 +13,7 @@ from typing import Sequence
 from charrnn.modelfile import ModelMetadata
 from charrnn.service.client import build_request
 from charrnn.service.requests import GenerationRequest
-from charrnn.service.validation import Limits, validate_request
+from charrnn.service.validation import Limits, generate_fields, validate_request
 
 # Far above anything a test asks for: the server's own caps are tested through the server.
 OPEN_LIMITS = Limits(max_chars=10**9, max_prime_chars=10**6)
@@ -36,5 +36,5 @@ def generation_request(
     """A request as the servicer would hand it to the engine; ``fields`` are further GenerateRequest fields."""
     pb = build_request(prime, max_chars, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                        stop=stop, request_id=request_id, **fields)
-    return validate_request(pb, metadata, OPEN_LIMITS, now=time.monotonic(), deadline=deadline,
+    return validate_request(generate_fields(pb), metadata, OPEN_LIMITS, now=time.monotonic(), deadline=deadline,
                             request_id=request_id or None)
