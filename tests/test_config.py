@@ -53,6 +53,7 @@ VALUES = {
     "tls_key": "k.pem", "tls_client_ca": "ca.pem", "log_format": "json", "log_level": "debug",
     "max_message_bytes": "65536", "frontends": "3", "max_n": "4", "max_regex_states": "50", "max_score_chars": "500", "step_timeout": "5", "engine_restart_backoff": "0.2", "engine_max_backoff": "4",
     "engine_max_failures": "2", "engine_failure_window": "10", "http_port": "8080",
+    "decode_steps": "4",
 }
 
 
@@ -77,6 +78,7 @@ def test_every_flag_has_an_env_twin_and_the_flag_wins(tmp_path):
         (["--http-port", "-2"], {}, r"--http-port \(or CHARRNN_HTTP_PORT\) must be in \[-1, 65535\] \(-1 is off.*got -2"),
         (["--drain-grace", "-1"], {}, r"--drain-grace \(or CHARRNN_DRAIN_GRACE\) must be a number >= 0, got -1.0"),
         (["--max-active-streams", "0"], {}, r"--max-active-streams .* must be >= 1, got 0"),
+        (["--decode-steps", "0"], {}, r"--decode-steps \(or CHARRNN_DECODE_STEPS\) must be in \[1, 64\], got 0"),
         (["--flush-interval", "2"], {}, r"--flush-interval \(or CHARRNN_FLUSH_INTERVAL\) must be in \[0, 1\] seconds, got 2.0"),
         (["--tls-cert", "c.pem"], {}, r"--tls-key .* must be given together with --tls-cert"),
         (["--step-timeout", "0"], {}, r"--step-timeout \(or CHARRNN_STEP_TIMEOUT\) must be a number > 0, got 0.0"),
