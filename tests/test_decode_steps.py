@@ -1,0 +1,135 @@
+"""--decode-steps: a seeded stream's text does not depend on how many characters each decode call advances.
+
+Through real sockets: one long-lived server with --decode-steps 5 (odd, so that calls end inside requests, stop
+sequences and lengths) gets hypothesis-drawn target requests, each sent among a background of concurrent streams
+with other controls (regexes, which take the batch to single steps, bias, penalties, log-probabilities, stops,
+n > 1, cancels); the oracle is a server with --decode-steps 1, each target sent alone. Text, finish reason, stop
+sequence and log-probabilities must agree. In process, a core for every K from 1 to 12 against K = 1, the same
+way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from charrnn.service.client import GeneratorClient, ServiceError
+from charrnn.service.cores import ThreadCore
+from charrnn.service.metrics import Metrics
+from charrnn.service.runtime import load_model
+from testkit.requests import generation_request
+from testkit.serve_process import ServeProcess
+
+K = 5
+PRIMES = ("ROMEO:", "a", "The ", "\n", "KING RICHARD III:\nNow is the winter")
+BACKGROUND = (
+    {"regex": "[a-z ]{3,12}\\."}, {"logit_bias": {"e": 4.0}}, {"presence_penalty": 1.0},
+    {"logprobs": 3}, {"stop": ["e", "th"]}, {"n": 3}, {"allowed_chars": "abc \n"}, {"temperature": 0.0}, {},
+)
+
+
+@pytest.fixture(scope="module")
+def servers(model_repo, no_torch_env):
+    with ServeProcess(model_repo, "--decode-steps", str(K), "--max-n", "4", env=no_torch_env) as many, \
+            ServeProcess(model_repo, "--decode-steps", "1", "--max-n", "4", env=no_torch_env) as one:
+        with GeneratorClient(many.target) as under_test, GeneratorClient(one.target) as oracle:
+            yield under_test, oracle
+
+
+@st.composite
+def targets(draw):
+    spec = {
+        "prime": draw(st.sampled_from(PRIMES)),
+        "max_chars": draw(st.integers(1, 70)),
+        "seed": draw(st.integers(0, 2**63 - 1)),
+        "temperature": draw(st.sampled_from([0.0, 0.6, 1.0, 1.4])),
+        "top_k": draw(st.sampled_from([0, 0, 4])),
+        "top_p": draw(st.sampled_from([0.0, 0.0, 0.8])),
+        "model": draw(st.sampled_from(["tiny", "other"])),
+    }
+    extra = draw(st.sampled_from(["", "stop", "bias", "penalty", "logprobs"]))
+    if extra == "stop":
+        spec["stop"] = draw(st.lists(st.text("aeiou \nt", min_size=1, max_size=2), max_size=2, unique=True))
+    elif extra == "bias":
+        spec["logit_bias"] = {"a": 3.0, "z": -5.0}
+    elif extra == "penalty":
+        spec["frequency_penalty"] = 0.7
+        spec["repetition_penalty"] = 1.2
+    elif extra == "logprobs":
+        spec["logprobs"] = 2
+    return spec
+
+
+def _ask(client: GeneratorClient, spec: dict) -> tuple:
+    fields = {k: v for k, v in spec.items() if k not in ("prime", "max_chars")}
+    g = client.generate(spec["prime"], spec["max_chars"], timeout=60, **fields)
+    text = g.text()
+    lps = [(e.char, round(e.logprob, 3), tuple(a.char for a in e.top)) for e in g.logprobs.get(0, [])]
+    return text, g.finish_reason, lps
+
+
+def _background(client: GeneratorClient, i: int, rng: random.Random) -> None:
+    fields = dict(rng.choice(BACKGROUND))
+    g = client.generate(rng.choice(PRIMES), rng.randint(5, 120), model=rng.choice(["tiny", "other"]),
+                        seed=rng.randrange(2**32), timeout=60, **fields)
+    try:
+        for n, _ in enumerate(g):
+            if i % 5 == 0 and n == 3:  # a fifth are cancelled mid-stream
+                g.cancel()
+                break
+    except ServiceError:
+        pass
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(st.lists(targets(), min_size=1, max_size=6), st.integers(0, 160), st.integers(0, 2**32))
+def test_seeded_text_is_the_same_for_k_steps_among_other_streams_as_for_one_step_alone(servers, specs, others,
+                                                                                        seed):
+    under_test, oracle = servers
+    rng = random.Random(seed)
+    with concurrent.futures.ThreadPoolExecutor(48) as pool:
+        noise = [pool.submit(_background, under_test, i, rng) for i in range(others)]
+        rng.shuffle(specs)
+        got = [pool.submit(_ask, under_test, s) for s in specs]
+        results = [f.result() for f in got]
+        for f in noise:
+            f.result()
+    for spec, result in zip(specs, results):
+        assert result == _ask(oracle, spec), spec
+
+
+@pytest.fixture(scope="module")
+def tiny(model_repo):
+    return load_model(model_repo / "tiny" / "1" / "model.onnx", "tiny", 1, "cpu")
+
+
+def _texts(model, steps: int, requests: list) -> list[tuple[str, str]]:
+    async def run():
+        engine = ThreadCore(model, metrics=Metrics(), max_active=64, max_queue=256, decode_steps=steps)
+        engine.start()
+        try:
+            async def read(req):
+                stream = engine.submit(req)
+                text = "".join([c async for c in stream])
+                return text, stream.result.finish_reason.value
+            return await asyncio.gather(*(read(r) for r in requests))
+        finally:
+            engine.stop(5.0)
+    return asyncio.run(run())
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(1, 12), st.lists(targets(), min_size=1, max_size=40))
+def test_every_k_gives_the_text_of_one_step_in_process(tiny, steps, specs):
+    requests = [generation_request(tiny.metadata, s["prime"], s["max_chars"], seed=s["seed"],
+                                   temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                                   stop=tuple(s.get("stop", ())), logit_bias=s.get("logit_bias", {}),
+                                   frequency_penalty=s.get("frequency_penalty", 0.0),
+                                   repetition_penalty=s.get("repetition_penalty", 0.0))
+                for s in specs]
+    assert _texts(tiny, steps, requests) == _texts(tiny, 1, requests)
