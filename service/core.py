@@ -37,7 +37,7 @@ QUEUE_SCAN_SECONDS = 0.01  # how often queued streams are checked for deadlines
 # The default limits of one model's engine; charrnn-serve's flags (config.py) and every constructor take these.
 MAX_ACTIVE = 256  # batch slots: streams generating at once (--max-active-streams)
 MAX_QUEUE = 1024  # streams that may wait for a slot (--max-queue)
-DECODE_STEPS = 1  # characters per decode call under steady load (--decode-steps)
+DECODE_STEPS = 8  # characters per decode call under steady load (--decode-steps)
 MAX_DECODE_STEPS = 64
 
 

@@ -3,7 +3,8 @@
 The stub is a counter: its state holds each row's last character, and its logits put all the weight on the next
 character of the vocabulary, so every stream's text is known in advance (the oracle): after prime p it is
 vocab[p+1], vocab[p+2], ... whatever the batch, the queue or the slot. The tests drive Core.add / Core.round /
-Core.cancel as the core process does, with more streams than slots, and read each stream's characters and end
+Core.cancel as the core process does (one character a call: the K-step graph needs a model file), with more
+streams than slots, and read each stream's characters and end
 from the messages its front-end would get.
 """
 
@@ -96,7 +97,7 @@ def drive(core: Core, fronts: dict[int, Front], rounds: int = 2000, until=None) 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])  # "cuda": the stub only takes the core's device path
 def test_more_streams_than_slots_all_finish_with_their_own_text(device):
     model = CounterModel(device)
-    core = Core(model, max_active=4, max_queue=64)
+    core = Core(model, max_active=4, max_queue=64, decode_steps=1)
     rng = random.Random(7)
     fronts = {0: Front(), 1: Front()}
     want = {}
@@ -115,7 +116,7 @@ def test_more_streams_than_slots_all_finish_with_their_own_text(device):
 
 
 def test_a_full_queue_refuses_with_the_capacity_message():
-    core = Core(CounterModel(), max_active=2, max_queue=1)
+    core = Core(CounterModel(), max_active=2, max_queue=1, decode_steps=1)
     front = Front()
     core.add(0, [protocol.Admit(kind="generate", row=r, prime=ids("ab"), max_chars=3) for r in range(4)], 0.0)
     front.read(core.outbox.pop_all().get(0))
@@ -126,7 +127,7 @@ def test_a_full_queue_refuses_with_the_capacity_message():
 
 
 def test_end_precedence_a_stop_on_the_last_character_is_a_stop_not_a_length():
-    core = Core(CounterModel(), max_active=2, max_queue=8)
+    core = Core(CounterModel(), max_active=2, max_queue=8, decode_steps=1)
     front = Front()
     # From "a": b c d e. A stop "de" completes on the 4th character, which is also max_chars.
     core.add(0, [protocol.Admit(kind="generate", row=0, prime=ids("a"), max_chars=4, stops=[list(ids("de"))]),
@@ -137,7 +138,7 @@ def test_end_precedence_a_stop_on_the_last_character_is_a_stop_not_a_length():
 
 
 def test_cancel_and_deadline_end_streams_and_free_their_slots():
-    core = Core(CounterModel(), max_active=2, max_queue=8)
+    core = Core(CounterModel(), max_active=2, max_queue=8, decode_steps=1)
     front = Front()
     core.add(0, [protocol.Admit(kind="generate", row=0, prime=ids("a"), max_chars=10_000),
                  protocol.Admit(kind="generate", row=1, prime=ids("a"), max_chars=10_000, deadline=-1.0),
@@ -152,7 +153,7 @@ def test_cancel_and_deadline_end_streams_and_free_their_slots():
 
 
 def test_a_dead_frontend_frees_its_slots_and_its_queue_for_the_others():
-    core = Core(CounterModel(), max_active=2, max_queue=8)
+    core = Core(CounterModel(), max_active=2, max_queue=8, decode_steps=1)
     fronts = {0: Front(), 1: Front()}
     core.add(0, [protocol.Admit(kind="generate", row=r, prime=ids("a"), max_chars=10_000) for r in range(4)], 0.0)
     core.add(1, [protocol.Admit(kind="generate", row=9, prime=ids("m"), max_chars=6)], 0.0)

@@ -71,6 +71,11 @@ class GeneratorServicer:
         UNAVAILABLE        the server is draining (shutting down), the model
         was removed, or its engine failed (the message says
         whether it is restarting or marked failed).
+
+        A cancel or a passed deadline is seen between decode calls, each of which
+        advances every stream up to the server's --decode-steps characters
+        (default 8 on the CPU): the stream ends within that many characters, and
+        its batch slot is free for the next call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
