@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="load generator processes from 32 streams on (0: 2 on the CPU, 8 with --device cuda)")
     p.add_argument("--no-naive", action="store_true", help="skip the --batching off server")
     p.add_argument("--repeat", type=int, default=1, help="load runs per point and server; the best is kept")
+    p.add_argument("--server-args", default="", help="more charrnn-serve flags for the server under test "
+                   "(e.g. '--decode-steps 1'), not for the baseline revision")
     p.add_argument("--out", default=str(RESULTS), help="folder for serving.md, serving.json, serving.png")
     a = p.parse_args(argv)
     default = "1,64,1024,4096" if a.device == "cuda" else ("1,8,32" if a.quick else "1,8,32,128,256")
@@ -314,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         gemm = baselines.matmul_flops()  # measured again after each point; the best is the roofline
         print(f"sgemm {gemm / 1e9:.1f} GFLOP/s; {flops / 1e6:.2f} MFLOP/char", flush=True)
         base_seconds = 1.0 if a.quick else 2.5
-        servers = [ServerProcess(repo, b, a.device, max(levels), a.threads) for b in (True, False)
+        servers = [ServerProcess(repo, b, a.device, max(levels), a.threads,
+                                 extra=tuple(a.server_args.split()) if b else ()) for b in (True, False)
                    if b or not a.no_naive]
         if a.baseline_rev:
             servers.append(ServerProcess(repo, True, a.device, max(levels), a.threads, rev=a.baseline_rev,
