@@ -69,6 +69,22 @@ def step_seconds(batch: int) -> float:
     return SCALE * float(np.interp(batch, xs, [H200_STEP_MS[x] for x in xs])) / 1e3
 
 
+# A call of K steps (--decode-steps) costs a fixed part once and the device's compute K times:
+#   call(B, K) = CALL_FIXED + K * (step(B) - CALL_FIXED).
+# The split: the H200's step is nearly flat from B = 1 to 1024 (0.378 to 0.399 ms), so most of it does not
+# depend on the work: the launch of the graph's kernels, onnxruntime's run and the synchronous copy of the
+# ids back. The device compute of one step at B = 1 is taken as 0.028 ms (a 2-layer LSTM step and the
+# sampler are about 14 kernels of about 2 us each), which leaves 0.35 ms fixed per call; the compute then
+# grows with the batch as the measured step does (0.049 ms at 1024, 0.293 ms at 4096).
+CALL_FIXED_MS = 0.35
+
+
+def call_seconds(batch: int, steps: int) -> float:
+    """A K-step call at ``batch`` (see CALL_FIXED_MS), times the dilation."""
+    fixed = SCALE * CALL_FIXED_MS / 1e3
+    return fixed + steps * (step_seconds(batch) - fixed)
+
+
 def load_spin():
     """``spin(seconds)``: a busy wait in C; ctypes releases the GIL for the call."""
     build = Path(tempfile.gettempdir()) / f"charrnn-spin-{os.getuid()}"
@@ -116,6 +132,10 @@ class StandIn(NumpyState):
         ids = (tokens * 7 + 3) % len(self.metadata.vocab)  # some ids; the stand-in has no distribution
         return Picked(ids.astype(np.int64)), state
 
+    def k_step_decoder(self, steps: int, prebuilt=None):
+        """The stand-in of the fused K-step call (service/decode_graph.py): one call_seconds(B, K)."""
+        return StandInDecoder(self, steps)
+
     def sample(self, logits, temperature, top_k, top_p, u, controls=None):
         from charrnn.service.sampler import Sampler
 
@@ -123,6 +143,27 @@ class StandIn(NumpyState):
         return self._sampler.sample(logits, temperature, top_k, top_p, u, controls)
 
     take = NumpyState.gather  # what an old tree's engine calls it (legacy_run)
+
+
+class StandInDecoder:
+    """K steps of the stand-in in one call, as Batch._decode uses decode_graph.Decoder."""
+
+    def __init__(self, model: StandIn, steps: int):
+        self.model, self.steps = model, steps
+
+    def decode(self, tokens, state, temperature, top_k, top_p, u, controls=None):
+        from charrnn.service.decode_graph import Decoded
+
+        m = self.model
+        k = u.shape[1]
+        m._busy(call_seconds(len(tokens), k))
+        m.steps += k
+        ids = np.empty((len(tokens), k), np.int64)
+        last = tokens[:, 0]
+        for i in range(k):  # the single step's ids, chained
+            last = (last * 7 + 3) % len(m.metadata.vocab)
+            ids[:, i] = last
+        return Decoded(ids=ids), state
 
 
 def metadata():
@@ -144,7 +185,7 @@ def workload(i: int, n: int) -> dict:
 
 # ---- the core, in a process of its own ----
 
-def serve_core(address: str, max_active: int, report: str) -> int:
+def serve_core(address: str, max_active: int, report: str, decode_steps: int = 1) -> int:
     """The stand-in's engine core behind a ROUTER socket, as corerun.main runs a real one."""
     import threading
 
@@ -161,7 +202,7 @@ def serve_core(address: str, max_active: int, report: str) -> int:
     sock.bind(address)
     primary = _await_primary(sock)
     model = StandIn(metadata(), device_path=True)
-    core = Core(model, max_active=max_active, max_queue=max_active, prime_cache=1024)
+    core = Core(model, max_active=max_active, max_queue=max_active, prime_cache=1024, decode_steps=decode_steps)
     loop = CoreLoop(core, sock)
     loop.message_seconds *= SCALE  # every time of the core runs dilated
     loop.frontends[primary], loop.primary = 0, primary
@@ -214,7 +255,7 @@ async def drive(client, meta, streams: int, seconds: float) -> dict:
     return {"chars": chars[0]}
 
 
-def core_run(streams: int, seconds: float, warmup: float, laggard: bool) -> dict:
+def core_run(streams: int, seconds: float, warmup: float, laggard: bool, decode_steps: int = 1) -> dict:
     import asyncio
 
     import zmq
@@ -225,7 +266,8 @@ def core_run(streams: int, seconds: float, warmup: float, laggard: bool) -> dict
     work = Path(tempfile.mkdtemp(prefix="standin-"))
     address, report = f"ipc://{work}/core.sock", str(work / "report.jsonl")
     core = subprocess.Popen([sys.executable, "-m", "bench.standin", "serve-core", "--address", address,
-                             "--max-active", str(streams + 64), "--report", report], cwd=Path(__file__).parent.parent)
+                             "--max-active", str(streams + 64), "--report", report, "--decode-steps", str(decode_steps)],
+                            cwd=Path(__file__).parent.parent)
     ctx = zmq.Context.instance()
     meta = metadata()
     metrics = Metrics()
@@ -278,7 +320,7 @@ def core_run(streams: int, seconds: float, warmup: float, laggard: bool) -> dict
     per_step = (b["t"] - a["t"]) / max(1, steps)
     raw = step_seconds(int(round(batch)))
     return {
-        "streams": streams, "laggard": laggard, "steps": steps, "mean_batch": batch,
+        "streams": streams, "laggard": laggard, "decode_steps": decode_steps, "steps": steps, "mean_batch": batch,
         # Reported on the H200's time scale: this host's seconds divided by the dilation.
         "time_per_step_ms": 1e3 * per_step / SCALE, "raw_step_ms": 1e3 * raw / SCALE, "step_over_raw": per_step / raw,
         "core_cpu_outside_step_ms": 1e3 * ((b["cpu"] - a["cpu"]) - (b["spun"] - a["spun"])) / max(1, steps) / SCALE,
@@ -359,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--laggard", action="store_true", help="also run each point with a front-end that never reads")
     p.add_argument("--scale", type=float, default=None, help="time dilation of the stand-in step (default 6)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "standin.json"))
+    p.add_argument("--decode-steps", type=int, nargs="*", default=[1, 8],
+                   help="K values of the core's runs (the first is the baseline row)")
     p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--max-active", type=int, help=argparse.SUPPRESS)
     p.add_argument("--report", help=argparse.SUPPRESS)
@@ -367,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     SCALE = a.scale or SCALE
     os.environ["CHARRNN_STANDIN_SCALE"] = str(SCALE)  # the core's and the calibration's processes
     if a.mode == "serve-core":
-        return serve_core(a.address, a.max_active, a.report)
+        return serve_core(a.address, a.max_active, a.report, a.decode_steps[0])
     results = {"calibration": [], "core": []}
     for n in a.streams:
         if a.mode in ("all", "calibrate"):
@@ -377,10 +421,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"(H200: {r['h200'] or 0:,}), ratio {r['chars_per_s'] / r['h200']:.2f}" if r["h200"] else "",
                   flush=True)
         if a.mode in ("all", "core"):
-            for laggard in ((False, True) if a.laggard else (False,)):
-                r = core_run(n, a.seconds, a.warmup, laggard)
-                results["core"].append(r)
-                print(json.dumps(r), flush=True)
+            for k in a.decode_steps:
+                for laggard in ((False, True) if a.laggard else (False,)):
+                    r = core_run(n, a.seconds, a.warmup, laggard, k)
+                    results["core"].append(r)
+                    print(json.dumps(r), flush=True)
     Path(a.out).write_text(json.dumps(results, indent=1))
     command = "python -m bench.standin " + " ".join(argv if argv is not None else sys.argv[1:])
     report = (f"# The engine core on the GPU stand-in\n\n`{command}` on {platform.processor() or platform.machine()}, "
@@ -400,7 +445,8 @@ def table(results: dict) -> str:
         lines.append(f"| {r['streams']} | calibration: engine at {r['rev']}, host path (H200 measured "
                      f"{r['h200'] or 0:,}; {'within' if within else 'NOT within'} 30%) | {r['chars_per_s']:,.0f} | | |")
     for r in results["core"]:
-        what = "engine core, device path" + (", with a front-end that never reads" if r["laggard"] else "")
+        what = (f"engine core, device path, --decode-steps {r.get('decode_steps', 1)}"
+                + (", with a front-end that never reads" if r["laggard"] else ""))
         lines.append(f"| {r['streams']} | {what} (mean batch {r['mean_batch']:.0f}) | {r['virtual_chars_per_s']:,.0f} "
                      f"(target {r['target_chars_per_s']:,.0f}) | {r['step_over_raw']:.2f} "
                      f"({r['time_per_step_ms']:.3f} / {r['raw_step_ms']:.3f} ms) | {r['core_cpu_outside_step_ms']:.3f} ms |")

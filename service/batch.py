@@ -37,7 +37,6 @@ import numpy as np
 from charrnn.service import protocol, sampling
 from charrnn.service.automata import AutomatonTable, stop_automaton
 from charrnn.service.controls import ControlRows
-from charrnn.service.decode_graph import Decoder
 from charrnn.service.scoring import ScoreRun
 from charrnn.service.metrics import CoreStats
 from charrnn.service.prefill import Prefill
@@ -140,9 +139,11 @@ class Outbox:
 
 class Batch:
     def __init__(self, model: LoadedModel, capacity: int, *, outbox: Outbox, stats: CoreStats,
-                 prime_cache: PrimeCache | None = None, decoder: Decoder | None = None):
+                 prime_cache: PrimeCache | None = None, decoder=None):
         self.model = model
-        self.decoder = decoder  # the K-step decode (--decode-steps > 1), or None: one character a call
+        # The K-step decode (--decode-steps > 1; model.k_step_decoder: decode_graph.Decoder, or a stand-in's),
+        # or None: one character a call.
+        self.decoder = decoder
         self.slots = Slots(model, capacity)
         self.outbox = outbox
         self.stats = stats

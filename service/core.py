@@ -26,7 +26,6 @@ import numpy as np
 
 from charrnn.service import errors, protocol, sampling
 from charrnn.service.batch import Admission, Batch, Outbox
-from charrnn.service.decode_graph import Decoder
 from charrnn.service.metrics import CoreStats
 from charrnn.service.primecache import PrimeCache
 from charrnn.service.runtime import LoadedModel
@@ -43,7 +42,7 @@ MAX_DECODE_STEPS = 64
 
 class BatchScheduler:
     def __init__(self, model: LoadedModel, capacity: int, outbox: Outbox, stats: CoreStats, cache: PrimeCache,
-                 decoder: Decoder | None = None):
+                 decoder=None):
         self.batch = Batch(model, capacity, outbox=outbox, stats=stats, prime_cache=cache, decoder=decoder)
 
     @property
@@ -163,11 +162,10 @@ class Core:
         self._last_scan = 0.0
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
-        self.decode_steps = decode_steps if batching and model.device == "cpu" else 1
         decoder = None
-        if self.decode_steps > 1:
-            threads = model.session.get_session_options().intra_op_num_threads
-            decoder = Decoder(model, self.decode_steps, threads, decode_graphs)
+        if decode_steps > 1 and batching:
+            decoder = model.k_step_decoder(decode_steps, decode_graphs)
+        self.decode_steps = decoder.steps if decoder is not None else 1
         if batching:
             self.scheduler = BatchScheduler(model, max_active, self.outbox, self.stats, self.prime_cache, decoder)
         else:

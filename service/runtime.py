@@ -169,6 +169,15 @@ class LoadedModel:
             return self.sampler.sample(logits, temperature, top_k, top_p, u, controls), state
         return self._ops.decode(self, tokens, state, (temperature, top_k, top_p, u), controls)
 
+    def k_step_decoder(self, steps: int, prebuilt: dict | None = None):
+        """The fused K-step decode of this model (decode_graph.Decoder), or None where there is none yet (CUDA:
+        the engine takes single steps there)."""
+        if self.device != "cpu":
+            return None
+        from charrnn.service.decode_graph import Decoder
+
+        return Decoder(self, steps, self.session.get_session_options().intra_op_num_threads, prebuilt)
+
     def sample(self, logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
                u: np.ndarray, controls: SamplerInputs | None = None) -> Picked:
         """Next characters from host logits float32 [k, V] (a prefill's last step, a cached prime)."""
