@@ -68,18 +68,16 @@ def engine_alone(model_path: Path, streams: int, steps: int, seconds: float, max
     return {"chars_per_s": chars[0] / max(elapsed, 1e-9)}
 
 
-def markdown(report: dict) -> str:
-    r = report
-    lines = [
-        f"# Characters per call: {r['model']}",
-        "",
+def markdown(r: dict) -> str:
+    intro = (
         f"`{r['command']}` on {r['machine']}, {r['date']}. Each load point: {r['duration']:g} s of load through "
         f"gRPC (first {r['warmup']:g} s not counted); requests of {r['max_chars'] // 2}-{r['max_chars']} characters, "
         "each with its own prime, temperature and seed. Raw step: one onnxruntime call of the model per character "
         "at the same batch, no sampler, no server (the best of before and after the load). Engine alone: the core "
         "on a thread with an in-process consumer, no gRPC. CPU per character: all the server's processes; the "
-        "load generator's apart.",
-        "",
+        "load generator's apart.")
+    lines = [
+        f"# Characters per call: {r['model']}", "", intro, "",
         "| streams | K | server chars/s | server / raw | server / K=1 | TTFC p50 / p99 ms | server CPU µs/char "
         "(load generator) | raw CPU µs/char | engine alone chars/s | engine / raw | raw step chars/s |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
