@@ -39,6 +39,8 @@ proto: $(VENV)/.dev-installed
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/python -m bench.serving $(ARGS)
+	$(BIN)/python -m bench.decode_steps
+	$(BIN)/python -m bench.kstep
 	$(BIN)/python -m bench.resume
 
 bench-train: $(VENV)/.dev-installed
