@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import shutil
 import sys
@@ -24,14 +25,43 @@ from pathlib import Path
 
 from bench import baselines
 from bench.serving import ServerProcess, load
+from testkit import probes
 from charrnn import modelfile as mf
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def engine_alone(model_path: Path, streams: int, steps: int, seconds: float, max_chars: int) -> dict:
+def thread_cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far of every thread of ``pids``, keyed "<process>/<thread name>:<tid>" (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        except OSError:
+            continue
+        proc = "core" if "charrnn.service.corerun" in argv else "server"
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+                f = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[f"{proc}/{name}:{tid}"] = (int(f[11]) + int(f[12])) / tick
+    return out
+
+
+def where_cpu_goes(before: dict[str, float], after: dict[str, float], chars: int, top: int = 6) -> list[tuple]:
+    """(thread, µs of CPU per character) of the busiest threads over a load point."""
+    used = {k: 1e6 * (v - before.get(k, 0.0)) / max(chars, 1) for k, v in after.items()}
+    return sorted(((k, v) for k, v in used.items() if v >= 0.05), key=lambda kv: -kv[1])[:top]
+
+
+def engine_alone(model_path: Path, streams: int, steps: int, seconds: float, max_chars: int,
+                 profile: bool = False) -> dict:
     """chars/s of a ThreadCore with ``streams`` concurrent streams (each replaced when it ends), read by an
-    in-process consumer: the core and the output processing, without gRPC."""
+    in-process consumer: the core and the output processing, without gRPC. ``profile``: also the core
+    thread's cProfile, by own time."""
     from charrnn.service.cores import ThreadCore
     from charrnn.service.metrics import Metrics
     from charrnn.service.runtime import load_model
@@ -40,6 +70,12 @@ def engine_alone(model_path: Path, streams: int, steps: int, seconds: float, max
     model = load_model(model_path, "bench", 1, "cpu")
     engine = ThreadCore(model, metrics=Metrics(), max_active=streams, max_queue=4 * streams,
                         decode_steps=steps, flush_interval=0.05)
+    prof = None
+    if profile:
+        import cProfile
+
+        prof, run = cProfile.Profile(), engine._run  # the core thread's own body, under the profiler
+        engine._run = lambda on_failure: prof.runcall(run, on_failure)
     engine.start()
     vocab = "".join(model.metadata.vocab)
     chars = [0]
@@ -65,7 +101,15 @@ def engine_alone(model_path: Path, streams: int, steps: int, seconds: float, max
         elapsed = time.monotonic() - max(t0, counting_from)
     finally:
         engine.stop(5.0)
-    return {"chars_per_s": chars[0] / max(elapsed, 1e-9)}
+    out = {"chars_per_s": chars[0] / max(elapsed, 1e-9)}
+    if prof is not None:
+        import io
+        import pstats
+
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).strip_dirs().sort_stats("tottime").print_stats(15)
+        out["profile"] = text.getvalue()
+    return out
 
 
 def markdown(r: dict) -> str:
@@ -93,6 +137,18 @@ def markdown(r: dict) -> str:
                 f"| {s['engine_chars_per_s']:,.0f} | {s['engine_chars_per_s'] / row['raw']:.0%} | {row['raw']:,.0f} |")
     lines += ["", "256 streams against 128, each K: " + ", ".join(
         f"K={k} {v:.0%}" for k, v in r.get("ratio_256_128", {}).items())]
+    lines += ["", "## Where the server's CPU goes", "", "µs of CPU per character of the busiest threads over each "
+              "load point (`core/python3` is the core thread, which also runs one of onnxruntime's intra-op "
+              "threads; `server/charrnn-serve` the front-end's asyncio loop; `engine-*` a front-end's core client).",
+              "", "| streams | K | threads |", "| ---: | ---: | --- |"]
+    for row in r["rows"]:
+        for k in r["steps"]:
+            threads = row["by_k"][str(k)].get("threads", [])
+            lines.append(f"| {row['concurrency']} | {k} | " + ", ".join(f"{t} {v:.1f}" for t, v in threads) + " |")
+    for row in r["rows"]:
+        if "profile" in row:
+            lines += ["", f"## The core thread at {row['concurrency']} streams, K = {row['profile']['steps']} "
+                      "(engine alone, cProfile, by own time)", "", "```", row["profile"]["text"].strip(), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -105,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-chars", type=int, default=400)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-engine", action="store_true", help="skip the engine-alone runs")
+    p.add_argument("--profile", default="", help="STREAMS,K: also profile the core thread there (engine alone)")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
     steps = [int(x) for x in a.steps.split(",")]
@@ -129,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             raw = [baselines.raw_ort_rate(src, c, 1.5, "cpu", a.threads)]
             row = {"concurrency": c, "by_k": {}}
             for k in steps:
+                pids = [servers[k].proc.pid, *probes.children(servers[k].proc.pid)]
+                cpu0 = thread_cpu(pids)
                 result = load(servers[k], c, a.duration, warmup, a.max_chars, vocab)
+                result["threads"] = where_cpu_goes(cpu0, thread_cpu(pids), result["chars_total"])
                 result["engine_chars_per_s"] = (float("nan") if a.no_engine else
                                                 engine_alone(src, c, k, a.duration / 2, a.max_chars)["chars_per_s"])
                 row["by_k"][str(k)] = result
@@ -137,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{1e3 * result['ttfc_p99']:.1f} ms, {result['server_cpu_us_per_char']:.1f} us/char; engine "
                       f"alone {result['engine_chars_per_s']:9,.0f}", flush=True)
             raw.append(baselines.raw_ort_rate(src, c, 1.5, "cpu", a.threads))
+            if a.profile and int(a.profile.split(",")[0]) == c:
+                pk = int(a.profile.split(",")[1])
+                row["profile"] = {"steps": pk, "text": engine_alone(src, c, pk, a.duration / 2, a.max_chars,
+                                                                     profile=True)["profile"]}
             row["raw"] = max(r for r, _ in raw)
             row["raw_cpu"] = min(u for _, u in raw)
             print(f"{c:4d} streams: raw step {row['raw']:9,.0f} chars/s, {row['raw_cpu']:.1f} us/char", flush=True)
@@ -149,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "model": f"{meta.cell.upper()} {meta.layers}x{meta.hidden}, vocab {meta.vocab_size} ({src})",
         "command": "python -m bench.decode_steps " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
         "date": time.strftime("%Y-%m-%d"), "duration": a.duration, "warmup": warmup, "max_chars": a.max_chars,
         "steps": steps, "rows": rows,
     }

@@ -280,6 +280,7 @@ async def serve_frontend(config: ServeConfig, index: int, control: str) -> None:
 
         http = await http_api.start(config, servicer, view, reuseport=True)
     await state.update(view.entries(), view.hung)
+    log.info("front-end %d serving", index, extra={"frontend": index})
     parent, last = os.getppid(), frontend_snapshot(metrics)
     try:
         while True:

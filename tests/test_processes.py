@@ -50,6 +50,8 @@ def server(model_repo, no_torch_env):
     with ServeProcess(model_repo, "--frontends", "3", "--log-format", "json", "--max-chars", "1000000",
                       env=no_torch_env) as proc:
         _until(lambda: len(_kids(proc, "charrnn.service.frontend")) == 2, what="two more front-ends")
+        _until(lambda: sum('"front-end ' in line and ' serving"' in line for line in proc.stderr) == 2,
+               what="both extra front-ends listening")
         yield proc
 
 
