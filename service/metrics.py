@@ -69,7 +69,7 @@ class Metrics:
         )
         self.inter_char = CountedHistogram(
             "charrnn_inter_char_seconds",
-            "Time between consecutive generated characters of one stream.",
+            "Time between consecutive generated characters of one stream (the K characters of one --decode-steps call are spaced evenly over it).",
             ["model"],
             buckets=INTER_CHAR_BUCKETS,
             registry=r,
@@ -90,7 +90,7 @@ class Metrics:
         )
         self.step = CountedHistogram(
             "charrnn_step_seconds",
-            "One engine step: one onnxruntime call for the whole batch plus sampling.",
+            "One engine step, one character of every stream in the batch: model and sampling (with --decode-steps K, one K-step call counts K steps of a K-th of its time each).",
             ["model"],
             buckets=STEP_BUCKETS,
             registry=r,
