@@ -86,28 +86,37 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads of the model sessions")
     p.add_argument("--filtered", action="store_true", help="rows sample with top-p 0.9 (the sorted path)")
     p.add_argument("--no-loop", action="store_true", help="leave out the ONNX Loop graph")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cuda: single steps on the engine's device path (state on the GPU, the device sampler), "
+                        "the K-step graph on the CUDA provider with host inputs and outputs")
     p.add_argument("--out", help="markdown file (default bench/results/kstep-<layers>x<hidden>.md)")
     a = p.parse_args()
     batches = [int(b) for b in a.batch.split(",")]
     steps = [int(k) for k in a.steps.split(",")]
     load0 = os.getloadavg()[0]
 
-    model = load_model(a.model, "bench", 1, "cpu", threads=a.threads)
+    model = load_model(a.model, "bench", 1, a.device, threads=a.threads)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if a.device == "cuda" else None
     m = model.metadata
     rows = []
     for k in steps:
-        graphs = {"unrolled": DecodeGraph(a.model, k, threads=a.threads)}
+        graphs = {"unrolled": DecodeGraph(a.model, k, threads=a.threads, providers=providers)}
         if not a.no_loop:
-            graphs["loop"] = DecodeGraph(a.model, k, loop=True, threads=a.threads)
+            graphs["loop"] = DecodeGraph(a.model, k, loop=True, threads=a.threads, providers=providers)
         for b in batches:
             x = inputs(b, k, m.vocab_size, a.filtered)
             state = model.zero_state(b)
+            host = model.state_numpy(state)  # the graph's inputs: on the host (the same arrays on the CPU)
             want = single_steps(model, x, state)
             for name, graph in graphs.items():
-                got = fused(graph, x, state)
-                assert np.array_equal(got, want), f"{name} graph, batch {b}, K {k}: ids differ from single steps"
+                got = fused(graph, x, host)
+                if a.device == "cpu":
+                    assert np.array_equal(got, want), f"{name} graph, batch {b}, K {k}: ids differ from single steps"
+                elif not np.array_equal(got, want):  # kernels may differ on a GPU: said, not fatal
+                    print(f"# {name} graph, batch {b}, K {k}: {np.mean(got != want):.2%} of ids differ",
+                          file=sys.stderr, flush=True)
             calls = {"single": lambda x=x, s=state: single_steps(model, x, s)}
-            calls.update({name: (lambda g=g, x=x, s=state: fused(g, x, s)) for name, g in graphs.items()})
+            calls.update({name: (lambda g=g, x=x, s=host: fused(g, x, s)) for name, g in graphs.items()})
             t = measure(calls, a.seconds)
             rows.append((b, k, {name: b * k / sec for name, sec in t.items()}))
             print(f"# batch {b}, K {k}: " + ", ".join(f"{n} {b * k / s:,.0f}" for n, s in t.items()) + " chars/s",
@@ -117,7 +126,7 @@ def main() -> int:
     command = "python -m bench.kstep " + " ".join(sys.argv[1:])
     lines = [
         (f"`{command}` on the {os.cpu_count()}-core {platform.machine()} development machine (shared; load average "
-         f"{load0:.1f} at the start, {load1:.1f} at the end), onnxruntime {ort.__version__}, CPU, "
+         f"{load0:.1f} at the start, {load1:.1f} at the end), onnxruntime {ort.__version__}, {a.device}, "
          f"{a.threads} intra-op thread(s)."),
         "",
         (f"{m.layers}x{m.hidden} {m.cell.upper()}, {m.vocab_size} characters, temperature 0.8"

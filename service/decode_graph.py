@@ -399,9 +399,13 @@ class DecodeGraph:
 
     def __init__(self, model_path_or_bytes: str | Path | bytes, steps: int, *, controlled: bool = False,
                  logprobs: bool = False, regex: bool = False, loop: bool = False, threads: int = 0,
-                 metadata: mf.ModelMetadata | None = None, prebuilt: dict[bool, bytes] | None = None):
+                 metadata: mf.ModelMetadata | None = None, prebuilt: dict[bool, bytes] | None = None,
+                 providers: list[str] | None = None):
         """``metadata``: the model's, when the caller has it (else read from the file); ``prebuilt``: the graphs
-        already built ({filtered: bytes}, read_graphs): then this process never imports onnx."""
+        already built ({filtered: bytes}, read_graphs): then this process never imports onnx; ``providers``:
+        onnxruntime's (default the CPU; bench.kstep --device cuda times the graph alone on a GPU, with host
+        inputs and outputs)."""
+        self.providers = providers or [CPU_PROVIDER]
         self.source = model_path_or_bytes
         self.steps, self.controlled, self.logprobs, self.regex, self.loop = steps, controlled, logprobs, regex, loop
         self.threads = threads
@@ -428,7 +432,7 @@ class DecodeGraph:
     def session(self, filtered: bool) -> ort.InferenceSession:
         if filtered not in self._sessions:
             self._sessions[filtered] = ort.InferenceSession(self.graph(filtered), session_options(self.threads),
-                                                            providers=[CPU_PROVIDER])
+                                                            providers=self.providers)
         return self._sessions[filtered]
 
     def run(self, ids: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
