@@ -250,9 +250,12 @@ class ProcessCore(CoreHandle):
         self.client = CoreClient(self.label, self.name, _PLACEHOLDER, ctx=self._ctx, address=self.address,
                                  metrics=self._metrics, max_active=self.max_active, max_queue=self.max_queue,
                                  flush_interval=self._flush)
-        first = self._first("loaded", START_SECONDS)
-        if isinstance(first, protocol.Loaded):
-            first = self._first("up", self._step_timeout)
+        try:
+            first = self._first("loaded", START_SECONDS)
+            if isinstance(first, protocol.Loaded):
+                first = self._first("up", self._step_timeout)
+        finally:  # the core has read them (before ``up``) or will not: each start writes its own
+            decode_graph.remove_graphs(self._graphs)
         if not isinstance(first, protocol.Up):
             why = first.reason if isinstance(first, protocol.Refused) else (
                 f"the engine process exited with status {self._proc.poll()}" if self._proc.poll() is not None

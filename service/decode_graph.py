@@ -506,6 +506,12 @@ def read_graphs(prefix: str | Path) -> dict[tuple[bool, bool], bytes]:
     return {(c, f): _graph_file(prefix, c, f).read_bytes() for c, f in ENGINE_VARIANTS}
 
 
+def remove_graphs(prefix: str | Path) -> None:
+    """Deletes what write_graphs wrote (those that exist)."""
+    for c, f in ENGINE_VARIANTS:
+        _graph_file(prefix, c, f).unlink(missing_ok=True)
+
+
 class Decoder:
     """The K-step decode of the engine (batch.py) on the CPU: the plain graph, or the controlled one with
     log-probabilities when some row has bias, penalties or logprobs; sessions made at once (no first-call

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +23,7 @@ from charrnn.service.client import GeneratorClient, ServiceError
 from charrnn.service.cores import ThreadCore
 from charrnn.service.metrics import Metrics
 from charrnn.service.runtime import load_model
+from testkit import probes
 from testkit.requests import generation_request
 from testkit.serve_process import ServeProcess
 
@@ -38,7 +40,7 @@ def servers(model_repo, no_torch_env):
     with ServeProcess(model_repo, "--decode-steps", str(K), "--max-n", "4", env=no_torch_env) as many, \
             ServeProcess(model_repo, "--decode-steps", "1", "--max-n", "4", env=no_torch_env) as one:
         with GeneratorClient(many.target) as under_test, GeneratorClient(one.target) as oracle:
-            yield under_test, oracle
+            yield under_test, oracle, many
 
 
 @st.composite
@@ -90,7 +92,7 @@ def _background(client: GeneratorClient, i: int, rng: random.Random) -> None:
 @given(st.lists(targets(), min_size=1, max_size=6), st.integers(0, 160), st.integers(0, 2**32))
 def test_seeded_text_is_the_same_for_k_steps_among_other_streams_as_for_one_step_alone(servers, specs, others,
                                                                                         seed):
-    under_test, oracle = servers
+    under_test, oracle, _ = servers
     rng = random.Random(seed)
     with concurrent.futures.ThreadPoolExecutor(48) as pool:
         noise = [pool.submit(_background, under_test, i, rng) for i in range(others)]
@@ -133,3 +135,13 @@ def test_every_k_gives_the_text_of_one_step_in_process(tiny, steps, specs):
                                    repetition_penalty=s.get("repetition_penalty", 0.0))
                 for s in specs]
     assert _texts(tiny, steps, requests) == _texts(tiny, 1, requests)
+
+
+def test_the_server_builds_the_k_step_graphs_and_removes_them_once_read(servers):
+    *_, server = servers
+    cores = [cmd.split() for cmd in probes.children(server.proc.pid).values() if "charrnn.service.corerun" in cmd]
+    assert len(cores) == 2  # tiny@1 and other@1
+    for argv in cores:
+        assert argv[argv.index("--decode-steps") + 1] == str(K)
+        prefix = Path(argv[argv.index("--decode-graphs") + 1])  # built by the server: the core imports no onnx
+        assert prefix.parent.is_dir() and not list(prefix.parent.glob(prefix.name + "*"))
