@@ -433,6 +433,7 @@ class DecodeGraph:
         if filtered not in self._sessions:
             self._sessions[filtered] = ort.InferenceSession(self.graph(filtered), session_options(self.threads),
                                                             providers=self.providers)
+            self._prebuilt.pop(filtered)  # the session has what it needs of the bytes
         return self._sessions[filtered]
 
     def run(self, ids: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
