@@ -305,7 +305,7 @@ class Batch:
         s = self.slots
         e = s.extent
         t0 = time.monotonic()
-        controls = self.controls.sampler_controls(slice(0, e))
+        controls = self.controls.sampler_controls(slice(0, e), regex_mask=steps == 1)
         if steps == 1:
             picked, s.state = self.model.decode(
                 s.token[:e, None], s.state, s.temperature[:e], s.top_k[:e], s.top_p[:e],
@@ -313,8 +313,9 @@ class Batch:
             ids, lp = picked.ids, (picked.logprob, picked.top_ids, picked.top_logprobs)
         else:
             u = sampling.uniforms(s.seed[:e, None], s.generated[:e, None] + np.arange(steps))  # [e, K]
+            automaton = self.controls.automaton_inputs(slice(0, e)) if controls is not None else None
             decoded, s.state = self.decoder.decode(s.token[:e, None], s.state, s.temperature[:e], s.top_k[:e],
-                                                   s.top_p[:e], u, controls)
+                                                   s.top_p[:e], u, controls, automaton)
             ids, lp = decoded.ids, (decoded.logprob, decoded.top_ids, decoded.top_logprobs)
         now = time.monotonic()
         self._last_step_seconds = now - t0
@@ -339,9 +340,8 @@ class Batch:
 
     def steps_now(self, joining: bool) -> int:
         """How many characters the next decode call advances: 1 while streams wait for a slot or read their
-        prime (their first characters must not wait for a K-step call) and while a row follows a regex;
-        else --decode-steps."""
-        if self.decoder is None or joining or self.prefill.busy or self.controls.has_regex(self.slots.extent):
+        prime (their first characters must not wait for a K-step call); else --decode-steps."""
+        if self.decoder is None or joining or self.prefill.busy:
             return 1
         return self.decoder.steps
 

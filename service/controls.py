@@ -20,6 +20,7 @@ import numpy as np
 
 from charrnn.service.automata import AutomatonTable
 from charrnn.service.constraints import compile_regex
+from charrnn.service.decode_graph import AutomatonInputs, allowed_bias
 from charrnn.service.requests import Controls
 from charrnn.service.sampler import SamplerInputs
 
@@ -36,6 +37,7 @@ class ControlRows:
         self.repetition = np.ones(capacity, np.float32)
         self.penalised = np.zeros(capacity, bool)
         self.regexes = AutomatonTable(v, capacity)  # each row's regex automaton and state (0: no regex)
+        self._allowed, self._allowed_of = None, None  # regexes.mask as the K-step graph's -inf table, and its source
         self._bias: np.ndarray | None = None  # float32 [capacity, V]
         self._counts: np.ndarray | None = None  # float32 [capacity, V]
         self._active = 0  # rows holding a control
@@ -98,23 +100,29 @@ class ControlRows:
         for a in src:
             self.used[a] = False
 
-    def has_regex(self, extent: int) -> bool:
-        """Some row below ``extent`` follows a regex."""
-        return self.regexes.in_use and bool(self.regexes.state[:extent].any())
-
-    def sampler_controls(self, rows) -> SamplerInputs | None:
-        """The controlled graph's inputs for ``rows`` (a slice or int64 [n]), or None when none of them uses any."""
+    def sampler_controls(self, rows, regex_mask: bool = True) -> SamplerInputs | None:
+        """The controlled graph's inputs for ``rows`` (a slice or int64 [n]), or None when none of them uses any.
+        ``regex_mask``: each row's regex forbids characters in its bias (False: the K-step graph adds it at each
+        step from ``automaton_inputs``)."""
         if not self._active or not self.used[rows].any():
             return None
         n = len(self.used[rows])
         bias = self._bias[rows].copy() if self._bias is not None else np.zeros((n, len(self.vocab)), np.float32)
         states = self.regexes.state[rows]
-        if states.any():
+        if regex_mask and states.any():
             bias[~self.regexes.mask[states]] = -np.inf
         counts = self._counts[rows] if self._counts is not None else np.zeros((n, len(self.vocab)), np.float32)
         return SamplerInputs(bias=bias, counts=np.ascontiguousarray(counts), presence=self.presence[rows],
                                frequency=self.frequency[rows], repetition=self.repetition[rows],
                                n_top=max(1, int(self.logprobs[rows].max())))
+
+    def automaton_inputs(self, rows) -> AutomatonInputs:
+        """The regex table and each of ``rows``' state in it, as the K-step graph takes them (rows without a
+        regex are in state 0, which allows every character and never moves)."""
+        table = self.regexes
+        if self._allowed_of is not table.mask:  # the table changed (an automaton came or went): convert it again
+            self._allowed, self._allowed_of = allowed_bias(table.mask), table.mask
+        return AutomatonInputs(transitions=table.trans, allowed=self._allowed, state=table.state[rows])
 
     def advance(self, rows, ids: np.ndarray) -> np.ndarray | None:
         """After ``rows`` drew ``ids``: penalty counts and regex states move on. Returns a bool [n] of the rows

@@ -22,7 +22,9 @@ Inputs (B rows, V characters, L layers, H hidden):
   table), ``allowed`` float32 [S, V] (0 where the state allows a character,
   -inf elsewhere: ``allowed_bias``), ``automaton_state`` int32 [B]. Each step
   adds the row's ``allowed[state]`` to its bias, samples, and moves the state
-  to ``transitions[state, id]``.
+  to ``transitions[state, id]``. A row whose match is complete has every
+  character forbidden: its draw is kept inside the vocabulary (Clip), and the
+  caller ends the row there.
 
 Outputs: ``ids`` int64 [B, K], the model's state outputs (``h_out``, ``c_out``)
 after K steps; controlled: ``counts_out`` [B, V] (the input counts plus one for
@@ -219,6 +221,9 @@ class _Builder:
             hit = self.node("Equal", [picked["ids"], self.vocab_row], into=into)
             out["counts"] = self.node("Add", [counts, self.node("Cast", [hit], into=into, to=self.FLOAT)], into=into)
         if astate is not None:  # state = transitions[state, id]
+            # A row whose match is complete has every character forbidden, and what it draws is not used
+            # (it ends there); its id is kept inside the vocabulary so that no gather below can fail.
+            out["ids"] = picked["ids"] = self.node("Clip", [picked["ids"], self.zero64, self.last_id], into=into)
             flat = self.node("Add", [self.node("Mul", [self.node("Cast", [astate], into=into, to=self.INT64), self.vocab],
                                                into=into),
                                      self.node("Squeeze", [picked["ids"], self.axis1], into=into)], into=into)
@@ -234,6 +239,7 @@ class _Builder:
         if self.regex:
             self.allowed = "allowed"
             self.flat_transitions = self.node("Reshape", ["transitions", self.const([-1], np.int64)])
+            self.zero64, self.last_id = self.const(0, np.int64), self.const(V - 1, np.int64)
 
     # -- the two shapes -----------------------------------------------------------------------------
     def unrolled(self):
@@ -485,8 +491,9 @@ class DecodeGraph:
                        automaton_state=got.get("automaton_state_out")), new_state
 
 
-# The variants the engine runs (Decoder): rows without controls, and rows with bias, penalties or
-# log-probabilities; each with and without the top-k / top-p path.
+# The variants the engine runs (Decoder): rows without controls, and rows with bias, penalties,
+# log-probabilities or a regex (its automaton stepped in the graph); each with and without the top-k /
+# top-p path.
 ENGINE_VARIANTS = tuple((controlled, filtered) for controlled in (False, True) for filtered in (False, True))
 
 
@@ -499,7 +506,8 @@ def write_graphs(model_path: str | Path, steps: int, prefix: str | Path) -> None
     before it starts a core process (which then reads them, without the onnx package: read_graphs)."""
     for controlled, filtered in ENGINE_VARIANTS:
         _graph_file(prefix, controlled, filtered).write_bytes(
-            build_decode_graph(model_path, steps, filtered=filtered, controlled=controlled, logprobs=controlled))
+            build_decode_graph(model_path, steps, filtered=filtered, controlled=controlled, logprobs=controlled,
+                               regex=controlled))
 
 
 def read_graphs(prefix: str | Path) -> dict[tuple[bool, bool], bytes]:
@@ -514,16 +522,16 @@ def remove_graphs(prefix: str | Path) -> None:
 
 
 class Decoder:
-    """The K-step decode of the engine (batch.py) on the CPU: the plain graph, or the controlled one with
-    log-probabilities when some row has bias, penalties or logprobs; sessions made at once (no first-call
-    pause). Rows with a regex are not decoded here (the batch takes single steps while one runs)."""
+    """The K-step decode of the engine (batch.py) on the CPU: the plain graph, or the controlled one (bias,
+    penalties, log-probabilities and each row's regex automaton) when some row has a control; sessions made at
+    once (no first-call pause)."""
 
     def __init__(self, model, steps: int, threads: int = 0, prebuilt: dict[tuple[bool, bool], bytes] | None = None):
         prebuilt = prebuilt or {}
         self.steps = steps
         self.graphs = {
-            controlled: DecodeGraph(model.path, steps, controlled=controlled, logprobs=controlled, threads=threads,
-                                    metadata=model.metadata,
+            controlled: DecodeGraph(model.path, steps, controlled=controlled, logprobs=controlled, regex=controlled,
+                                    threads=threads, metadata=model.metadata,
                                     prebuilt={f: prebuilt[(controlled, f)] for f in (False, True)
                                               if (controlled, f) in prebuilt})
             for controlled in (False, True)}
@@ -532,6 +540,10 @@ class Decoder:
                 g.session(filtered)
 
     def decode(self, tokens: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray,
-               top_p: np.ndarray, u: np.ndarray, controls: SamplerInputs | None) -> tuple[Decoded, State]:
-        """tokens int64 [B, 1], u [B, K] -> (Decoded: ids [B, K] and, with controls, log-probabilities; state)."""
-        return self.graphs[controls is not None].decode(tokens, state, temperature, top_k, top_p, u, controls)
+               top_p: np.ndarray, u: np.ndarray, controls: SamplerInputs | None,
+               automaton: AutomatonInputs | None = None) -> tuple[Decoded, State]:
+        """tokens int64 [B, 1], u [B, K] -> (Decoded: ids [B, K] and, with controls, log-probabilities; state).
+        With controls, ``automaton``: the regex table and each row's state in it (the bias then leaves the
+        regex's mask out: the graph adds it at each step)."""
+        return self.graphs[controls is not None].decode(tokens, state, temperature, top_k, top_p, u, controls,
+                                                        automaton)

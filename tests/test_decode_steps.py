@@ -2,8 +2,7 @@
 
 Through real sockets: one long-lived server with --decode-steps 5 (odd, so that calls end inside requests, stop
 sequences and lengths) gets hypothesis-drawn target requests, each sent among a background of concurrent streams
-with other controls (regexes, which take the batch to single steps, bias, penalties, log-probabilities, stops,
-n > 1, cancels); the oracle is a server with --decode-steps 1, each target sent alone. Text, finish reason, stop
+with other controls (regexes, bias, penalties, log-probabilities, stops, n > 1, cancels); the oracle is a server with --decode-steps 1, each target sent alone. Text, finish reason, stop
 sequence and log-probabilities must agree. In process, a core for every K from 1 to 12 against K = 1, the same
 way.
 """
@@ -29,6 +28,7 @@ from testkit.serve_process import ServeProcess
 
 K = 5
 PRIMES = ("ROMEO:", "a", "The ", "\n", "KING RICHARD III:\nNow is the winter")
+REGEXES = (r"[a-z ]{3,30}\.", r"(ab|ba)+c?", r"[A-Z][a-z]+\n", r"(a|b){1,4}")
 BACKGROUND = (
     {"regex": "[a-z ]{3,12}\\."}, {"logit_bias": {"e": 4.0}}, {"presence_penalty": 1.0},
     {"logprobs": 3}, {"stop": ["e", "th"]}, {"n": 3}, {"allowed_chars": "abc \n"}, {"temperature": 0.0}, {},
@@ -54,7 +54,7 @@ def targets(draw):
         "top_p": draw(st.sampled_from([0.0, 0.0, 0.8])),
         "model": draw(st.sampled_from(["tiny", "other"])),
     }
-    extra = draw(st.sampled_from(["", "stop", "bias", "penalty", "logprobs"]))
+    extra = draw(st.sampled_from(["", "stop", "bias", "penalty", "logprobs", "regex"]))
     if extra == "stop":
         spec["stop"] = draw(st.lists(st.text("aeiou \nt", min_size=1, max_size=2), max_size=2, unique=True))
     elif extra == "bias":
@@ -64,6 +64,9 @@ def targets(draw):
         spec["repetition_penalty"] = 1.2
     elif extra == "logprobs":
         spec["logprobs"] = 2
+    elif extra == "regex":  # stepped inside the K-step graph; some complete (match_complete) inside a call
+        spec["regex"] = draw(st.sampled_from(REGEXES))
+        spec["presence_penalty"] = draw(st.sampled_from([0.0, 0.5]))
     return spec
 
 
@@ -132,7 +135,8 @@ def test_every_k_gives_the_text_of_one_step_in_process(tiny, steps, specs):
                                    temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
                                    stop=tuple(s.get("stop", ())), logit_bias=s.get("logit_bias", {}),
                                    frequency_penalty=s.get("frequency_penalty", 0.0),
-                                   repetition_penalty=s.get("repetition_penalty", 0.0))
+                                   repetition_penalty=s.get("repetition_penalty", 0.0),
+                                   presence_penalty=s.get("presence_penalty", 0.0), regex=s.get("regex", ""))
                 for s in specs]
     assert _texts(tiny, steps, requests) == _texts(tiny, 1, requests)
 
