@@ -116,7 +116,8 @@ def markdown(r: dict) -> str:
     intro = (
         f"`{r['command']}` on {r['machine']}, {r['date']}. Each load point: {r['duration']:g} s of load through "
         f"gRPC (first {r['warmup']:g} s not counted); requests of {r['max_chars'] // 2}-{r['max_chars']} characters, "
-        "each with its own prime, temperature and seed. Raw step: one onnxruntime call of the model per character "
+        "each with its own prime, temperature and seed" + (f", and {r['controls']}" if r.get("controls") else "")
+        + ". Raw step: one onnxruntime call of the model per character "
         "at the same batch, no sampler, no server (the best of before and after the load). Engine alone: the core "
         "on a thread with an in-process consumer, no gRPC. CPU per character: all the server's processes; the "
         "load generator's apart.")
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-engine", action="store_true", help="skip the engine-alone runs")
     p.add_argument("--profile", default="", help="STREAMS,K: also profile the core thread there (engine alone)")
+    p.add_argument("--controls", default="", help="JSON of more GenerateRequest fields for every request, e.g. "
+                   "'{\"regex\": \"[a-z ]{150,300}\\\\.\"}'")
+    p.add_argument("--name", default="decode-steps", help="stem of the result files")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
     steps = [int(x) for x in a.steps.split(",")]
@@ -188,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             for k in steps:
                 pids = [servers[k].proc.pid, *probes.children(servers[k].proc.pid)]
                 cpu0 = thread_cpu(pids)
-                result = load(servers[k], c, a.duration, warmup, a.max_chars, vocab)
+                result = load(servers[k], c, a.duration, warmup, a.max_chars, vocab,
+                              controls=json.loads(a.controls) if a.controls else None)
                 result["threads"] = where_cpu_goes(cpu0, thread_cpu(pids), result["chars_total"])
                 result["engine_chars_per_s"] = (float("nan") if a.no_engine else
                                                 engine_alone(src, c, k, a.duration / 2, a.max_chars)["chars_per_s"])
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": f"{meta.cell.upper()} {meta.layers}x{meta.hidden}, vocab {meta.vocab_size} ({src})",
         "command": "python -m bench.decode_steps " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
-        "date": time.strftime("%Y-%m-%d"), "duration": a.duration, "warmup": warmup, "max_chars": a.max_chars,
+        "date": time.strftime("%Y-%m-%d"), "controls": a.controls, "duration": a.duration, "warmup": warmup, "max_chars": a.max_chars,
         "steps": steps, "rows": rows,
     }
     if 128 in by_c and 256 in by_c:
@@ -222,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                                    / by_c[128]["by_k"][str(k)]["chars_per_s"] for k in steps}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode-steps.json").write_text(json.dumps(report, indent=1))
+    (out / f"{a.name}.json").write_text(json.dumps(report, indent=1))
     text = markdown(report)
-    (out / "decode-steps.md").write_text(text)
+    (out / f"{a.name}.md").write_text(text)
     print(text)
     return 0
 
