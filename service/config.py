@@ -63,8 +63,8 @@ class ServeConfig:
     )
     decode_steps: int = _opt(
         DECODE_STEPS, "Characters each decode call advances every stream under steady load, in one fused "
-        "onnxruntime graph (model and sampler, K times); 1 while streams wait for a slot or read their prime, and "
-        "while one follows a regex. A cancel or deadline takes effect within this many steps. CPU with batching "
+        "onnxruntime graph (model and sampler, K times); 1 while streams wait for a slot or read their prime. "
+        "A cancel or deadline takes effect within this many steps. CPU with batching "
         "on; 1 elsewhere.", int,
     )
     frontends: int = _opt(

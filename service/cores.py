@@ -41,7 +41,7 @@ from charrnn.service.corerun import EXIT_FAILED, CoreLoop
 from charrnn.service.coreclient import CoreClient
 from charrnn.service.metrics import Metrics
 from charrnn.service.requests import GenerationRequest
-from charrnn.service.runtime import LoadedModel
+from charrnn.service.runtime import K_STEP_DEVICES, LoadedModel
 from charrnn.service.streams import Stream
 
 log = logging.getLogger("charrnn.service.cores")
@@ -138,11 +138,11 @@ class ThreadCore(CoreHandle):
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.bind(address)
         self.core = Core(model, max_active=max_active, max_queue=max_queue, max_queue_wait=max_queue_wait,
-                        batching=batching, prime_cache=prime_cache, decode_steps=decode_steps)
+                         batching=batching, prime_cache=prime_cache, decode_steps=decode_steps)
         self._loop = CoreLoop(self.core, sock)
         self.client = CoreClient(model.label, model.name, model.metadata, ctx=self._ctx, address=address,
-                                   metrics=metrics, max_active=max_active, max_queue=max_queue,
-                                   flush_interval=flush_interval)
+                                 metrics=metrics, max_active=max_active, max_queue=max_queue,
+                                 flush_interval=flush_interval)
         self.prime_cache = self.core.prime_cache  # primes read before (prime_cache=0 turns it off)
         self._draining = False
         self._abandoned = False
@@ -215,7 +215,7 @@ class ProcessCore(CoreHandle):
                  decode_steps: int = DECODE_STEPS, step_timeout: float = 30.0, log_format: str = "text",
                  log_level: str = "info"):
         self.path, self.name, self.version, self.device = Path(path), name, version, device
-        self._decode_steps = decode_steps if batching and device == "cpu" else 1
+        self._decode_steps = decode_steps if batching and device in K_STEP_DEVICES else 1
         self._step_timeout = step_timeout
         self.max_active = max_active
         self._metrics, self._flush, self.max_queue = metrics, flush_interval, max_queue

@@ -401,7 +401,8 @@ class Decoded:
 
 
 class DecodeGraph:
-    """The K-step decode graph of one model file as CPU sessions: one per sampler path, made at first use."""
+    """The K-step decode graph of one model file as onnxruntime sessions (the CPU unless ``providers`` say
+    otherwise): one per sampler path, made at first use."""
 
     def __init__(self, model_path_or_bytes: str | Path | bytes, steps: int, *, controlled: bool = False,
                  logprobs: bool = False, regex: bool = False, loop: bool = False, threads: int = 0,

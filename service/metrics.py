@@ -69,7 +69,8 @@ class Metrics:
         )
         self.inter_char = CountedHistogram(
             "charrnn_inter_char_seconds",
-            "Time between consecutive generated characters of one stream (the K characters of one --decode-steps call are spaced evenly over it).",
+            "Time between consecutive generated characters of one stream (the K characters of one --decode-steps "
+            "call are spaced evenly over it).",
             ["model"],
             buckets=INTER_CHAR_BUCKETS,
             registry=r,
@@ -90,7 +91,8 @@ class Metrics:
         )
         self.step = CountedHistogram(
             "charrnn_step_seconds",
-            "One engine step, one character of every stream in the batch: model and sampling (with --decode-steps K, one K-step call counts K steps of a K-th of its time each).",
+            "One engine step, one character of every stream in the batch: model and sampling (with --decode-steps K, "
+            "one K-step call counts K steps of a K-th of its time each).",
             ["model"],
             buckets=STEP_BUCKETS,
             registry=r,
@@ -225,7 +227,7 @@ class CoreStats:
             self._cache[0 if hit else 1] += 1
 
     def pop_all(self) -> StatsDelta:
-        """What was counted since the last take."""
+        """What was counted since the last pop_all."""
         with self._lock:
             delta = StatsDelta(histograms={n: (c, self._sums[n]) for n, c in self._counts.items() if c.any()},
                                cache_hits=self._cache[0], cache_misses=self._cache[1])

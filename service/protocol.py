@@ -1,6 +1,6 @@
 """Every message between a front-end and an engine core: typed msgspec structs, one batch per message.
 
-What crosses the ZeroMQ socket between a front-end's CoreClient (engine.py)
+What crosses the ZeroMQ socket between a front-end's CoreClient (coreclient.py)
 and an engine core (corerun.py) is one of the structs below, encoded as
 msgpack by msgspec (vLLM's EngineCoreRequest / EngineCoreOutputs are the
 model). A message's type is its struct's tag; the fields are named and typed
@@ -45,7 +45,6 @@ import numpy as np
 from charrnn.service.requests import Controls
 
 _NDARRAY = 1  # msgpack extension type of a numpy array
-
 
 
 class EngineState(enum.Enum):
@@ -213,7 +212,7 @@ class TableRow(Record):
     device: str
     path: str
     address: str  # the engine core's ZeroMQ address
-    state: str  # supervisor.EngineState's value
+    state: str  # an EngineState's value
     message: str  # why it does not serve, when it does not
     max_active: int
     max_queue: int

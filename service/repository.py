@@ -36,7 +36,7 @@ class ModelEntry:
     version: int
     latest: bool  # the newest loaded version of `name` (what "name" resolves to)
     is_default: bool  # what "" resolves to
-    model: object  # launch.ServedModel (a core process) or runtime.LoadedModel (in-process): metadata, device
+    model: object  # cores.ServedModel (a core process) or runtime.LoadedModel (in-process): metadata, device
     engine: Engine
 
     @property
@@ -168,7 +168,7 @@ class ModelRepository(ModelTable):
         self.engine_factory = engine_factory
         self.metrics = metrics
         self.log = log
-        self.policy = policy  # restarts after engine failures (supervisor.py)
+        self.policy = policy  # restarts after engine failures (engine.py)
         self.on_change = on_change  # called (from any thread) when an engine changes state
         self._explicit_default = default_model or None  # --default-model
         # (name, version) -> Loaded. Replaced whole, never mutated, so resolve() on the
@@ -329,7 +329,7 @@ class ModelRepository(ModelTable):
     # ---- engine health ----
 
     def check_engines(self, now: float) -> None:
-        """The watchdog's round: every engine that serves is checked for a hang (supervisor.check)."""
+        """The watchdog's round: every engine that serves is checked for a hang (SupervisedEngine.check)."""
         for loaded in list(self._table.values()):
             loaded.engine.check(now)
 

@@ -37,6 +37,7 @@ log = logging.getLogger("charrnn.service.runtime")
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
+K_STEP_DEVICES = ("cpu",)  # where the engine has a fused K-step decode (LoadedModel.k_step_decoder)
 
 State = tuple  # (h,) or (h, c): each [L, B, H] float32, np.ndarray on CPU, ort.OrtValue on CUDA
 
@@ -170,9 +171,9 @@ class LoadedModel:
         return self._ops.decode(self, tokens, state, (temperature, top_k, top_p, u), controls)
 
     def k_step_decoder(self, steps: int, prebuilt: dict | None = None):
-        """The fused K-step decode of this model (decode_graph.Decoder), or None where there is none yet (CUDA:
-        the engine takes single steps there)."""
-        if self.device != "cpu":
+        """The fused K-step decode of this model (decode_graph.Decoder), or None on a device outside
+        K_STEP_DEVICES (CUDA: the engine takes single steps there)."""
+        if self.device not in K_STEP_DEVICES:
             return None
         from charrnn.service.decode_graph import Decoder
 

@@ -168,7 +168,7 @@ class Server:
             pass
 
     async def _watch(self, interval: float) -> None:
-        """The watchdog: looks for engines that hold work and make no progress (supervisor.check)."""
+        """The watchdog: looks for engines that hold work and make no progress (SupervisedEngine.check)."""
         while True:
             await asyncio.sleep(interval)
             self.repository.check_engines(time.monotonic())

@@ -1,6 +1,6 @@
 """One generation stream as its asyncio handler sees it, and how text reaches the handler's event loop.
 
-The engine client's I/O thread (engine.py) turns the core's ids into text and
+The core client's I/O thread (coreclient.py) turns the core's ids into text and
 hands each stream its new text; after each message it posts once to the
 ``Mailbox`` of each asyncio loop with streams to wake: at most one
 ``call_soon_threadsafe`` per loop per message, never one per stream per
@@ -72,7 +72,7 @@ class Stream:
         # (text, log-probabilities or None): the I/O thread appends, the reader pops
         self._chunks: collections.deque[tuple[str, list | None]] = collections.deque()
         self.logprobs: list = []  # with the request's logprobs: one (char, logprob, [(char, logprob)]) per
-        # character of the text the last take() returned
+        # character of the text the last pop_all() returned
         self._done = False  # no more text will come
         self._error: errors.CharrnnError | None = None
         self._waiter: asyncio.Future | None = None
@@ -99,7 +99,7 @@ class Stream:
                 self.mailbox.waiting.discard(self)
 
     def pop_all(self) -> str:
-        """Every character delivered since the last take."""
+        """Every character delivered since the last pop_all."""
         parts, lps = [], []
         chunks = self._chunks
         while chunks:

@@ -91,8 +91,8 @@ def score_fields(req: generator_pb2.ScoreRequest) -> ScoreFields:
 
 
 def check_max_chars(max_chars: int, limits: Limits) -> None:
-    """The rule of max_chars, for any integer: a front-end whose field is wider than the proto's uint32 (HTTP's
-    max_tokens, which may be -5) refuses a value the wire cannot carry with the message of one it can."""
+    """The rule of max_chars, for any integer (HTTP's max_tokens may be -5 or past the proto's uint32): the same
+    message for every value out of range."""
     if not 1 <= max_chars <= limits.max_chars:
         hint = "the server's --max-chars sets the upper bound" if max_chars > limits.max_chars else ""
         raise errors.InvalidArgument("max_chars", max_chars, f"in [1, {limits.max_chars}]", hint)
