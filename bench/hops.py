@@ -151,7 +151,7 @@ def summary(r: dict) -> tuple[int, int, int]:
 
 
 def markdown(results: list[dict], command: str) -> str:
-    lines = [f"# The path of one Generate", "", f"`{command}`: functions of charrnn that ran for one Generate "
+    lines = ["# The path of one Generate", "", f"`{command}`: functions of charrnn that ran for one Generate "
              "(prime `ROMEO:`, 20 characters) and not in an idle window as long, by process and thread, in the "
              "order first called. Comprehensions and generated dataclass methods are not counted.", "", "| revision | functions | modules | processes | threads |",
              "| --- | ---: | ---: | ---: | ---: |"]

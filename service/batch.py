@@ -19,8 +19,9 @@ the extent (slots.py), then a few array operations over the batch: counts,
 stop automata (automata.py), lengths, deadlines and cancels; which end a row
 meets when several hold at once is one table, ``_ENDS``. No Python runs per
 stream in a step, except for the streams that end. What each front-end must
-hear goes into the ``Outbox``: the ids of its rows, per step; the ends; and for
-rows with stop sequences how many characters to hold back.
+hear goes into the ``Outbox``: the ids of its rows, K a row per decode call
+(``_advance`` applies the K at once); the ends; and for rows with stop
+sequences how many characters to hold back.
 
 With batching on, the core runs one Batch over all its slots; with batching
 off, every stream is a Batch of one slot in a thread of its own (core.py).
@@ -110,22 +111,26 @@ class Outbox:
         return box
 
     def chars(self, fe: np.ndarray, rows: np.ndarray, ids: np.ndarray, hold: np.ndarray | None,
-              lp: protocol.Logprobs | None = None) -> None:
-        """One step's new character of each of these rows (arrays [n]: front-end, row, id), and when some
-        have stop sequences, how many of their latest characters each must hold back (they may begin one)."""
+              lp: protocol.Logprobs | None = None, count: np.ndarray | None = None) -> None:
+        """One decode call's new characters of each of these rows (arrays: front-end [n], row [n], ids [n, K];
+        ``count`` [n]: how many of its K ids a row keeps, None: all), and when some have stop sequences, how
+        many of their latest characters each must hold back (they may begin one)."""
         if not len(rows):
             return
+        i32 = np.int32
         with self._lock:
             first = int(fe[0])
             if len(self._seen) == 1 and first in self._seen or (fe == first).all():  # one front-end: no split
-                self._box(first).steps.append(protocol.Step(rows.astype(np.int32), ids.astype(np.int32),
-                                                            None if hold is None else hold.astype(np.int32), lp))
+                self._box(first).steps.append(protocol.Step(
+                    rows.astype(i32), ids.astype(i32), None if hold is None else hold.astype(i32), lp,
+                    None if count is None else count.astype(i32)))
                 return
             for f in np.unique(fe).tolist():
                 sel = fe == f
                 part = None if lp is None else protocol.Logprobs(lp.chosen[sel], lp.top_ids[sel], lp.top_lp[sel])
-                self._box(f).steps.append(protocol.Step(rows[sel].astype(np.int32), ids[sel].astype(np.int32),
-                                                        None if hold is None else hold[sel].astype(np.int32), part))
+                self._box(f).steps.append(protocol.Step(
+                    rows[sel].astype(i32), ids[sel].astype(i32), None if hold is None else hold[sel].astype(i32),
+                    part, None if count is None else count[sel].astype(i32)))
 
     def end(self, fe: int, end: protocol.End) -> None:
         with self._lock:
@@ -222,7 +227,7 @@ class Batch:
             s.place(slots, self.model.concat([r[1] for r in early]))
             s.active[slots] = True
             s.first_at[slots] = s.last_at[slots] = now
-            self._advance(slots, np.array([r[2] for r in early], np.int64), now, emit=False)
+            self._advance(slots, np.array([r[2] for r in early], np.int64)[:, None], now, emit=False)
         if ready:
             slots = np.array([r[0] for r in ready], np.int64)
             zero = self.model.zero_state(1)
@@ -294,7 +299,7 @@ class Batch:
             now = time.monotonic()
             s.first_at[slots] = s.last_at[slots] = now
             lp = (picked.logprob, picked.top_ids, picked.top_logprobs)
-            self._advance(slots, picked.ids[:, 0], now, lp=_logprobs(lp, slice(None)))
+            self._advance(slots, picked.ids, now, lp=_logprobs(lp, slice(None)))
             self._started = True
 
     # ---- decode ----
@@ -306,6 +311,7 @@ class Batch:
         e = s.extent
         t0 = time.monotonic()
         controls = self.controls.sampler_controls(slice(0, e), regex_mask=steps == 1)
+        graph = None
         if steps == 1:
             picked, s.state = self.model.decode(
                 s.token[:e, None], s.state, s.temperature[:e], s.top_k[:e], s.top_p[:e],
@@ -314,9 +320,9 @@ class Batch:
         else:
             u = sampling.uniforms(s.seed[:e, None], s.generated[:e, None] + np.arange(steps))  # [e, K]
             automaton = self.controls.automaton_inputs(slice(0, e)) if controls is not None else None
-            decoded, s.state = self.decoder.decode(s.token[:e, None], s.state, s.temperature[:e], s.top_k[:e],
-                                                   s.top_p[:e], u, controls, automaton)
-            ids, lp = decoded.ids, (decoded.logprob, decoded.top_ids, decoded.top_logprobs)
+            graph, s.state = self.decoder.decode(s.token[:e, None], s.state, s.temperature[:e], s.top_k[:e],
+                                                 s.top_p[:e], u, controls, automaton)
+            ids, lp = graph.ids, (graph.logprob, graph.top_ids, graph.top_logprobs)
         now = time.monotonic()
         self._last_step_seconds = now - t0
         rows = s.active_rows()  # a slice when no hole: every index below is then a view
@@ -330,13 +336,9 @@ class Batch:
         if first.any():  # their first character: the start of their decode, not a gap between two
             s.first_at[(np.arange(s.extent)[rows])[first]] = now
         s.last_at[rows] = now
-        for k in range(steps):
-            if k:
-                rows = s.active_rows()  # the rows that ended at an earlier step have left
-                if not len(s.generated[rows]):
-                    break
-            self.steps += 1
-            self._advance(rows, ids[rows, k], now, lp=_logprobs(lp, rows, k))
+        counts = None if graph is None or graph.counts is None else graph.counts[rows]
+        self._advance(rows, ids[rows], now, lp=_logprobs(lp, rows), counts=counts)
+        self.steps += steps
 
     def steps_now(self, joining: bool) -> int:
         """How many characters the next decode call advances: 1 while streams wait for a slot or read their
@@ -346,50 +348,77 @@ class Batch:
         return self.decoder.steps
 
     def _advance(self, slots: np.ndarray | slice, ids: np.ndarray, now: float, emit: bool = True,
-                 lp: protocol.Logprobs | None = None) -> None:
-        """Each of ``slots`` (an index array or a slice) produced ``ids``: counts, stop automata, and the ends
-        (stop sequence, length, cancel, deadline). ``emit=False``: the front-ends have the characters already."""
+                 lp: protocol.Logprobs | None = None, counts: np.ndarray | None = None) -> None:
+        """Each of ``slots`` (an index array or a slice) produced ``ids`` [n, K], K characters in order:
+        counts, stop automata and regex states walk the K ids (K gathers over all rows at once), and each row
+        ends at the first of its K characters where an end holds (stop sequence, regex match, length; cancel
+        and deadline at its first), keeping the ids up to it. ``counts`` [n, V]: the penalty counts after
+        the call, from the K-step graph (None: the host adds them, one character a row). ``emit=False``: the
+        front-ends have the characters already."""
         s = self.slots
-        s.token[slots] = ids
-        generated = s.generated[slots]
-        generated += 1  # in place when ``slots`` is a slice
-        s.generated[slots] = generated
+        n, steps = ids.shape
+        end_at = np.full(n, steps)  # the step (0-based) at which each row ends; steps: none
+        stop_states, matched = None, None
         if self.stops.in_use:  # rows without stop sequences sit in state 0, which never moves
-            stop_state = self.stops.step(slots, ids)
-            matched = self.stops.accept[stop_state]  # 1 + stop index, 0 = none
-            if emit:
-                self.outbox.chars(s.fe[slots], s.row[slots], ids, self.stops.depth[stop_state], lp)
-            ended = matched > 0
-        else:
-            matched = None
-            if emit:
-                self.outbox.chars(s.fe[slots], s.row[slots], ids, None, lp)
-            ended = np.zeros(len(ids), bool)
-        complete = self.controls.advance(slots, ids)  # rows whose regex match is complete
-        if complete is not None:
-            ended |= complete
-        ended |= generated >= s.limit[slots]
-        ended |= s.cancelled[slots]
-        ended |= s.deadline[slots] <= now
+            stop_states = _walk(self.stops, slots, ids)
+            matched = self.stops.accept[stop_states]  # [n, K]: 1 + stop index, 0 = none
+            end_at = np.minimum(end_at, _first(matched > 0, steps))
+        complete, regex_states = None, None
+        if counts is not None:  # the K-step graph counted; each row's regex states are walked here
+            self.controls.set_counts(slots, counts)
+            if self.controls.regexes.in_use:
+                regex_states = _walk(self.controls.regexes, slots, ids)
+                complete = self.controls.regexes.accept[regex_states] > 0  # [n, K]: a complete match
+                end_at = np.minimum(end_at, _first(complete, steps))
+        else:  # one character a row (a K-step call without controls has none to move)
+            done = self.controls.advance(slots, ids[:, 0]) if steps == 1 else None
+            if done is not None:
+                complete = done[:, None]
+                end_at[done] = 0
+        generated = s.generated[slots]
+        limit = s.limit[slots]
+        end_at = np.minimum(end_at, np.maximum(limit - generated - 1, 0))
+        end_at[s.cancelled[slots] | (s.deadline[slots] <= now)] = 0
+        ended = end_at < steps
+        count = np.minimum(end_at + 1, steps)
+        last = count - 1
+        pick = np.arange(n)
+        generated = generated + count
+        s.generated[slots] = generated
+        s.token[slots] = ids[pick, last]
+        hold = None
+        if stop_states is not None:
+            final = stop_states[pick, last]
+            self.stops.state[slots] = final
+            hold = self.stops.depth[final]
+        if regex_states is not None:
+            self.controls.regexes.state[slots] = regex_states[pick, last]
+        if emit:
+            self.outbox.chars(s.fe[slots], s.row[slots], ids, hold, lp, count if ended.any() else None)
         if ended.any():
             index = np.arange(s.extent)[slots] if isinstance(slots, slice) else slots
-            stop = matched[ended] - 1 if matched is not None else np.full(int(ended.sum()), -1)
-            self._end(index[ended], now, stop, None if complete is None else complete[ended])
+            at = end_at[ended]
+            stop = matched[ended, at] - 1 if matched is not None else np.full(len(at), -1)
+            self._end(index[ended], now, stop, None if complete is None else complete[ended, at], count[ended])
 
-    def _end(self, slots: np.ndarray, now: float, stop_index: np.ndarray, complete: np.ndarray | None = None) -> None:
-        """Ends ``slots``: by stop sequence (index >= 0), length, cancel or deadline, in that order."""
+    def _end(self, slots: np.ndarray, now: float, stop_index: np.ndarray, complete: np.ndarray | None = None,
+             drawn: np.ndarray | None = None) -> None:
+        """Ends ``slots``: by stop sequence (index >= 0), regex match, length, cancel or deadline, in that order;
+        ``drawn``: the characters each drew in the call that ends it (for a cancel's count)."""
         s = self.slots
         generated, limit = s.generated[slots], s.limit[slots]
         kind = _end_kinds(stop_index, complete, generated, limit, s.cancelled[slots])
+        # A cancel's count: the decode steps whose characters it drew after the cancel came.
+        after = self.steps - s.cancelled_at[slots] + (0 if drawn is None else drawn)
         columns = zip(slots.tolist(), kind.tolist(), stop_index.tolist(), s.fe[slots].tolist(), s.row[slots].tolist(),
                       generated.tolist(), limit.tolist(), s.first_at[slots].tolist(), s.admitted_at[slots].tolist(),
-                      s.cancelled_at[slots].tolist())
-        for slot, k, stop, fe, row, gen, lim, first, admitted, cancelled_at in columns:
+                      after.tolist())
+        for slot, k, stop, fe, row, gen, lim, first, admitted, after_cancel in columns:
             code, reason = _ENDS[k]
             message = f"deadline passed after {gen} of {lim} characters" if k == _DEADLINE else ""
             self.outbox.end(fe, protocol.End(row=row, code=code, reason=reason, message=message, stop=stop,
                                              generated=gen, admitted=admitted, first=first if gen else now, last=now,
-                                             steps_after_cancel=self.steps - cancelled_at if k == _CANCEL else 0))
+                                             steps_after_cancel=after_cancel if k == _CANCEL else 0))
             self.where.pop((fe, row), None)
         self.stops.release(slots)
         self.controls.free(slots)
@@ -418,13 +447,28 @@ def _end_kinds(stop_index: np.ndarray, complete: np.ndarray | None, generated: n
     return np.select(holds, [_STOP, _MATCH, _LENGTH, _CANCEL], _DEADLINE)
 
 
-def _logprobs(lp: tuple, rows, k: int = 0) -> protocol.Logprobs | None:
-    """Step ``k``'s log-probabilities of ``rows``, from (logprob [B, K], top_ids [B, (K,) n], top_logprobs
-    [B, (K,) n]) of a sampler's or a K-step graph's answer, as Outbox.chars takes them (None without)."""
+def _logprobs(lp: tuple, rows) -> protocol.Logprobs | None:
+    """The log-probabilities of ``rows``, from (logprob [B, K], top_ids [B, (K,) n], top_logprobs [B, (K,) n])
+    of a sampler's (K = 1) or a K-step graph's answer, as Outbox.chars takes them (None without)."""
     chosen, top_ids, top_lp = lp
     if chosen is None:
         return None
-    if top_ids.ndim == 3:
-        top_ids, top_lp = top_ids[:, k], top_lp[:, k]
-    return protocol.Logprobs(chosen[rows, k].astype(np.float32), top_ids[rows].astype(np.int32),
+    if top_ids.ndim == 2:  # the sampler's: one step
+        top_ids, top_lp = top_ids[:, None], top_lp[:, None]
+    return protocol.Logprobs(chosen[rows].astype(np.float32), top_ids[rows].astype(np.int32),
                              top_lp[rows].astype(np.float32))
+
+
+def _walk(table: AutomatonTable, rows, ids: np.ndarray) -> np.ndarray:
+    """The states each of ``rows`` reaches in ``table`` after each of its ``ids`` [n, K] (int32 [n, K]), one
+    gather over all rows per step; the table's own states are left as they were."""
+    states = np.empty(ids.shape, np.int32)
+    state = table.state[rows]
+    for k in range(ids.shape[1]):
+        state = states[:, k] = table.trans[state, ids[:, k]]
+    return states
+
+
+def _first(hit: np.ndarray, none: int) -> np.ndarray:
+    """Each row's first column where ``hit`` [n, K] holds (``none`` where it never does)."""
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), none)

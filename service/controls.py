@@ -11,7 +11,9 @@ no row uses any runs the sampler's plain graph and pays nothing here
   where the row's regex state forbids a character, the counts of characters
   generated (for the penalties), and how many alternatives to return;
 - ``advance(rows, ids)``: counts and regex states after a step; returns the
-  rows whose text now completely matches their regex (they end).
+  rows whose text now completely matches their regex (they end). After a
+  K-step call the graph's counts come in through ``set_counts``, and the
+  batch walks the regex states over the K ids itself (batch.py).
 """
 
 from __future__ import annotations
@@ -123,6 +125,11 @@ class ControlRows:
         if self._allowed_of is not table.mask:  # the table changed (an automaton came or went): convert it again
             self._allowed, self._allowed_of = allowed_bias(table.mask), table.mask
         return AutomatonInputs(transitions=table.trans, allowed=self._allowed, state=table.state[rows])
+
+    def set_counts(self, rows, counts: np.ndarray) -> None:
+        """``rows``' penalty counts after a K-step call: the graph's ``counts_out`` [n, V]."""
+        if self._counts is not None:
+            self._counts[rows] = counts
 
     def advance(self, rows, ids: np.ndarray) -> np.ndarray | None:
         """After ``rows`` drew ``ids``: penalty counts and regex states move on. Returns a bool [n] of the rows

@@ -4,7 +4,8 @@
 came but are not text yet ([rows, PENDING]), how many of them to hold back
 (they may begin a stop sequence; the core says how many), how many came in
 all, and the log-probabilities of the characters not handed over. ``apply``
-takes one ``protocol.Out``: per step, the rows' ids go into those arrays; the
+takes one ``protocol.Out``: per decode call, the rows' K ids each go into
+those arrays at once; the
 streams whose first character came, and all of them when a delivery is due
 (the flush interval), get their text, one numpy call for all rows; each end
 hands over what is left (cutting a matched stop sequence, dropping held text
@@ -94,18 +95,22 @@ class OutputProcessor:
         at once (a first character, an end); with ``flush`` the caller wakes every reader anyway."""
         fresh: list[int] = []
         for step in out.steps:
-            rows, ids, hold, lp = step.rows, step.ids, step.hold, step.logprobs
-            full = rows[self._pending[rows] >= PENDING]
+            rows, hold, lp = step.rows, step.hold, step.logprobs
+            ids = step.ids if step.ids.ndim == 2 else step.ids[:, None]  # [n, K]
+            width = ids.shape[1]
+            count = width if step.count is None else step.count  # ids a row keeps: the rest are past its end
+            full = rows[self._pending[rows] + width > PENDING]
             if len(full):
                 self._hand_over(full)
             fresh += rows[self._got[rows] == 0].tolist()
-            self._held[rows, self._pending[rows]] = ids
-            self._pending[rows] += 1
-            self._got[rows] += 1
+            # All K go in (within PENDING: see above); those past a row's count are never read.
+            self._held[rows[:, None], self._pending[rows][:, None] + np.arange(width)] = ids
+            self._pending[rows] += count
+            self._got[rows] += count
             if hold is not None:  # at most what is here: a resumed stream's first holds may reach into resume_text
                 self._hold[rows] = np.minimum(hold, self._pending[rows])
             if lp is not None and self._lps:
-                self._collect_logprobs(rows, ids, lp)
+                self._collect_logprobs(rows, ids, lp, np.broadcast_to(count, len(rows)))
         urgent = [self._streams[r] for r in fresh if r in self._streams]
         for s in urgent:
             s.first_char_at = now
@@ -158,17 +163,22 @@ class OutputProcessor:
             self._held[r, :k] = self._held[r, c:c + k]  # the held-back tail moves to the front
         self._pending[rows] = keep
 
-    def _collect_logprobs(self, rows: np.ndarray, ids: np.ndarray, lp: protocol.Logprobs) -> None:
-        """Keeps each logprobs row's (char, logprob, [(char, logprob)] of its N best) until its text goes out."""
+    def _collect_logprobs(self, rows: np.ndarray, ids: np.ndarray, lp: protocol.Logprobs, count: np.ndarray) -> None:
+        """Keeps each logprobs row's (char, logprob, [(char, logprob)] of its N best) until its text goes out:
+        ``ids`` [n, K], of which the first ``count`` [n] of a row are its."""
         vocab = self.metadata.vocab
         chosen, top_ids, top_lp = lp.chosen, lp.top_ids, lp.top_lp
-        for i, r in enumerate(rows.tolist()):
+        if chosen.ndim == 1:  # one character a row
+            chosen, top_ids, top_lp = chosen[:, None], top_ids[:, None], top_lp[:, None]
+        for i, (r, c) in enumerate(zip(rows.tolist(), count.tolist())):
             entries = self._lps.get(r)
             if entries is None:
                 continue
             k = self._streams[r].request.logprobs
-            entries.append((vocab[ids[i]], float(chosen[i]),
-                            [(vocab[t], float(v)) for t, v in zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist())]))
+            for j in range(c):
+                entries.append((vocab[ids[i, j]], float(chosen[i, j]),
+                                [(vocab[t], float(v)) for t, v in zip(top_ids[i, j, :k].tolist(),
+                                                                        top_lp[i, j, :k].tolist())]))
 
     def end(self, end: protocol.End) -> Stream | None:
         row, code, reason, stop, generated = end.row, end.code, end.reason, end.stop, end.generated

@@ -21,8 +21,8 @@ core -> front-end
     Loaded    the model file loaded; the trial step runs now (to the supervisor)
     Up        the trial step passed: the model's metadata properties
     Refused   the model file cannot be served: the reason
-    Out       this front-end's news since the last Out: per step (``Step``) its rows and their new ids
-              (and how many to hold back, and log-probabilities when asked); the streams that ended
+    Out       this front-end's news since the last Out: per decode call (``Step``) its rows and their new
+              ids, K a row (and how many to hold back, and log-probabilities when asked); the streams that ended
               (``End``); the core's load; to the primary, the metric deltas (``StatsDelta``); the last
               Out of a failed engine carries ``failed``. ``Out.merge`` folds a later Out into one that
               a lagging front-end has not taken yet.
@@ -125,18 +125,20 @@ class Refused(Record, tag="refused"):
 
 
 class Logprobs(Record):
-    chosen: np.ndarray  # float32 [n]: each row's drawn character's log-probability
-    top_ids: np.ndarray  # int32 [n, k]: its k most likely characters
-    top_lp: np.ndarray  # float32 [n, k]: and theirs
+    chosen: np.ndarray  # float32 [n, K]: each row's drawn characters' log-probabilities
+    top_ids: np.ndarray  # int32 [n, K, k]: the k most likely characters at each
+    top_lp: np.ndarray  # float32 [n, K, k]: and theirs
 
 
 class Step(Record):
-    """One step's new character of some rows of a front-end."""
+    """One decode call's new characters of some rows of a front-end: K per row, fewer for a row that ended
+    inside the call (``count``)."""
 
     rows: np.ndarray  # int32 [n]
-    ids: np.ndarray  # int32 [n]
+    ids: np.ndarray  # int32 [n, K] (or [n]: one character each)
     hold: np.ndarray | None = None  # int32 [n]: latest characters that may begin a stop sequence (None: no stops)
     logprobs: Logprobs | None = None
+    count: np.ndarray | None = None  # int32 [n]: how many of a row's K ids are its (None: all K)
 
 
 class ScoreResult(Record):

@@ -72,9 +72,11 @@ class Front:
         if out is None:
             return
         for step in out.steps:
-            for r, i in zip(step.rows.tolist(), step.ids.tolist()):
+            ids = step.ids.reshape(len(step.rows), -1)  # [n, K]: a row's first ``count`` are its
+            count = step.count if step.count is not None else np.full(len(step.rows), ids.shape[1])
+            for r, i, c in zip(step.rows.tolist(), ids.tolist(), count.tolist()):
                 assert r not in self.ends, f"row {r} got a character after its end"
-                self.ids.setdefault(r, []).append(i)
+                self.ids.setdefault(r, []).extend(i[:c])
         for end in out.ends:
             assert end.row not in self.ends, f"row {end.row} ended twice"
             self.ends[end.row] = end

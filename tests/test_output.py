@@ -109,6 +109,25 @@ def test_log_probabilities_go_out_with_their_characters(out):
     assert s.logprobs == [("q", -0.5, [("q", -0.5), ("r", -1.5)])]
 
 
+def test_one_decode_call_brings_k_characters_a_row_and_a_row_that_ended_keeps_its_count(out):
+    """A K-step call's Step: ids [n, K]; ``count`` says how many a row that ended inside the call keeps."""
+    a, b = add(out, request(logprobs=1)), add(out, request(stop=("yz",)))
+    ids = np.array([[ID[c] for c in "abcd"], [ID[c] for c in "wxab"]], np.int32)
+    chosen = -np.arange(8, dtype=np.float32).reshape(2, 4)
+    lp = protocol.Logprobs(chosen, ids[:, :, None].copy(), chosen[:, :, None].copy())
+    woken = out.apply(protocol.Out(steps=[protocol.Step(np.array([a.row, b.row], np.int32), ids, np.array([0, 0], np.int32),
+                                                        lp, np.array([4, 4], np.int32))]), 1.0, flush=False)
+    assert woken == [a, b] and (a.pop_all(), b.pop_all()) == ("abcd", "wxab")
+    assert a.logprobs == [(c, -float(i), [(c, -float(i))]) for i, c in enumerate("abcd")]
+    # The next call: a keeps 2 of its 4 (it ended at its length), b all 4 with the last two held back.
+    ids = np.array([[ID[c] for c in "efgh"], [ID[c] for c in " qyz"]], np.int32)
+    out.apply(protocol.Out(steps=[protocol.Step(np.array([a.row, b.row], np.int32), ids, np.array([0, 2], np.int32),
+                                                None, np.array([2, 4], np.int32))],
+                           ends=[end(a.row, generated=6), end(b.row, reason="stop", stop=0, generated=8)]), 1.1, False)
+    assert a.pop_all() == "ef" and a.result.finish_reason == FinishReason.LENGTH
+    assert b.pop_all() == " q" and b.result.finish_reason == FinishReason.STOP_SEQUENCE
+
+
 def test_a_full_row_is_handed_over_without_waiting_for_the_flush(out):
     s = add(out, request())
     for k in range(PENDING + 3):
