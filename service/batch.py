@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,13 +143,42 @@ class Outbox:
         return out
 
 
+@dataclass
+class Call:
+    """One K-step decode call, as the host applies it: the rows it ran (their slots and streams at its launch,
+    so that a slot taken by another stream since is told apart), what it drew, and the regex states it started
+    from (the table's have moved on by the time it is applied)."""
+
+    slots: np.ndarray  # int64 [n]: the rows decoding at its launch
+    serial: np.ndarray  # int64 [n]: their streams (Slots.serial)
+    ids: np.ndarray  # int64 [n, K]
+    lp: protocol.Logprobs | None
+    regex_from: np.ndarray | None  # int32 [n]: each row's regex state at its launch (None: no regex in use)
+    started: float
+    finished: float
+
+    def live(self, s: Slots) -> np.ndarray:
+        """Which of its rows still hold their slot (bool [n]); those that ended since must not be touched."""
+        return s.active[self.slots] & (s.serial[self.slots] == self.serial)
+
+    def moved(self, src: list[int], dst: list[int], capacity: int) -> None:
+        """Slots were compacted from ``src`` to ``dst``: its rows follow."""
+        where = np.arange(capacity)
+        where[src] = dst
+        self.slots = where[self.slots]
+
+
 class Batch:
     def __init__(self, model: LoadedModel, capacity: int, *, outbox: Outbox, stats: CoreStats,
-                 prime_cache: PrimeCache | None = None, decoder=None):
+                 prime_cache: PrimeCache | None = None, decoder=None, overlap: bool = False):
         self.model = model
         # The K-step decode (--decode-steps > 1; model.k_step_decoder: decode_graph.Decoder, or a stand-in's),
         # or None: one character a call.
         self.decoder = decoder
+        # --overlap: a K-step call runs in this thread while the core thread applies the call before it.
+        self._caller = (ThreadPoolExecutor(1, thread_name_prefix=f"engine-{model.label}-decode")
+                        if overlap and decoder is not None else None)
+        self._unapplied: Call | None = None  # the last K-step call, when its outputs wait for the next (overlap)
         self.slots = Slots(model, capacity)
         self.outbox = outbox
         self.stats = stats
@@ -257,10 +287,15 @@ class Batch:
         self._started = False
         if self.slots.active[: self.slots.extent].any():
             self._decode(self.steps_now(joining))
+        elif self._unapplied is not None:  # its rows all ended when the call before it was applied
+            self._apply(self._unapplied)
+            self._unapplied = None
         if not self.prefill.cohorts and not (joining and self.slots.capacity > 1):
             moved = self.slots.compact()
             self.controls.move(*moved)
             self.stops.move(*moved)
+            if self._unapplied is not None and moved[0]:
+                self._unapplied.moved(*moved, self.slots.capacity)
             for src, dst in zip(*moved):
                 self.where[(int(self.slots.fe[dst]), int(self.slots.row[dst]))] = dst
 
@@ -305,40 +340,116 @@ class Batch:
     # ---- decode ----
 
     def _decode(self, steps: int) -> None:
-        """One decode call: every slot of the extent advances ``steps`` characters (1: the model step and the
-        sampler; more: the fused K-step graph, decode_graph.py)."""
+        """One decode call: every slot of the extent advances ``steps`` characters. One step is the model and
+        the sampler, applied at once. More is the fused K-step graph (decode_graph.py); with --overlap it runs
+        in the caller thread while this one applies the call before it (ends, stops, messages), and is itself
+        applied during the next call, or before any single step."""
+        if steps == 1:
+            if self._unapplied is not None:
+                self._apply(self._unapplied)
+                self._unapplied = None
+            if self.slots.active[: self.slots.extent].any():  # rows may have ended just now
+                self._single_step()
+            return
+        launched = time.monotonic()
+        if self._caller is None:
+            run, slots, serial, regex_from = self._launch(steps, copy=False)
+            self._apply(self._land(*run(), slots, serial, regex_from, launched))
+            return
+        run, slots, serial, regex_from = self._launch(steps, copy=True)
+        running = self._caller.submit(run)
+        if self._unapplied is not None:
+            self._apply(self._unapplied)  # while the call runs: onnxruntime has released the GIL
+        self._unapplied = self._land(*running.result(), slots, serial, regex_from, launched)
+
+    def _launch(self, steps: int, copy: bool):
+        """The K-step call's inputs for slots [0, extent): (a function that runs it, the rows decoding, their
+        streams, their regex states). ``copy``: the arrays the core thread writes while the call runs (last
+        ids, counts, regex states) go in as copies. Each row draws at its next position: past the characters of
+        a call not applied yet."""
+        s, e = self.slots, self.slots.extent
+        slots = np.flatnonzero(s.active[:e])
+        position = s.generated[:e].copy()
+        if self._unapplied is not None:
+            call = self._unapplied
+            position[call.slots[call.live(s)]] += call.ids.shape[1]
+        u = sampling.uniforms(s.seed[:e, None], position[:, None] + np.arange(steps))  # [e, K]
+        controls = self.controls.sampler_controls(slice(0, e), regex_mask=False)
+        automaton = self.controls.automaton_inputs(slice(0, e)) if controls is not None else None
+        tokens = s.token[:e, None]
+        if copy:
+            tokens = tokens.copy()
+            if controls is not None:
+                controls.counts = controls.counts.copy()
+                automaton.state = automaton.state.copy()
+        regex_from = automaton.state[slots].copy() if automaton is not None else None
+        state, temperature, top_k, top_p = s.state, s.temperature[:e], s.top_k[:e], s.top_p[:e]
+        return (lambda: self.decoder.decode(tokens, state, temperature, top_k, top_p, u, controls, automaton),
+                slots, s.serial[slots].copy(), regex_from)
+
+    def _land(self, graph, state: State, slots: np.ndarray, serial: np.ndarray, regex_from: np.ndarray | None,
+              started: float) -> Call:
+        """A K-step call returned: the next call's inputs (state, each row's last id, penalty counts, regex
+        states) are its outputs, for the rows that still hold their slot; the rest waits in the Call."""
+        s = self.slots
+        finished = time.monotonic()
+        self._last_step_seconds = finished - started
+        s.state = state
+        ids = graph.ids[slots]
+        lp = _logprobs((graph.logprob, graph.top_ids, graph.top_logprobs), slots)
+        call = Call(slots, serial, ids, lp, regex_from, started, finished)
+        live = call.live(s)
+        rows = slots[live]
+        s.token[rows] = ids[live, -1]
+        if graph.counts is not None:
+            self.controls.set_counts(rows, graph.counts[rows])
+        if graph.automaton_state is not None:
+            self.controls.regexes.state[rows] = graph.automaton_state[rows]
+        return call
+
+    def _apply(self, call: Call) -> None:
+        """A K-step call's characters, for its rows that still hold their slot: stats, then ``_advance``."""
+        s = self.slots
+        live = call.live(s)
+        rows, steps = call.slots[live], call.ids.shape[1]
+        self._observe(rows, call.started, call.finished, steps)
+        lp = call.lp
+        if lp is not None and not live.all():
+            lp = protocol.Logprobs(lp.chosen[live], lp.top_ids[live], lp.top_lp[live])
+        self._advance(rows, call.ids[live], call.finished, lp=lp,
+                      regex_from=None if call.regex_from is None else call.regex_from[live])
+        self.steps += steps
+
+    def _single_step(self) -> None:
+        """The model step and the sampler, one character of every row, applied at once."""
         s = self.slots
         e = s.extent
         t0 = time.monotonic()
-        controls = self.controls.sampler_controls(slice(0, e), regex_mask=steps == 1)
-        graph = None
-        if steps == 1:
-            picked, s.state = self.model.decode(
-                s.token[:e, None], s.state, s.temperature[:e], s.top_k[:e], s.top_p[:e],
-                sampling.uniforms(s.seed[:e], s.generated[:e]), controls)
-            ids, lp = picked.ids, (picked.logprob, picked.top_ids, picked.top_logprobs)
-        else:
-            u = sampling.uniforms(s.seed[:e, None], s.generated[:e, None] + np.arange(steps))  # [e, K]
-            automaton = self.controls.automaton_inputs(slice(0, e)) if controls is not None else None
-            graph, s.state = self.decoder.decode(s.token[:e, None], s.state, s.temperature[:e], s.top_k[:e],
-                                                 s.top_p[:e], u, controls, automaton)
-            ids, lp = graph.ids, (graph.logprob, graph.top_ids, graph.top_logprobs)
+        controls = self.controls.sampler_controls(slice(0, e))
+        picked, s.state = self.model.decode(
+            s.token[:e, None], s.state, s.temperature[:e], s.top_k[:e], s.top_p[:e],
+            sampling.uniforms(s.seed[:e], s.generated[:e]), controls)
         now = time.monotonic()
         self._last_step_seconds = now - t0
         rows = s.active_rows()  # a slice when no hole: every index below is then a view
+        self._observe(rows, t0, now, 1)
+        lp = _logprobs((picked.logprob, picked.top_ids, picked.top_logprobs), rows)
+        self._advance(rows, picked.ids[rows], now, lp=lp)
+        self.steps += 1
+
+    def _observe(self, rows, started: float, finished: float, steps: int) -> None:
+        """A call's figures: its time per step, the batch, each row's gap since its last character (the K
+        characters of a call spaced evenly over it)."""
+        s = self.slots
         n = len(s.generated[rows])
-        self.stats.observe_same("step", (now - t0) / steps, steps)
+        self.stats.observe_same("step", (finished - started) / steps, steps)
         self.stats.observe_same("batch", n, steps)
         first = s.generated[rows] == 0
-        # Characters that arrive together are spaced by the call's time over its steps.
-        gaps = (now - s.last_at[rows][~first]) / steps
+        gaps = (finished - s.last_at[rows][~first]) / steps
         self.stats.observe("inter_char", np.repeat(gaps, steps) if steps > 1 else gaps)
         if first.any():  # their first character: the start of their decode, not a gap between two
-            s.first_at[(np.arange(s.extent)[rows])[first]] = now
-        s.last_at[rows] = now
-        counts = None if graph is None or graph.counts is None else graph.counts[rows]
-        self._advance(rows, ids[rows], now, lp=_logprobs(lp, rows), counts=counts)
-        self.steps += steps
+            s.first_at[(np.arange(s.extent)[rows])[first]] = finished
+        s.last_at[rows] = finished
 
     def steps_now(self, joining: bool) -> int:
         """How many characters the next decode call advances: 1 while streams wait for a slot or read their
@@ -348,30 +459,27 @@ class Batch:
         return self.decoder.steps
 
     def _advance(self, slots: np.ndarray | slice, ids: np.ndarray, now: float, emit: bool = True,
-                 lp: protocol.Logprobs | None = None, counts: np.ndarray | None = None) -> None:
+                 lp: protocol.Logprobs | None = None, regex_from: np.ndarray | None = None) -> None:
         """Each of ``slots`` (an index array or a slice) produced ``ids`` [n, K], K characters in order:
-        counts, stop automata and regex states walk the K ids (K gathers over all rows at once), and each row
-        ends at the first of its K characters where an end holds (stop sequence, regex match, length; cancel
-        and deadline at its first), keeping the ids up to it. ``counts`` [n, V]: the penalty counts after
-        the call, from the K-step graph (None: the host adds them, one character a row). ``emit=False``: the
-        front-ends have the characters already."""
+        the stop automata (and the regex states, from ``regex_from``) walk the K ids, K gathers over all rows
+        at once, and each row ends at the first of its K characters where an end holds (stop sequence, regex
+        match, length; cancel and deadline at its first), keeping the ids up to it. K = 1 outside a K-step
+        call: then the host moves the penalty counts and regex states (a K-step call brought its own: _land).
+        ``emit=False``: the front-ends have the characters already."""
         s = self.slots
         n, steps = ids.shape
         end_at = np.full(n, steps)  # the step (0-based) at which each row ends; steps: none
         stop_states, matched = None, None
         if self.stops.in_use:  # rows without stop sequences sit in state 0, which never moves
-            stop_states = _walk(self.stops, slots, ids)
+            stop_states = _walk(self.stops, self.stops.state[slots], ids)
             matched = self.stops.accept[stop_states]  # [n, K]: 1 + stop index, 0 = none
             end_at = np.minimum(end_at, _first(matched > 0, steps))
-        complete, regex_states = None, None
-        if counts is not None:  # the K-step graph counted; each row's regex states are walked here
-            self.controls.set_counts(slots, counts)
-            if self.controls.regexes.in_use:
-                regex_states = _walk(self.controls.regexes, slots, ids)
-                complete = self.controls.regexes.accept[regex_states] > 0  # [n, K]: a complete match
-                end_at = np.minimum(end_at, _first(complete, steps))
-        else:  # one character a row (a K-step call without controls has none to move)
-            done = self.controls.advance(slots, ids[:, 0]) if steps == 1 else None
+        complete = None
+        if regex_from is not None:  # a K-step call's rows with regexes
+            complete = self.controls.regexes.accept[_walk(self.controls.regexes, regex_from, ids)] > 0  # [n, K]
+            end_at = np.minimum(end_at, _first(complete, steps))
+        elif steps == 1:
+            done = self.controls.advance(slots, ids[:, 0])  # rows whose regex match is complete
             if done is not None:
                 complete = done[:, None]
                 end_at[done] = 0
@@ -385,14 +493,13 @@ class Batch:
         pick = np.arange(n)
         generated = generated + count
         s.generated[slots] = generated
-        s.token[slots] = ids[pick, last]
+        if steps == 1:  # a K-step call's rows have their next input already (_land)
+            s.token[slots] = ids[:, 0]
         hold = None
         if stop_states is not None:
             final = stop_states[pick, last]
             self.stops.state[slots] = final
             hold = self.stops.depth[final]
-        if regex_states is not None:
-            self.controls.regexes.state[slots] = regex_states[pick, last]
         if emit:
             self.outbox.chars(s.fe[slots], s.row[slots], ids, hold, lp, count if ended.any() else None)
         if ended.any():
@@ -437,6 +544,7 @@ class Batch:
             self.controls.free(slot)
         self.where.clear()
         self.prefill.clear()
+        self._unapplied = None
 
 
 def _end_kinds(stop_index: np.ndarray, complete: np.ndarray | None, generated: np.ndarray, limit: np.ndarray,
@@ -459,11 +567,10 @@ def _logprobs(lp: tuple, rows) -> protocol.Logprobs | None:
                              top_lp[rows].astype(np.float32))
 
 
-def _walk(table: AutomatonTable, rows, ids: np.ndarray) -> np.ndarray:
-    """The states each of ``rows`` reaches in ``table`` after each of its ``ids`` [n, K] (int32 [n, K]), one
-    gather over all rows per step; the table's own states are left as they were."""
+def _walk(table: AutomatonTable, state: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The states that rows in ``state`` [n] reach in ``table`` after each of their ``ids`` [n, K] (int32
+    [n, K]), one gather over all rows per step; the table's own states are left as they were."""
     states = np.empty(ids.shape, np.int32)
-    state = table.state[rows]
     for k in range(ids.shape[1]):
         state = states[:, k] = table.trans[state, ids[:, k]]
     return states

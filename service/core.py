@@ -37,13 +37,15 @@ QUEUE_SCAN_SECONDS = 0.01  # how often queued streams are checked for deadlines
 MAX_ACTIVE = 256  # batch slots: streams generating at once (--max-active-streams)
 MAX_QUEUE = 1024  # streams that may wait for a slot (--max-queue)
 DECODE_STEPS = 8  # characters per decode call under steady load (--decode-steps)
+OVERLAP = True  # a K-step call runs while the host applies the one before it (--overlap)
 MAX_DECODE_STEPS = 64
 
 
 class BatchScheduler:
     def __init__(self, model: LoadedModel, capacity: int, outbox: Outbox, stats: CoreStats, cache: PrimeCache,
-                 decoder=None):
-        self.batch = Batch(model, capacity, outbox=outbox, stats=stats, prime_cache=cache, decoder=decoder)
+                 decoder=None, overlap: bool = False):
+        self.batch = Batch(model, capacity, outbox=outbox, stats=stats, prime_cache=cache, decoder=decoder,
+                           overlap=overlap)
 
     @property
     def free(self) -> int:
@@ -136,10 +138,12 @@ class Core:
         prime_cache: int = 1024,
         decode_steps: int = DECODE_STEPS,
         decode_graphs: dict | None = None,
+        overlap: bool = OVERLAP,
     ):
         """``decode_steps``: characters per decode call under steady load (--decode-steps; the K-step graph of
         decode_graph.py, on the CPU and with batching on; 1 elsewhere); ``decode_graphs``: those graphs built
-        already (decode_graph.read_graphs), else they are built here."""
+        already (decode_graph.read_graphs), else they are built here; ``overlap``: each K-step call runs in a
+        thread of its own while this one applies the call before it (batch.py)."""
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
         if max_queue < 0:
@@ -167,7 +171,8 @@ class Core:
             decoder = model.k_step_decoder(decode_steps, decode_graphs)
         self.decode_steps = decoder.steps if decoder is not None else 1
         if batching:
-            self.scheduler = BatchScheduler(model, max_active, self.outbox, self.stats, self.prime_cache, decoder)
+            self.scheduler = BatchScheduler(model, max_active, self.outbox, self.stats, self.prime_cache, decoder,
+                                            overlap)
         else:
             self.scheduler = NaiveScheduler(model, max_active, self.outbox, self.stats)
 

@@ -34,7 +34,7 @@ import time
 import zmq
 
 from charrnn.service import errors, protocol
-from charrnn.service.core import DECODE_STEPS, MAX_ACTIVE, MAX_QUEUE, Core
+from charrnn.service.core import DECODE_STEPS, MAX_ACTIVE, MAX_QUEUE, OVERLAP, Core
 
 log = logging.getLogger("charrnn.service.corerun")
 
@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     p.add_argument("--sampler-graphs", default="", help="folder of the sampler graphs (sampler.write_graphs)")
     p.add_argument("--decode-steps", type=int, default=DECODE_STEPS)
+    p.add_argument("--overlap", choices=("on", "off"), default="on" if OVERLAP else "off")
     p.add_argument("--decode-graphs", default="", help="prefix of the K-step graphs (decode_graph.write_graphs)")
     a = p.parse_args(argv)
     logs.configure(a.log_format, a.log_level)
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         graphs = decode_graph.read_graphs(a.decode_graphs)
     core = Core(model, max_active=a.max_active, max_queue=a.max_queue, max_queue_wait=a.max_queue_wait,
                 batching=a.batching == "on", prime_cache=a.prime_cache, decode_steps=a.decode_steps,
-                decode_graphs=graphs)
+                decode_graphs=graphs, overlap=a.overlap == "on")
     loop = CoreLoop(core, sock)
     loop.frontends[primary] = 0
     loop.primary = primary

@@ -45,6 +45,7 @@ class Slots:
         "admitted_at": np.float64,
         "first_at": np.float64,
         "last_at": np.float64,  # time of the stream's latest character
+        "serial": np.int64,  # which stream holds the slot: a number no other stream of this batch had
     }
 
     def __init__(self, model: LoadedModel, capacity: int):
@@ -54,6 +55,7 @@ class Slots:
         for name, array in self.arrays.items():  # s.token is s.arrays["token"]: filled in place, never replaced
             setattr(self, name, array)
         self._free = list(range(capacity))  # a heap: the lowest free slot first
+        self._serials = 0
         self.used = 0  # slots taken (prefilling + active)
         self.extent = 0
         self.state: State | None = None
@@ -69,6 +71,8 @@ class Slots:
         for array in self.arrays.values():
             array[slots] = 0
         self.deadline[slots] = np.inf
+        self.serial[slots] = np.arange(self._serials + 1, self._serials + n + 1)
+        self._serials += n
         self.used += n
         return slots
 

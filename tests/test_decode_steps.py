@@ -1,10 +1,12 @@
-"""--decode-steps: a seeded stream's text does not depend on how many characters each decode call advances.
+"""--decode-steps and --overlap: a seeded stream's text does not depend on how many characters each decode call
+advances, nor on whether the host's work overlaps the calls.
 
-Through real sockets: one long-lived server with --decode-steps 5 (odd, so that calls end inside requests, stop
-sequences and lengths) gets hypothesis-drawn target requests, each sent among a background of concurrent streams
-with other controls (regexes, bias, penalties, log-probabilities, stops, n > 1, cancels); the oracle is a server with --decode-steps 1, each target sent alone. Text, finish reason, stop
-sequence and log-probabilities must agree. In process, a core for every K from 1 to 12 against K = 1, the same
-way.
+Through real sockets: two long-lived servers, --decode-steps 5 with --overlap on and --decode-steps 3 with
+--overlap off (odd, so that calls end inside requests, stop sequences and lengths), get hypothesis-drawn target
+requests, each sent among a background of concurrent streams with other controls (regexes, bias, penalties,
+log-probabilities, stops, n > 1, cancels); the oracle is a server with --decode-steps 1, each target sent alone.
+Text, finish reason, stop sequence and log-probabilities must agree. In process, a core for every K from 1 to 12,
+with and without overlap, against K = 1, the same way.
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ BACKGROUND = (
 @pytest.fixture(scope="module")
 def servers(model_repo, no_torch_env):
     with ServeProcess(model_repo, "--decode-steps", str(K), "--max-n", "4", env=no_torch_env) as many, \
+            ServeProcess(model_repo, "--decode-steps", "3", "--overlap", "off", "--max-n", "4",
+                         env=no_torch_env) as apart, \
             ServeProcess(model_repo, "--decode-steps", "1", "--max-n", "4", env=no_torch_env) as one:
-        with GeneratorClient(many.target) as under_test, GeneratorClient(one.target) as oracle:
-            yield under_test, oracle, many
+        with GeneratorClient(many.target) as overlapped, GeneratorClient(apart.target) as in_turn, \
+                GeneratorClient(one.target) as oracle:
+            yield (overlapped, in_turn), oracle, many
 
 
 @st.composite
@@ -95,17 +100,18 @@ def _background(client: GeneratorClient, i: int, rng: random.Random) -> None:
 @given(st.lists(targets(), min_size=1, max_size=6), st.integers(0, 160), st.integers(0, 2**32))
 def test_seeded_text_is_the_same_for_k_steps_among_other_streams_as_for_one_step_alone(servers, specs, others,
                                                                                         seed):
-    under_test, oracle, _ = servers
+    under_tests, oracle, _ = servers
     rng = random.Random(seed)
-    with concurrent.futures.ThreadPoolExecutor(48) as pool:
-        noise = [pool.submit(_background, under_test, i, rng) for i in range(others)]
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        noise = [pool.submit(_background, client, i, rng) for i in range(others) for client in under_tests]
         rng.shuffle(specs)
-        got = [pool.submit(_ask, under_test, s) for s in specs]
-        results = [f.result() for f in got]
+        got = [[pool.submit(_ask, client, s) for s in specs] for client in under_tests]
+        results = [[f.result() for f in futures] for futures in got]
         for f in noise:
             f.result()
-    for spec, result in zip(specs, results):
-        assert result == _ask(oracle, spec), spec
+    for i, spec in enumerate(specs):
+        want = _ask(oracle, spec)
+        assert [r[i] for r in results] == [want, want], spec
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +119,10 @@ def tiny(model_repo):
     return load_model(model_repo / "tiny" / "1" / "model.onnx", "tiny", 1, "cpu")
 
 
-def _texts(model, steps: int, requests: list) -> list[tuple[str, str]]:
+def _texts(model, steps: int, requests: list, overlap: bool = False) -> list[tuple[str, str]]:
     async def run():
-        engine = ThreadCore(model, metrics=Metrics(), max_active=64, max_queue=256, decode_steps=steps)
+        engine = ThreadCore(model, metrics=Metrics(), max_active=64, max_queue=256, decode_steps=steps,
+                            overlap=overlap)
         engine.start()
         try:
             async def read(req):
@@ -129,8 +136,8 @@ def _texts(model, steps: int, requests: list) -> list[tuple[str, str]]:
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.integers(1, 12), st.lists(targets(), min_size=1, max_size=40))
-def test_every_k_gives_the_text_of_one_step_in_process(tiny, steps, specs):
+@given(st.integers(1, 12), st.booleans(), st.lists(targets(), min_size=1, max_size=40))
+def test_every_k_gives_the_text_of_one_step_in_process(tiny, steps, overlap, specs):
     requests = [generation_request(tiny.metadata, s["prime"], s["max_chars"], seed=s["seed"],
                                    temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
                                    stop=tuple(s.get("stop", ())), logit_bias=s.get("logit_bias", {}),
@@ -138,7 +145,7 @@ def test_every_k_gives_the_text_of_one_step_in_process(tiny, steps, specs):
                                    repetition_penalty=s.get("repetition_penalty", 0.0),
                                    presence_penalty=s.get("presence_penalty", 0.0), regex=s.get("regex", ""))
                 for s in specs]
-    assert _texts(tiny, steps, requests) == _texts(tiny, 1, requests)
+    assert _texts(tiny, steps, requests, overlap) == _texts(tiny, 1, requests)
 
 
 def test_the_server_builds_the_k_step_graphs_and_removes_them_once_read(servers):

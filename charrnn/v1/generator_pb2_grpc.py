@@ -74,8 +74,10 @@ class GeneratorServicer:
 
         A cancel or a passed deadline is seen between decode calls, each of which
         advances every stream up to the server's --decode-steps characters
-        (default 8 on the CPU): the stream ends within that many characters, and
-        its batch slot is free for the next call.
+        (default 8 on the CPU): the stream ends within that many characters' time
+        (twice that with --overlap, where a call's outputs are read during the
+        next call), with at most one more character, and its batch slot is free
+        for the call after.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
