@@ -1,6 +1,8 @@
 """Many characters per call: charrnn-serve at --decode-steps K against K = 1 and the raw step, in one run.
 
-    python -m bench.decode_steps --model models/default/2/model.onnx --steps 1,4,8,16 --concurrency 1,128,256
+    python -m bench.decode_steps --model models/default/2/model.onnx --steps 1,8,8:on --concurrency 1,128,256
+
+Each entry of --steps is K, or K:on for K with --overlap on (K alone: the server's default, off).
 
 For each K one real server (gRPC, its engine core process, batching on) on the same model, driven in turn by
 the load generator (bench/loadgen.py, processes of its own, its CPU reported apart) at every concurrency; in
@@ -58,7 +60,7 @@ def where_cpu_goes(before: dict[str, float], after: dict[str, float], chars: int
 
 
 def engine_alone(model_path: Path, streams: int, steps: int, seconds: float, max_chars: int,
-                 profile: bool = False) -> dict:
+                 profile: bool = False, overlap: bool = False) -> dict:
     """chars/s of a ThreadCore with ``streams`` concurrent streams (each replaced when it ends), read by an
     in-process consumer: the core and the output processing, without gRPC. ``profile``: also the core
     thread's cProfile, by own time."""
@@ -69,7 +71,7 @@ def engine_alone(model_path: Path, streams: int, steps: int, seconds: float, max
 
     model = load_model(model_path, "bench", 1, "cpu")
     engine = ThreadCore(model, metrics=Metrics(), max_active=streams, max_queue=4 * streams,
-                        decode_steps=steps, flush_interval=0.05)
+                        decode_steps=steps, flush_interval=0.05, overlap=overlap)
     prof = None
     if profile:
         import cProfile
@@ -153,10 +155,19 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def variant(entry: str) -> tuple[int, bool]:
+    """"8" -> (8, overlap off), "8:on" -> (8, on)."""
+    k, _, overlap = entry.partition(":")
+    if overlap not in ("", "on", "off"):
+        raise SystemExit(f"--steps: {entry!r} is not K or K:on or K:off")
+    return int(k), overlap == "on"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="models/default/2/model.onnx")
-    p.add_argument("--steps", default="1,4,8,16", help="comma-separated K values; the first is the baseline")
+    p.add_argument("--steps", default="1,4,8,8:on,16", help="comma-separated K values, K:on for --overlap on; "
+                   "the first is the baseline")
     p.add_argument("--concurrency", default="1,128,256")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--max-chars", type=int, default=400)
@@ -168,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="decode-steps", help="stem of the result files")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
-    steps = [int(x) for x in a.steps.split(",")]
+    steps = a.steps.split(",")
+    variants = {k: variant(k) for k in steps}
     levels = [int(x) for x in a.concurrency.split(",")]
     warmup = min(3.0, a.duration / 3)
     src = Path(a.model)
@@ -184,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for k in steps:
+            n, overlap = variants[k]
             servers[k] = ServerProcess(repo, True, "cpu", max(levels), a.threads, name="batching",
-                                       extra=("--decode-steps", str(k)))
+                                       extra=("--decode-steps", str(n), "--overlap", "on" if overlap else "off"))
         for c in levels:
             raw = [baselines.raw_ort_rate(src, c, 1.5, "cpu", a.threads)]
             row = {"concurrency": c, "by_k": {}}
@@ -196,16 +209,18 @@ def main(argv: list[str] | None = None) -> int:
                               controls=json.loads(a.controls) if a.controls else None)
                 result["threads"] = where_cpu_goes(cpu0, thread_cpu(pids), result["chars_total"])
                 result["engine_chars_per_s"] = (float("nan") if a.no_engine else
-                                                engine_alone(src, c, k, a.duration / 2, a.max_chars)["chars_per_s"])
+                                                engine_alone(src, c, *variants[k][:1], a.duration / 2, a.max_chars,
+                                                             overlap=variants[k][1])["chars_per_s"])
                 row["by_k"][str(k)] = result
-                print(f"{c:4d} streams K={k:2d}: server {result['chars_per_s']:9,.0f} chars/s, TTFC p99 "
+                print(f"{c:4d} streams K={k:>5}: server {result['chars_per_s']:9,.0f} chars/s, TTFC p99 "
                       f"{1e3 * result['ttfc_p99']:.1f} ms, {result['server_cpu_us_per_char']:.1f} us/char; engine "
                       f"alone {result['engine_chars_per_s']:9,.0f}", flush=True)
             raw.append(baselines.raw_ort_rate(src, c, 1.5, "cpu", a.threads))
             if a.profile and int(a.profile.split(",")[0]) == c:
-                pk = int(a.profile.split(",")[1])
-                row["profile"] = {"steps": pk, "text": engine_alone(src, c, pk, a.duration / 2, a.max_chars,
-                                                                     profile=True)["profile"]}
+                pk = a.profile.split(",")[1]
+                n, overlap = variant(pk)
+                row["profile"] = {"steps": pk, "text": engine_alone(src, c, n, a.duration / 2, a.max_chars,
+                                                                     profile=True, overlap=overlap)["profile"]}
             row["raw"] = max(r for r, _ in raw)
             row["raw_cpu"] = min(u for _, u in raw)
             print(f"{c:4d} streams: raw step {row['raw']:9,.0f} chars/s, {row['raw_cpu']:.1f} us/char", flush=True)

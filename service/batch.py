@@ -357,7 +357,11 @@ class Batch:
             self._apply(self._land(*run(), slots, serial, regex_from, launched))
             return
         run, slots, serial, regex_from = self._launch(steps, copy=True)
-        running = self._caller.submit(run)
+        started = threading.Event()
+        running = self._caller.submit(lambda: (started.set(), run())[1])
+        # The caller thread needs the GIL until onnxruntime's run releases it: wait until it has it, or this
+        # thread would hold it through the whole apply and the call would start only after.
+        started.wait()
         if self._unapplied is not None:
             self._apply(self._unapplied)  # while the call runs: onnxruntime has released the GIL
         self._unapplied = self._land(*running.result(), slots, serial, regex_from, launched)

@@ -37,7 +37,10 @@ QUEUE_SCAN_SECONDS = 0.01  # how often queued streams are checked for deadlines
 MAX_ACTIVE = 256  # batch slots: streams generating at once (--max-active-streams)
 MAX_QUEUE = 1024  # streams that may wait for a slot (--max-queue)
 DECODE_STEPS = 8  # characters per decode call under steady load (--decode-steps)
-OVERLAP = True  # a K-step call runs while the host applies the one before it (--overlap)
+# A K-step call runs while the host applies the one before it (--overlap). Off: on a CPU, onnxruntime's
+# threads already use the cores, and the hand-off between two threads costs more than the host work it hides
+# (bench/results/decode-steps.md).
+OVERLAP = False
 MAX_DECODE_STEPS = 64
 
 

@@ -39,7 +39,8 @@ BACKGROUND = (
 
 @pytest.fixture(scope="module")
 def servers(model_repo, no_torch_env):
-    with ServeProcess(model_repo, "--decode-steps", str(K), "--max-n", "4", env=no_torch_env) as many, \
+    with ServeProcess(model_repo, "--decode-steps", str(K), "--overlap", "on", "--max-n", "4",
+                      env=no_torch_env) as many, \
             ServeProcess(model_repo, "--decode-steps", "3", "--overlap", "off", "--max-n", "4",
                          env=no_torch_env) as apart, \
             ServeProcess(model_repo, "--decode-steps", "1", "--max-n", "4", env=no_torch_env) as one:
