@@ -17,7 +17,9 @@
 #                    1, 64, 1024, 4096 streams (the load generator in 8 processes), against the raw step
 #                    and PyTorch eager; serving_gpu.json: the host-sampling against the device-sampler step
 #                    at 1024 and 4096 rows, seeded isolation among 4,096 streams, the card's name;
-#                    kstep.md: the K-step decode graph alone against K single steps (bench/kstep.py)
+#                    kstep.md: the K-step decode graph alone against K single steps (bench/kstep.py),
+#                    with host inputs and outputs, with I/O binding (the state kept on the card), and with
+#                    CUDA graphs on top (a variant that does not capture says why in the table)
 #
 #   ddp/             (ddp mode) training_ddp_cuda.md, .json: the trainer's characters per second at 1, 2, 4, ...
 #                    ranks, one per GPU (bench/training_ddp.py; one GPU gives the 1-rank point alone);
@@ -119,7 +121,8 @@ if [ "$MODE" = serving ]; then
     --duration "${DURATION:-8}" --client-processes 8 --baseline-rev '' --no-naive --out "$OUT/serving" \
     || echo "bench.serving failed"
   # The K-step decode graph alone against K single steps of the device path (the engine's CUDA path takes
-  # single steps today: this says what a K-step call would buy there).
+  # single steps today: this says what a K-step call would buy there, and whether its I/O binding and CUDA
+  # graphs work on this card: decode_graph.BoundDecode).
   KSTEP_BATCH=$([ "$DEVICE" = cpu ] && echo 1,8 || echo 1,64,1024,4096)
   python3 -m bench.kstep --device "$DEVICE" --threads 0 --batch "$KSTEP_BATCH" --steps 1,4,8,16 --no-loop \
     --out "$OUT/serving/kstep.md" || echo "bench.kstep failed"

@@ -11,7 +11,11 @@ from other work slows them alike:
   uniforms);
 - the K-step graph (service/decode_graph.py), K copies of the step unrolled:
   one call;
-- the same as an ONNX Loop over one step (``--no-loop`` leaves it out).
+- the same as an ONNX Loop over one step (``--no-loop`` leaves it out);
+- the unrolled graph with I/O binding (decode_graph.BoundDecode: every buffer made once, the state kept on
+  the device between calls, only the ids copied back), and on ``--device cuda`` the same with CUDA graphs
+  (``enable_cuda_graph``, one captured graph per state layout). A variant that fails (a CUDA graph that does
+  not capture) is reported as such, with onnxruntime's reason, and the others go on.
 
 Every row samples at temperature 0.8 with its own seed (the sampler's plain
 path; ``--filtered`` adds top-p 0.9, its sorted path). The first round checks
@@ -32,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from charrnn.service.decode_graph import DecodeGraph
+from charrnn.service.decode_graph import BoundDecode, DecodeGraph
 from charrnn.service.runtime import load_model
 from charrnn.service.sampling import uniforms
 
@@ -62,6 +66,23 @@ def single_steps(model, x: dict, state) -> np.ndarray:
 
 def fused(graph: DecodeGraph, x: dict, state) -> np.ndarray:
     return graph.run(x["ids"], state, x["temperature"], x["top_k"], x["top_p"], x["u"])[0]
+
+
+def bound_variants(graph: DecodeGraph, batch: int, device: str) -> tuple[dict, dict]:
+    """{name: BoundDecode} of the I/O-bound variants that could be made here, and {name: why not} of the rest."""
+    made, failed = {}, {}
+    for name, cuda_graph in (("bound", False), ("cuda graph", True)):
+        if cuda_graph and device != "cuda":
+            continue
+        try:
+            made[name] = BoundDecode(graph, batch, device=device, cuda_graph=cuda_graph)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own errors: reported, not fatal
+            failed[name] = f"{type(e).__name__}: {e}"
+    return made, failed
+
+
+def bound_run(bound: BoundDecode, x: dict) -> np.ndarray:
+    return bound.run(x["ids"], x["temperature"], x["top_k"], x["top_p"], x["u"])
 
 
 def measure(calls: dict, seconds: float) -> dict:
@@ -117,8 +138,25 @@ def main() -> int:
                           file=sys.stderr, flush=True)
             calls = {"single": lambda x=x, s=state: single_steps(model, x, s)}
             calls.update({name: (lambda g=g, x=x, s=host: fused(g, x, s)) for name, g in graphs.items()})
+            bound, failed = bound_variants(graphs["unrolled"], b, a.device)
+            for name, bd in list(bound.items()):
+                try:
+                    bd.set_state(host)
+                    got = bound_run(bd, x)  # the first call of a CUDA graph variant captures it
+                    if name == "bound" or a.device == "cpu":  # replayed ids checked on the next call's state
+                        if a.device == "cpu" and not np.array_equal(got, want):
+                            raise AssertionError(f"{name}, batch {b}, K {k}: ids differ from single steps")
+                    bound_run(bd, x)
+                except AssertionError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - e.g. a capture onnxruntime refuses
+                    failed[name] = f"{type(e).__name__}: {e}"
+                    del bound[name]
+            calls.update({name: (lambda bd=bd, x=x: bound_run(bd, x)) for name, bd in bound.items()})
             t = measure(calls, a.seconds)
-            rows.append((b, k, {name: b * k / sec for name, sec in t.items()}))
+            rows.append((b, k, {name: b * k / sec for name, sec in t.items()}, failed))
+            for name, why in failed.items():
+                print(f"# {name}, batch {b}, K {k}: {why}", file=sys.stderr, flush=True)
             print(f"# batch {b}, K {k}: " + ", ".join(f"{n} {b * k / s:,.0f}" for n, s in t.items()) + " chars/s",
                   file=sys.stderr, flush=True)
     load1 = os.getloadavg()[0]
@@ -139,12 +177,22 @@ def main() -> int:
     if not a.no_loop:
         head += " Loop graph chars/s | Loop / single |"
         rule += " ---: | ---: |"
+    variants = ["bound"] + (["cuda graph"] if a.device == "cuda" else [])
+    for name in variants:
+        head += f" {name} chars/s | {name} / single |"
+        rule += " ---: | ---: |"
     lines += [head, rule]
-    for b, k, r in rows:
+    failures = []
+    for b, k, r, failed in rows:
         line = f"| {b} | {k} | {r['single']:,.0f} | {r['unrolled']:,.0f} | {r['unrolled'] / r['single']:.2f}x |"
         if not a.no_loop:
             line += f" {r['loop']:,.0f} | {r['loop'] / r['single']:.2f}x |"
+        for name in variants:
+            line += f" {r[name]:,.0f} | {r[name] / r['single']:.2f}x |" if name in r else " failed | |"
         lines.append(line)
+        failures += [f"- {name}, batch {b}, K {k}: {why}" for name, why in failed.items()]
+    if failures:
+        lines += ["", "Variants that failed:", ""] + failures
     table = "\n".join(lines)
     print(table)
     out = Path(a.out) if a.out else RESULTS / f"kstep-{m.layers}x{m.hidden}.md"

@@ -492,6 +492,83 @@ class DecodeGraph:
                        automaton_state=got.get("automaton_state_out")), new_state
 
 
+class BoundDecode:
+    """A plain K-step graph at one batch size, run with onnxruntime's I/O binding: the shape of a K-step call on
+    CUDA, ready for a device (bench/kstep.py times it; on the CPU provider it must give DecodeGraph.run's ids,
+    which tests/test_decode_graph.py checks).
+
+    - Every input and output is an OrtValue of its own on ``device``, made once. The host writes the small
+      inputs in place (tokens [B, 1], temperature, top_k, top_p [B], u [B, K]) and reads back only the ids
+      [B, K].
+    - The state never leaves the device: two buffers of each state tensor, one read and the other written,
+      swapped at every call (a call's state input and output must not share memory, onnxruntime #32243).
+    - ``cuda_graph``: the session has ``enable_cuda_graph``, and each of the two layouts is a captured graph
+      of its own (run option ``gpu_graph_id`` 1 and 2: a state that alternates between two buffers needs one
+      graph per layout, onnxruntime-genai #2446). The first call of each layout captures it, the later ones
+      replay it. Whether the model's LSTM operator captures at all on the CUDA provider is what a device run
+      of bench.kstep says.
+    """
+
+    SMALL = {INPUT: dtype for INPUT, dtype in ((mf.INPUT_TOKENS, np.int64), ("temperature", np.float32),
+                                                ("top_k", np.int64), ("top_p", np.float32), ("u", np.float32))}
+
+    def __init__(self, graph: DecodeGraph, batch: int, *, device: str = "cpu", cuda_graph: bool = False,
+                 filtered: bool = False):
+        if graph.controlled:
+            raise ValueError("BoundDecode runs the plain K-step graph (controlled=False)")
+        if cuda_graph and device != "cuda":
+            raise ValueError("cuda_graph needs device='cuda'")
+        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if cuda_graph else {})
+        self.session = ort.InferenceSession(graph.graph(filtered), session_options(graph.threads),
+                                            providers=[cuda, CPU_PROVIDER] if device == "cuda" else [CPU_PROVIDER])
+        self.batch, self.steps, self.device = batch, graph.steps, device
+        m = graph.metadata
+        shapes = {mf.INPUT_TOKENS: (batch, 1), "u": (batch, graph.steps)}
+        self._inputs = {name: self._value(shapes.get(name, (batch,)), dtype) for name, dtype in self.SMALL.items()}
+        state_shape = (m.layers, batch, m.hidden)
+        self._state = [[self._value(state_shape, np.float32) for _ in graph.state_inputs] for _ in range(2)]
+        self._ids = self._value((batch, graph.steps), np.int64)
+        self._bindings, self._options = [], []
+        for layout in range(2):
+            binding = self.session.io_binding()
+            for name, value in self._inputs.items():
+                binding.bind_ortvalue_input(name, value)
+            for name, value in zip(graph.state_inputs, self._state[layout]):
+                binding.bind_ortvalue_input(name, value)
+            for name, value in zip(graph.state_outputs, self._state[1 - layout]):
+                binding.bind_ortvalue_output(name, value)
+            binding.bind_ortvalue_output("ids", self._ids)
+            options = ort.RunOptions()
+            if cuda_graph:
+                options.add_run_config_entry("gpu_graph_id", str(layout + 1))  # 0 is onnxruntime's own
+            self._bindings.append(binding)
+            self._options.append(options)
+        self._layout = 0  # the buffers that hold the state now
+
+    def _value(self, shape: tuple, dtype) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, 0)
+
+    def set_state(self, state: State) -> None:
+        """Writes ``state`` (host arrays [L, B, H]) into the buffers the next call reads."""
+        for value, array in zip(self._state[self._layout], state):
+            value.update_inplace(np.ascontiguousarray(array, np.float32))
+
+    def state(self) -> State:
+        """The state after the last call, copied to the host."""
+        return tuple(np.array(v.numpy()) for v in self._state[self._layout])
+
+    def run(self, tokens: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
+            u: np.ndarray) -> np.ndarray:
+        """One call from the state held: tokens [B] (or [B, 1]) -> ids int64 [B, K], copied to the host."""
+        feeds = {mf.INPUT_TOKENS: np.reshape(tokens, (-1, 1)), "temperature": temperature, "top_k": top_k,
+                 "top_p": top_p, "u": u}
+        for name, array in feeds.items():
+            self._inputs[name].update_inplace(np.ascontiguousarray(array, self.SMALL[name]))
+        self.session.run_with_iobinding(self._bindings[self._layout], self._options[self._layout])
+        self._layout = 1 - self._layout
+        return np.array(self._ids.numpy())
+
+
 # The variants the engine runs (Decoder): rows without controls, and rows with bias, penalties,
 # log-probabilities or a regex (its automaton stepped in the graph); each with and without the top-k /
 # top-p path.

@@ -18,12 +18,13 @@ from charrnn.service.automata import AutomatonTable
 from charrnn.service.constraints import compile_regex
 from charrnn.service.decode_graph import (
     AutomatonInputs,
+    BoundDecode,
     DecodeGraph,
     allowed_bias,
     build_decode_graph,
 )
 from charrnn.service.runtime import load_model
-from charrnn.service.sampler import SamplerInputs
+from charrnn.service.sampler import SamplerInputs, filtered
 from charrnn.service.sampling import uniforms
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -230,3 +231,32 @@ def test_bad_arguments_are_refused(models):
     with pytest.raises(ValueError, match="controls"):
         graph.run(np.zeros(1, np.int64), (np.zeros((1, 1, 16), np.float32),), np.ones(1), np.zeros(1), np.ones(1),
                   np.zeros((1, 2)), SamplerInputs.neutral(1, V))
+
+
+@SETTINGS
+@given(st.data(), st.sampled_from(sorted(CELLS)), st.integers(1, 9), st.sampled_from([1, 3, 8]))
+def test_the_io_bound_call_gives_the_ids_and_state_of_the_graph_call_after_call(models, data, cell, batch, steps):
+    """BoundDecode (the CUDA path's shape: buffers made once, the state swapped between two of them) on the CPU
+    provider: three calls in a row, each from the state the last left on the device, against DecodeGraph.run."""
+    r = rows(data, batch)
+    graph = fused(models[cell], steps)
+    bound = BoundDecode(graph, batch, filtered=filtered(r["temperature"], r["top_k"], r["top_p"], V))
+    state = start(loaded(models[cell]), r, batch)
+    bound.set_state(state)
+    tokens = r["ids"]
+    for call in range(3):
+        r["positions"] = r["positions"] + steps
+        u = draws(r, steps)
+        want, state = graph.run(tokens, state, r["temperature"], r["top_k"], r["top_p"], u)
+        got = bound.run(tokens, r["temperature"], r["top_k"], r["top_p"], u)
+        assert np.array_equal(got, want), f"call {call}"
+        for a, b in zip(bound.state(), state):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+        tokens = want[:, -1]
+
+
+def test_the_io_bound_call_refuses_what_it_does_not_run(models):
+    with pytest.raises(ValueError, match="device='cuda'"):
+        BoundDecode(fused(models["lstm"], 2), 4, cuda_graph=True)
+    with pytest.raises(ValueError, match="plain K-step graph"):
+        BoundDecode(fused(models["lstm"], 2, controlled=True), 4)
