@@ -238,7 +238,8 @@ def main() -> int:
         path = Path(tmp) / "model.onnx"
         build_model(path, args.layers, args.hidden)
         cpu = load_model(path, "bench", 1, "cpu")
-        gpu = None if reason else load_model(path, "bench", 1, device)
+        # The dry run takes the device path on the CPU (runtime.py): the CUDA path's code, without a GPU.
+        gpu = None if reason else load_model(path, "bench", 1, device, device_path=True)
         if gpu is not None:
             for b in (64, 256) if args.dry_run else (1024, 4096):
                 report.setdefault("step_ms", []).append({"batch": b, "host_sampling": step_ms(gpu, b, seconds, False),
@@ -253,8 +254,7 @@ def main() -> int:
             h = rng.standard_normal((args.layers, 8, args.hidden)).astype(np.float32)
             c = rng.standard_normal((args.layers, 8, args.hidden)).astype(np.float32)
             ref, _ = cpu.run(tokens, (h, c))
-            state = ((h, c) if device == "cpu" else
-                     tuple(ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in (h, c)))
+            state = tuple(ort.OrtValue.ortvalue_from_numpy(a, device, 0) for a in (h, c))
             got, _ = gpu.run(tokens, state)
             report["parity_max_abs_logits"] = float(np.abs(got - ref).max())
             # The same greedy streams through the engine on both devices (state gathered and

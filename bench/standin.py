@@ -104,7 +104,8 @@ class StandIn(NumpyState):
     def __init__(self, metadata, device_path: bool):
         self.metadata = metadata
         self.name, self.version, self.label, self.path = "standin", 1, "standin@1", Path("standin")
-        self.device = "cuda" if device_path else "cpu"  # device path: the core's CUDA slot policy
+        self.device = "cuda" if device_path else "cpu"
+        self.device_path = device_path  # the core's CUDA slot policy
         self.spin = load_spin()
         self.spun = 0.0  # seconds spent in the step
         self.steps = 0

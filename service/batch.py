@@ -187,8 +187,9 @@ class Batch:
         self.controls = ControlRows(capacity, model.metadata.vocab)
         self.where: dict[tuple[int, int], int] = {}  # (front-end, row) -> slot
         # Prime characters left to the batch step: 1 on CUDA (first characters drawn by the step), 0 on the
-        # CPU (drawn from the prefill's last logits at once); see the module docstring.
-        self.held = 1 if model.device == "cuda" else 0
+        # CPU (drawn from the prefill's last logits at once); see the module docstring. The device path's dry
+        # run on the CPU (runtime.py) takes CUDA's.
+        self.held = 1 if model.device_path else 0
         self.prefill = Prefill(model, self.slots, self.held, prime_cache)  # the cohorts and Score requests
         self.steps = 0  # decode steps so far
         self._started = False  # some stream got its first character outside the step, this round

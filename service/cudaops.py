@@ -4,7 +4,12 @@ The recurrent state lives in ``OrtValue``s on the device between steps. Rows
 are gathered and joined by one-node graphs (Gather, Concat) built in
 graphs.py; a row written into a slot is a Concat then a Gather. The decode
 step binds the model's logits output on the device and feeds it to the sampler
-graph (sampler.py) on the same device, so only ids cross to the host.
+graph (sampler.py) on the same device, so only ids cross to the host; a K-step
+call (decode_graph.py) binds the same way, with only its ids and the
+log-probabilities coming back.
+
+``device="cpu"`` is the same code on the CPU provider, OrtValues in host
+memory: the device path's dry run (runtime.py).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 class DeviceStateOps:
     """Gathers and joins state rows on the GPU with two one-node graphs, so the state stays there."""
 
-    def __init__(self) -> None:
-        providers = [CUDA_PROVIDER]
+    def __init__(self, device: str = "cuda") -> None:
+        self.device = device
+        providers = [CUDA_PROVIDER] if device == "cuda" else ["CPUExecutionProvider"]
         self._gather = ort.InferenceSession(graphs.gather_rows_model(), providers=providers)
         self._concat = ort.InferenceSession(graphs.concat_rows_model(), providers=providers)
 
@@ -31,7 +37,7 @@ class DeviceStateOps:
         b = self._gather.io_binding()
         b.bind_ortvalue_input("state", value)
         b.bind_cpu_input("rows", np.ascontiguousarray(rows, np.int64))
-        b.bind_output("out", "cuda", 0)
+        b.bind_output("out", self.device, 0)
         self._gather.run_with_iobinding(b)
         return b.get_outputs()[0]
 
@@ -39,7 +45,7 @@ class DeviceStateOps:
         b = self._concat.io_binding()
         b.bind_ortvalue_input("a", a)
         b.bind_ortvalue_input("b", c)
-        b.bind_output("out", "cuda", 0)
+        b.bind_output("out", self.device, 0)
         self._concat.run_with_iobinding(b)
         return b.get_outputs()[0]
 
@@ -57,7 +63,7 @@ class DeviceStateOps:
         for name, value in zip(model.state_inputs, state):
             binding.bind_ortvalue_input(name, value)
         for name in model.outputs:
-            binding.bind_output(name, "cuda", 0)
+            binding.bind_output(name, self.device, 0)
         model.session.run_with_iobinding(binding)
         logits, *new = binding.get_outputs()
         from charrnn.service.sampler import filtered

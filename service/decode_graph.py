@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 from charrnn.service import sampler as sampler_graphs
-from charrnn.service.runtime import CPU_PROVIDER, State, session_options
+from charrnn.service.runtime import CPU_PROVIDER, CUDA_PROVIDER, State, session_options
 from charrnn.service.sampler import SamplerInputs
 
 from charrnn import modelfile as mf
@@ -443,6 +443,22 @@ class DecodeGraph:
             self._prebuilt.pop(filtered)  # the session has what it needs of the bytes
         return self._sessions[filtered]
 
+    def _bound(self, session: ort.InferenceSession, feeds: dict, names: list[str], device: str) -> dict:
+        """One call on the device path (cudaops.py): the state OrtValues bound where they are, the new state
+        left on ``device``, the host arrays copied in, and only ids, counts and log-probabilities back."""
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, value)
+        state_outputs = set(self.state_outputs)
+        for name in names:
+            binding.bind_output(name, device if name in state_outputs else "cpu", 0)
+        session.run_with_iobinding(binding)
+        return {name: value if name in state_outputs else value.numpy()
+                for name, value in zip(names, binding.get_outputs())}
+
     def run(self, ids: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
             u: np.ndarray, controls: SamplerInputs | None = None, automaton: AutomatonInputs | None = None,
             filtered: bool | None = None) -> tuple[np.ndarray, State]:
@@ -465,7 +481,7 @@ class DecodeGraph:
             filtered = sampler_graphs.filtered(temperature, top_k, top_p, self.metadata.vocab_size)
         feeds = {
             mf.INPUT_TOKENS: np.ascontiguousarray(np.reshape(ids, (-1, 1)), np.int64),
-            **dict(zip(self.state_inputs, state)),
+            **dict(zip(self.state_inputs, state)),  # host arrays, or OrtValues on the device path
             "temperature": temperature, "top_k": top_k, "top_p": top_p,
             "u": np.ascontiguousarray(u, np.float32),
         }
@@ -485,7 +501,10 @@ class DecodeGraph:
                          allowed=np.ascontiguousarray(automaton.allowed, np.float32),
                          automaton_state=np.ascontiguousarray(automaton.state, np.int32))
             names.append("automaton_state_out")
-        got = dict(zip(names, self.session(filtered).run(names, feeds)))
+        if isinstance(state[0], ort.OrtValue):  # the device path: the state stays where it is
+            got = self._bound(self.session(filtered), feeds, names, state[0].device_name().lower())
+        else:
+            got = dict(zip(names, self.session(filtered).run(names, feeds)))
         new_state = tuple(got[o] for o in self.state_outputs)
         return Decoded(ids=got["ids"], counts=got.get("counts_out"), logprob=got.get("logprob"),
                        top_logprobs=got.get("top_logprobs"), top_ids=got.get("top_ids"),
@@ -600,9 +619,10 @@ def remove_graphs(prefix: str | Path) -> None:
 
 
 class Decoder:
-    """The K-step decode of the engine (batch.py) on the CPU: the plain graph, or the controlled one (bias,
-    penalties, log-probabilities and each row's regex automaton) when some row has a control; sessions made at
-    once (no first-call pause)."""
+    """The K-step decode of the engine (batch.py): the plain graph, or the controlled one (bias, penalties,
+    log-probabilities and each row's regex automaton) when some row has a control; sessions made at once (no
+    first-call pause), on the model's device. On the device path (cudaops.py) a call is I/O-bound: the state
+    stays on the device and only ids (and log-probabilities, counts) come back."""
 
     def __init__(self, model, steps: int, threads: int = 0, prebuilt: dict[tuple[bool, bool], bytes] | None = None):
         prebuilt = prebuilt or {}
@@ -611,7 +631,8 @@ class Decoder:
             controlled: DecodeGraph(model.path, steps, controlled=controlled, logprobs=controlled, regex=controlled,
                                     threads=threads, metadata=model.metadata,
                                     prebuilt={f: prebuilt[(controlled, f)] for f in (False, True)
-                                              if (controlled, f) in prebuilt})
+                                              if (controlled, f) in prebuilt},
+                                    providers=[CUDA_PROVIDER, CPU_PROVIDER] if model.device == "cuda" else None)
             for controlled in (False, True)}
         for g in self.graphs.values():
             for filtered in (False, True):

@@ -9,6 +9,12 @@ The recurrent state is opaque to the engine: a tuple ``(h,)`` or ``(h, c)``,
 each [layers, batch, hidden] float32, held as numpy arrays on the CPU and as
 onnxruntime ``OrtValue``s on CUDA, where it stays on the device between steps
 (I/O binding) and only the logits come back to the host.
+
+That second way is the device path (cudaops.py). ``load_model(...,
+device_path=True)`` takes it on the CPU too, with OrtValues in host memory and
+the CPU provider: the CUDA path's code, bindings and batch policy (first
+characters drawn by the batch step, bucketed extents) run without a GPU, so
+tests/test_device_path.py checks them against the CPU's own path.
 """
 
 from __future__ import annotations
@@ -37,9 +43,9 @@ log = logging.getLogger("charrnn.service.runtime")
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
-K_STEP_DEVICES = ("cpu",)  # where the engine has a fused K-step decode (LoadedModel.k_step_decoder)
+K_STEP_DEVICES = ("cpu", "cuda")  # where the engine has a fused K-step decode (LoadedModel.k_step_decoder)
 
-State = tuple  # (h,) or (h, c): each [L, B, H] float32, np.ndarray on CPU, ort.OrtValue on CUDA
+State = tuple  # (h,) or (h, c): each [L, B, H] float32, np.ndarray on CPU, ort.OrtValue on the device path
 
 
 def cuda_unusable_reason() -> str | None:
@@ -108,6 +114,8 @@ class LoadedModel:
     metadata: mf.ModelMetadata
     device: str  # "cpu" | "cuda"
     session: ort.InferenceSession
+    # The state in OrtValues, every call I/O-bound (cudaops.py): always on CUDA; on the CPU, its dry run.
+    device_path: bool = False
     state_inputs: tuple[str, ...] = field(init=False, repr=False)  # state inputs: ("h",) or ("h", "c")
     outputs: tuple[str, ...] = field(init=False, repr=False)  # logits, then state outputs
     _ops: "cudaops.DeviceStateOps | None" = field(init=False, repr=False, default=None)
@@ -118,9 +126,11 @@ class LoadedModel:
         self.state_inputs = tuple(i for i, _ in pairs)
         self.outputs = (mf.OUTPUT_LOGITS, *(o for _, o in pairs))
         if self.device == "cuda":
+            self.device_path = True
+        if self.device_path:
             from charrnn.service import cudaops
 
-            self._ops = cudaops.DeviceStateOps()
+            self._ops = cudaops.DeviceStateOps(self.device)
 
     @property
     def sampler(self) -> Sampler:
@@ -139,7 +149,7 @@ class LoadedModel:
         zeros = [np.zeros((m.layers, batch, m.hidden), np.float32) for _ in self.state_inputs]
         if self._ops is None:
             return tuple(zeros)
-        return tuple(ort.OrtValue.ortvalue_from_numpy(z, "cuda", 0) for z in zeros)
+        return tuple(ort.OrtValue.ortvalue_from_numpy(z, self.device, 0) for z in zeros)
 
     def run(self, tokens: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """tokens int64 [B, T], state -> logits float32 [B, T, V] (host memory), new state."""
@@ -153,7 +163,7 @@ class LoadedModel:
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(mf.OUTPUT_LOGITS, "cpu")  # the only tensor that crosses to the host
         for name in self.outputs[1:]:
-            binding.bind_output(name, "cuda", 0)
+            binding.bind_output(name, self.device, 0)
         self.session.run_with_iobinding(binding)
         logits, *new = binding.get_outputs()
         return logits.numpy(), tuple(new)
@@ -235,10 +245,11 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
 
 
 def load_model(path: str | os.PathLike, name: str, version: int, device: str, threads: int = 0,
-               trial: bool = True) -> LoadedModel:
+               trial: bool = True, device_path: bool = False) -> LoadedModel:
     """Opens and checks one model file; raises ModelFormatError('<path>: <why>') when it breaks the contract.
 
-    ``trial=False`` leaves out the trial step (``trial_step``), for a caller that times it apart.
+    ``trial=False`` leaves out the trial step (``trial_step``), for a caller that times it apart;
+    ``device_path``: on the CPU, the CUDA path's code (see the module docstring).
     """
     path = Path(path)
     if device not in ("cpu", "cuda"):
@@ -261,7 +272,8 @@ def load_model(path: str | os.PathLike, name: str, version: int, device: str, th
         meta.check_io(session.get_inputs(), session.get_outputs())
     except mf.ModelFormatError as e:
         raise mf.ModelFormatError(f"{path}: {e}") from None
-    model = LoadedModel(name=name, version=version, path=path, metadata=meta, device=device, session=session)
+    model = LoadedModel(name=name, version=version, path=path, metadata=meta, device=device, session=session,
+                        device_path=device_path)
     if trial:
         trial_step(model)
     return model

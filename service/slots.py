@@ -59,7 +59,7 @@ class Slots:
         self.used = 0  # slots taken (prefilling + active)
         self.extent = 0
         self.state: State | None = None
-        self.on_cuda = model.device == "cuda"
+        self.on_cuda = model.device_path  # CUDA's extents (and the device path's dry run on the CPU)
 
     # ---- taking and freeing ----
 

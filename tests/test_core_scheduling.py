@@ -32,6 +32,7 @@ class CounterModel(NumpyState):
         self.metadata = ModelMetadata(vocab=VOCAB, cell="lstm", layers=1, hidden=1, val_loss=float("nan"),
                                       train_steps=0, corpus_sha256="")
         self.name, self.version, self.label, self.device = "counter", 1, "counter@1", device
+        self.device_path = device == "cuda"  # the core's CUDA batch policy
         self.calls = 0
 
     def run(self, tokens: np.ndarray, state):

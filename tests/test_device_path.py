@@ -1,0 +1,96 @@
+"""The device path (cudaops.py: the state in OrtValues, every call I/O-bound, CUDA's batch policy) on the CPU.
+
+The server takes this path on CUDA only, so without a GPU its code would never run here. Loaded with
+``device_path=True`` on the CPU provider, it runs the same code (one-node Gather and Concat graphs for the
+state's rows, the bound model step and sampler, the bound K-step call, first characters drawn by the batch
+step, bucketed extents), and a seeded stream's text must be the CPU path's: hypothesis-drawn requests with
+stops, bias, penalties, log-probabilities and regexes, all at once through one engine each, at K = 1 and at a
+drawn K, against the CPU path at K = 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from charrnn.service.cores import ThreadCore
+from charrnn.service.metrics import Metrics
+from charrnn.service.runtime import load_model
+from testkit.requests import generation_request
+
+PRIMES = ("ROMEO:", "a", "\n", "The quick brown fox jumps over")
+REGEXES = (r"[a-z ]{3,30}\.", r"(ab|ba)+c?", r"(a|b){1,4}")
+
+
+@pytest.fixture(scope="module")
+def models(model_repo):
+    path = model_repo / "tiny" / "1" / "model.onnx"
+    return load_model(path, "tiny", 1, "cpu"), load_model(path, "tiny", 1, "cpu", device_path=True)
+
+
+@st.composite
+def specs(draw):
+    spec = {"prime": draw(st.sampled_from(PRIMES)), "max_chars": draw(st.integers(1, 60)),
+            "seed": draw(st.integers(0, 2**63 - 1)), "temperature": draw(st.sampled_from([0.0, 0.7, 1.0])),
+            "top_k": draw(st.sampled_from([0, 3])), "top_p": draw(st.sampled_from([0.0, 0.8]))}
+    extra = draw(st.sampled_from(["", "stop", "bias", "penalty", "logprobs", "regex"]))
+    if extra == "stop":
+        spec["stop"] = tuple(draw(st.lists(st.text("aeiou t", min_size=1, max_size=2), max_size=2, unique=True)))
+    elif extra == "bias":
+        spec["logit_bias"] = {"a": 3.0, "z": -5.0}
+    elif extra == "penalty":
+        spec["frequency_penalty"] = 0.7
+    elif extra == "logprobs":
+        spec["logprobs"] = 2
+    elif extra == "regex":
+        spec["regex"] = draw(st.sampled_from(REGEXES))
+    return spec
+
+
+def _outputs(model, steps: int, requests: list) -> list[tuple]:
+    async def run():
+        engine = ThreadCore(model, metrics=Metrics(), max_active=16, max_queue=256, decode_steps=steps)
+        engine.start()
+        try:
+            async def read(req):
+                stream = engine.submit(req)
+                text, lps = "", []
+                async for chunk in stream:  # stream.logprobs: those of the chunk just read
+                    text += chunk
+                    lps += [(c, round(lp, 4)) for c, lp, _ in stream.logprobs]
+                assert len(lps) == (len(text) if req.logprobs else 0)
+                return text, stream.result.finish_reason.value, lps
+            return await asyncio.gather(*(read(r) for r in requests))
+        finally:
+            engine.stop(5.0)
+    return asyncio.run(run())
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(specs(), min_size=1, max_size=30), st.integers(2, 9))
+def test_the_device_path_gives_the_cpu_paths_text_at_one_step_and_at_k(models, requests, steps):
+    cpu, device = models
+    reqs = [generation_request(cpu.metadata, s.pop("prime"), s.pop("max_chars"), **s) for s in
+            [dict(r) for r in requests]]
+    want = _outputs(cpu, 1, reqs)
+    assert _outputs(device, 1, reqs) == want
+    assert _outputs(device, steps, reqs) == want
+
+
+def test_the_device_path_keeps_its_state_in_ortvalues_and_takes_cudas_batch_policy(models):
+    """What makes it the device path and not the CPU's: state OrtValues, first characters left to the batch step
+    (one prime character held), extents in buckets."""
+    from charrnn.service.batch import Batch, Outbox
+    from charrnn.service.metrics import CoreStats
+    from charrnn.service.slots import BUCKET
+
+    cpu, device = models
+    assert type(device.zero_state(2)[0]).__name__ == "OrtValue" and isinstance(cpu.zero_state(2)[0], np.ndarray)
+    batch = Batch(device, 256, outbox=Outbox(), stats=CoreStats())
+    assert batch.held == 1 and Batch(cpu, 4, outbox=Outbox(), stats=CoreStats()).held == 0
+    batch.slots.place(np.array([3]), device.zero_state(1))
+    assert batch.slots.extent == BUCKET
