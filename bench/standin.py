@@ -152,7 +152,7 @@ class StandInDecoder:
     def __init__(self, model: StandIn, steps: int):
         self.model, self.steps = model, steps
 
-    def decode(self, tokens, state, temperature, top_k, top_p, u, controls=None):
+    def decode(self, tokens, state, temperature, top_k, top_p, u, controls=None, automaton=None):
         from charrnn.service.decode_graph import Decoded
 
         m = self.model
@@ -186,7 +186,7 @@ def workload(i: int, n: int) -> dict:
 
 # ---- the core, in a process of its own ----
 
-def serve_core(address: str, max_active: int, report: str, decode_steps: int = 1) -> int:
+def serve_core(address: str, max_active: int, report: str, decode_steps: int = 1, overlap: bool = False) -> int:
     """The stand-in's engine core behind a ROUTER socket, as corerun.main runs a real one."""
     import threading
 
@@ -203,7 +203,8 @@ def serve_core(address: str, max_active: int, report: str, decode_steps: int = 1
     sock.bind(address)
     primary = _await_primary(sock)
     model = StandIn(metadata(), device_path=True)
-    core = Core(model, max_active=max_active, max_queue=max_active, prime_cache=1024, decode_steps=decode_steps)
+    core = Core(model, max_active=max_active, max_queue=max_active, prime_cache=1024, decode_steps=decode_steps,
+                overlap=overlap)
     loop = CoreLoop(core, sock)
     loop.message_seconds *= SCALE  # every time of the core runs dilated
     loop.frontends[primary], loop.primary = 0, primary
@@ -256,7 +257,7 @@ async def drive(client, meta, streams: int, seconds: float) -> dict:
     return {"chars": chars[0]}
 
 
-def core_run(streams: int, seconds: float, warmup: float, laggard: bool, decode_steps: int = 1) -> dict:
+def core_run(streams: int, seconds: float, warmup: float, laggard: bool, decode_steps: str = "1") -> dict:
     import asyncio
 
     import zmq
@@ -267,7 +268,7 @@ def core_run(streams: int, seconds: float, warmup: float, laggard: bool, decode_
     work = Path(tempfile.mkdtemp(prefix="standin-"))
     address, report = f"ipc://{work}/core.sock", str(work / "report.jsonl")
     core = subprocess.Popen([sys.executable, "-m", "bench.standin", "serve-core", "--address", address,
-                             "--max-active", str(streams + 64), "--report", report, "--decode-steps", str(decode_steps)],
+                             "--max-active", str(streams + 64), "--report", report, "--decode-steps", decode_steps],
                             cwd=Path(__file__).parent.parent)
     ctx = zmq.Context.instance()
     meta = metadata()
@@ -402,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--laggard", action="store_true", help="also run each point with a front-end that never reads")
     p.add_argument("--scale", type=float, default=None, help="time dilation of the stand-in step (default 6)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "standin.json"))
-    p.add_argument("--decode-steps", type=int, nargs="*", default=[1, 8],
-                   help="K values of the core's runs (the first is the baseline row)")
+    p.add_argument("--decode-steps", nargs="*", default=["1", "8"],
+                   help="K values of the core's runs, K:on for K with --overlap on (the first is the baseline row)")
     p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--max-active", type=int, help=argparse.SUPPRESS)
     p.add_argument("--report", help=argparse.SUPPRESS)
@@ -412,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     SCALE = a.scale or SCALE
     os.environ["CHARRNN_STANDIN_SCALE"] = str(SCALE)  # the core's and the calibration's processes
     if a.mode == "serve-core":
-        return serve_core(a.address, a.max_active, a.report, a.decode_steps[0])
+        from bench.decode_steps import variant
+
+        return serve_core(a.address, a.max_active, a.report, *variant(a.decode_steps[0]))
     results = {"calibration": [], "core": []}
     for n in a.streams:
         if a.mode in ("all", "calibrate"):
@@ -446,7 +449,10 @@ def table(results: dict) -> str:
         lines.append(f"| {r['streams']} | calibration: engine at {r['rev']}, host path (H200 measured "
                      f"{r['h200'] or 0:,}; {'within' if within else 'NOT within'} 30%) | {r['chars_per_s']:,.0f} | | |")
     for r in results["core"]:
-        what = (f"engine core, device path, --decode-steps {r.get('decode_steps', 1)}"
+        from bench.decode_steps import variant
+
+        k, overlap = variant(str(r.get("decode_steps", 1)))
+        what = (f"engine core, device path, --decode-steps {k}" + (" --overlap on" if overlap else "")
                 + (", with a front-end that never reads" if r["laggard"] else ""))
         lines.append(f"| {r['streams']} | {what} (mean batch {r['mean_batch']:.0f}) | {r['virtual_chars_per_s']:,.0f} "
                      f"(target {r['target_chars_per_s']:,.0f}) | {r['step_over_raw']:.2f} "

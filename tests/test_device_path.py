@@ -5,7 +5,7 @@ The server takes this path on CUDA only, so without a GPU its code would never r
 state's rows, the bound model step and sampler, the bound K-step call, first characters drawn by the batch
 step, bucketed extents), and a seeded stream's text must be the CPU path's: hypothesis-drawn requests with
 stops, bias, penalties, log-probabilities and regexes, all at once through one engine each, at K = 1 and at a
-drawn K, against the CPU path at K = 1.
+drawn K (with and without --overlap), against the CPU path at K = 1.
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ def specs(draw):
     return spec
 
 
-def _outputs(model, steps: int, requests: list) -> list[tuple]:
+def _outputs(model, steps: int, requests: list, overlap: bool = False) -> list[tuple]:
     async def run():
-        engine = ThreadCore(model, metrics=Metrics(), max_active=16, max_queue=256, decode_steps=steps)
+        engine = ThreadCore(model, metrics=Metrics(), max_active=16, max_queue=256, decode_steps=steps,
+                            overlap=overlap)
         engine.start()
         try:
             async def read(req):
@@ -71,14 +72,14 @@ def _outputs(model, steps: int, requests: list) -> list[tuple]:
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(specs(), min_size=1, max_size=30), st.integers(2, 9))
-def test_the_device_path_gives_the_cpu_paths_text_at_one_step_and_at_k(models, requests, steps):
+@given(st.lists(specs(), min_size=1, max_size=30), st.integers(2, 9), st.booleans())
+def test_the_device_path_gives_the_cpu_paths_text_at_one_step_and_at_k(models, requests, steps, overlap):
     cpu, device = models
     reqs = [generation_request(cpu.metadata, s.pop("prime"), s.pop("max_chars"), **s) for s in
             [dict(r) for r in requests]]
     want = _outputs(cpu, 1, reqs)
     assert _outputs(device, 1, reqs) == want
-    assert _outputs(device, steps, reqs) == want
+    assert _outputs(device, steps, reqs, overlap) == want
 
 
 def test_the_device_path_keeps_its_state_in_ortvalues_and_takes_cudas_batch_policy(models):
