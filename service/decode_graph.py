@@ -68,13 +68,14 @@ STEPS_KEY = "charrnn.decode_steps"  # metadata: K
 
 def build_decode_graph(model_path_or_bytes: str | Path | bytes, steps: int, *, filtered: bool,
                        controlled: bool = False, logprobs: bool = False, regex: bool = False,
-                       loop: bool = False) -> bytes:
+                       loop: bool = False, lowered: bool = False) -> bytes:
     """The serialized K-step decode graph of a model file (see the module docstring).
 
     ``filtered`` takes the sampler's top-k / top-p path (without it, rows pick as if neither were
     asked, like the sampler's plain variant); ``logprobs`` (controlled only) adds the
     log-probabilities of each step; ``regex`` (controlled only) the automaton inputs; ``loop``
-    builds an ONNX Loop instead of K unrolled copies.
+    builds an ONNX Loop instead of K unrolled copies; ``lowered``: the model's recurrent operators as
+    MatMul and element-wise nodes (cells.py; not bit for bit the operators', so not the engine's).
     """
     import onnx
     from onnx import checker, compose, helper, version_converter
@@ -92,6 +93,10 @@ def build_decode_graph(model_path_or_bytes: str | Path | bytes, steps: int, *, f
         model = version_converter.convert_version(model, opset)
     if _opset(sampler) < opset:
         sampler = version_converter.convert_version(sampler, opset)
+    if lowered:
+        from charrnn.service.cells import lower_cells
+
+        model = lower_cells(model)
     # The sampler's constants (c0, c1, ...) once, under names the model cannot have.
     sampler_graph = compose.add_prefix_graph(sampler.graph, "sampler/", rename_nodes=False, rename_edges=False,
                                              rename_inputs=False, rename_outputs=False, rename_value_infos=False)
@@ -407,7 +412,7 @@ class DecodeGraph:
     def __init__(self, model_path_or_bytes: str | Path | bytes, steps: int, *, controlled: bool = False,
                  logprobs: bool = False, regex: bool = False, loop: bool = False, threads: int = 0,
                  metadata: mf.ModelMetadata | None = None, prebuilt: dict[bool, bytes] | None = None,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, lowered: bool = False):
         """``metadata``: the model's, when the caller has it (else read from the file); ``prebuilt``: the graphs
         already built ({filtered: bytes}, read_graphs): then this process never imports onnx; ``providers``:
         onnxruntime's (default the CPU; bench.kstep --device cuda times the graph alone on a GPU, with host
@@ -415,6 +420,7 @@ class DecodeGraph:
         self.providers = providers or [CPU_PROVIDER]
         self.source = model_path_or_bytes
         self.steps, self.controlled, self.logprobs, self.regex, self.loop = steps, controlled, logprobs, regex, loop
+        self.lowered = lowered
         self.threads = threads
         self._prebuilt = dict(prebuilt or {})
         self._sessions: dict[bool, ort.InferenceSession] = {}
@@ -433,7 +439,7 @@ class DecodeGraph:
         if filtered not in self._prebuilt:
             self._prebuilt[filtered] = build_decode_graph(self.source, self.steps, filtered=filtered,
                                                           controlled=self.controlled, logprobs=self.logprobs,
-                                                          regex=self.regex, loop=self.loop)
+                                                          regex=self.regex, loop=self.loop, lowered=self.lowered)
         return self._prebuilt[filtered]
 
     def session(self, filtered: bool) -> ort.InferenceSession:
