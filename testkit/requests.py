@@ -38,3 +38,28 @@ def generation_request(
                        stop=stop, request_id=request_id, **fields)
     return validate_request(generate_fields(pb), metadata, OPEN_LIMITS, now=time.monotonic(), deadline=deadline,
                             request_id=request_id or None)
+
+
+def engine_outputs(model, requests: Sequence[GenerationRequest], **core_args) -> list[tuple[str, str, list]]:
+    """Every request's (text, finish reason, [(character, logprob rounded to 4 places)]), all sent at once to
+    one in-process core (cores.ThreadCore, ``core_args`` its keyword arguments) that is stopped after."""
+    import asyncio
+
+    from charrnn.service.cores import ThreadCore
+    from charrnn.service.metrics import Metrics
+
+    async def run():
+        engine = ThreadCore(model, metrics=Metrics(), **core_args)
+        engine.start()
+        try:
+            async def read(req):
+                stream = engine.submit(req)
+                text, lps = "", []
+                async for chunk in stream:  # stream.logprobs: those of the chunk just read
+                    text += chunk
+                    lps += [(c, round(lp, 4)) for c, lp, _ in stream.logprobs]
+                return text, stream.result.finish_reason.value, lps
+            return await asyncio.gather(*(read(r) for r in requests))
+        finally:
+            engine.stop(5.0)
+    return asyncio.run(run())

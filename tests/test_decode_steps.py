@@ -11,7 +11,6 @@ with and without overlap, against K = 1, the same way.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import random
 from pathlib import Path
@@ -21,11 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from charrnn.service.client import GeneratorClient, ServiceError
-from charrnn.service.cores import ThreadCore
-from charrnn.service.metrics import Metrics
 from charrnn.service.runtime import load_model
 from testkit import probes
-from testkit.requests import generation_request
+from testkit.requests import engine_outputs, generation_request
 from testkit.serve_process import ServeProcess
 
 K = 5
@@ -121,19 +118,8 @@ def tiny(model_repo):
 
 
 def _texts(model, steps: int, requests: list, overlap: bool = False) -> list[tuple[str, str]]:
-    async def run():
-        engine = ThreadCore(model, metrics=Metrics(), max_active=64, max_queue=256, decode_steps=steps,
-                            overlap=overlap)
-        engine.start()
-        try:
-            async def read(req):
-                stream = engine.submit(req)
-                text = "".join([c async for c in stream])
-                return text, stream.result.finish_reason.value
-            return await asyncio.gather(*(read(r) for r in requests))
-        finally:
-            engine.stop(5.0)
-    return asyncio.run(run())
+    got = engine_outputs(model, requests, max_active=64, max_queue=256, decode_steps=steps, overlap=overlap)
+    return [(text, reason) for text, reason, _ in got]
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))

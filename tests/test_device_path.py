@@ -10,17 +10,13 @@ drawn K (with and without --overlap), against the CPU path at K = 1.
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from charrnn.service.cores import ThreadCore
-from charrnn.service.metrics import Metrics
 from charrnn.service.runtime import load_model
-from testkit.requests import generation_request
+from testkit.requests import engine_outputs, generation_request
 
 PRIMES = ("ROMEO:", "a", "\n", "The quick brown fox jumps over")
 REGEXES = (r"[a-z ]{3,30}\.", r"(ab|ba)+c?", r"(a|b){1,4}")
@@ -52,23 +48,10 @@ def specs(draw):
 
 
 def _outputs(model, steps: int, requests: list, overlap: bool = False) -> list[tuple]:
-    async def run():
-        engine = ThreadCore(model, metrics=Metrics(), max_active=16, max_queue=256, decode_steps=steps,
-                            overlap=overlap)
-        engine.start()
-        try:
-            async def read(req):
-                stream = engine.submit(req)
-                text, lps = "", []
-                async for chunk in stream:  # stream.logprobs: those of the chunk just read
-                    text += chunk
-                    lps += [(c, round(lp, 4)) for c, lp, _ in stream.logprobs]
-                assert len(lps) == (len(text) if req.logprobs else 0)
-                return text, stream.result.finish_reason.value, lps
-            return await asyncio.gather(*(read(r) for r in requests))
-        finally:
-            engine.stop(5.0)
-    return asyncio.run(run())
+    got = engine_outputs(model, requests, max_active=16, max_queue=256, decode_steps=steps, overlap=overlap)
+    for req, (text, _, lps) in zip(requests, got):
+        assert len(lps) == (len(text) if req.logprobs else 0)
+    return got
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
