@@ -83,6 +83,9 @@ def stop_automaton(stops: Sequence[Sequence[int | None]], vocab_size: int) -> Au
     return Automaton(trans=trans, accept=accept, depth=np.array(depth, np.int32))
 
 
+SLACK_STATES = 4096  # states of unused automata a table keeps for reuse, beyond as many as are live
+
+
 @dataclass
 class _Part:
     automaton: Automaton
@@ -102,10 +105,14 @@ class AutomatonTable:
     automata in use, whatever the number of distinct sets a server sees.
     """
 
-    def __init__(self, vocab_size: int, capacity: int, slack: int = 4096):
+    def __init__(self, vocab_size: int, capacity: int, slack: int | None = None):
         self.vocab_size = vocab_size
-        self.slack = slack  # states of unused automata kept for reuse, beyond as many as are live
+        self.slack = SLACK_STATES if slack is None else slack
         self.state = np.zeros(capacity, np.int32)  # [capacity] global state of each row
+        # [capacity] the first global state of each row's automaton (0: none). Dropping unused automata
+        # renumbers the rest: a state taken before (a K-step call's, under overlap) is ``state - offset``
+        # local to its automaton, and ``local + offset`` again after (batch.py).
+        self.offset = np.zeros(capacity, np.int32)
         self._key: list[Hashable | None] = [None] * capacity  # [capacity] each row's automaton, None: none
         null = Automaton(np.zeros((1, vocab_size), np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32),
                          np.ones((1, vocab_size), bool))
@@ -150,7 +157,7 @@ class AutomatonTable:
         part.rows += 1
         self._rows += 1
         self._key[row] = key
-        self.state[row] = part.offset
+        self.state[row] = self.offset[row] = part.offset
 
     def release(self, rows) -> None:
         """``rows`` (ints) ended: back to state 0; automata that none uses are dropped when they outweigh the rest."""
@@ -166,7 +173,7 @@ class AutomatonTable:
                 self._live_states -= part.automaton.states
             self._rows -= 1
             self._key[row] = None
-            self.state[row] = 0
+            self.state[row] = self.offset[row] = 0
         if self.states - self._live_states > max(self._live_states, self.slack):
             self._collect()
 
@@ -178,12 +185,14 @@ class AutomatonTable:
         for row, key in enumerate(self._key):
             if key is not None:
                 self.state[row] += self._parts[key].offset - old[key]
+                self.offset[row] = self._parts[key].offset
 
     def move(self, src: Sequence[int], dst: Sequence[int]) -> None:
         """Rows compacted from ``src`` to ``dst`` (slots.py): their automata and states follow."""
         for a, b in zip(src, dst):
             self._key[b], self._key[a] = self._key[a], None
             self.state[b], self.state[a] = self.state[a], 0
+            self.offset[b], self.offset[a] = self.offset[a], 0
 
     def replay(self, row: int, ids: np.ndarray) -> None:
         """Row ``row`` reads ``ids`` (int [T]) one after another: the text a resumed stream already has."""

@@ -147,13 +147,14 @@ class Outbox:
 class Call:
     """One K-step decode call, as the host applies it: the rows it ran (their slots and streams at its launch,
     so that a slot taken by another stream since is told apart), what it drew, and the regex states it started
-    from (the table's have moved on by the time it is applied)."""
+    from (the table's have moved on by the time it is applied, and may have been renumbered: so they are kept
+    local to each row's automaton, automata.AutomatonTable.offset)."""
 
     slots: np.ndarray  # int64 [n]: the rows decoding at its launch
     serial: np.ndarray  # int64 [n]: their streams (Slots.serial)
     ids: np.ndarray  # int64 [n, K]
     lp: protocol.Logprobs | None
-    regex_from: np.ndarray | None  # int32 [n]: each row's regex state at its launch (None: no regex in use)
+    regex: tuple[np.ndarray, np.ndarray] | None  # int32 [n] each: local state and offset at launch (None: none)
     started: float
     finished: float
 
@@ -354,10 +355,10 @@ class Batch:
             return
         launched = time.monotonic()
         if self._caller is None:
-            run, slots, serial, regex_from = self._launch(steps, copy=False)
-            self._apply(self._land(*run(), slots, serial, regex_from, launched))
+            run, slots, serial, regex = self._launch(steps, copy=False)
+            self._apply(self._land(*run(), slots, serial, regex, launched))
             return
-        run, slots, serial, regex_from = self._launch(steps, copy=True)
+        run, slots, serial, regex = self._launch(steps, copy=True)
         started = threading.Event()
         running = self._caller.submit(lambda: (started.set(), run())[1])
         # The caller thread needs the GIL until onnxruntime's run releases it: wait until it has it, or this
@@ -365,11 +366,11 @@ class Batch:
         started.wait()
         if self._unapplied is not None:
             self._apply(self._unapplied)  # while the call runs: onnxruntime has released the GIL
-        self._unapplied = self._land(*running.result(), slots, serial, regex_from, launched)
+        self._unapplied = self._land(*running.result(), slots, serial, regex, launched)
 
     def _launch(self, steps: int, copy: bool):
         """The K-step call's inputs for slots [0, extent): (a function that runs it, the rows decoding, their
-        streams, their regex states). ``copy``: the arrays the core thread writes while the call runs (last
+        streams, their regex states as Call.regex has them). ``copy``: the arrays the core thread writes while the call runs (last
         ids, counts, regex states) go in as copies. Each row draws at its next position: past the characters of
         a call not applied yet."""
         s, e = self.slots, self.slots.extent
@@ -387,13 +388,16 @@ class Batch:
             if controls is not None:
                 controls.counts = controls.counts.copy()
                 automaton.state = automaton.state.copy()
-        regex_from = automaton.state[slots].copy() if automaton is not None else None
+        regex = None
+        if automaton is not None:
+            offset = self.controls.regexes.offset[slots].copy()
+            regex = (automaton.state[slots] - offset, offset)
         state, temperature, top_k, top_p = s.state, s.temperature[:e], s.top_k[:e], s.top_p[:e]
         return (lambda: self.decoder.decode(tokens, state, temperature, top_k, top_p, u, controls, automaton),
-                slots, s.serial[slots].copy(), regex_from)
+                slots, s.serial[slots].copy(), regex)
 
-    def _land(self, graph, state: State, slots: np.ndarray, serial: np.ndarray, regex_from: np.ndarray | None,
-              started: float) -> Call:
+    def _land(self, graph, state: State, slots: np.ndarray, serial: np.ndarray,
+              regex: tuple[np.ndarray, np.ndarray] | None, started: float) -> Call:
         """A K-step call returned: the next call's inputs (state, each row's last id, penalty counts, regex
         states) are its outputs, for the rows that still hold their slot; the rest waits in the Call."""
         s = self.slots
@@ -402,14 +406,15 @@ class Batch:
         s.state = state
         ids = graph.ids[slots]
         lp = _logprobs((graph.logprob, graph.top_ids, graph.top_logprobs), slots)
-        call = Call(slots, serial, ids, lp, regex_from, started, finished)
+        call = Call(slots, serial, ids, lp, regex, started, finished)
         live = call.live(s)
         rows = slots[live]
         s.token[rows] = ids[live, -1]
         if graph.counts is not None:
             self.controls.set_counts(rows, graph.counts[rows])
-        if graph.automaton_state is not None:
-            self.controls.regexes.state[rows] = graph.automaton_state[rows]
+        if graph.automaton_state is not None:  # numbered as the table was at the launch: renumbered to today's
+            table = self.controls.regexes
+            table.state[rows] = graph.automaton_state[rows] - regex[1][live] + table.offset[rows]
         return call
 
     def _apply(self, call: Call) -> None:
@@ -417,12 +422,13 @@ class Batch:
         s = self.slots
         live = call.live(s)
         rows, steps = call.slots[live], call.ids.shape[1]
-        self._observe(rows, call.started, call.finished, steps)
+        gaps = self._gaps(rows, call.finished, steps)
         lp = call.lp
         if lp is not None and not live.all():
             lp = protocol.Logprobs(lp.chosen[live], lp.top_ids[live], lp.top_lp[live])
-        self._advance(rows, call.ids[live], call.finished, lp=lp,
-                      regex_from=None if call.regex_from is None else call.regex_from[live])
+        regex_from = None if call.regex is None else call.regex[0][live] + self.controls.regexes.offset[rows]
+        count = self._advance(rows, call.ids[live], call.finished, lp=lp, regex_from=regex_from)
+        self._observe(call.started, call.finished, steps, gaps, count)
         self.steps += steps
 
     def _single_step(self) -> None:
@@ -437,24 +443,34 @@ class Batch:
         now = time.monotonic()
         self._last_step_seconds = now - t0
         rows = s.active_rows()  # a slice when no hole: every index below is then a view
-        self._observe(rows, t0, now, 1)
+        gaps = self._gaps(rows, now, 1)
         lp = _logprobs((picked.logprob, picked.top_ids, picked.top_logprobs), rows)
-        self._advance(rows, picked.ids[rows], now, lp=lp)
+        count = self._advance(rows, picked.ids[rows], now, lp=lp)
+        self._observe(t0, now, 1, gaps, count)
         self.steps += 1
 
-    def _observe(self, rows, started: float, finished: float, steps: int) -> None:
-        """A call's figures: its time per step, the batch, each row's gap since its last character (the K
-        characters of a call spaced evenly over it)."""
+    def _gaps(self, rows, finished: float, steps: int) -> np.ndarray:
+        """Before a call is applied: each row's gap between its characters (the time since its last one over
+        the call's steps; NaN for a row whose first character this is, which starts its decode instead)."""
         s = self.slots
-        n = len(s.generated[rows])
-        self.stats.observe_same("step", (finished - started) / steps, steps)
-        self.stats.observe_same("batch", n, steps)
         first = s.generated[rows] == 0
-        gaps = (finished - s.last_at[rows][~first]) / steps
-        self.stats.observe("inter_char", np.repeat(gaps, steps) if steps > 1 else gaps)
-        if first.any():  # their first character: the start of their decode, not a gap between two
+        gaps = (finished - s.last_at[rows]) / steps
+        gaps[first] = np.nan
+        if first.any():
             s.first_at[(np.arange(s.extent)[rows])[first]] = finished
         s.last_at[rows] = finished
+        return gaps
+
+    def _observe(self, started: float, finished: float, steps: int, gaps: np.ndarray, count: np.ndarray) -> None:
+        """A call's figures: its time per step; at each step the rows that kept its character; each character's
+        gap from the one before (``gaps`` [n], ``count`` [n]: the characters each row kept)."""
+        self.stats.observe_same("step", (finished - started) / steps, steps)
+        if steps == 1:
+            self.stats.observe_same("batch", len(count), 1)
+        else:
+            self.stats.observe("batch", (count[None, :] > np.arange(steps)[:, None]).sum(axis=1))
+        kept = np.repeat(gaps, count) if steps > 1 else gaps
+        self.stats.observe("inter_char", kept[~np.isnan(kept)])
 
     def steps_now(self, joining: bool) -> int:
         """How many characters the next decode call advances: 1 while streams wait for a slot or read their
@@ -464,13 +480,14 @@ class Batch:
         return self.decoder.steps
 
     def _advance(self, slots: np.ndarray | slice, ids: np.ndarray, now: float, emit: bool = True,
-                 lp: protocol.Logprobs | None = None, regex_from: np.ndarray | None = None) -> None:
+                 lp: protocol.Logprobs | None = None, regex_from: np.ndarray | None = None) -> np.ndarray:
         """Each of ``slots`` (an index array or a slice) produced ``ids`` [n, K], K characters in order:
         the stop automata (and the regex states, from ``regex_from``) walk the K ids, K gathers over all rows
         at once, and each row ends at the first of its K characters where an end holds (stop sequence, regex
         match, length; cancel and deadline at its first), keeping the ids up to it. K = 1 outside a K-step
         call: then the host moves the penalty counts and regex states (a K-step call brought its own: _land).
-        ``emit=False``: the front-ends have the characters already."""
+        ``emit=False``: the front-ends have the characters already. Returns how many of its K ids each row
+        kept."""
         s = self.slots
         n, steps = ids.shape
         end_at = np.full(n, steps)  # the step (0-based) at which each row ends; steps: none
@@ -512,6 +529,7 @@ class Batch:
             at = end_at[ended]
             stop = matched[ended, at] - 1 if matched is not None else np.full(len(at), -1)
             self._end(index[ended], now, stop, None if complete is None else complete[ended, at], count[ended])
+        return count
 
     def _end(self, slots: np.ndarray, now: float, stop_index: np.ndarray, complete: np.ndarray | None = None,
              drawn: np.ndarray | None = None) -> None:

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from charrnn.service import automata
 from charrnn.service.client import GeneratorClient, ServiceError
 from charrnn.service.runtime import load_model
 from testkit import probes
@@ -143,3 +144,16 @@ def test_the_server_builds_the_k_step_graphs_and_removes_them_once_read(servers)
         assert argv[argv.index("--decode-steps") + 1] == str(K)
         prefix = Path(argv[argv.index("--decode-graphs") + 1])  # built by the server: the core imports no onnx
         assert prefix.parent.is_dir() and not list(prefix.parent.glob(prefix.name + "*"))
+
+
+@pytest.mark.parametrize("steps", [3, 5])
+def test_regex_states_hold_when_unused_automata_are_dropped_while_a_call_runs(tiny, monkeypatch, steps):
+    """With overlap, ending rows while call t runs may drop unused automata and renumber the table's states; the
+    states call t started from and returns are in the old numbering. Every request has a regex of its own, and
+    the table keeps almost no slack, so that it is renumbered again and again."""
+    monkeypatch.setattr(automata, "SLACK_STATES", 8)
+    requests = [generation_request(tiny.metadata, PRIMES[i % len(PRIMES)], 20 + i % 37, seed=i, temperature=1.0,
+                                   regex=f"([a-z]{{1,{2 + i % 9}}} ){{1,{3 + i}}}[a-z]*\\.")
+                for i in range(60)]
+    want = engine_outputs(tiny, requests, max_active=12, max_queue=256, decode_steps=1)
+    assert engine_outputs(tiny, requests, max_active=12, max_queue=256, decode_steps=steps, overlap=True) == want
