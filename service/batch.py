@@ -288,7 +288,7 @@ class Batch:
             flush()
         self._started = False
         if self.slots.active[: self.slots.extent].any():
-            self._decode(self.steps_now(joining))
+            self._decode(self.steps_now(joining), flush)
         elif self._unapplied is not None:  # its rows all ended when the call before it was applied
             self._apply(self._unapplied)
             self._unapplied = None
@@ -341,11 +341,12 @@ class Batch:
 
     # ---- decode ----
 
-    def _decode(self, steps: int) -> None:
+    def _decode(self, steps: int, flush=None) -> None:
         """One decode call: every slot of the extent advances ``steps`` characters. One step is the model and
         the sampler, applied at once. More is the fused K-step graph (decode_graph.py); with --overlap it runs
-        in the caller thread while this one applies the call before it (ends, stops, messages), and is itself
-        applied during the next call, or before any single step."""
+        in the caller thread while this one applies the call before it (ends, stops, messages) and, with
+        ``flush``, sends those messages at once, and is itself applied during the next call, or before any
+        single step."""
         if steps == 1:
             if self._unapplied is not None:
                 self._apply(self._unapplied)
@@ -366,6 +367,8 @@ class Batch:
         started.wait()
         if self._unapplied is not None:
             self._apply(self._unapplied)  # while the call runs: onnxruntime has released the GIL
+            if flush is not None:  # its characters and ends go out now, not after this call
+                flush()
         self._unapplied = self._land(*running.result(), slots, serial, regex, launched)
 
     def _launch(self, steps: int, copy: bool):
