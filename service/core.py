@@ -37,9 +37,9 @@ QUEUE_SCAN_SECONDS = 0.01  # how often queued streams are checked for deadlines
 MAX_ACTIVE = 256  # batch slots: streams generating at once (--max-active-streams)
 MAX_QUEUE = 1024  # streams that may wait for a slot (--max-queue)
 DECODE_STEPS = 8  # characters per decode call under steady load (--decode-steps)
-# A K-step call runs while the host applies the one before it (--overlap). Off: on a CPU, onnxruntime's
-# threads already use the cores, and the hand-off between two threads costs more than the host work it hides
-# (bench/results/decode-steps.md).
+# A K-step call runs while the host applies the one before it (--overlap). Off: on a 2-core CPU, where
+# onnxruntime's threads already take the cores, it measured a wash, and a cancel takes a call longer
+# (docs/engine.md, "Overlap").
 OVERLAP = False
 MAX_DECODE_STEPS = 64
 
