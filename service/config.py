@@ -70,8 +70,8 @@ class ServeConfig:
     overlap: bool = _opt(
         OVERLAP, "With --decode-steps above 1: each decode call runs in a thread of its own while the core applies "
         "the call before it (ends, stop sequences, messages to the front-ends); a stream's end lands one call "
-        "later. The text is the same either way. Off by default: it measured 0.94-1.12x of off on a 2-core CPU and "
-        "on the GPU stand-in (docs/engine.md).", _on_off, ("on", "off"),
+        "later. The text is the same either way. Off by default: it measured 0.94-1.12x of off through gRPC on a "
+        "2-core CPU, and a wash on the GPU stand-in (docs/engine.md).", _on_off, ("on", "off"),
     )
     frontends: int = _opt(
         0, "gRPC front-end processes sharing --port (SO_REUSEPORT spreads connections over them); 0 picks half "
