@@ -203,6 +203,14 @@ class AutomatonTable:
             state = int(self.trans[state, token])
         self.state[row] = state
 
+    def walk(self, state: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The states that rows in ``state`` [n] reach after each of their ``ids`` [n, K] (int32 [n, K]), one
+        gather over all rows per step; the rows' own states are left as they were."""
+        states = np.empty(ids.shape, np.int32)
+        for k in range(ids.shape[1]):
+            state = states[:, k] = self.trans[state, ids[:, k]]
+        return states
+
     def step(self, rows, ids: np.ndarray) -> np.ndarray:
         """``rows`` (a slice or int64 [n]) drew ``ids`` [n]: their next global states, kept and returned (int32 [n])."""
         states = self.trans[self.state[rows], ids]

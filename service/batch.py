@@ -335,8 +335,7 @@ class Batch:
                                        self.controls.sampler_controls(slots))
             now = time.monotonic()
             s.first_at[slots] = s.last_at[slots] = now
-            lp = (picked.logprob, picked.top_ids, picked.top_logprobs)
-            self._advance(slots, picked.ids, now, lp=_logprobs(lp, slice(None)))
+            self._advance(slots, picked.ids, now, lp=_logprobs(picked, slice(None)))
             self._started = True
 
     # ---- decode ----
@@ -355,11 +354,10 @@ class Batch:
                 self._single_step()
             return
         launched = time.monotonic()
+        run, slots, serial, regex = self._launch(steps)
         if self._caller is None:
-            run, slots, serial, regex = self._launch(steps, copy=False)
             self._apply(self._land(*run(), slots, serial, regex, launched))
             return
-        run, slots, serial, regex = self._launch(steps, copy=True)
         started = threading.Event()
         running = self._caller.submit(lambda: (started.set(), run())[1])
         # The caller thread needs the GIL until onnxruntime's run releases it: wait until it has it, or this
@@ -371,11 +369,11 @@ class Batch:
                 flush()
         self._unapplied = self._land(*running.result(), slots, serial, regex, launched)
 
-    def _launch(self, steps: int, copy: bool):
+    def _launch(self, steps: int):
         """The K-step call's inputs for slots [0, extent): (a function that runs it, the rows decoding, their
-        streams, their regex states as Call.regex has them). ``copy``: the arrays the core thread writes while the call runs (last
-        ids, counts, regex states) go in as copies. Each row draws at its next position: past the characters of
-        a call not applied yet."""
+        streams, their regex states as Call.regex has them). The arrays the core thread writes while a call
+        runs under --overlap (last ids, counts, regex states) go in as copies. Each row draws at its next
+        position: past the characters of a call not applied yet."""
         s, e = self.slots, self.slots.extent
         slots = np.flatnonzero(s.active[:e])
         position = s.generated[:e].copy()
@@ -385,12 +383,10 @@ class Batch:
         u = sampling.uniforms(s.seed[:e, None], position[:, None] + np.arange(steps))  # [e, K]
         controls = self.controls.sampler_controls(slice(0, e), regex_mask=False)
         automaton = self.controls.automaton_inputs(slice(0, e)) if controls is not None else None
-        tokens = s.token[:e, None]
-        if copy:
-            tokens = tokens.copy()
-            if controls is not None:
-                controls.counts = controls.counts.copy()
-                automaton.state = automaton.state.copy()
+        tokens = s.token[:e, None].copy()
+        if controls is not None:
+            controls.counts = controls.counts.copy()
+            automaton.state = automaton.state.copy()
         regex = None
         if automaton is not None:
             offset = self.controls.regexes.offset[slots].copy()
@@ -408,7 +404,7 @@ class Batch:
         self._last_step_seconds = finished - started
         s.state = state
         ids = graph.ids[slots]
-        lp = _logprobs((graph.logprob, graph.top_ids, graph.top_logprobs), slots)
+        lp = _logprobs(graph, slots)
         call = Call(slots, serial, ids, lp, regex, started, finished)
         live = call.live(s)
         rows = slots[live]
@@ -447,7 +443,7 @@ class Batch:
         self._last_step_seconds = now - t0
         rows = s.active_rows()  # a slice when no hole: every index below is then a view
         gaps = self._gaps(rows, now, 1)
-        lp = _logprobs((picked.logprob, picked.top_ids, picked.top_logprobs), rows)
+        lp = _logprobs(picked, rows)
         count = self._advance(rows, picked.ids[rows], now, lp=lp)
         self._observe(t0, now, 1, gaps, count)
         self.steps += 1
@@ -496,12 +492,13 @@ class Batch:
         end_at = np.full(n, steps)  # the step (0-based) at which each row ends; steps: none
         stop_states, matched = None, None
         if self.stops.in_use:  # rows without stop sequences sit in state 0, which never moves
-            stop_states = _walk(self.stops, self.stops.state[slots], ids)
+            stop_states = self.stops.walk(self.stops.state[slots], ids)
             matched = self.stops.accept[stop_states]  # [n, K]: 1 + stop index, 0 = none
             end_at = np.minimum(end_at, _first(matched > 0, steps))
         complete = None
         if regex_from is not None:  # a K-step call's rows with regexes
-            complete = self.controls.regexes.accept[_walk(self.controls.regexes, regex_from, ids)] > 0  # [n, K]
+            regexes = self.controls.regexes
+            complete = regexes.accept[regexes.walk(regex_from, ids)] > 0  # [n, K]
             end_at = np.minimum(end_at, _first(complete, steps))
         elif steps == 1:
             done = self.controls.advance(slots, ids[:, 0])  # rows whose regex match is complete
@@ -581,25 +578,17 @@ def _end_kinds(stop_index: np.ndarray, complete: np.ndarray | None, generated: n
     return np.select(holds, [_STOP, _MATCH, _LENGTH, _CANCEL], _DEADLINE)
 
 
-def _logprobs(lp: tuple, rows) -> protocol.Logprobs | None:
-    """The log-probabilities of ``rows``, from (logprob [B, K], top_ids [B, (K,) n], top_logprobs [B, (K,) n])
-    of a sampler's (K = 1) or a K-step graph's answer, as Outbox.chars takes them (None without)."""
-    chosen, top_ids, top_lp = lp
+def _logprobs(answer, rows) -> protocol.Logprobs | None:
+    """The log-probabilities of ``rows`` of a sampler's answer (sampler.Picked, K = 1) or a K-step graph's
+    (decode_graph.Decoded): logprob [B, K], top_ids and top_logprobs [B, (K,) n]; as Outbox.chars takes them
+    (None without)."""
+    chosen, top_ids, top_lp = answer.logprob, answer.top_ids, answer.top_logprobs
     if chosen is None:
         return None
     if top_ids.ndim == 2:  # the sampler's: one step
         top_ids, top_lp = top_ids[:, None], top_lp[:, None]
     return protocol.Logprobs(chosen[rows].astype(np.float32), top_ids[rows].astype(np.int32),
                              top_lp[rows].astype(np.float32))
-
-
-def _walk(table: AutomatonTable, state: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """The states that rows in ``state`` [n] reach in ``table`` after each of their ``ids`` [n, K] (int32
-    [n, K]), one gather over all rows per step; the table's own states are left as they were."""
-    states = np.empty(ids.shape, np.int32)
-    for k in range(ids.shape[1]):
-        state = states[:, k] = table.trans[state, ids[:, k]]
-    return states
 
 
 def _first(hit: np.ndarray, none: int) -> np.ndarray:

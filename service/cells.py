@@ -81,6 +81,8 @@ class _Cell:
             raise ValueError(f"{node.name or node.op_type}: sequence_lens is not lowered")
         if node.op_type == "LSTM" and inputs[7]:
             raise ValueError(f"{node.name or node.op_type}: peepholes are not lowered")
+        if not inputs[5]:
+            raise ValueError(f"{node.name or node.op_type}: an initial state is needed")
         self.op, self.prefix = node.op_type, f"lowered{serial}/{node.name or node.op_type}/"
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -90,29 +92,27 @@ class _Cell:
         gates = w.shape[0] // hidden
         b = numpy_helper.to_array(inits[inputs[3]])[0] if inputs[3] else np.zeros(2 * gates * hidden, np.float32)
         wb, rb = b[: gates * hidden], b[gates * hidden:]
-        x = self.node("Squeeze", [inputs[0], self.const("axis0", np.array([0], np.int64))])  # [B, in]
-        h = self.node("Squeeze", [inputs[5], self.const("axis0", None)]) if inputs[5] else None
-        if h is None:
-            raise ValueError(f"{node.name or node.op_type}: an initial state is needed")
+        self.axis0 = self.const("axis0", np.array([0], np.int64))
+        x = self.node("Squeeze", [inputs[0], self.axis0])  # [B, in]
+        h = self.node("Squeeze", [inputs[5], self.axis0])  # [B, H]
         y = getattr(self, f"_{self.op.lower()}")(x, h, w, r, wb, rb, hidden, attrs, inputs)
         h_new, c_new = y if isinstance(y, tuple) else (y, None)
         outputs = list(node.output) + [""] * (3 - len(node.output))
-        axis0 = self.prefix + "axis0"
         if outputs[0]:
             self.node("Unsqueeze", [h_new, self.const("axes01", np.array([0, 1], np.int64))], outputs[0])
         if outputs[1]:
-            self.node("Unsqueeze", [h_new, axis0], outputs[1])
-        if len(outputs) > 2 and outputs[2]:
-            self.node("Unsqueeze", [c_new, axis0], outputs[2])
+            self.node("Unsqueeze", [h_new, self.axis0], outputs[1])
+        if outputs[2]:
+            self.node("Unsqueeze", [c_new, self.axis0], outputs[2])
 
     def node(self, op: str, inputs: list[str], out: str | None = None, **attrs) -> str:
         out = out or f"{self.prefix}{op}_{len(self.nodes)}"
         self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
         return out
 
-    def const(self, name: str, value: np.ndarray | None) -> str:
+    def const(self, name: str, value: np.ndarray) -> str:
         full = self.prefix + name
-        if value is not None and all(t.name != full for t in self.initializers):
+        if all(t.name != full for t in self.initializers):
             self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), full))
         return full
 
@@ -130,9 +130,9 @@ class _Cell:
                 for i in range(n)]
 
     def _lstm(self, x, h, w, r, wb, rb, hidden, attrs, inputs):
-        c = self.node("Squeeze", [inputs[6], self.prefix + "axis0"]) if inputs[6] else None
-        if c is None:
+        if not inputs[6]:
             raise ValueError("LSTM: an initial cell state is needed")
+        c = self.node("Squeeze", [inputs[6], self.axis0])
         i, o, f, cand = self.split(self.joined(x, h, w, r, wb + rb, "wr"), 4, hidden)
         c_new = self.node("Add", [self.node("Mul", [self.node("Sigmoid", [f]), c]),
                                   self.node("Mul", [self.node("Sigmoid", [i]), self.node("Tanh", [cand])])])

@@ -24,6 +24,22 @@ from charrnn.service.sampler import SamplerInputs, Picked
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
+def run_bound(session: ort.InferenceSession, feeds: dict, names: list[str], keep: set[str],
+              device: str) -> dict:
+    """One call of ``session`` with I/O binding: OrtValue feeds bound where they are, host arrays copied in;
+    the outputs named in ``keep`` left on ``device`` as OrtValues, the rest of ``names`` copied to the host."""
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        if isinstance(value, ort.OrtValue):
+            binding.bind_ortvalue_input(name, value)
+        else:
+            binding.bind_cpu_input(name, value)
+    for name in names:
+        binding.bind_output(name, device if name in keep else "cpu", 0)
+    session.run_with_iobinding(binding)
+    return {name: value if name in keep else value.numpy() for name, value in zip(names, binding.get_outputs())}
+
+
 class DeviceStateOps:
     """Gathers and joins state rows on the GPU with two one-node graphs, so the state stays there."""
 
@@ -58,30 +74,14 @@ class DeviceStateOps:
 
     def decode(self, model, tokens: np.ndarray, state: tuple, params: tuple, controls: SamplerInputs | None):
         """One bound step of ``model`` (runtime.LoadedModel) then the sampler, logits kept on the device."""
-        binding = model.session.io_binding()
-        binding.bind_cpu_input(mf.INPUT_TOKENS, np.ascontiguousarray(tokens, np.int64))
-        for name, value in zip(model.state_inputs, state):
-            binding.bind_ortvalue_input(name, value)
-        for name in model.outputs:
-            binding.bind_output(name, self.device, 0)
-        model.session.run_with_iobinding(binding)
-        logits, *new = binding.get_outputs()
-        from charrnn.service.sampler import filtered
+        step = {mf.INPUT_TOKENS: np.ascontiguousarray(tokens, np.int64), **dict(zip(model.state_inputs, state))}
+        got = run_bound(model.session, step, list(model.outputs), set(model.outputs), self.device)
+        from charrnn.service.sampler import feeds, filtered
 
         temperature, top_k, top_p, u = params
         sampler = model.sampler.session(controls is not None,
                                         filtered(temperature, top_k, top_p, model.metadata.vocab_size))
-        b = sampler.io_binding()
-        b.bind_ortvalue_input("logits", logits)
-        for name, value, dtype in (("temperature", temperature, np.float32), ("top_k", top_k, np.int64),
-                                   ("top_p", top_p, np.float32), ("u", u, np.float32)):
-            b.bind_cpu_input(name, np.ascontiguousarray(value, dtype))
-        if controls is not None:
-            for name in ("bias", "counts", "presence", "frequency", "repetition"):
-                b.bind_cpu_input(name, np.ascontiguousarray(getattr(controls, name), np.float32))
-            b.bind_cpu_input("n_top", np.array([controls.n_top], np.int64))
-        for out in sampler.get_outputs():
-            b.bind_output(out.name, "cpu")  # ids (and log-probabilities): the only tensors that cross
-        sampler.run_with_iobinding(b)
-        outs = [o.numpy() for o in b.get_outputs()]
-        return Picked(*outs), tuple(new)
+        names = [o.name for o in sampler.get_outputs()]  # ids (and log-probabilities): the only tensors that cross
+        picked = run_bound(sampler, {"logits": got[mf.OUTPUT_LOGITS], **feeds(temperature, top_k, top_p, u, controls)},
+                           names, set(), self.device)
+        return Picked(*(picked[n] for n in names)), tuple(got[o] for o in model.outputs[1:])

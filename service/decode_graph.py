@@ -449,22 +449,6 @@ class DecodeGraph:
             self._prebuilt.pop(filtered)  # the session has what it needs of the bytes
         return self._sessions[filtered]
 
-    def _bound(self, session: ort.InferenceSession, feeds: dict, names: list[str], device: str) -> dict:
-        """One call on the device path (cudaops.py): the state OrtValues bound where they are, the new state
-        left on ``device``, the host arrays copied in, and only ids, counts and log-probabilities back."""
-        binding = session.io_binding()
-        for name, value in feeds.items():
-            if isinstance(value, ort.OrtValue):
-                binding.bind_ortvalue_input(name, value)
-            else:
-                binding.bind_cpu_input(name, value)
-        state_outputs = set(self.state_outputs)
-        for name in names:
-            binding.bind_output(name, device if name in state_outputs else "cpu", 0)
-        session.run_with_iobinding(binding)
-        return {name: value if name in state_outputs else value.numpy()
-                for name, value in zip(names, binding.get_outputs())}
-
     def run(self, ids: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
             u: np.ndarray, controls: SamplerInputs | None = None, automaton: AutomatonInputs | None = None,
             filtered: bool | None = None) -> tuple[np.ndarray, State]:
@@ -480,27 +464,18 @@ class DecodeGraph:
             raise ValueError("controls are needed exactly when the graph was built with controlled=True")
         if (automaton is None) == self.regex:
             raise ValueError("automaton inputs are needed exactly when the graph was built with regex=True")
-        temperature = np.ascontiguousarray(temperature, np.float32)
-        top_k = np.ascontiguousarray(top_k, np.int64)
-        top_p = np.ascontiguousarray(top_p, np.float32)
-        if filtered is None:
-            filtered = sampler_graphs.filtered(temperature, top_k, top_p, self.metadata.vocab_size)
         feeds = {
             mf.INPUT_TOKENS: np.ascontiguousarray(np.reshape(ids, (-1, 1)), np.int64),
             **dict(zip(self.state_inputs, state)),  # host arrays, or OrtValues on the device path
-            "temperature": temperature, "top_k": top_k, "top_p": top_p,
-            "u": np.ascontiguousarray(u, np.float32),
+            **sampler_graphs.feeds(temperature, top_k, top_p, u, controls, n_top=self.logprobs),
         }
+        if filtered is None:
+            filtered = sampler_graphs.filtered(feeds["temperature"], feeds["top_k"], feeds["top_p"],
+                                               self.metadata.vocab_size)
         names = ["ids", *self.state_outputs]
         if controls is not None:
-            feeds.update(bias=np.ascontiguousarray(controls.bias, np.float32),
-                         counts=np.ascontiguousarray(controls.counts, np.float32),
-                         presence=np.ascontiguousarray(controls.presence, np.float32),
-                         frequency=np.ascontiguousarray(controls.frequency, np.float32),
-                         repetition=np.ascontiguousarray(controls.repetition, np.float32))
             names.append("counts_out")
             if self.logprobs:
-                feeds["n_top"] = np.array([controls.n_top], np.int64)
                 names += ["logprob", "top_logprobs", "top_ids"]
         if automaton is not None:
             feeds.update(transitions=np.ascontiguousarray(automaton.transitions, np.int32),
@@ -508,7 +483,10 @@ class DecodeGraph:
                          automaton_state=np.ascontiguousarray(automaton.state, np.int32))
             names.append("automaton_state_out")
         if isinstance(state[0], ort.OrtValue):  # the device path: the state stays where it is
-            got = self._bound(self.session(filtered), feeds, names, state[0].device_name().lower())
+            from charrnn.service.cudaops import run_bound
+
+            got = run_bound(self.session(filtered), feeds, names, set(self.state_outputs),
+                            state[0].device_name().lower())
         else:
             got = dict(zip(names, self.session(filtered).run(names, feeds)))
         new_state = tuple(got[o] for o in self.state_outputs)
@@ -534,9 +512,6 @@ class BoundDecode:
       of bench.kstep says.
     """
 
-    SMALL = {INPUT: dtype for INPUT, dtype in ((mf.INPUT_TOKENS, np.int64), ("temperature", np.float32),
-                                                ("top_k", np.int64), ("top_p", np.float32), ("u", np.float32))}
-
     def __init__(self, graph: DecodeGraph, batch: int, *, device: str = "cpu", cuda_graph: bool = False,
                  filtered: bool = False):
         if graph.controlled:
@@ -548,11 +523,12 @@ class BoundDecode:
                                             providers=[cuda, CPU_PROVIDER] if device == "cuda" else [CPU_PROVIDER])
         self.batch, self.steps, self.device = batch, graph.steps, device
         m = graph.metadata
-        shapes = {mf.INPUT_TOKENS: (batch, 1), "u": (batch, graph.steps)}
-        self._inputs = {name: self._value(shapes.get(name, (batch,)), dtype) for name, dtype in self.SMALL.items()}
-        state_shape = (m.layers, batch, m.hidden)
-        self._state = [[self._value(state_shape, np.float32) for _ in graph.state_inputs] for _ in range(2)]
-        self._ids = self._value((batch, graph.steps), np.int64)
+        rows = np.zeros(batch)
+        self._inputs = {name: self._value(array) for name, array in self._feeds(
+            rows, rows, rows, rows, np.zeros((batch, graph.steps))).items()}
+        state = np.zeros((m.layers, batch, m.hidden), np.float32)
+        self._state = [[self._value(state) for _ in graph.state_inputs] for _ in range(2)]
+        self._ids = self._value(np.zeros((batch, graph.steps), np.int64))
         self._bindings, self._options = [], []
         for layout in range(2):
             binding = self.session.io_binding()
@@ -570,8 +546,16 @@ class BoundDecode:
             self._options.append(options)
         self._layout = 0  # the buffers that hold the state now
 
-    def _value(self, shape: tuple, dtype) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, 0)
+    def _value(self, array: np.ndarray) -> ort.OrtValue:
+        """A buffer of its own on the device, holding a copy of ``array`` (on the CPU an OrtValue would share the
+        array's memory, and two buffers made from one array would be one)."""
+        return ort.OrtValue.ortvalue_from_numpy(array.copy(), self.device, 0)
+
+    @staticmethod
+    def _feeds(tokens, temperature, top_k, top_p, u) -> dict[str, np.ndarray]:
+        """The small inputs as host arrays of the graph's types."""
+        return {mf.INPUT_TOKENS: np.ascontiguousarray(np.reshape(tokens, (-1, 1)), np.int64),
+                **sampler_graphs.feeds(temperature, top_k, top_p, u)}
 
     def set_state(self, state: State) -> None:
         """Writes ``state`` (host arrays [L, B, H]) into the buffers the next call reads."""
@@ -585,10 +569,8 @@ class BoundDecode:
     def run(self, tokens: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
             u: np.ndarray) -> np.ndarray:
         """One call from the state held: tokens [B] (or [B, 1]) -> ids int64 [B, K], copied to the host."""
-        feeds = {mf.INPUT_TOKENS: np.reshape(tokens, (-1, 1)), "temperature": temperature, "top_k": top_k,
-                 "top_p": top_p, "u": u}
-        for name, array in feeds.items():
-            self._inputs[name].update_inplace(np.ascontiguousarray(array, self.SMALL[name]))
+        for name, array in self._feeds(tokens, temperature, top_k, top_p, u).items():
+            self._inputs[name].update_inplace(array)
         self.session.run_with_iobinding(self._bindings[self._layout], self._options[self._layout])
         self._layout = 1 - self._layout
         return np.array(self._ids.numpy())

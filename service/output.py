@@ -167,9 +167,7 @@ class OutputProcessor:
         """Keeps each logprobs row's (char, logprob, [(char, logprob)] of its N best) until its text goes out:
         ``ids`` [n, K], of which the first ``count`` [n] of a row are its."""
         vocab = self.metadata.vocab
-        chosen, top_ids, top_lp = lp.chosen, lp.top_ids, lp.top_lp
-        if chosen.ndim == 1:  # one character a row
-            chosen, top_ids, top_lp = chosen[:, None], top_ids[:, None], top_lp[:, None]
+        chosen, top_ids, top_lp = lp.chosen, lp.top_ids, lp.top_lp  # [n, K], [n, K, k], [n, K, k]
         for i, (r, c) in enumerate(zip(rows.tolist(), count.tolist())):
             entries = self._lps.get(r)
             if entries is None:

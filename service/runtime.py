@@ -157,16 +157,12 @@ class LoadedModel:
             feeds = {mf.INPUT_TOKENS: tokens, **dict(zip(self.state_inputs, state))}
             logits, *new = self.session.run(self.outputs, feeds)
             return logits, tuple(new)
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(mf.INPUT_TOKENS, np.ascontiguousarray(tokens, np.int64))
-        for name, value in zip(self.state_inputs, state):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output(mf.OUTPUT_LOGITS, "cpu")  # the only tensor that crosses to the host
-        for name in self.outputs[1:]:
-            binding.bind_output(name, self.device, 0)
-        self.session.run_with_iobinding(binding)
-        logits, *new = binding.get_outputs()
-        return logits.numpy(), tuple(new)
+        from charrnn.service.cudaops import run_bound
+
+        feeds = {mf.INPUT_TOKENS: np.ascontiguousarray(tokens, np.int64), **dict(zip(self.state_inputs, state))}
+        # The logits are the only tensor that crosses to the host.
+        got = run_bound(self.session, feeds, list(self.outputs), set(self.outputs[1:]), self.device)
+        return got[mf.OUTPUT_LOGITS], tuple(got[o] for o in self.outputs[1:])
 
     def decode(self, tokens: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray,
                top_p: np.ndarray, u: np.ndarray, controls: SamplerInputs | None = None) -> tuple[Picked, State]:

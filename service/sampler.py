@@ -194,6 +194,23 @@ class SamplerInputs:
                    repetition=np.ones(rows, np.float32))
 
 
+def feeds(temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, u: np.ndarray,
+          controls: SamplerInputs | None = None, n_top: bool = True) -> dict[str, np.ndarray]:
+    """The sampler's inputs but the logits, as host arrays of the graph's types: ``u`` [B] (or [B, K] for the
+    K-step graph, decode_graph.py); with ``controls`` the controlled variant's too (``n_top``: and the number of
+    alternatives, for a graph that returns log-probabilities)."""
+    out = {"temperature": np.ascontiguousarray(temperature, np.float32),
+           "top_k": np.ascontiguousarray(top_k, np.int64),
+           "top_p": np.ascontiguousarray(top_p, np.float32),
+           "u": np.ascontiguousarray(u, np.float32)}
+    if controls is not None:
+        out.update({name: np.ascontiguousarray(getattr(controls, name), np.float32)
+                    for name in ("bias", "counts", "presence", "frequency", "repetition")})
+        if n_top:
+            out["n_top"] = np.array([controls.n_top], np.int64)
+    return out
+
+
 @dataclass
 class Picked:
     """What the sampler returns for B rows: ids, and with controls the log-probabilities."""
@@ -221,21 +238,13 @@ class Sampler:
         """Host arrays in, host arrays out. logits float32 [B, 1, V] or [B, V]; the rest [B]."""
         if logits.ndim == 2:
             logits = logits[:, None, :]
-        feeds = {
-            "logits": np.ascontiguousarray(logits, np.float32),
-            "temperature": np.ascontiguousarray(temperature, np.float32),
-            "top_k": np.ascontiguousarray(top_k, np.int64),
-            "top_p": np.ascontiguousarray(top_p, np.float32),
-            "u": np.ascontiguousarray(u, np.float32),
-        }
-        session = self.session(controls is not None, filtered(feeds["temperature"], feeds["top_k"], feeds["top_p"],
-                                                              logits.shape[-1]))
+        inputs = {"logits": np.ascontiguousarray(logits, np.float32),
+                  **feeds(temperature, top_k, top_p, u, controls)}
+        session = self.session(controls is not None, filtered(inputs["temperature"], inputs["top_k"],
+                                                              inputs["top_p"], logits.shape[-1]))
         if controls is None:
-            return Picked(session.run(None, feeds)[0])
-        feeds.update(bias=controls.bias, counts=controls.counts, presence=controls.presence,
-                     frequency=controls.frequency, repetition=controls.repetition,
-                     n_top=np.array([controls.n_top], np.int64))
-        ids, logprob, top_lp, top_id = session.run(None, feeds)
+            return Picked(session.run(None, inputs)[0])
+        ids, logprob, top_lp, top_id = session.run(None, inputs)
         return Picked(ids, logprob, top_lp, top_id)
 
     def session(self, controlled: bool, filtered: bool = True) -> ort.InferenceSession:

@@ -59,7 +59,7 @@ class Slots:
         self.used = 0  # slots taken (prefilling + active)
         self.extent = 0
         self.state: State | None = None
-        self.on_cuda = model.device_path  # CUDA's extents (and the device path's dry run on the CPU)
+        self.on_device = model.device_path  # CUDA's extents (and the device path's dry run on the CPU)
 
     # ---- taking and freeing ----
 
@@ -105,7 +105,7 @@ class Slots:
         self.state = self.model.place(self.state, slots, state)
 
     def _round(self, extent: int) -> int:
-        return min(self.capacity, -(-extent // BUCKET) * BUCKET) if self.on_cuda else extent
+        return min(self.capacity, -(-extent // BUCKET) * BUCKET) if self.on_device else extent
 
     def _resize(self, extent: int) -> None:
         if self.state is None:
@@ -124,7 +124,7 @@ class Slots:
             return [], []
         target = self._round(self.used)
         holes = self.extent - self.used
-        if target >= self.extent or (self.on_cuda and holes * 4 < self.extent):
+        if target >= self.extent or (self.on_device and holes * 4 < self.extent):
             return [], []
         used = np.zeros(self.capacity, bool)
         used[: self.extent] = self.arrays["active"][: self.extent]

@@ -102,8 +102,8 @@ def test_a_hold_longer_than_what_came_holds_what_came(out):
 
 def test_log_probabilities_go_out_with_their_characters(out):
     s = add(out, request(logprobs=2))
-    lp = protocol.Logprobs(np.array([-0.5], np.float32), np.array([[ID["q"], ID["r"]]], np.int32),
-                           np.array([[-0.5, -1.5]], np.float32))
+    lp = protocol.Logprobs(np.array([[-0.5]], np.float32), np.array([[[ID["q"], ID["r"]]]], np.int32),
+                           np.array([[[-0.5, -1.5]]], np.float32))
     out.apply(protocol.Out(steps=[step([s.row], "q", logprobs=lp)]), 1.0, flush=True)
     assert s.pop_all() == "q"
     assert s.logprobs == [("q", -0.5, [("q", -0.5), ("r", -1.5)])]
