@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 from charrnn import commandline
-from charrnn.service.core import DECODE_STEPS, MAX_ACTIVE, MAX_DECODE_STEPS, MAX_QUEUE, OVERLAP
+from charrnn.service.core import CUDA_GRAPHS, DECODE_STEPS, MAX_ACTIVE, MAX_DECODE_STEPS, MAX_QUEUE, OVERLAP
 
 if TYPE_CHECKING:  # pragma: no cover
     from charrnn.service.validation import Limits
@@ -64,14 +64,21 @@ class ServeConfig:
     decode_steps: int = _opt(
         DECODE_STEPS, "Characters each decode call advances every stream under steady load, in one fused "
         "onnxruntime graph (model and sampler, K times); 1 while streams wait for a slot or read their prime. "
-        "A cancel or deadline takes effect within this many steps (twice as many with --overlap). CPU with "
-        "batching on; 1 elsewhere.", int,
+        "A cancel or deadline takes effect within this many steps (twice as many with --overlap). CPU or CUDA "
+        "with batching on; 1 elsewhere.", int,
     )
     overlap: bool = _opt(
         OVERLAP, "With --decode-steps above 1: each decode call runs in a thread of its own while the core applies "
         "the call before it (ends, stop sequences, messages to the front-ends); a stream's end lands one call "
         "later. The text is the same either way. Off by default: it measured 0.94-1.12x of off through gRPC on a "
         "2-core CPU, and a wash on the GPU stand-in (docs/engine.md).", _on_off, ("on", "off"),
+    )
+    cuda_graphs: bool = _opt(
+        CUDA_GRAPHS, "On CUDA, with --decode-steps above 1: the decode calls of rows without controls run as "
+        "captured CUDA graphs, one per batch size, replayed with one launch. A model whose graph onnxruntime cannot "
+        "capture, or whose captured call disagrees with the uncaptured one at load, runs without them and the log "
+        "says why. Off by default until measured on a GPU (docs/engine.md). Ignored on the CPU.", _on_off,
+        ("on", "off"),
     )
     frontends: int = _opt(
         0, "gRPC front-end processes sharing --port (SO_REUSEPORT spreads connections over them); 0 picks half "

@@ -41,6 +41,9 @@ DECODE_STEPS = 8  # characters per decode call under steady load (--decode-steps
 # onnxruntime's threads already take the cores, it measured a wash, and a cancel takes a call longer
 # (docs/engine.md, "Overlap").
 OVERLAP = False
+# The plain K-step calls on CUDA as captured CUDA graphs (--cuda-graphs). Off until a GPU run measures them
+# (bench/gpu_session.sh serving: bench.kstep's "cuda graph" rows; docs/engine.md, "CUDA graphs").
+CUDA_GRAPHS = False
 MAX_DECODE_STEPS = 64
 
 
@@ -142,11 +145,13 @@ class Core:
         decode_steps: int = DECODE_STEPS,
         decode_graphs: dict | None = None,
         overlap: bool = OVERLAP,
+        cuda_graphs: bool = CUDA_GRAPHS,
     ):
         """``decode_steps``: characters per decode call under steady load (--decode-steps; the K-step graph of
         decode_graph.py, on the CPU and with batching on; 1 elsewhere); ``decode_graphs``: those graphs built
         already (decode_graph.read_graphs), else they are built here; ``overlap``: each K-step call runs in a
-        thread of its own while this one applies the call before it (batch.py)."""
+        thread of its own while this one applies the call before it (batch.py); ``cuda_graphs``: on CUDA, the plain
+        K-step calls as captured CUDA graphs (decode_graph.BucketDecode)."""
         if max_active < 1:
             raise ValueError(f"max_active must be >= 1, got {max_active}")
         if max_queue < 0:
@@ -171,7 +176,10 @@ class Core:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
         decoder = None
         if decode_steps > 1 and batching:
-            decoder = model.k_step_decoder(decode_steps, decode_graphs)
+            decoder = model.k_step_decoder(decode_steps, decode_graphs, cuda_graphs)
+            if decoder is not None and model.device == "cuda":
+                log.info("%s: K-step decode, K=%d, CUDA graphs %s", model.label, decoder.steps,
+                         "on" if decoder.cuda_graphs else f"off ({decoder.bucketed.why_not or '--cuda-graphs off'})")
         self.decode_steps = decoder.steps if decoder is not None else 1
         if batching:
             self.scheduler = BatchScheduler(model, max_active, self.outbox, self.stats, self.prime_cache, decoder,

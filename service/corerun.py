@@ -34,7 +34,7 @@ import time
 import zmq
 
 from charrnn.service import errors, protocol
-from charrnn.service.core import DECODE_STEPS, MAX_ACTIVE, MAX_QUEUE, OVERLAP, Core
+from charrnn.service.core import CUDA_GRAPHS, DECODE_STEPS, MAX_ACTIVE, MAX_QUEUE, OVERLAP, Core
 
 log = logging.getLogger("charrnn.service.corerun")
 
@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler-graphs", default="", help="folder of the sampler graphs (sampler.write_graphs)")
     p.add_argument("--decode-steps", type=int, default=DECODE_STEPS)
     p.add_argument("--overlap", choices=("on", "off"), default="on" if OVERLAP else "off")
+    p.add_argument("--cuda-graphs", choices=("on", "off"), default="on" if CUDA_GRAPHS else "off")
     p.add_argument("--decode-graphs", default="", help="prefix of the K-step graphs (decode_graph.write_graphs)")
     a = p.parse_args(argv)
     logs.configure(a.log_format, a.log_level)
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         graphs = decode_graph.read_graphs(a.decode_graphs)
     core = Core(model, max_active=a.max_active, max_queue=a.max_queue, max_queue_wait=a.max_queue_wait,
                 batching=a.batching == "on", prime_cache=a.prime_cache, decode_steps=a.decode_steps,
-                decode_graphs=graphs, overlap=a.overlap == "on")
+                decode_graphs=graphs, overlap=a.overlap == "on", cuda_graphs=a.cuda_graphs == "on")
     loop = CoreLoop(core, sock)
     loop.frontends[primary] = 0
     loop.primary = primary

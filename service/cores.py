@@ -36,7 +36,7 @@ import zmq
 
 from charrnn import modelfile as mf
 from charrnn.service import decode_graph, errors, protocol
-from charrnn.service.core import DECODE_STEPS, MAX_ACTIVE, MAX_QUEUE, OVERLAP, Core
+from charrnn.service.core import CUDA_GRAPHS, DECODE_STEPS, MAX_ACTIVE, MAX_QUEUE, OVERLAP, Core
 from charrnn.service.corerun import EXIT_FAILED, CoreLoop
 from charrnn.service.coreclient import CoreClient
 from charrnn.service.metrics import Metrics
@@ -127,7 +127,8 @@ class CoreHandle(abc.ABC):
 class ThreadCore(CoreHandle):
     def __init__(self, model: LoadedModel, *, metrics: Metrics, max_active: int = MAX_ACTIVE, max_queue: int = MAX_QUEUE,
                  max_queue_wait: float = 30.0, batching: bool = True, flush_interval: float = 0.05,
-                 prime_cache: int = 1024, decode_steps: int = DECODE_STEPS, overlap: bool = OVERLAP):
+                 prime_cache: int = 1024, decode_steps: int = DECODE_STEPS, overlap: bool = OVERLAP,
+                 cuda_graphs: bool = CUDA_GRAPHS):
         self.model = model
         self.name, self.label = model.name, model.label
         self.max_active = max_active
@@ -138,7 +139,8 @@ class ThreadCore(CoreHandle):
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.bind(address)
         self.core = Core(model, max_active=max_active, max_queue=max_queue, max_queue_wait=max_queue_wait,
-                         batching=batching, prime_cache=prime_cache, decode_steps=decode_steps, overlap=overlap)
+                         batching=batching, prime_cache=prime_cache, decode_steps=decode_steps, overlap=overlap,
+                         cuda_graphs=cuda_graphs)
         self._loop = CoreLoop(self.core, sock)
         self.client = CoreClient(model.label, model.name, model.metadata, ctx=self._ctx, address=address,
                                  metrics=metrics, max_active=max_active, max_queue=max_queue,
@@ -212,7 +214,8 @@ class ProcessCore(CoreHandle):
     def __init__(self, path: Path, name: str, version: int, *, device: str, threads: int, metrics: Metrics,
                  workdir: Path, max_active: int = MAX_ACTIVE, max_queue: int = MAX_QUEUE, max_queue_wait: float = 30.0,
                  batching: bool = True, flush_interval: float = 0.05, prime_cache: int = 1024,
-                 decode_steps: int = DECODE_STEPS, overlap: bool = OVERLAP, step_timeout: float = 30.0,
+                 decode_steps: int = DECODE_STEPS, overlap: bool = OVERLAP, cuda_graphs: bool = CUDA_GRAPHS,
+                 step_timeout: float = 30.0,
                  log_format: str = "text", log_level: str = "info"):
         self.path, self.name, self.version, self.device = Path(path), name, version, device
         self._decode_steps = decode_steps if batching and device in K_STEP_DEVICES else 1
@@ -226,7 +229,8 @@ class ProcessCore(CoreHandle):
                       "--max-queue-wait", str(max_queue_wait), "--batching", "on" if batching else "off",
                       "--prime-cache", str(prime_cache), "--log-format", log_format, "--log-level", log_level,
                       "--sampler-graphs", str(workdir),  # sampler.write_graphs wrote them there
-                      "--decode-steps", str(self._decode_steps), "--overlap", "on" if overlap else "off"]
+                      "--decode-steps", str(self._decode_steps), "--overlap", "on" if overlap else "off",
+                      "--cuda-graphs", "on" if cuda_graphs else "off"]
         self._graphs = Path(workdir) / f"decode-{next(_SERIAL)}"  # the K-step graphs' files, built at start
         self._ctx = zmq.Context.instance()
         self._proc: subprocess.Popen | None = None
@@ -352,7 +356,7 @@ def factory(where: str, *, device: str, threads: int, metrics: Metrics, workdir:
     """What makes the core of a model file, ``make(path, name, version)``: a ``ProcessCore`` (``where`` is
     "process", the server; its sampler graphs are in ``workdir``) or a ``ThreadCore`` ("thread": tests and
     tools). ``core_args``: max_active, max_queue, max_queue_wait, batching, flush_interval, prime_cache,
-    decode_steps, overlap."""
+    decode_steps, overlap, cuda_graphs."""
     if where == "process":
         def make(path: Path, name: str, version: int) -> CoreHandle:
             return ProcessCore(path, name, version, device=device, threads=threads, metrics=metrics, workdir=workdir,

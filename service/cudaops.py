@@ -48,6 +48,14 @@ class DeviceStateOps:
         providers = [CUDA_PROVIDER] if device == "cuda" else ["CPUExecutionProvider"]
         self._gather = ort.InferenceSession(graphs.gather_rows_model(), providers=providers)
         self._concat = ort.InferenceSession(graphs.concat_rows_model(), providers=providers)
+        self._copy = ort.InferenceSession(graphs.copy_state_model(), providers=providers)
+
+    def copy(self, source: ort.OrtValue, into: ort.OrtValue) -> None:
+        """Writes ``source`` into the buffer ``into`` (the same shape), on the device."""
+        b = self._copy.io_binding()
+        b.bind_ortvalue_input("x", source)
+        b.bind_ortvalue_output("y", into)
+        self._copy.run_with_iobinding(b)
 
     def gather(self, value: ort.OrtValue, rows: np.ndarray) -> ort.OrtValue:
         b = self._gather.io_binding()

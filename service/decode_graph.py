@@ -47,6 +47,7 @@ graph is the default.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +63,7 @@ from charrnn import modelfile as mf
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
+log = logging.getLogger("charrnn.service.decode_graph")
 LOGPROB_OUTPUTS = ("logprob", "top_logprobs", "top_ids")  # the controlled sampler's, per step
 STEPS_KEY = "charrnn.decode_steps"  # metadata: K
 
@@ -497,8 +499,8 @@ class DecodeGraph:
 
 class BoundDecode:
     """A plain K-step graph at one batch size, run with onnxruntime's I/O binding: the shape of a K-step call on
-    CUDA, ready for a device (bench/kstep.py times it; on the CPU provider it must give DecodeGraph.run's ids,
-    which tests/test_decode_graph.py checks).
+    CUDA (the engine's on the device path, BucketDecode; bench/kstep.py times it alone; on the CPU provider it
+    must give DecodeGraph.run's ids, which tests/test_decode_graph.py checks).
 
     - Every input and output is an OrtValue of its own on ``device``, made once. The host writes the small
       inputs in place (tokens [B, 1], temperature, top_k, top_p [B], u [B, K]) and reads back only the ids
@@ -506,28 +508,30 @@ class BoundDecode:
     - The state never leaves the device: two buffers of each state tensor, one read and the other written,
       swapped at every call (a call's state input and output must not share memory, onnxruntime #32243).
     - ``cuda_graph``: the session has ``enable_cuda_graph``, and each of the two layouts is a captured graph
-      of its own (run option ``gpu_graph_id`` 1 and 2: a state that alternates between two buffers needs one
-      graph per layout, onnxruntime-genai #2446). The first call of each layout captures it, the later ones
-      replay it. Whether the model's LSTM operator captures at all on the CUDA provider is what a device run
-      of bench.kstep says.
+      of its own (run option ``gpu_graph_id``, ``graph_ids``: a state that alternates between two buffers
+      needs one graph per layout, onnxruntime-genai #2446). The first call of each layout captures it, the
+      later ones replay it. Whether the model's LSTM operator captures at all on the CUDA provider is what a
+      device run of bench.kstep says.
+    - ``session``: one to share (BucketDecode runs one session per sampler path for every batch size, each
+      size its own graph ids); else one of its own.
     """
 
     def __init__(self, graph: DecodeGraph, batch: int, *, device: str = "cpu", cuda_graph: bool = False,
-                 filtered: bool = False):
+                 filtered: bool = False, session: ort.InferenceSession | None = None, graph_ids: tuple = (1, 2),
+                 ops=None):
         if graph.controlled:
             raise ValueError("BoundDecode runs the plain K-step graph (controlled=False)")
         if cuda_graph and device != "cuda":
             raise ValueError("cuda_graph needs device='cuda'")
-        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if cuda_graph else {})
-        self.session = ort.InferenceSession(graph.graph(filtered), session_options(graph.threads),
-                                            providers=[cuda, CPU_PROVIDER] if device == "cuda" else [CPU_PROVIDER])
+        self.session = session or bound_session(graph, filtered, device, cuda_graph)
         self.batch, self.steps, self.device = batch, graph.steps, device
+        self._ops = ops  # cudaops.DeviceStateOps: copies a state from elsewhere into the buffers (run_from)
         m = graph.metadata
         rows = np.zeros(batch)
         self._inputs = {name: self._value(array) for name, array in self._feeds(
             rows, rows, rows, rows, np.zeros((batch, graph.steps))).items()}
         state = np.zeros((m.layers, batch, m.hidden), np.float32)
-        self._state = [[self._value(state) for _ in graph.state_inputs] for _ in range(2)]
+        self._state = [tuple(self._value(state) for _ in graph.state_inputs) for _ in range(2)]
         self._ids = self._value(np.zeros((batch, graph.steps), np.int64))
         self._bindings, self._options = [], []
         for layout in range(2):
@@ -541,10 +545,11 @@ class BoundDecode:
             binding.bind_ortvalue_output("ids", self._ids)
             options = ort.RunOptions()
             if cuda_graph:
-                options.add_run_config_entry("gpu_graph_id", str(layout + 1))  # 0 is onnxruntime's own
+                options.add_run_config_entry("gpu_graph_id", str(graph_ids[layout]))  # 0 is onnxruntime's own
             self._bindings.append(binding)
             self._options.append(options)
         self._layout = 0  # the buffers that hold the state now
+        self.copies = 0  # states written into the buffers from elsewhere (run_from)
 
     def _value(self, array: np.ndarray) -> ort.OrtValue:
         """A buffer of its own on the device, holding a copy of ``array`` (on the CPU an OrtValue would share the
@@ -574,6 +579,123 @@ class BoundDecode:
         self.session.run_with_iobinding(self._bindings[self._layout], self._options[self._layout])
         self._layout = 1 - self._layout
         return np.array(self._ids.numpy())
+
+    def run_from(self, state: State, tokens: np.ndarray, temperature: np.ndarray, top_k: np.ndarray,
+                 top_p: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, State]:
+        """One call from ``state`` (OrtValues [L, B, H] on the device) -> (ids [B, K], the state after it: the
+        buffers now holding it, which the caller passes back to the next call). A state that is not those
+        buffers (rows joined, left or moved since: slots.py) is copied into them on the device first."""
+        held = self._state[self._layout]
+        if any(a is not b for a, b in zip(state, held)):
+            for source, into in zip(state, held):
+                self._ops.copy(source, into)
+            self.copies += 1
+        ids = self.run(tokens, temperature, top_k, top_p, u)
+        return ids, self._state[self._layout]
+
+
+def bound_session(graph: DecodeGraph, filtered: bool, device: str, cuda_graph: bool) -> ort.InferenceSession:
+    """A session of ``graph``'s plain K-step graph for bound calls on ``device`` (CUDA: with
+    ``enable_cuda_graph`` when ``cuda_graph``; onnxruntime refuses it when a compute node of the graph would
+    run on the CPU)."""
+    cuda = (CUDA_PROVIDER, {"enable_cuda_graph": "1"} if cuda_graph else {})
+    return ort.InferenceSession(graph.graph(filtered), session_options(graph.threads),
+                                providers=[cuda, CPU_PROVIDER] if device == "cuda" else [CPU_PROVIDER])
+
+
+class BucketDecode:
+    """The engine's plain K-step call on the device path (rows without controls): a BoundDecode per batch size
+    and sampler path, made at its first call, on one session per sampler path. The engine's extents there are
+    multiples of slots.BUCKET, so there are few sizes; the state stays in each size's buffers from call to call,
+    and is copied into them when the batch's rows changed (a join, an end, a compaction) or the size did.
+
+    ``cuda_graph`` (--cuda-graphs on, CUDA only): each size's two layouts are captured CUDA graphs (graph ids
+    2i + 1 and 2i + 2 for the i-th size of a session). Where onnxruntime refuses it (a session it cannot
+    capture, a capture that fails, or a trial at load whose captured ids differ from the uncaptured graph's),
+    the model runs without it and the log says why (``why_not``).
+    """
+
+    def __init__(self, graph: DecodeGraph, device: str, ops, cuda_graph: bool = False, label: str = ""):
+        self.graph, self.device, self._ops, self.label = graph, device, ops, label
+        self.cuda_graph = cuda_graph
+        self.why_not = ""  # why CUDA graphs were asked for and are off
+        self._sessions: dict[bool, ort.InferenceSession] = {}
+        self._bound: dict[tuple[int, bool], BoundDecode] = {}
+        self._taken = {False: 0, True: 0}  # graph ids taken in each session, two a batch size
+        try:
+            for filtered in (False, True):
+                self._sessions[filtered] = bound_session(graph, filtered, device, cuda_graph)
+            if cuda_graph:
+                self._trial()
+        except Exception as e:  # noqa: BLE001 - onnxruntime's refusal, whatever its type
+            self._without_cuda_graph(f"{type(e).__name__}: {e}")
+
+    def _without_cuda_graph(self, why: str) -> None:
+        if not self.cuda_graph:
+            raise RuntimeError(why)
+        log.warning("CUDA graphs off for %s: %s", self.label or "a model", why)
+        self.cuda_graph, self.why_not = False, why
+        self._bound.clear()
+        self._sessions = {f: bound_session(self.graph, f, self.device, False) for f in (False, True)}
+
+    def _trial(self) -> None:
+        """Three calls of a small batch captured (the first captures, the later replay) against the same calls
+        without capture: a capture that is wrong without failing (an operator that copies host arrays at each
+        call, say) shows here as different ids or state, before any stream depends on it."""
+        from charrnn.service.slots import BUCKET
+
+        rng = np.random.default_rng(0)
+        m = self.graph.metadata
+        state = tuple(rng.standard_normal((m.layers, BUCKET, m.hidden)).astype(np.float32)
+                      for _ in self.graph.state_inputs)
+        tokens = rng.integers(0, m.vocab_size, BUCKET)
+        ones, zeros = np.ones(BUCKET, np.float32), np.zeros(BUCKET, np.int64)
+        u = [rng.random((BUCKET, self.graph.steps)) for _ in range(3)]
+        answers = []
+        for session, cuda_graph in ((self._sessions[False], True), (bound_session(self.graph, False, self.device,
+                                                                                  False), False)):
+            runner = BoundDecode(self.graph, BUCKET, device=self.device, cuda_graph=cuda_graph, session=session,
+                                 graph_ids=(1, 2))
+            runner.set_state(state)
+            got = []
+            for call in u:  # each call's ids are the next call's last characters
+                got.append(runner.run(tokens if not got else got[-1][:, -1], ones, zeros, ones, call))
+            answers.append((got, runner.state()))
+        if not agree(*answers):
+            raise RuntimeError("a captured K-step call's ids or state differed from the uncaptured call's")
+        self._taken[False] = 1  # the trial took graph ids 1 and 2 of the plain session
+
+    def decode(self, tokens: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray,
+               top_p: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, State]:
+        """tokens [B, 1], state OrtValues [L, B, H], u [B, K] -> (ids [B, K], state after the call)."""
+        batch = len(tokens)
+        filtered = sampler_graphs.filtered(np.asarray(temperature), np.asarray(top_k), np.asarray(top_p),
+                                           self.graph.metadata.vocab_size)
+        try:
+            return self._runner(batch, filtered).run_from(state, tokens, temperature, top_k, top_p, u)
+        except Exception as e:  # noqa: BLE001 - a capture onnxruntime could not make
+            if not self.cuda_graph:
+                raise
+            self._without_cuda_graph(f"the call of {batch} rows failed under capture: {type(e).__name__}: {e}")
+            return self._runner(batch, filtered).run_from(state, tokens, temperature, top_k, top_p, u)
+
+    def _runner(self, batch: int, filtered: bool) -> BoundDecode:
+        runner = self._bound.get((batch, filtered))
+        if runner is None:
+            i = self._taken[filtered]
+            self._taken[filtered] = i + 1
+            runner = self._bound[(batch, filtered)] = BoundDecode(
+                self.graph, batch, device=self.device, cuda_graph=self.cuda_graph, filtered=filtered,
+                session=self._sessions[filtered], graph_ids=(2 * i + 1, 2 * i + 2), ops=self._ops)
+        return runner
+
+
+def agree(a: tuple[list, tuple], b: tuple[list, tuple]) -> bool:
+    """Whether two runs of the same calls ((ids of each call, final state)) gave the same ids and, within
+    float tolerance, the same state."""
+    (ids_a, state_a), (ids_b, state_b) = a, b
+    return (all(np.array_equal(x, y) for x, y in zip(ids_a, ids_b))
+            and all(np.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(state_a, state_b)))
 
 
 # The variants the engine runs (Decoder): rows without controls, and rows with bias, penalties,
@@ -609,10 +731,13 @@ def remove_graphs(prefix: str | Path) -> None:
 class Decoder:
     """The K-step decode of the engine (batch.py): the plain graph, or the controlled one (bias, penalties,
     log-probabilities and each row's regex automaton) when some row has a control; sessions made at once (no
-    first-call pause), on the model's device. On the device path (cudaops.py) a call is I/O-bound: the state
-    stays on the device and only ids (and log-probabilities, counts) come back."""
+    first-call pause), on the model's device. On the device path (cudaops.py) the state stays on the device and
+    only ids (and log-probabilities, counts) come back: the plain graph runs bound to fixed buffers per batch
+    size (BucketDecode; with ``cuda_graphs``, --cuda-graphs on, as captured CUDA graphs), the controlled one
+    bound at each call."""
 
-    def __init__(self, model, steps: int, threads: int = 0, prebuilt: dict[tuple[bool, bool], bytes] | None = None):
+    def __init__(self, model, steps: int, threads: int = 0, prebuilt: dict[tuple[bool, bool], bytes] | None = None,
+                 cuda_graphs: bool = False):
         prebuilt = prebuilt or {}
         self.steps = steps
         self.graphs = {
@@ -622,9 +747,19 @@ class Decoder:
                                               if (controlled, f) in prebuilt},
                                     providers=[CUDA_PROVIDER, CPU_PROVIDER] if model.device == "cuda" else None)
             for controlled in (False, True)}
-        for g in self.graphs.values():
-            for filtered in (False, True):
-                g.session(filtered)
+        self.bucketed = None  # the device path's plain calls
+        if model.device_path:
+            self.bucketed = BucketDecode(self.graphs[False], model.device, model.state_ops,
+                                         cuda_graphs and model.device == "cuda", model.label)
+        for controlled, g in self.graphs.items():
+            if controlled or self.bucketed is None:
+                for filtered in (False, True):
+                    g.session(filtered)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the plain calls run as captured CUDA graphs."""
+        return self.bucketed is not None and self.bucketed.cuda_graph
 
     def decode(self, tokens: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray,
                top_p: np.ndarray, u: np.ndarray, controls: SamplerInputs | None,
@@ -632,5 +767,8 @@ class Decoder:
         """tokens int64 [B, 1], u [B, K] -> (Decoded: ids [B, K] and, with controls, log-probabilities; state).
         With controls, ``automaton``: the regex table and each row's state in it (the bias then leaves the
         regex's mask out: the graph adds it at each step)."""
+        if controls is None and self.bucketed is not None:
+            ids, state = self.bucketed.decode(tokens, state, temperature, top_k, top_p, u)
+            return Decoded(ids=ids), state
         return self.graphs[controls is not None].decode(tokens, state, temperature, top_k, top_p, u, controls,
                                                         automaton)

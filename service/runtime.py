@@ -143,6 +143,11 @@ class LoadedModel:
     def label(self) -> str:
         return f"{self.name}@{self.version}"
 
+    @property
+    def state_ops(self) -> "cudaops.DeviceStateOps | None":
+        """The device path's state operations (gather, join, copy on the device); None on the CPU's path."""
+        return self._ops
+
     def zero_state(self, batch: int) -> State:
         """The state of ``batch`` streams that have read nothing yet."""
         m = self.metadata
@@ -176,14 +181,15 @@ class LoadedModel:
             return self.sampler.sample(logits, temperature, top_k, top_p, u, controls), state
         return self._ops.decode(self, tokens, state, (temperature, top_k, top_p, u), controls)
 
-    def k_step_decoder(self, steps: int, prebuilt: dict | None = None):
+    def k_step_decoder(self, steps: int, prebuilt: dict | None = None, cuda_graphs: bool = False):
         """The fused K-step decode of this model (decode_graph.Decoder), or None on a device outside
-        K_STEP_DEVICES (CUDA: the engine takes single steps there)."""
+        K_STEP_DEVICES; ``cuda_graphs``: its plain calls as captured CUDA graphs (on CUDA; ignored elsewhere)."""
         if self.device not in K_STEP_DEVICES:
             return None
         from charrnn.service.decode_graph import Decoder
 
-        return Decoder(self, steps, self.session.get_session_options().intra_op_num_threads, prebuilt)
+        return Decoder(self, steps, self.session.get_session_options().intra_op_num_threads, prebuilt,
+                       cuda_graphs=cuda_graphs)
 
     def sample(self, logits: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
                u: np.ndarray, controls: SamplerInputs | None = None) -> Picked:

@@ -92,7 +92,7 @@ class Server:
                 "process", device=device, threads=c.threads, metrics=self.metrics, workdir=self._workdir,
                 max_active=c.max_active_streams, max_queue=c.max_queue, max_queue_wait=c.max_queue_wait,
                 batching=c.batching, flush_interval=c.flush_interval, decode_steps=c.decode_steps,
-                overlap=c.overlap, step_timeout=c.step_timeout,
+                overlap=c.overlap, cuda_graphs=c.cuda_graphs, step_timeout=c.step_timeout,
                 log_format=c.log_format, log_level=c.log_level,
             ),
             metrics=self.metrics,

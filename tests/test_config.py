@@ -53,7 +53,7 @@ VALUES = {
     "tls_key": "k.pem", "tls_client_ca": "ca.pem", "log_format": "json", "log_level": "debug",
     "max_message_bytes": "65536", "frontends": "3", "max_n": "4", "max_regex_states": "50", "max_score_chars": "500", "step_timeout": "5", "engine_restart_backoff": "0.2", "engine_max_backoff": "4",
     "engine_max_failures": "2", "engine_failure_window": "10", "http_port": "8080",
-    "decode_steps": "4", "overlap": "on",
+    "decode_steps": "4", "overlap": "on", "cuda_graphs": "on",
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from charrnn.exporter.export import export_model
@@ -260,3 +261,46 @@ def test_the_io_bound_call_refuses_what_it_does_not_run(models):
         BoundDecode(fused(models["lstm"], 2), 4, cuda_graph=True)
     with pytest.raises(ValueError, match="plain K-step graph"):
         BoundDecode(fused(models["lstm"], 2, controlled=True), 4)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data(), st.sampled_from(sorted(CELLS)), st.sampled_from([1, 4]))
+def test_the_bucketed_call_follows_the_state_through_joins_sizes_and_sampler_paths(models, data, cell, steps):
+    """BucketDecode (the engine's plain K-step call on the device path) on the CPU provider: calls at two batch
+    sizes and both sampler paths, where between some calls the state is replaced as a join or a compaction
+    replaces it; each call's ids and state against DecodeGraph.run on host arrays, and the state copied into
+    a size's buffers exactly when it did not come from them."""
+    from charrnn.service.cudaops import DeviceStateOps
+    from charrnn.service.decode_graph import BucketDecode
+
+    graph = fused(models[cell], steps)
+    bucketed = BucketDecode(graph, "cpu", DeviceStateOps("cpu"))
+    host = lambda state: tuple(np.array(v.numpy()) for v in state)
+    device = lambda state: tuple(ort.OrtValue.ortvalue_from_numpy(a.copy(), "cpu", 0) for a in state)
+    r, held, copies, last = None, None, 0, (None, None)  # last: (the size and path of the last call, its state)
+    for call in range(data.draw(st.integers(2, 8), label="calls")):
+        batch = data.draw(st.sampled_from([3, 5]), label="batch")
+        if r is None or batch != len(r["ids"]) or data.draw(st.booleans(), label="replaced"):
+            r = rows(data, batch)  # a new membership: state and rows from elsewhere
+            held = device(start(loaded(models[cell]), r, batch))
+        u = draws(r, steps)
+        want, want_state = graph.run(r["ids"], host(held), r["temperature"], r["top_k"], r["top_p"], u)
+        key = (batch, filtered(r["temperature"], r["top_k"], r["top_p"], V))
+        copies += (key, held) != last or key not in bucketed._bound
+        got, held = bucketed.decode(r["ids"][:, None], held, r["temperature"], r["top_k"], r["top_p"], u)
+        assert np.array_equal(got, want), f"call {call}"
+        assert_same_state(host(held), want_state)
+        assert sum(b.copies for b in bucketed._bound.values()) == copies
+        last = (key, held)
+        r["ids"], r["positions"] = want[:, -1], r["positions"] + steps
+
+
+def test_a_captured_trial_that_disagrees_is_told_apart(models):
+    """agree: what the CUDA-graph trial at load compares (a capture that is wrong without failing)."""
+    from charrnn.service.decode_graph import agree
+
+    ids = [np.arange(6).reshape(2, 3), np.arange(6).reshape(2, 3) + 1]
+    state = (np.ones((1, 2, 4), np.float32),)
+    assert agree((ids, state), ([i.copy() for i in ids], (state[0] + 1e-7,)))
+    assert not agree((ids, state), ([ids[0], ids[1] * 0], state))
+    assert not agree((ids, state), (ids, (state[0] + 0.1,)))

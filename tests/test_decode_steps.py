@@ -2,8 +2,8 @@
 advances, nor on whether the host's work overlaps the calls.
 
 Through real sockets: two long-lived servers, --decode-steps 5 with --overlap on and --decode-steps 3 with
---overlap off (odd, so that calls end inside requests, stop sequences and lengths), get hypothesis-drawn target
-requests, each sent among a background of concurrent streams with other controls (regexes, bias, penalties,
+--overlap off (odd, so that calls end inside requests, stop sequences and lengths; --cuda-graphs on, which the
+CPU ignores), get hypothesis-drawn target requests, each sent among a background of concurrent streams with other controls (regexes, bias, penalties,
 log-probabilities, stops, n > 1, cancels); the oracle is a server with --decode-steps 1, each target sent alone.
 Text, finish reason, stop sequence and log-probabilities must agree. In process, a core for every K from 1 to 12,
 with and without overlap, against K = 1, the same way.
@@ -39,7 +39,7 @@ BACKGROUND = (
 def servers(model_repo, no_torch_env):
     with ServeProcess(model_repo, "--decode-steps", str(K), "--overlap", "on", "--max-n", "4",
                       env=no_torch_env) as many, \
-            ServeProcess(model_repo, "--decode-steps", "3", "--overlap", "off", "--max-n", "4",
+            ServeProcess(model_repo, "--decode-steps", "3", "--overlap", "off", "--cuda-graphs", "on", "--max-n", "4",
                          env=no_torch_env) as apart, \
             ServeProcess(model_repo, "--decode-steps", "1", "--max-n", "4", env=no_torch_env) as one:
         with GeneratorClient(many.target) as overlapped, GeneratorClient(apart.target) as in_turn, \

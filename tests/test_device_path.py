@@ -78,3 +78,18 @@ def test_the_device_path_keeps_its_state_in_ortvalues_and_takes_cudas_batch_poli
     assert batch.held == 1 and Batch(cpu, 4, outbox=Outbox(), stats=CoreStats()).held == 0
     batch.slots.place(np.array([3]), device.zero_state(1))
     assert batch.slots.extent == BUCKET
+
+
+def test_the_device_paths_plain_calls_run_bound_per_batch_size(models):
+    """The plain K-step calls take BucketDecode on the device path (the CPU's path calls the graph as it is);
+    CUDA graphs, asked for on the CPU, stay off."""
+    cpu, device = models
+    assert cpu.k_step_decoder(4).bucketed is None
+    decoder = device.k_step_decoder(4, cuda_graphs=True)
+    assert decoder.bucketed is not None and decoder.cuda_graphs is False
+    state = device.zero_state(3)
+    ids, after = decoder.decode(np.zeros((3, 1), np.int64), state, np.ones(3), np.zeros(3), np.ones(3),
+                                np.full((3, 4), 0.5), None)
+    assert ids.ids.shape == (3, 4) and decoder.bucketed._bound[(3, False)].copies == 1
+    decoder.decode(ids.ids[:, -1:], after, np.ones(3), np.zeros(3), np.ones(3), np.full((3, 4), 0.5), None)
+    assert decoder.bucketed._bound[(3, False)].copies == 1  # the state it left is where the next call reads
