@@ -9,7 +9,11 @@ onnxruntime with the CUDA provider. For each batch size it reports:
   kept on the device: the ceiling of the engine on this card;
 - ``engine_cuda``: N concurrent streams through the real engine (no gRPC; the
   engine is what the server runs), aggregate characters per second and the
-  time to the first character;
+  time to the first character, at the server's default --decode-steps (8);
+  ``engine_cuda_k1`` the same at --decode-steps 1 (one character a call), and
+  ``engine_cuda_graphs`` at the default with --cuda-graphs on (the plain K-step
+  calls captured, decode_graph.BucketDecode; ``cuda_graphs_on`` says whether
+  they stayed on, and ``cuda_graphs_why_not`` why not);
 - ``torch_eager``: a PyTorch sampling loop over the same batch on the GPU (what
   char-rnn-style scripts do, batched);
 - ``ort_cpu_step``: the same raw step on this machine's CPU cores;
@@ -39,6 +43,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from charrnn.service.core import DECODE_STEPS
 
 VOCAB = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # tiny-shakespeare's 65
 
@@ -168,11 +174,14 @@ async def seeded_isolation(model, targets: int, total: int, chars: int) -> dict:
     return {"targets": targets, "batch": total, "chars": chars, "differ": differ}
 
 
-async def engine_run(model, streams: int, chars: int) -> dict:
+async def engine_run(model, streams: int, chars: int, decode_steps: int = DECODE_STEPS,
+                     cuda_graphs: bool = False) -> dict:
     from charrnn.service.cores import ThreadCore
     from charrnn.service.metrics import Metrics
 
-    engine = ThreadCore(model, metrics=Metrics(), max_active=streams, max_queue=streams)
+    engine = ThreadCore(model, metrics=Metrics(), max_active=streams, max_queue=streams, decode_steps=decode_steps,
+                        cuda_graphs=cuda_graphs)
+    decoder = engine.core.scheduler.batch.decoder
     engine.start()
     start = time.perf_counter()
     results = await asyncio.gather(*(read_stream(engine, i, PRIMES[i % 4], chars) for i in range(streams)))
@@ -182,6 +191,8 @@ async def engine_run(model, streams: int, chars: int) -> dict:
     ttfc = sorted(r[0] for r in results)
     return {
         "streams": streams,
+        **({"cuda_graphs_on": decoder.cuda_graphs, "cuda_graphs_why_not": decoder.bucketed.why_not}
+           if cuda_graphs and decoder is not None and decoder.bucketed is not None else {}),
         "chars_per_sec": sum(r[1] for r in results) / wall,
         "ttfc_p50_ms": 1000 * statistics.median(ttfc),
         "ttfc_p99_ms": 1000 * ttfc[min(len(ttfc) - 1, int(0.99 * len(ttfc)))],
@@ -269,6 +280,10 @@ def main() -> int:
                 row["ort_cuda_step_chars_per_sec"] = b * time_steps(gpu, b, seconds)
                 row.update({f"engine_cuda_{k}": v for k, v in asyncio.run(engine_run(gpu, b, chars)).items()
                             if k != "streams"})
+                row.update({f"engine_cuda_k1_{k}": v for k, v in asyncio.run(engine_run(gpu, b, chars, 1)).items()
+                            if k != "streams"})
+                row.update({f"engine_cuda_graphs_{k}": v for k, v in asyncio.run(
+                    engine_run(gpu, b, chars, cuda_graphs=True)).items() if k != "streams"})
             try:
                 if args.dry_run:
                     raise RuntimeError("not in a dry run (CUDA only)")
@@ -280,7 +295,8 @@ def main() -> int:
     report["rows"] = rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    cols = ["batch", "ort_cuda_step_chars_per_sec", "engine_cuda_chars_per_sec", "engine_cuda_ttfc_p99_ms",
+    cols = ["batch", "ort_cuda_step_chars_per_sec", "engine_cuda_k1_chars_per_sec", "engine_cuda_chars_per_sec",
+            "engine_cuda_graphs_chars_per_sec", "engine_cuda_graphs_cuda_graphs_on", "engine_cuda_ttfc_p99_ms",
             "torch_eager_cuda_chars_per_sec", "ort_cpu_step_chars_per_sec"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

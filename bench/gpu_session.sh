@@ -19,7 +19,8 @@
 #                    at 1024 and 4096 rows, seeded isolation among 4,096 streams, the card's name;
 #                    kstep.md: the K-step decode graph alone against K single steps (bench/kstep.py),
 #                    with host inputs and outputs, with I/O binding (the state kept on the card), and with
-#                    CUDA graphs on top (a variant that does not capture says why in the table)
+#                    CUDA graphs on top (a variant that does not capture says why in the table);
+#                    serving-cuda-graphs/: the end-to-end table again with --cuda-graphs on
 #
 #   ddp/             (ddp mode) training_ddp_cuda.md, .json: the trainer's characters per second at 1, 2, 4, ...
 #                    ranks, one per GPU (bench/training_ddp.py; one GPU gives the 1-rank point alone);
@@ -120,12 +121,16 @@ if [ "$MODE" = serving ]; then
   python3 -m bench.serving --device "$DEVICE" --concurrency "${CONCURRENCY:-1,64,1024,4096}" \
     --duration "${DURATION:-8}" --client-processes 8 --baseline-rev '' --no-naive --out "$OUT/serving" \
     || echo "bench.serving failed"
-  # The K-step decode graph alone against K single steps of the device path (the engine's CUDA path takes
-  # single steps today: this says what a K-step call would buy there, and whether its I/O binding and CUDA
-  # graphs work on this card: decode_graph.BoundDecode).
+  # The K-step decode graph alone against K single steps of the device path: what a K-step call buys before
+  # any host work, and whether its I/O binding and CUDA graphs work on this card (decode_graph.BoundDecode;
+  # the LSTM operator, and the lowered cell where it does not capture).
   KSTEP_BATCH=$([ "$DEVICE" = cpu ] && echo 1,8 || echo 1,64,1024,4096)
   python3 -m bench.kstep --device "$DEVICE" --threads 0 --batch "$KSTEP_BATCH" --steps 1,8,16 --no-loop --lowered \
     --out "$OUT/serving/kstep.md" || echo "bench.kstep failed"
+  # End to end again with --cuda-graphs on (the engine's plain K-step calls captured; ignored on the CPU).
+  python3 -m bench.serving --device "$DEVICE" --concurrency "${CONCURRENCY:-1,64,1024,4096}" \
+    --duration "${DURATION:-8}" --client-processes 8 --baseline-rev '' --no-naive --server-args "--cuda-graphs on" \
+    --out "$OUT/serving-cuda-graphs" || echo "bench.serving --cuda-graphs on failed"
   exit 0
 fi
 
