@@ -45,7 +45,7 @@ from charrnn.service.prefill import Prefill
 from charrnn.service.primecache import PrimeCache
 from charrnn.service.requests import Controls
 from charrnn.service.runtime import LoadedModel, State
-from charrnn.service.slots import Slots
+from charrnn.service.slots import Slots, extents
 
 # How a stream ends, in order of precedence: when several hold at one step, the first names the end
 # (_end_kinds decides, _end applies). (code, reason) of each.
@@ -199,6 +199,18 @@ class Batch:
     @property
     def busy(self) -> bool:
         return self.prefill.busy or self.slots.used > 0
+
+    def prepare(self) -> None:
+        """Before the first call, on this thread: the K-step decode's CUDA graphs captured for every extent
+        (decode_graph.BucketDecode.prepare) by the thread that will make the calls (the caller thread with
+        --overlap), since onnxruntime keeps a graph in its capturing thread's context."""
+        if self.decoder is None or getattr(self.decoder, "bucketed", None) is None:
+            return
+        prepare = lambda: self.decoder.bucketed.prepare(extents(self.slots.capacity))
+        if self._caller is not None:
+            self._caller.submit(prepare).result()
+        else:
+            prepare()
 
     @property
     def free(self) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
@@ -76,6 +77,9 @@ class BatchScheduler:
 
     def work(self, joining: bool, flush=None) -> None:
         self.batch.work(joining, flush)
+
+    def prepare(self) -> None:
+        self.batch.prepare()
 
     def end_all(self, code: str, reason: str, message: str, now: float) -> None:
         self.batch.end_all(code, reason, message, now)
@@ -177,9 +181,7 @@ class Core:
         decoder = None
         if decode_steps > 1 and batching:
             decoder = model.k_step_decoder(decode_steps, decode_graphs, cuda_graphs)
-            if decoder is not None and model.device == "cuda":
-                log.info("%s: K-step decode, K=%d, CUDA graphs %s", model.label, decoder.steps,
-                         "on" if decoder.cuda_graphs else f"off ({decoder.bucketed.why_not or '--cuda-graphs off'})")
+        self.decoder = decoder  # decode_graph.Decoder (or a stand-in's), None: one character a call
         self.decode_steps = decoder.steps if decoder is not None else 1
         if batching:
             self.scheduler = BatchScheduler(model, max_active, self.outbox, self.stats, self.prime_cache, decoder,
@@ -264,6 +266,20 @@ class Core:
                                            first=now, last=now))
 
     # ---- one round ----
+
+    def prepare(self) -> None:
+        """Before the first round, on the thread that runs the rounds: on CUDA with --cuda-graphs on, the K-step
+        calls' trial and every batch size captured (decode_graph.BucketDecode.prepare), and the log says which
+        way the K-step decode runs."""
+        decoder = self.decoder
+        if decoder is None:
+            return
+        started = time.monotonic()
+        self.scheduler.prepare()
+        if self.model.device == "cuda":
+            why = decoder.bucketed.why_not or "--cuda-graphs off"
+            log.info("%s: K-step decode, K=%d, CUDA graphs %s (%.2f s)", self.label, decoder.steps,
+                     "on" if decoder.cuda_graphs else f"off: {why}", time.monotonic() - started)
 
     @property
     def busy(self) -> bool:

@@ -100,6 +100,7 @@ class CoreLoop:
     def _rounds(self) -> int:
         core = self.core
         try:
+            core.prepare()  # on this thread, before any stream's step
             while True:
                 if core.busy:
                     timeout = 0 if core.scheduler.busy else QUEUE_POLL_MS

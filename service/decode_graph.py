@@ -610,9 +610,12 @@ class BucketDecode:
     and is copied into them when the batch's rows changed (a join, an end, a compaction) or the size did.
 
     ``cuda_graph`` (--cuda-graphs on, CUDA only): each size's two layouts are captured CUDA graphs (graph ids
-    2i + 1 and 2i + 2 for the i-th size of a session). Where onnxruntime refuses it (a session it cannot
-    capture, a capture that fails, or a trial at load whose captured ids differ from the uncaptured graph's),
-    the model runs without it and the log says why (``why_not``).
+    2i + 1 and 2i + 2 for the i-th size of a session). onnxruntime keeps a captured graph in the context of the
+    thread that ran the capture, and a capture fails if another thread makes a CUDA call meanwhile, so
+    ``prepare`` runs a trial and captures every batch size, on the thread that will make the calls, before
+    any stream's call (Batch.prepare). Where onnxruntime refuses it (a session it cannot capture, a capture
+    that fails, or a trial whose captured ids differ from the uncaptured graph's), the model runs without it
+    and the log says why (``why_not``).
     """
 
     def __init__(self, graph: DecodeGraph, device: str, ops, cuda_graph: bool = False, label: str = ""):
@@ -625,8 +628,17 @@ class BucketDecode:
         try:
             for filtered in (False, True):
                 self._sessions[filtered] = bound_session(graph, filtered, device, cuda_graph)
-            if cuda_graph:
-                self._trial()
+        except Exception as e:  # noqa: BLE001 - onnxruntime's refusal, whatever its type
+            self._without_cuda_graph(f"{type(e).__name__}: {e}")
+
+    def prepare(self, sizes: list[int]) -> None:
+        """With CUDA graphs: the trial, then every batch size of ``sizes`` captured (``warm``), on this thread:
+        the one that makes the calls. Without: nothing (a size's runner is made at its first call)."""
+        if not self.cuda_graph:
+            return
+        try:
+            self._trial()
+            self.warm(sizes)
         except Exception as e:  # noqa: BLE001 - onnxruntime's refusal, whatever its type
             self._without_cuda_graph(f"{type(e).__name__}: {e}")
 
@@ -639,9 +651,10 @@ class BucketDecode:
         self._sessions = {f: bound_session(self.graph, f, self.device, False) for f in (False, True)}
 
     def _trial(self) -> None:
-        """Three calls of a small batch captured (the first captures, the later replay) against the same calls
-        without capture: a capture that is wrong without failing (an operator that copies host arrays at each
-        call, say) shows here as different ids or state, before any stream depends on it."""
+        """Eight calls of a small batch captured (onnxruntime captures a graph id at its third run, and each of
+        the two layouts is then replayed with new inputs) against the same calls without capture: a capture
+        that is wrong without failing (an operator that copies host arrays at each call, say) shows here as
+        different ids or state, before any stream depends on it."""
         from charrnn.service.slots import BUCKET
 
         rng = np.random.default_rng(0)
@@ -650,7 +663,7 @@ class BucketDecode:
                       for _ in self.graph.state_inputs)
         tokens = rng.integers(0, m.vocab_size, BUCKET)
         ones, zeros = np.ones(BUCKET, np.float32), np.zeros(BUCKET, np.int64)
-        u = [rng.random((BUCKET, self.graph.steps)) for _ in range(3)]
+        u = [rng.random((BUCKET, self.graph.steps)) for _ in range(8)]
         answers = []
         for session, cuda_graph in ((self._sessions[False], True), (bound_session(self.graph, False, self.device,
                                                                                   False), False)):
@@ -664,6 +677,24 @@ class BucketDecode:
         if not agree(*answers):
             raise RuntimeError("a captured K-step call's ids or state differed from the uncaptured call's")
         self._taken[False] = 1  # the trial took graph ids 1 and 2 of the plain session
+
+    def warm(self, sizes: list[int]) -> None:
+        """Makes the runners of these batch sizes, both sampler paths, and runs each layout three times (with
+        CUDA graphs: onnxruntime captures a graph id at its third run), so that no stream's call pays
+        for a capture. What the calls write is overwritten: a stream's state is copied in before its call."""
+        for batch in sizes:
+            rows = np.ones(batch, np.float32)
+            state = self._ops_state(batch)
+            for filtered in (False, True):
+                top_k = np.full(batch, 1 if filtered else 0, np.int64)
+                for _ in range(6):
+                    _, state = self.decode(np.zeros((batch, 1), np.int64), state, rows, top_k, rows,
+                                           np.full((batch, self.graph.steps), 0.5, np.float32))
+
+    def _ops_state(self, batch: int) -> State:
+        m = self.graph.metadata
+        zeros = np.zeros((m.layers, batch, m.hidden), np.float32)
+        return tuple(ort.OrtValue.ortvalue_from_numpy(zeros.copy(), self.device, 0) for _ in self.graph.state_inputs)
 
     def decode(self, tokens: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray,
                top_p: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, State]:

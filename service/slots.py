@@ -25,6 +25,11 @@ from charrnn.service.runtime import LoadedModel, State
 BUCKET = 64  # CUDA extents are multiples of this (fewer shapes, room to join without moving state)
 
 
+def extents(capacity: int) -> list[int]:
+    """Every extent the device path's batch can have with ``capacity`` slots (Slots._round)."""
+    return sorted({min(capacity, k * BUCKET) for k in range(1, -(-capacity // BUCKET) + 1)})
+
+
 class Slots:
     # name -> dtype of each per-slot array (reset when a slot is taken)
     FIELDS = {

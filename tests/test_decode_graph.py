@@ -304,3 +304,32 @@ def test_a_captured_trial_that_disagrees_is_told_apart(models):
     assert agree((ids, state), ([i.copy() for i in ids], (state[0] + 1e-7,)))
     assert not agree((ids, state), ([ids[0], ids[1] * 0], state))
     assert not agree((ids, state), (ids, (state[0] + 0.1,)))
+
+
+def test_cuda_graphs_refused_leave_the_bucketed_call_running_without_them(models, caplog):
+    """Asked for where they cannot be had (here the CPU provider, which BoundDecode refuses them on; on a GPU,
+    a session onnxruntime will not capture or a trial that disagrees), CUDA graphs turn off with the reason in
+    the log, and the calls go on, warmed sizes included, giving the graph's ids."""
+    import logging
+
+    from charrnn.service.cudaops import DeviceStateOps
+    from charrnn.service.decode_graph import BucketDecode
+    from charrnn.service.slots import extents
+
+    graph = fused(models["gru"], 3)
+    bucketed = BucketDecode(graph, "cpu", DeviceStateOps("cpu"), cuda_graph=True, label="gru@1")
+    with caplog.at_level(logging.WARNING, logger="charrnn.service.decode_graph"):
+        bucketed.prepare(extents(5))  # the trial, on the thread that will make the calls
+    assert bucketed.cuda_graph is False and "cuda_graph needs device='cuda'" in bucketed.why_not
+    assert "CUDA graphs off for gru@1: ValueError: cuda_graph needs device='cuda'" in caplog.text
+    assert extents(130) == [64, 128, 130] and extents(64) == [64] and extents(5) == [5]
+    bucketed.warm(extents(5))
+    assert sorted(bucketed._bound) == [(5, False), (5, True)]
+    rng = np.random.default_rng(3)
+    state = tuple(rng.standard_normal((1, 5, 16)).astype(np.float32) for _ in graph.state_inputs)
+    args = (np.arange(5, dtype=np.int64), np.full(5, 0.9, np.float32), np.zeros(5, np.int64),
+            np.ones(5, np.float32), rng.random((5, 3)).astype(np.float32))
+    want, _ = graph.run(args[0], state, *args[1:])
+    got, _ = bucketed.decode(args[0][:, None], tuple(ort.OrtValue.ortvalue_from_numpy(a, "cpu", 0) for a in state),
+                             *args[1:])
+    assert np.array_equal(got, want)
