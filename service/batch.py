@@ -203,14 +203,19 @@ class Batch:
     def prepare(self) -> None:
         """Before the first call, on this thread: the K-step decode's CUDA graphs captured for every extent
         (decode_graph.BucketDecode.prepare) by the thread that will make the calls (the caller thread with
-        --overlap), since onnxruntime keeps a graph in its capturing thread's context."""
-        if self.decoder is None or getattr(self.decoder, "bucketed", None) is None:
+        --overlap), since onnxruntime keeps a graph in its capturing thread's context. With them, the extents
+        are the captured sizes only (slots.py)."""
+        bucketed = getattr(self.decoder, "bucketed", None)
+        if bucketed is None or not bucketed.cuda_graph:
             return
-        prepare = lambda: self.decoder.bucketed.prepare(extents(self.slots.capacity))
+        sizes = extents(self.slots.capacity, doubling=True)
+        prepare = lambda: bucketed.prepare(sizes)
         if self._caller is not None:
             self._caller.submit(prepare).result()
         else:
             prepare()
+        if bucketed.cuda_graph:
+            self.slots.sizes = sizes
 
     @property
     def free(self) -> int:

@@ -676,6 +676,9 @@ class BucketDecode:
             answers.append((got, runner.state()))
         if not agree(*answers):
             raise RuntimeError("a captured K-step call's ids or state differed from the uncaptured call's")
+        release = getattr(self._sessions[False], "release_captured_graph", None)  # onnxruntime >= 1.2x
+        for graph_id in (1, 2) if release is not None else ():
+            release(graph_id)  # the trial's buffers go; its ids are not used again
         self._taken[False] = 1  # the trial took graph ids 1 and 2 of the plain session
 
     def warm(self, sizes: list[int]) -> None:

@@ -8,7 +8,10 @@ grows when a slot past it is taken and shrinks by compaction, which moves the
 highest rows into the lowest holes: on the CPU as soon as holes are left after
 the joins of a round (a hole costs a whole row of compute every step), on CUDA
 once they are a quarter of the extent (a row costs little there, a move a kernel
-launch), with the extent rounded up to a multiple of ``BUCKET``.
+launch), with the extent rounded up to a multiple of ``BUCKET``; with CUDA graphs
+(--cuda-graphs on), to one of the captured sizes, ``BUCKET`` doubled until the
+capacity (``sizes``: each size holds buffers and graphs of its own on the card,
+so there are few of them, and a padded row costs little there).
 
 Per-slot arrays are indexed by slot; ``State`` is the model's ``(h,)`` or
 ``(h, c)``, each [layers, extent, hidden].
@@ -25,8 +28,15 @@ from charrnn.service.runtime import LoadedModel, State
 BUCKET = 64  # CUDA extents are multiples of this (fewer shapes, room to join without moving state)
 
 
-def extents(capacity: int) -> list[int]:
-    """Every extent the device path's batch can have with ``capacity`` slots (Slots._round)."""
+def extents(capacity: int, doubling: bool = False) -> list[int]:
+    """Every extent the device path's batch can have with ``capacity`` slots (Slots._round): the multiples of
+    BUCKET, or with ``doubling`` BUCKET, 2 BUCKET, 4 BUCKET, ...; the capacity itself the largest."""
+    if doubling:
+        sizes, size = [], BUCKET
+        while size < capacity:
+            sizes.append(size)
+            size *= 2
+        return sizes + [capacity]
     return sorted({min(capacity, k * BUCKET) for k in range(1, -(-capacity // BUCKET) + 1)})
 
 
@@ -65,6 +75,7 @@ class Slots:
         self.extent = 0
         self.state: State | None = None
         self.on_device = model.device_path  # CUDA's extents (and the device path's dry run on the CPU)
+        self.sizes: list[int] | None = None  # the extents allowed, when only some are (CUDA graphs: Batch.prepare)
 
     # ---- taking and freeing ----
 
@@ -110,6 +121,8 @@ class Slots:
         self.state = self.model.place(self.state, slots, state)
 
     def _round(self, extent: int) -> int:
+        if self.sizes is not None:
+            return next(size for size in self.sizes if size >= extent)
         return min(self.capacity, -(-extent // BUCKET) * BUCKET) if self.on_device else extent
 
     def _resize(self, extent: int) -> None:

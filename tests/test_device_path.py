@@ -93,3 +93,36 @@ def test_the_device_paths_plain_calls_run_bound_per_batch_size(models):
     assert ids.ids.shape == (3, 4) and decoder.bucketed._bound[(3, False)].copies == 1
     decoder.decode(ids.ids[:, -1:], after, np.ones(3), np.zeros(3), np.ones(3), np.full((3, 4), 0.5), None)
     assert decoder.bucketed._bound[(3, False)].copies == 1  # the state it left is where the next call reads
+
+
+def test_with_cuda_graphs_the_extents_are_the_captured_sizes_and_rows_keep_their_state(models):
+    """Slots.sizes (set by Batch.prepare when CUDA graphs stay on): every extent is one of the doubling sizes,
+    growing and compacting; the rows moved keep their state."""
+    from charrnn.service.slots import BUCKET, Slots, extents
+
+    _, device = models
+    assert extents(300, doubling=True) == [BUCKET, 2 * BUCKET, 4 * BUCKET, 300]
+    assert extents(BUCKET, doubling=True) == [BUCKET] and extents(40, doubling=True) == [40]
+    assert extents(300) == [64, 128, 192, 256, 300]
+    s = Slots(device, 300)
+    s.sizes = extents(300, doubling=True)
+    taken = s.allocate(200)
+    m = device.metadata
+    rows = np.random.default_rng(0).standard_normal((m.layers, 200, m.hidden)).astype(np.float32)
+    s.place(taken[:70], device.concat([_rows(device, rows[:, :70])]))
+    assert s.extent == 128
+    s.place(taken[70:], device.concat([_rows(device, rows[:, 70:])]))
+    assert s.extent == 256
+    s.active[taken] = True
+    s.free(taken[:150])  # 50 rows left, at slots 150..199
+    moved = s.compact()
+    assert s.extent == BUCKET and sorted(moved[1]) == list(range(50))
+    got = np.array(s.state[0].numpy())[:, :50]
+    assert s.state[0].shape() == [m.layers, BUCKET, m.hidden]
+    np.testing.assert_array_equal(got, rows[:, 150:])
+
+
+def _rows(model, array: np.ndarray):
+    import onnxruntime as ort
+
+    return tuple(ort.OrtValue.ortvalue_from_numpy(array.copy(), "cpu", 0) for _ in model.state_inputs)
