@@ -182,6 +182,7 @@ class Core:
         if decode_steps > 1 and batching:
             decoder = model.k_step_decoder(decode_steps, decode_graphs, cuda_graphs)
         self.decoder = decoder  # decode_graph.Decoder (or a stand-in's), None: one character a call
+        self._prepared = False
         self.decode_steps = decoder.steps if decoder is not None else 1
         if batching:
             self.scheduler = BatchScheduler(model, max_active, self.outbox, self.stats, self.prime_cache, decoder,
@@ -270,10 +271,11 @@ class Core:
     def prepare(self) -> None:
         """Before the first round, on the thread that runs the rounds: on CUDA with --cuda-graphs on, the K-step
         calls' trial and every batch size captured (decode_graph.BucketDecode.prepare), and the log says which
-        way the K-step decode runs."""
+        way the K-step decode runs. Once: a second call does nothing."""
         decoder = self.decoder
-        if decoder is None:
+        if decoder is None or self._prepared:
             return
+        self._prepared = True
         started = time.monotonic()
         self.scheduler.prepare()
         if self.model.device == "cuda":

@@ -100,7 +100,7 @@ class CoreLoop:
     def _rounds(self) -> int:
         core = self.core
         try:
-            core.prepare()  # on this thread, before any stream's step
+            core.prepare()  # on this thread, before any stream's step (done already in a core process)
             while True:
                 if core.busy:
                     timeout = 0 if core.scheduler.busy else QUEUE_POLL_MS
@@ -332,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     core = Core(model, max_active=a.max_active, max_queue=a.max_queue, max_queue_wait=a.max_queue_wait,
                 batching=a.batching == "on", prime_cache=a.prime_cache, decode_steps=a.decode_steps,
                 decode_graphs=graphs, overlap=a.overlap == "on", cuda_graphs=a.cuda_graphs == "on")
+    try:
+        core.prepare()  # CUDA graphs captured on this thread, the rounds' (watched as the trial step is)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own, past what BucketDecode falls back from
+        sock.send_multipart([primary, protocol.encode(protocol.Refused(reason=str(e)))])
+        sock.close()
+        return EXIT_REFUSED
     loop = CoreLoop(core, sock)
     loop.frontends[primary] = 0
     loop.primary = primary
