@@ -74,8 +74,8 @@ class ServeConfig:
         "2-core CPU, and a wash on the GPU stand-in (docs/engine.md).", _on_off, ("on", "off"),
     )
     cuda_graphs: bool = _opt(
-        CUDA_GRAPHS, "On CUDA, with --decode-steps above 1: the decode calls of rows without controls run as "
-        "captured CUDA graphs, one per batch size, replayed with one launch. A model whose graph onnxruntime cannot "
+        CUDA_GRAPHS, "On CUDA, with --decode-steps above 1: the decode calls of batches without controls, top-k "
+        "or top-p run as captured CUDA graphs, one per batch size, replayed with one launch. A model whose graph onnxruntime cannot "
         "capture, or whose captured call disagrees with the uncaptured one at load, runs without them and the log "
         "says why. Off by default until measured on a GPU (docs/engine.md). Ignored on the CPU.", _on_off,
         ("on", "off"),

@@ -609,8 +609,10 @@ class BucketDecode:
     multiples of slots.BUCKET, so there are few sizes; the state stays in each size's buffers from call to call,
     and is copied into them when the batch's rows changed (a join, an end, a compaction) or the size did.
 
-    ``cuda_graph`` (--cuda-graphs on, CUDA only): each size's two layouts are captured CUDA graphs (graph ids
-    2i + 1 and 2i + 2 for the i-th size of a session). onnxruntime keeps a captured graph in the context of the
+    ``cuda_graph`` (--cuda-graphs on, CUDA only): each size's two layouts of the unfiltered path are captured
+    CUDA graphs (graph ids 2i + 1 and 2i + 2 for the i-th size). A batch where some row asks for top-k or top-p
+    runs the filtered path bound, uncaptured: its sorted path gathers the rows that filter (NonZero), a shape
+    that changes with the data, which a captured graph cannot follow. onnxruntime keeps a captured graph in the context of the
     thread that ran the capture, and a capture fails if another thread makes a CUDA call meanwhile, so
     ``prepare`` runs a trial and captures every batch size, on the thread that will make the calls, before
     any stream's call (Batch.prepare). Where onnxruntime refuses it (a session it cannot capture, a capture
@@ -624,10 +626,10 @@ class BucketDecode:
         self.why_not = ""  # why CUDA graphs were asked for and are off
         self._sessions: dict[bool, ort.InferenceSession] = {}
         self._bound: dict[tuple[int, bool], BoundDecode] = {}
-        self._taken = {False: 0, True: 0}  # graph ids taken in each session, two a batch size
+        self._taken = 0  # graph ids taken in the unfiltered path's session, two a batch size
+        self._sessions[True] = bound_session(graph, True, device, False)
         try:
-            for filtered in (False, True):
-                self._sessions[filtered] = bound_session(graph, filtered, device, cuda_graph)
+            self._sessions[False] = bound_session(graph, False, device, cuda_graph)
         except Exception as e:  # noqa: BLE001 - onnxruntime's refusal, whatever its type
             self._without_cuda_graph(f"{type(e).__name__}: {e}")
 
@@ -647,8 +649,8 @@ class BucketDecode:
             raise RuntimeError(why)
         log.warning("CUDA graphs off for %s: %s", self.label or "a model", why)
         self.cuda_graph, self.why_not = False, why
-        self._bound.clear()
-        self._sessions = {f: bound_session(self.graph, f, self.device, False) for f in (False, True)}
+        self._bound = {key: runner for key, runner in self._bound.items() if key[1]}  # the filtered: uncaptured
+        self._sessions[False] = bound_session(self.graph, False, self.device, False)
 
     def _trial(self) -> None:
         """Eight calls of a small batch captured (onnxruntime captures a graph id at its third run, and each of
@@ -679,20 +681,18 @@ class BucketDecode:
         release = getattr(self._sessions[False], "release_captured_graph", None)  # onnxruntime >= 1.2x
         for graph_id in (1, 2) if release is not None else ():
             release(graph_id)  # the trial's buffers go; its ids are not used again
-        self._taken[False] = 1  # the trial took graph ids 1 and 2 of the plain session
+        self._taken = 1  # the trial took graph ids 1 and 2
 
     def warm(self, sizes: list[int]) -> None:
-        """Makes the runners of these batch sizes, both sampler paths, and runs each layout three times (with
-        CUDA graphs: onnxruntime captures a graph id at its third run), so that no stream's call pays
-        for a capture. What the calls write is overwritten: a stream's state is copied in before its call."""
+        """Makes the unfiltered path's runners of these batch sizes and runs each layout three times (with CUDA
+        graphs: onnxruntime captures a graph id at its third run), so that no stream's call pays for a
+        capture. What the calls write is overwritten: a stream's state is copied in before its call."""
         for batch in sizes:
-            rows = np.ones(batch, np.float32)
+            rows, top_k = np.ones(batch, np.float32), np.zeros(batch, np.int64)
             state = self._ops_state(batch)
-            for filtered in (False, True):
-                top_k = np.full(batch, 1 if filtered else 0, np.int64)
-                for _ in range(6):
-                    _, state = self.decode(np.zeros((batch, 1), np.int64), state, rows, top_k, rows,
-                                           np.full((batch, self.graph.steps), 0.5, np.float32))
+            for _ in range(6):
+                _, state = self.decode(np.zeros((batch, 1), np.int64), state, rows, top_k, rows,
+                                       np.full((batch, self.graph.steps), 0.5, np.float32))
 
     def _ops_state(self, batch: int) -> State:
         m = self.graph.metadata
@@ -708,7 +708,7 @@ class BucketDecode:
         try:
             return self._runner(batch, filtered).run_from(state, tokens, temperature, top_k, top_p, u)
         except Exception as e:  # noqa: BLE001 - a capture onnxruntime could not make
-            if not self.cuda_graph:
+            if not self.cuda_graph or filtered:
                 raise
             self._without_cuda_graph(f"the call of {batch} rows failed under capture: {type(e).__name__}: {e}")
             return self._runner(batch, filtered).run_from(state, tokens, temperature, top_k, top_p, u)
@@ -716,10 +716,11 @@ class BucketDecode:
     def _runner(self, batch: int, filtered: bool) -> BoundDecode:
         runner = self._bound.get((batch, filtered))
         if runner is None:
-            i = self._taken[filtered]
-            self._taken[filtered] = i + 1
+            captured = self.cuda_graph and not filtered
+            i = self._taken
+            self._taken += captured
             runner = self._bound[(batch, filtered)] = BoundDecode(
-                self.graph, batch, device=self.device, cuda_graph=self.cuda_graph, filtered=filtered,
+                self.graph, batch, device=self.device, cuda_graph=captured, filtered=filtered,
                 session=self._sessions[filtered], graph_ids=(2 * i + 1, 2 * i + 2), ops=self._ops)
         return runner
 

@@ -324,7 +324,7 @@ def test_cuda_graphs_refused_leave_the_bucketed_call_running_without_them(models
     assert "CUDA graphs off for gru@1: ValueError: cuda_graph needs device='cuda'" in caplog.text
     assert extents(130) == [64, 128, 130] and extents(64) == [64] and extents(5) == [5]
     bucketed.warm(extents(5))
-    assert sorted(bucketed._bound) == [(5, False), (5, True)]
+    assert sorted(bucketed._bound) == [(5, False)]
     rng = np.random.default_rng(3)
     state = tuple(rng.standard_normal((1, 5, 16)).astype(np.float32) for _ in graph.state_inputs)
     args = (np.arange(5, dtype=np.int64), np.full(5, 0.9, np.float32), np.zeros(5, np.int64),
