@@ -45,7 +45,7 @@ from charrnn.service.prefill import Prefill
 from charrnn.service.primecache import PrimeCache
 from charrnn.service.requests import Controls
 from charrnn.service.runtime import LoadedModel, State
-from charrnn.service.slots import Slots, extents
+from charrnn.service.slots import Slots, captured_extents
 
 # How a stream ends, in order of precedence: when several hold at one step, the first names the end
 # (_end_kinds decides, _end applies). (code, reason) of each.
@@ -208,7 +208,7 @@ class Batch:
         bucketed = getattr(self.decoder, "bucketed", None)
         if bucketed is None or not bucketed.cuda_graph:
             return
-        sizes = extents(self.slots.capacity, doubling=True)
+        sizes = captured_extents(self.slots.capacity)
         prepare = lambda: bucketed.prepare(sizes)
         if self._caller is not None:
             self._caller.submit(prepare).result()

@@ -48,7 +48,7 @@ class DeviceStateOps:
         providers = [CUDA_PROVIDER] if device == "cuda" else ["CPUExecutionProvider"]
         self._gather = ort.InferenceSession(graphs.gather_rows_model(), providers=providers)
         self._concat = ort.InferenceSession(graphs.concat_rows_model(), providers=providers)
-        self._copy = ort.InferenceSession(graphs.copy_state_model(), providers=providers)
+        self._copy = ort.InferenceSession(graphs.identity_model(3), providers=providers)
 
     def copy(self, source: ort.OrtValue, into: ort.OrtValue) -> None:
         """Writes ``source`` into the buffer ``into`` (the same shape), on the device."""

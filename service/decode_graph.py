@@ -606,7 +606,7 @@ def bound_session(graph: DecodeGraph, filtered: bool, device: str, cuda_graph: b
 class BucketDecode:
     """The engine's plain K-step call on the device path (rows without controls): a BoundDecode per batch size
     and sampler path, made at its first call, on one session per sampler path. The engine's extents there are
-    multiples of slots.BUCKET, so there are few sizes; the state stays in each size's buffers from call to call,
+    multiples of slots.BUCKET (with CUDA graphs, slots.captured_extents), so there are few sizes; the state stays in each size's buffers from call to call,
     and is copied into them when the batch's rows changed (a join, an end, a compaction) or the size did.
 
     ``cuda_graph`` (--cuda-graphs on, CUDA only): each size's two layouts of the unfiltered path are captured
@@ -688,16 +688,11 @@ class BucketDecode:
         graphs: onnxruntime captures a graph id at its third run), so that no stream's call pays for a
         capture. What the calls write is overwritten: a stream's state is copied in before its call."""
         for batch in sizes:
+            runner = self._runner(batch, False)
             rows, top_k = np.ones(batch, np.float32), np.zeros(batch, np.int64)
-            state = self._ops_state(batch)
-            for _ in range(6):
-                _, state = self.decode(np.zeros((batch, 1), np.int64), state, rows, top_k, rows,
-                                       np.full((batch, self.graph.steps), 0.5, np.float32))
-
-    def _ops_state(self, batch: int) -> State:
-        m = self.graph.metadata
-        zeros = np.zeros((m.layers, batch, m.hidden), np.float32)
-        return tuple(ort.OrtValue.ortvalue_from_numpy(zeros.copy(), self.device, 0) for _ in self.graph.state_inputs)
+            for _ in range(6):  # from the zeros its buffers hold: no state needs copying in
+                runner.run(np.zeros(batch, np.int64), rows, top_k, rows,
+                           np.full((batch, self.graph.steps), 0.5, np.float32))
 
     def decode(self, tokens: np.ndarray, state: State, temperature: np.ndarray, top_k: np.ndarray,
                top_p: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, State]:

@@ -2,8 +2,8 @@
 
 Besides the model file, the service runs graphs of its own: one that proves a
 CUDA session really works (the device probe, runtime.py), two that gather and
-join rows of the recurrent state on the GPU and one that copies it into a bound
-buffer (cudaops.py), and the sampler
+join rows of the recurrent state on the GPU and the identity again to copy it into
+a bound buffer (cudaops.py), and the sampler
 (sampler.py), which runs on the model's device. They are built with
 onnx.helper, checked by onnx.checker (with shape inference) and handed to
 onnxruntime as serialized bytes. ``Graph`` builds a graph of several nodes with
@@ -94,15 +94,10 @@ def _one_node(op_type: str, inputs: list[tuple], outputs: list[tuple], **attrs) 
                                          [_value_info(*v) for v in outputs]))
 
 
-def identity_model() -> bytes:
-    """x -> x (float): the smallest graph a provider can be asked to run."""
-    return _one_node("Identity", [("x", np.float32, 1)], [("y", np.float32, 1)])
-
-
-def copy_state_model() -> bytes:
-    """x [L, B, H] -> y, a copy (bound to a buffer of its own: the state written into the fixed buffers of a
-    bound K-step call, decode_graph.BoundDecode)."""
-    return _one_node("Identity", [("x", np.float32, 3)], [("y", np.float32, 3)])
+def identity_model(rank: int = 1) -> bytes:
+    """x -> y = x (float, of ``rank``): the smallest graph a provider can be asked to run; at rank 3 with y bound
+    to a buffer of its own, a copy of the state into the fixed buffers of a bound K-step call (cudaops.py)."""
+    return _one_node("Identity", [("x", np.float32, rank)], [("y", np.float32, rank)])
 
 
 def gather_rows_model() -> bytes:

@@ -28,16 +28,14 @@ from charrnn.service.runtime import LoadedModel, State
 BUCKET = 64  # CUDA extents are multiples of this (fewer shapes, room to join without moving state)
 
 
-def extents(capacity: int, doubling: bool = False) -> list[int]:
-    """Every extent the device path's batch can have with ``capacity`` slots (Slots._round): the multiples of
-    BUCKET, or with ``doubling`` BUCKET, 2 BUCKET, 4 BUCKET, ...; the capacity itself the largest."""
-    if doubling:
-        sizes, size = [], BUCKET
-        while size < capacity:
-            sizes.append(size)
-            size *= 2
-        return sizes + [capacity]
-    return sorted({min(capacity, k * BUCKET) for k in range(1, -(-capacity // BUCKET) + 1)})
+def captured_extents(capacity: int) -> list[int]:
+    """The extents of a batch of ``capacity`` slots with CUDA graphs (Slots.sizes): BUCKET, 2 BUCKET,
+    4 BUCKET, ..., and the capacity itself the largest."""
+    sizes, size = [], BUCKET
+    while size < capacity:
+        sizes.append(size)
+        size *= 2
+    return sizes + [capacity]
 
 
 class Slots:

@@ -314,16 +314,16 @@ def test_cuda_graphs_refused_leave_the_bucketed_call_running_without_them(models
 
     from charrnn.service.cudaops import DeviceStateOps
     from charrnn.service.decode_graph import BucketDecode
-    from charrnn.service.slots import extents
+    from charrnn.service.slots import captured_extents
 
     graph = fused(models["gru"], 3)
     bucketed = BucketDecode(graph, "cpu", DeviceStateOps("cpu"), cuda_graph=True, label="gru@1")
     with caplog.at_level(logging.WARNING, logger="charrnn.service.decode_graph"):
-        bucketed.prepare(extents(5))  # the trial, on the thread that will make the calls
+        bucketed.prepare(captured_extents(5))  # the trial, on the thread that will make the calls
     assert bucketed.cuda_graph is False and "cuda_graph needs device='cuda'" in bucketed.why_not
     assert "CUDA graphs off for gru@1: ValueError: cuda_graph needs device='cuda'" in caplog.text
-    assert extents(130) == [64, 128, 130] and extents(64) == [64] and extents(5) == [5]
-    bucketed.warm(extents(5))
+    assert captured_extents(130) == [64, 128, 130] and captured_extents(64) == [64] and captured_extents(5) == [5]
+    bucketed.warm(captured_extents(5))
     assert sorted(bucketed._bound) == [(5, False)]
     rng = np.random.default_rng(3)
     state = tuple(rng.standard_normal((1, 5, 16)).astype(np.float32) for _ in graph.state_inputs)

@@ -98,14 +98,14 @@ def test_the_device_paths_plain_calls_run_bound_per_batch_size(models):
 def test_with_cuda_graphs_the_extents_are_the_captured_sizes_and_rows_keep_their_state(models):
     """Slots.sizes (set by Batch.prepare when CUDA graphs stay on): every extent is one of the doubling sizes,
     growing and compacting; the rows moved keep their state."""
-    from charrnn.service.slots import BUCKET, Slots, extents
+    from charrnn.service.slots import BUCKET, Slots, captured_extents
 
     _, device = models
-    assert extents(300, doubling=True) == [BUCKET, 2 * BUCKET, 4 * BUCKET, 300]
-    assert extents(BUCKET, doubling=True) == [BUCKET] and extents(40, doubling=True) == [40]
-    assert extents(300) == [64, 128, 192, 256, 300]
+    assert captured_extents(300) == [BUCKET, 2 * BUCKET, 4 * BUCKET, 300]
+    assert captured_extents(BUCKET) == [BUCKET] and captured_extents(40) == [40]
     s = Slots(device, 300)
-    s.sizes = extents(300, doubling=True)
+    assert [s._round(n) for n in (1, 65, 130, 257)] == [64, 128, 192, 300]  # without sizes: multiples of BUCKET
+    s.sizes = captured_extents(300)
     taken = s.allocate(200)
     m = device.metadata
     rows = np.random.default_rng(0).standard_normal((m.layers, 200, m.hidden)).astype(np.float32)
